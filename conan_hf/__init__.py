@@ -1,0 +1,43 @@
+"""conan-hf: Conan-Embedding-v2 (arXiv 2509.12892) for the Hugging Face ecosystem.
+
+Importing the package registers the ``"conan"`` model type with transformers' Auto classes.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_conan import ConanConfig
+from .modeling_conan import ConanForCausalLM, ConanModel, ConanPreTrainedModel
+
+__version__ = "0.1.0"
+
+AutoConfig.register("conan", ConanConfig, exist_ok=True)
+AutoModel.register(ConanConfig, ConanModel, exist_ok=True)
+AutoModelForCausalLM.register(ConanConfig, ConanForCausalLM, exist_ok=True)
+
+
+def __getattr__(name: str):
+    # Heavier pieces (sentence-transformers, tokenizers) load on first use so `import conan_hf` stays cheap.
+    lazy = {
+        "build_sentence_transformer": ("sentence", "build_sentence_transformer"),
+        "train_tokenizer": ("tokenizer", "train_tokenizer"),
+        "demo_tokenizer": ("tokenizer", "demo_tokenizer"),
+    }
+    if name in lazy:
+        import importlib
+
+        module, attr = lazy[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
+    raise AttributeError(f"module 'conan_hf' has no attribute {name!r}")
+
+
+__all__ = [
+    "ConanConfig",
+    "ConanModel",
+    "ConanForCausalLM",
+    "ConanPreTrainedModel",
+    "build_sentence_transformer",
+    "train_tokenizer",
+    "demo_tokenizer",
+]
