@@ -1,0 +1,446 @@
+"""Readers for local training and evaluation data: SQuAD/XQuAD JSON, BEIR folders, JSONL/CSV/TSV with a column mapping.
+
+Every reader returns a :class:`Rows` list of plain dicts. A malformed row raises :class:`DataFormatError` naming the
+file and the line (or the JSON position for nested JSON); with ``on_error="skip"`` it is left out instead, and
+recorded in ``rows.skipped`` (file, line, reason) with a logged count — rows are never dropped silently.
+
+Example::
+
+    >>> from conan_hf.data.readers import read_table, read_beir, beir_pairs
+    >>> rows = read_table("stsb-en-dev.csv", columns={"sentence1": 0, "sentence2": 1, "score": 2},
+    ...                   types={"score": float})  # doctest: +SKIP
+    >>> rows = read_table("simclue_train_rank_1w.json", columns={"query": "query", "positive": "title",
+    ...                   "negative": "neg_title"})  # doctest: +SKIP
+    >>> pairs = beir_pairs(read_beir("retrieval/scifact", split="train"))  # doctest: +SKIP
+    >>> pairs[0].keys()  # doctest: +SKIP
+    dict_keys(['id', 'query', 'positive', 'positive_id', 'score'])
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BeirData",
+    "DataFormatError",
+    "Rows",
+    "beir_pairs",
+    "load_rows",
+    "read_beir",
+    "read_squad",
+    "read_stsb_multi_mt",
+    "read_table",
+]
+
+OnError = Literal["raise", "skip"]
+
+
+class DataFormatError(ValueError):
+    """A data file holds a row that cannot be read; the message starts with ``file:line``."""
+
+    def __init__(self, path: str | os.PathLike, line: int | str, message: str) -> None:
+        self.path, self.line, self.reason = str(path), line, message
+        super().__init__(f"{path}:{line}: {message}")
+
+
+class Rows(list):
+    """A list of row dicts, plus ``skipped``: ``(file, line, reason)`` for every bad row left out."""
+
+    def __init__(self, rows: Iterable[dict] = (), skipped: Iterable[tuple[str, int | str, str]] = ()) -> None:
+        super().__init__(rows)
+        self.skipped: list[tuple[str, int | str, str]] = list(skipped)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+
+class _ErrorPolicy:
+    def __init__(self, on_error: OnError) -> None:
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.on_error = on_error
+        self.skipped: list[tuple[str, int | str, str]] = []
+
+    def bad(self, path: Path, line: int | str, message: str) -> None:
+        if self.on_error == "raise":
+            raise DataFormatError(path, line, message)
+        self.skipped.append((str(path), line, message))
+
+    def finish(self, rows: list[dict], what: str, kept: int | None = None) -> Rows:
+        if self.skipped:
+            first = self.skipped[0]
+            logger.warning(
+                "%s: skipped %d bad row(s), kept %d (first: %s:%s: %s)",
+                what, len(self.skipped), len(rows) if kept is None else kept, first[0], first[1], first[2],
+            )  # fmt: skip
+        return Rows(rows, self.skipped)
+
+
+def _detect_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix == ".json":
+        # Many ".json" files are JSON lines (e.g. SimCLUE); a whole-file parse tells them apart.
+        with path.open(encoding="utf-8") as handle:
+            text = handle.read()
+        try:
+            json.loads(text)
+        except json.JSONDecodeError:
+            return "jsonl"
+        return "json"
+    if suffix == ".csv":
+        return "csv"
+    if suffix in (".tsv", ".txt", ".tab"):
+        return "tsv"
+    raise ValueError(f"{path}: cannot tell the format from the extension; pass format='jsonl'|'json'|'csv'|'tsv'")
+
+
+def _iter_records(path: Path, fmt: str, header: bool, delimiter: str | None, policy: _ErrorPolicy, encoding: str):
+    """Yield ``(line, record)``; record is a dict (named columns) or a list (positional columns)."""
+    if fmt == "jsonl":
+        with path.open(encoding=encoding) as handle:
+            for line_no, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    policy.bad(path, line_no, f"invalid JSON ({err.msg} at column {err.colno})")
+                    continue
+                if not isinstance(record, dict):
+                    policy.bad(path, line_no, f"expected a JSON object, got {type(record).__name__}")
+                    continue
+                yield line_no, record
+    elif fmt == "json":
+        with path.open(encoding=encoding) as handle:
+            data = json.load(handle)
+        if isinstance(data, dict) and "data" in data:
+            raise ValueError(f"{path} looks like SQuAD-format JSON: read it with read_squad()")
+        if not isinstance(data, list):
+            raise DataFormatError(path, 1, "expected a JSON array of objects (or JSON lines)")
+        for index, record in enumerate(data):
+            if not isinstance(record, dict):
+                policy.bad(path, f"[{index}]", f"expected a JSON object, got {type(record).__name__}")
+                continue
+            yield f"[{index}]", record
+    elif fmt in ("csv", "tsv"):
+        delimiter = delimiter or ("," if fmt == "csv" else "\t")
+        # TSV files from NLP corpora contain stray quote characters that are text, not quoting.
+        quoting = csv.QUOTE_MINIMAL if fmt == "csv" else csv.QUOTE_NONE
+        with path.open(encoding=encoding, newline="") as handle:
+            reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
+            names: list[str] | None = None
+            line_no = 1
+            while True:
+                try:
+                    values = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as err:
+                    policy.bad(path, line_no, f"unreadable CSV ({err})")
+                    line_no = reader.line_num + 1
+                    continue
+                start, line_no = line_no, reader.line_num + 1
+                if not values or all(not v.strip() for v in values):
+                    continue
+                if header and names is None:
+                    names = [v.strip() for v in values]
+                    continue
+                if names is not None:
+                    if len(values) != len(names):
+                        policy.bad(path, start, f"expected {len(names)} fields ({', '.join(names)}), got {len(values)}")
+                        continue
+                    yield start, dict(zip(names, values))
+                else:
+                    yield start, values
+    else:
+        raise ValueError(f"unknown format {fmt!r}; expected 'jsonl', 'json', 'csv' or 'tsv'")
+
+
+def read_table(
+    path: str | os.PathLike,
+    columns: Mapping[str, str | int] | None = None,
+    *,
+    format: Literal["jsonl", "json", "csv", "tsv"] | None = None,
+    header: bool | None = None,
+    delimiter: str | None = None,
+    types: Mapping[str, Callable[[Any], Any]] | None = None,
+    allow_empty: Iterable[str] = (),
+    on_error: OnError = "raise",
+    encoding: str = "utf-8",
+) -> Rows:
+    """Read JSONL / JSON-array / CSV / TSV rows, renaming columns through ``columns``.
+
+    Args:
+        path: the file. The format comes from the extension unless ``format`` is given
+            (``.json`` holding JSON lines is recognised).
+        columns: ``{output_name: source_column}``; a source column is a name, or an int index for header-less
+            CSV/TSV. ``None`` keeps all columns under their own names (``"0"``, ``"1"``, ... without a header).
+        header: whether CSV/TSV files start with a header row; default: yes, unless ``columns`` uses int indices.
+        types: converters per output column, e.g. ``{"score": float}``; a failing conversion is a bad row.
+        allow_empty: output columns that may be empty strings / null (all mapped columns must be non-empty otherwise).
+        on_error: ``"raise"`` (default) or ``"skip"`` (bad rows are recorded in ``rows.skipped``).
+
+    Raises:
+        DataFormatError: ``file:line: reason`` for the first bad row when ``on_error="raise"``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path}")
+    fmt = format or _detect_format(path)
+    positional = columns is not None and any(isinstance(v, int) for v in columns.values())
+    if header is None:
+        header = not positional
+    if positional and fmt in ("json", "jsonl"):
+        raise ValueError(f"{path}: integer column indices only apply to header-less CSV/TSV files")
+    types = dict(types or {})
+    allow_empty = set(allow_empty)
+    unknown = set(types) - set(columns or types)
+    if columns is not None and unknown:
+        raise ValueError(f"types given for columns not in the mapping: {sorted(unknown)}")
+    policy = _ErrorPolicy(on_error)
+    rows: list[dict] = []
+    for line, record in _iter_records(path, fmt, header, delimiter, policy, encoding):
+        if isinstance(record, list):
+            mapping = columns or {str(i): i for i in range(len(record))}
+            if max(mapping.values()) >= len(record):
+                policy.bad(path, line, f"expected at least {max(mapping.values()) + 1} fields, got {len(record)}")
+                continue
+            row = {name: record[index] for name, index in mapping.items()}
+        else:
+            mapping = columns or {name: name for name in record}
+            missing = [src for src in mapping.values() if src not in record]
+            if missing:
+                policy.bad(path, line, f"missing column(s) {missing}; the row has {sorted(record)}")
+                continue
+            row = {name: record[src] for name, src in mapping.items()}
+        empty = [
+            name for name, value in row.items()
+            if name not in allow_empty and (value is None or (isinstance(value, str) and not value.strip()))
+        ]  # fmt: skip
+        if empty:
+            policy.bad(path, line, f"empty value in column(s) {empty}")
+            continue
+        try:
+            for name, convert in types.items():
+                row[name] = convert(row[name])
+        except (TypeError, ValueError) as err:
+            policy.bad(path, line, f"column {name!r}: cannot convert {row[name]!r} ({err})")
+            continue
+        rows.append(row)
+    return policy.finish(rows, str(path))
+
+
+def read_squad(path: str | os.PathLike, on_error: OnError = "raise") -> Rows:
+    """Question–paragraph pairs from a SQuAD-format file (SQuAD 1.1/2.0, XQuAD, MLQA, CMRC2018).
+
+    Each question becomes ``{"id", "query", "positive" (its paragraph), "answers" (answer texts), "title"}``.
+    Unanswerable SQuAD 2.0 questions are kept with an empty ``answers`` list. Bad entries are reported by their
+    JSON position, e.g. ``xquad.de.json:data[3].paragraphs[0].qas[5]``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such SQuAD file: {path}")
+    with path.open(encoding="utf-8") as handle:
+        try:
+            data = json.load(handle)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(path, err.lineno, f"invalid JSON ({err.msg})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise DataFormatError(path, 1, "not SQuAD format: expected an object with a 'data' list")
+    policy = _ErrorPolicy(on_error)
+    rows: list[dict] = []
+    seen: set[str] = set()
+    for i, article in enumerate(data["data"]):
+        title = article.get("title", "") if isinstance(article, dict) else ""
+        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
+        if not isinstance(paragraphs, list):
+            policy.bad(path, f"data[{i}]", "article without a 'paragraphs' list")
+            continue
+        for j, paragraph in enumerate(paragraphs):
+            where = f"data[{i}].paragraphs[{j}]"
+            context = paragraph.get("context") if isinstance(paragraph, dict) else None
+            if not isinstance(context, str) or not context.strip():
+                policy.bad(path, where, "paragraph without a 'context' text")
+                continue
+            for k, qa in enumerate(paragraph.get("qas") or []):
+                qwhere = f"{where}.qas[{k}]"
+                if not isinstance(qa, dict) or not str(qa.get("id", "")).strip():
+                    policy.bad(path, qwhere, "question without an 'id'")
+                    continue
+                qid, question = str(qa["id"]), qa.get("question")
+                if not isinstance(question, str) or not question.strip():
+                    policy.bad(path, qwhere, f"question {qid!r} has no text")
+                    continue
+                if qid in seen:
+                    policy.bad(path, qwhere, f"duplicate question id {qid!r}")
+                    continue
+                seen.add(qid)
+                answers = [a["text"] for a in qa.get("answers", []) if isinstance(a, dict) and "text" in a]
+                rows.append({"id": qid, "query": question, "positive": context, "answers": answers, "title": title})
+    return policy.finish(rows, str(path))
+
+
+def read_stsb_multi_mt(
+    folder: str | os.PathLike, language: str, split: str = "dev", on_error: OnError = "raise"
+) -> Rows:
+    """One language of STS-B multi-mt (``stsb-{language}-{split}.csv``: ``s1,s2,score`` without header).
+
+    Rows: ``{"id": "{split}-{row}", "sentence1", "sentence2", "score"}`` with the 0-5 score as float; the id is the
+    row position, which is what aligns the languages.
+    """
+    path = Path(folder) / f"stsb-{language}-{split}.csv"
+    rows = read_table(path, {"sentence1": 0, "sentence2": 1, "score": 2}, types={"score": float}, on_error=on_error)
+    if rows.skipped:
+        # Ids are row positions; skipping rows would silently misalign the languages.
+        raise DataFormatError(path, rows.skipped[0][1], "STS-B multi-mt rows are aligned by position: fix the file")
+    for index, row in enumerate(rows):
+        row["id"] = f"{split}-{index}"
+    return rows
+
+
+@dataclass
+class BeirData:
+    """A BEIR dataset: ``corpus`` (``{doc_id: {"title", "text"}}``), ``queries`` (``{query_id: text}``) and ``qrels``
+    (``{query_id: {doc_id: score}}``) of one split."""
+
+    corpus: dict[str, dict[str, str]]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    skipped: list[tuple[str, int | str, str]] = field(default_factory=list)
+
+
+def read_beir(folder: str | os.PathLike, split: str = "test", on_error: OnError = "raise") -> BeirData:
+    """Read a BEIR folder: ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/{split}.tsv``.
+
+    qrels lines naming a query or document that does not exist, or with a non-integer score, are bad rows.
+    """
+    folder = Path(folder)
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    for required in (folder / "corpus.jsonl", folder / "queries.jsonl", qrels_path):
+        if not required.is_file():
+            raise FileNotFoundError(f"BEIR folder {folder} lacks {required.relative_to(folder)}")
+    policy = _ErrorPolicy(on_error)
+    corpus: dict[str, dict[str, str]] = {}
+    queries: dict[str, str] = {}
+    for name, table in (("corpus.jsonl", corpus), ("queries.jsonl", queries)):
+        path = folder / name
+        for line, record in _iter_records(path, "jsonl", False, None, policy, "utf-8"):
+            doc_id, text = str(record.get("_id", "")).strip(), record.get("text")
+            if not doc_id:
+                policy.bad(path, line, "no '_id'")
+            elif not isinstance(text, str) or not text.strip():
+                policy.bad(path, line, f"{doc_id!r} has no 'text'")
+            elif doc_id in table:
+                policy.bad(path, line, f"duplicate _id {doc_id!r}")
+            elif table is corpus:
+                corpus[doc_id] = {"title": record.get("title") or "", "text": text}
+            else:
+                queries[doc_id] = text
+
+    qrels: dict[str, dict[str, int]] = {}
+    for line, row in _iter_records(qrels_path, "tsv", True, None, policy, "utf-8"):
+        if not {"query-id", "corpus-id", "score"} <= set(row):
+            raise DataFormatError(qrels_path, 1, "header must name the columns query-id, corpus-id and score")
+        qid, did = row["query-id"].strip(), row["corpus-id"].strip()
+        try:
+            score = int(float(row["score"]))
+        except ValueError:
+            policy.bad(qrels_path, line, f"score {row['score']!r} is not a number")
+            continue
+        if qid not in queries:
+            policy.bad(qrels_path, line, f"query id {qid!r} is not in queries.jsonl")
+            continue
+        if did not in corpus:
+            policy.bad(qrels_path, line, f"document id {did!r} is not in corpus.jsonl")
+            continue
+        qrels.setdefault(qid, {})[did] = score
+    policy.finish([], str(folder), kept=len(corpus) + len(queries) + sum(map(len, qrels.values())))
+    return BeirData(corpus=corpus, queries=queries, qrels=qrels, skipped=policy.skipped)
+
+
+def beir_pairs(data: BeirData, min_score: int = 1, title_separator: str | None = " ") -> Rows:
+    """(query, relevant document) rows from :func:`read_beir`, one per qrels entry with ``score >= min_score``.
+
+    Rows: ``{"id": "{query_id}:{doc_id}", "query_id", "query", "positive", "positive_id", "score"}``. The document text
+    is ``title + title_separator + text`` (``title_separator=None`` drops titles).
+    """
+    rows = []
+    for qid, docs in data.qrels.items():
+        for did, score in docs.items():
+            if score < min_score:
+                continue
+            doc = data.corpus[did]
+            text = doc["text"]
+            if title_separator is not None and doc["title"]:
+                text = doc["title"] + title_separator + text
+            rows.append(
+                {"id": f"{qid}:{did}", "query_id": qid, "query": data.queries[qid], "positive": text,
+                 "positive_id": did, "score": score}
+            )  # fmt: skip
+    return Rows(rows, data.skipped)
+
+
+def load_rows(
+    source: str | os.PathLike,
+    columns: Mapping[str, str | int] | None = None,
+    *,
+    split: str = "train",
+    on_error: OnError = "raise",
+    **kwargs: Any,
+) -> Rows:
+    """Rows from a BEIR folder, a SQuAD JSON file, a JSONL/JSON/CSV/TSV file, or a Hugging Face Hub dataset name.
+
+    ``columns`` renames columns (see :func:`read_table`; for Hub datasets only names are allowed); ``split`` picks the
+    BEIR qrels file or the Hub split.
+    """
+    path = Path(source)
+    if path.is_dir():
+        if (path / "corpus.jsonl").is_file():
+            return _rename(beir_pairs(read_beir(path, split=split, on_error=on_error)), columns)
+        raise ValueError(f"{path} is a folder but not a BEIR dataset (no corpus.jsonl)")
+    if path.is_file():
+        if path.suffix.lower() == ".json" and _is_squad(path):
+            return _rename(read_squad(path, on_error=on_error), columns)
+        return read_table(path, columns, on_error=on_error, **kwargs)
+    if not _HUB_NAME.match(str(source)) or path.suffix.lower() in _FILE_SUFFIXES:
+        raise FileNotFoundError(f"no such file or folder: {source}")
+    from datasets import load_dataset
+
+    dataset = load_dataset(str(source), split=split)
+    rows = [dict(r) for r in dataset]
+    return _rename(Rows(rows), columns)
+
+
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_FILE_SUFFIXES = {".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".txt", ".tab"}
+
+
+def _is_squad(path: Path) -> bool:
+    with path.open(encoding="utf-8") as handle:
+        head = handle.read(4096)
+    return '"data"' in head and '"paragraphs"' in head
+
+
+def _rename(rows: Rows, columns: Mapping[str, str | int] | None) -> Rows:
+    if not columns:
+        return rows
+    renamed = []
+    for index, row in enumerate(rows):
+        missing = [src for src in columns.values() if src not in row]
+        if missing:
+            raise KeyError(f"row {index} has no column(s) {missing}; it has {sorted(row)}")
+        renamed.append({name: row[src] for name, src in columns.items()})
+    return Rows(renamed, rows.skipped)
