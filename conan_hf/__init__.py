@@ -9,6 +9,16 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_conan import ConanConfig
 from .modeling_conan import ConanForCausalLM, ConanModel, ConanPreTrainedModel
+from .soft_mask import (
+    SOFT_MASK_SCHEDULES,
+    apply_soft_mask,
+    get_soft_mask_alpha,
+    plot_soft_mask,
+    remove_soft_mask,
+    set_soft_mask_alpha,
+    soft_mask_alpha,
+    soft_mask_matrix,
+)
 
 __version__ = "0.1.0"
 
@@ -38,6 +48,14 @@ __all__ = [
     "ConanForCausalLM",
     "ConanPreTrainedModel",
     "build_sentence_transformer",
+    "SOFT_MASK_SCHEDULES",
+    "apply_soft_mask",
+    "get_soft_mask_alpha",
+    "plot_soft_mask",
+    "remove_soft_mask",
+    "set_soft_mask_alpha",
+    "soft_mask_alpha",
+    "soft_mask_matrix",
     "train_tokenizer",
     "demo_tokenizer",
 ]

@@ -10,6 +10,11 @@ from transformers.models.llama.configuration_llama import LlamaConfig
 
 ATTENTION_MODES = ("causal", "bidirectional", "soft")
 
+#: How `attention_mode="soft"` runs for 0 < alpha < 1: "auto" follows the model's `attn_implementation` (sdpa / eager
+#: -> dense log-M bias, flex_attention -> on-the-fly score_mod); the others force that backend while alpha = 0 and
+#: alpha >= 1 keep the model's own (possibly flash) implementation.
+SOFT_MASK_BACKENDS = ("auto", "eager", "sdpa", "flex_attention")
+
 
 @strict
 class ConanConfig(LlamaConfig):
@@ -30,6 +35,11 @@ class ConanConfig(LlamaConfig):
         soft_mask_alpha (`float`, defaults to 0.0):
             α(t) of eq.4 for `attention_mode="soft"`; 0 is exactly causal, >= 1 exactly bidirectional. Training
             callbacks update it every step.
+        soft_mask_backend (`str`, defaults to `"auto"`):
+            Attention backend for the soft mask at 0 < α < 1, one of `SOFT_MASK_BACKENDS`. `"auto"` follows
+            `attn_implementation` (falling back from flex to sdpa for CPU training and from sdpa to eager on Ascend
+            NPU); set `"flex_attention"` to keep flash attention for the causal / bidirectional phases and run the
+            soft phase without an L×L tensor.
 
     Example:
 
@@ -59,6 +69,7 @@ class ConanConfig(LlamaConfig):
     pad_token_id: int | None = None
     attention_mode: str = "causal"
     soft_mask_alpha: float = 0.0
+    soft_mask_backend: str = "auto"
 
     def __post_init__(self, **kwargs):
         if self.rope_parameters is None and "rope_theta" not in kwargs:
@@ -100,6 +111,10 @@ class ConanConfig(LlamaConfig):
             )
         if not (self.soft_mask_alpha >= 0):  # also rejects NaN
             raise ValueError(f"ConanConfig.soft_mask_alpha must be >= 0, got {self.soft_mask_alpha!r}.")
+        if self.soft_mask_backend not in SOFT_MASK_BACKENDS:
+            raise ValueError(
+                f"ConanConfig.soft_mask_backend must be one of {SOFT_MASK_BACKENDS}, got {self.soft_mask_backend!r}."
+            )
 
     @property
     def is_causal(self) -> bool:
@@ -138,4 +153,4 @@ class ConanConfig(LlamaConfig):
         return cls(**defaults)
 
 
-__all__ = ["ConanConfig", "ATTENTION_MODES"]
+__all__ = ["ConanConfig", "ATTENTION_MODES", "SOFT_MASK_BACKENDS"]
