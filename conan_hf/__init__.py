@@ -33,6 +33,10 @@ def __getattr__(name: str):
         "build_sentence_transformer": ("sentence", "build_sentence_transformer"),
         "train_tokenizer": ("tokenizer", "train_tokenizer"),
         "demo_tokenizer": ("tokenizer", "demo_tokenizer"),
+        "InfoNCELoss": ("losses", "InfoNCELoss"),
+        "CoSENTLoss": ("losses", "CoSENTLoss"),
+        "MatryoshkaLoss": ("losses", "MatryoshkaLoss"),
+        "default_matryoshka_dims": ("losses", "default_matryoshka_dims"),
     }
     if name in lazy:
         import importlib
@@ -48,6 +52,10 @@ __all__ = [
     "ConanForCausalLM",
     "ConanPreTrainedModel",
     "build_sentence_transformer",
+    "InfoNCELoss",
+    "CoSENTLoss",
+    "MatryoshkaLoss",
+    "default_matryoshka_dims",
     "SOFT_MASK_SCHEDULES",
     "apply_soft_mask",
     "get_soft_mask_alpha",

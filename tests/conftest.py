@@ -33,8 +33,11 @@ def shared_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved tiny Conan SentenceTransformer (random weights, trained demo tokenizer), built once per session."""
+    import torch
+
     from conan_hf import ConanConfig, build_sentence_transformer
 
+    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-conan")
     model = build_sentence_transformer(ConanConfig.tiny(), max_seq_length=64)
     model.save(str(path))

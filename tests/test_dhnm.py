@@ -1,0 +1,573 @@
+"""Dynamic Hard Negative Mining (§3.4, eq. 6): the rule, the pools, the collator and real Trainer runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainers.dhnm import DHNM_STATE_NAME, DHNMCallback, DHNMDataCollator, NegativePool, dhnm_should_replace
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- eq. 6 ----------------------------------------------------------------------------------------------------------
+TRUTH_TABLE = [
+    ((0.3, 0.3), True),
+    ((0.8, 0.6), True),
+    ((0.8, 0.7), False),
+    ((0.9, 0.72), False),
+    ((0.5, 0.45), False),
+    ((0.39, 0.9), True),
+]
+
+
+@pytest.mark.parametrize(("pair", "replace"), TRUTH_TABLE)
+def test_rule_truth_table_scalars(pair, replace):
+    assert bool(dhnm_should_replace(*pair)) is replace
+
+
+def test_rule_is_vectorised_for_numpy_and_torch():
+    s0 = [p[0] for p, _ in TRUTH_TABLE]
+    s = [p[1] for p, _ in TRUTH_TABLE]
+    expected = [r for _, r in TRUTH_TABLE]
+    assert dhnm_should_replace(np.array(s0), np.array(s)).tolist() == expected
+    out = dhnm_should_replace(torch.tensor(s0), torch.tensor(s))
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.bool and out.tolist() == expected
+    # Broadcasting: one S0 against many current scores.
+    assert dhnm_should_replace(0.8, np.array([0.5, 0.66, 0.67, 0.7])).tolist() == [True, True, False, False]
+
+
+def test_rule_thresholds_are_configurable_and_nan_keeps():
+    assert not dhnm_should_replace(0.3, 0.3, s0_min=0.2)
+    assert not dhnm_should_replace(0.8, 0.69)  # 1.2 * 0.69 = 0.828 >= 0.8
+    assert dhnm_should_replace(0.8, 0.69, drop_ratio=1.1)  # 1.1 * 0.69 = 0.759 < 0.8 and 0.69 < 0.7
+    assert not dhnm_should_replace(0.9, 0.72)  # dropped enough, but 0.72 >= 0.7
+    assert dhnm_should_replace(0.9, 0.72, s_max=0.75)
+    nan = float("nan")
+    assert dhnm_should_replace([nan, 0.8, nan], [0.1, nan, nan]).tolist() == [False, False, False]
+    assert dhnm_should_replace(torch.tensor([nan]), torch.tensor([0.1])).tolist() == [False]
+
+
+# ---- NegativePool ---------------------------------------------------------------------------------------------------
+def naive_apply(active, s0, cursor, pool_sizes, rows, negs, scores, s0_min=0.4, drop_ratio=1.2, s_max=0.7):
+    """Loop reference for NegativePool.apply_scores (mutates its arguments, returns counts)."""
+    counts = dict(checked=0, replaced=0, pool_exhausted=0, nan_scores=0, stale=0)
+    seen = set()
+    for row, row_negs, row_scores in zip(rows, negs, scores):
+        for neg, score in zip(row_negs, row_scores):
+            if neg < 0 or (row, neg) in seen:
+                continue
+            seen.add((row, neg))
+            if math.isnan(score):
+                counts["nan_scores"] += 1
+                continue
+            slots = [j for j in range(active.shape[1]) if active[row, j] == neg]
+            if not slots:
+                counts["stale"] += 1
+                continue
+            slot = slots[0]
+            counts["checked"] += 1
+            if math.isnan(s0[row, slot]):
+                s0[row, slot] = score
+            first = s0[row, slot]
+            if first < s0_min or (drop_ratio * score < first and score < s_max):
+                if cursor[row] < pool_sizes[row]:
+                    active[row, slot] = cursor[row]
+                    s0[row, slot] = float("nan")
+                    cursor[row] += 1
+                    counts["replaced"] += 1
+                else:
+                    counts["pool_exhausted"] += 1
+    return counts
+
+
+def test_pool_initial_state_and_short_pools():
+    pool = NegativePool(["a", "b", "c"], [["n1", "n2", "n3", "n4"], ["m1"], []], k=3)
+    assert pool.active.tolist() == [[0, 1, 2], [0, -1, -1], [-1, -1, -1]]
+    assert pool.cursor.tolist() == [3, 1, 0]
+    assert np.isnan(pool.s0).all()
+    assert pool.active_negatives("a") == ["n1", "n2", "n3"]
+    assert pool.active_negatives("b") == ["m1"] and pool.active_negatives("c") == []
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_apply_scores_matches_loop_reference(seed):
+    rng = np.random.default_rng(seed)
+    n, k = 30, 4
+    sizes = rng.integers(0, 9, size=n)
+    pool = NegativePool(list(range(n)), [[f"c{i}-{j}" for j in range(s)] for i, s in enumerate(sizes)], k=k)
+    active, s0, cursor = pool.active.copy(), pool.s0.copy(), pool.cursor.copy()
+    for _ in range(6):
+        rows = rng.choice(n, size=12, replace=True)  # repeated examples: the first occurrence wins
+        negs = pool.active[rows].copy()
+        negs[rng.random(negs.shape) < 0.1] = 7  # sometimes a negative that is not active (stale)
+        scores = rng.uniform(-0.2, 1.0, size=negs.shape)
+        scores[rng.random(scores.shape) < 0.05] = np.nan
+        counts = pool.apply_scores(rows, negs, scores)
+        expected = naive_apply(active, s0, cursor, pool.pool_sizes, rows, negs, scores)
+        assert counts == expected
+        np.testing.assert_array_equal(pool.active, active)
+        np.testing.assert_array_equal(pool.cursor, cursor)
+        np.testing.assert_array_equal(pool.s0, s0)  # NaN == NaN for assert_array_equal
+    assert pool.cursor.max() > k  # pools were actually advanced
+
+
+def test_apply_scores_replacement_and_exhaustion():
+    pool = NegativePool(["x"], [["n0", "n1", "n2"]], k=2)
+    # First scoring: S0 = S. Slot 0 (S0 = 0.3 < 0.4) goes, slot 1 (0.8) stays.
+    counts = pool.apply_scores([0], [[0, 1]], [[0.3, 0.8]])
+    assert counts["replaced"] == 1 and pool.active.tolist() == [[2, 1]] and pool.cursor.tolist() == [3]
+    assert np.isnan(pool.s0[0, 0]) and pool.s0[0, 1] == 0.8
+    # Candidate 1 drops to 0.6 (1.2 * 0.6 < 0.8, 0.6 < 0.7): replace, but the pool is used up -> it stays.
+    counts = pool.apply_scores([0], [[2, 1]], [[0.9, 0.6]])
+    assert counts == dict(checked=2, replaced=0, pool_exhausted=1, nan_scores=0, stale=0)
+    assert pool.active.tolist() == [[2, 1]] and pool.s0[0].tolist() == [0.9, 0.8]
+    # A NaN score is ignored: no S0, no decision.
+    fresh = NegativePool(["y"], [["a", "b"]], k=1)
+    assert fresh.apply_scores([0], [[0]], [[float("nan")]])["nan_scores"] == 1
+    assert np.isnan(fresh.s0[0, 0]) and fresh.active.tolist() == [[0]]
+
+
+def test_pool_bad_input_is_reported():
+    with pytest.raises(ValueError, match=r"duplicated id\(s\): 'a' at rows \[0, 2\]"):
+        NegativePool(["a", "b", "a"], [[], [], []])
+    with pytest.raises(ValueError, match="3 ids but 2 candidate lists"):
+        NegativePool(["a", "b", "c"], [[], []])
+    with pytest.raises(TypeError, match="list of texts"):
+        NegativePool(["a"], ["just one string"])
+    with pytest.raises(TypeError, match="candidate 1 of example 'a' is int"):
+        NegativePool(["a"], [["ok", 3]])
+    with pytest.raises(ValueError, match="positive integer"):
+        NegativePool(["a"], [[]], k=0)
+    pool = NegativePool(["a"], [["n"]])
+    with pytest.raises(KeyError, match="'zz' is not in the NegativePool"):
+        pool.row("zz")
+    with pytest.raises(ValueError, match="example rows must be in"):
+        pool.apply_scores([5], [[0]], [[0.5]])
+
+
+def test_pool_state_roundtrip_and_mismatch():
+    pool = NegativePool(["a", "b"], [["n0", "n1", "n2"], ["m0"]], k=2)
+    pool.apply_scores([0, 1], [[0, 1], [0, -1]], [[0.2, 0.9], [0.5, np.nan]])
+    state = json.loads(json.dumps(pool.state_dict()))  # must survive JSON
+    other = NegativePool(["a", "b"], [["n0", "n1", "n2"], ["m0"]], k=2)
+    other.load_state_dict(state)
+    np.testing.assert_array_equal(other.active, pool.active)
+    np.testing.assert_array_equal(other.s0, pool.s0)
+    np.testing.assert_array_equal(other.cursor, pool.cursor)
+    with pytest.raises(ValueError, match="belongs to other pools"):
+        NegativePool(["a", "b"], [["n0", "n1", "CHANGED"], ["m0"]], k=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="belongs to other pools"):
+        NegativePool(["a", "b"], [["n0", "n1", "n2"], ["m0"]], k=3).load_state_dict(state)
+
+
+def test_pool_from_columns():
+    from datasets import Dataset
+
+    ds = Dataset.from_dict(
+        {
+            "id": ["q1", "q2", "q3"],
+            "anchor": ["a1", "a2", "a3"],
+            "positive": ["p1", "p2", "p3"],
+            "negative_1": ["x1", "", "z1"],
+            "negative_2": ["x2", "y2", "z1"],
+        }
+    )
+    pool = NegativePool.from_columns(ds, k=2)
+    assert pool.candidates == [["x1", "x2"], ["y2"], ["z1"]]  # empty skipped, repeated text kept once
+    listed = Dataset.from_dict({"id": [1, 2], "negatives": [["a", "b", "c"], []]})
+    assert NegativePool.from_columns(listed, k=2).candidates == [["a", "b", "c"], []]
+    with pytest.raises(ValueError, match="no 'id' column"):
+        NegativePool.from_columns(ds.remove_columns("id"))
+
+
+def test_pool_from_mining_respects_rank_and_false_negative_margin(st_model):
+    from datasets import Dataset
+
+    anchors = [f"the {s} sleeps on the" for s in SUBJECTS]
+    positives = [f"the {s} sleeps on the {p}" for s, p in zip(SUBJECTS, PLACES)]
+    ds = Dataset.from_dict({"id": [f"e{i}" for i in range(8)], "anchor": anchors, "positive": positives})
+    corpus = [f"the {s} sleeps on the {p}" for s in SUBJECTS[:4] for p in PLACES[:4]]
+    margin = 0.05
+    pool = NegativePool.from_mining(ds, st_model, k=3, num_candidates=6, relative_margin=margin, corpus=corpus,
+                                    verbose=False)
+    assert len(pool) == 8 and pool.k == 3
+    assert sum(len(c) for c in pool.candidates) > 0
+    for i, candidates in enumerate(pool.candidates):
+        assert positives[i] not in candidates and len(candidates) <= 6
+        if not candidates:
+            continue
+        q = st_model.encode([anchors[i]], convert_to_tensor=True)
+        docs = st_model.encode([positives[i], *candidates], convert_to_tensor=True)
+        scores = (q @ docs.T)[0].tolist()
+        positive, negatives = scores[0], scores[1:]
+        assert negatives == sorted(negatives, reverse=True) or np.allclose(negatives, sorted(negatives, reverse=True),
+                                                                            atol=1e-5)
+        # False-negative filter: every kept candidate scores at most 95% of the positive's score magnitude below it.
+        assert all(s <= positive - abs(positive) * margin + 1e-5 for s in negatives)
+
+
+# ---- collator -------------------------------------------------------------------------------------------------------
+SUBJECTS = ["cat", "dog", "bird", "horse", "fish", "mouse", "lion", "bear"]
+PLACES = ["mat", "rug", "sofa", "bed", "floor", "chair", "table", "roof"]
+
+
+def make_dataset():
+    from datasets import Dataset
+
+    return Dataset.from_dict(
+        {
+            "id": list(range(8)),
+            "anchor": [f"the {s} sleeps on the" for s in SUBJECTS],
+            "positive": [f"the {s} sleeps on the {p}" for s, p in zip(SUBJECTS, PLACES)],
+        }
+    )
+
+
+def make_pool(k=2):
+    # Near-duplicates of the positive: hard at first (cosine ~0.9), they get easier as training separates them.
+    candidates = [[f"the {s} sleeps on the {q}" for q in PLACES if q != p][:5] for s, p in zip(SUBJECTS, PLACES)]
+    return NegativePool(list(range(8)), candidates, k=k)
+
+
+@pytest.fixture(scope="module")
+def st_model(tiny_model_dir):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(tiny_model_dir))
+
+
+def test_collator_fills_negatives_from_pool_and_passes_ids(st_model):
+    pool = NegativePool([10, 11, 12], [["a0", "a1", "a2"], ["b0"], []], k=2)
+    texts = []
+
+    def recording_preprocess(inputs, prompt=None, **kwargs):
+        texts.append(list(inputs))
+        return st_model.preprocess(inputs, prompt=prompt, **kwargs)
+
+    collator = DHNMDataCollator(preprocess_fn=recording_preprocess, pool=pool)
+    rows = [
+        {"id": 12, "anchor": "q12", "positive": "p12", "negative": "ignored"},
+        {"id": 10, "anchor": "q10", "positive": "p10", "negative": "ignored"},
+        {"id": 11, "anchor": "q11", "positive": "p11", "negative": "ignored"},
+    ]
+    batch = collator(rows)
+    # id is not tokenised; the data's own negative column is replaced by the pool's k active negatives, and
+    # empty slots carry the row's positive as a placeholder (masked out by the loss through the -1 ids).
+    assert texts == [["q12", "q10", "q11"], ["p12", "p10", "p11"], ["p12", "a0", "b0"], ["p12", "a1", "p11"]]
+    assert batch["label"].tolist() == [[2, -1, -1], [0, 0, 1], [1, 0, -1]]
+    assert not any(key.startswith("id_") or key.startswith("negative_input") for key in batch)
+    # After a replacement the same example carries its new negative.
+    pool.apply_scores([0], [[0, 1]], [[0.1, 0.9]])
+    texts.clear()
+    batch = collator([rows[1]])
+    assert texts[2] == ["a2"] and batch["label"].tolist() == [[0, 2, 1]]
+
+
+def test_collator_bad_input(st_model):
+    pool = NegativePool([1], [["n"]], k=1)
+    collator = DHNMDataCollator(preprocess_fn=st_model.preprocess, pool=pool)
+    with pytest.raises(ValueError, match="no 'id' column"):
+        collator([{"anchor": "a", "positive": "p"}])
+    with pytest.raises(ValueError, match="id 2 is not in the NegativePool"):
+        collator([{"id": 2, "anchor": "a", "positive": "p"}])
+    with pytest.raises(ValueError, match=r"column\(s\) \['label'\] would be read as labels"):
+        collator([{"id": 1, "anchor": "a", "positive": "p", "label": 1.0}])
+    with pytest.raises(ValueError, match="needs a NegativePool"):
+        DHNMDataCollator(preprocess_fn=st_model.preprocess)([{"id": 1, "anchor": "a", "positive": "p"}])
+
+
+# ---- real Trainer runs ----------------------------------------------------------------------------------------------
+def snapshot_callback(events):
+    """Factory of a TrainerCallback placed before DHNMCallback: it records the pool and the scores the loss
+    recorded, right before each step's decisions."""
+    from transformers import TrainerCallback
+
+    def make(pool, loss):
+        class Snapshot(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                records = [
+                    (r.example_ids.numpy().copy(), r.negative_ids.numpy().copy(), r.scores.numpy().astype(float))
+                    for r in loss.peek_hard_negative_scores()
+                ]
+                events.append(
+                    ("step_end", state.global_step, pool.active.copy(), pool.s0.copy(), pool.cursor.copy(), records)
+                )
+
+        return Snapshot()
+
+    return make
+
+
+def train(model_dir, out_dir, pool, max_steps, *, stop_at=None, resume=None, extra_callbacks=(), preprocess=None,
+          save_steps=None, **arg_overrides):
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from transformers import TrainerCallback
+
+    from conan_hf.losses import InfoNCELoss
+
+    model = SentenceTransformer(str(model_dir))
+    loss = InfoNCELoss(model, temperature=0.05)
+    dhnm = DHNMCallback(pool, loss)
+    callbacks = [make(pool, loss) for make in extra_callbacks]
+    if stop_at is not None:
+        class Stop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == stop_at:
+                    control.should_training_stop = True
+
+        callbacks.append(Stop())
+    settings = dict(
+        output_dir=str(out_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        learning_rate=2e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        report_to=[],
+        seed=1,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    args = SentenceTransformerTrainingArguments(**{**settings, **arg_overrides})
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=args,
+        train_dataset=make_dataset(),
+        loss=loss,
+        data_collator=DHNMDataCollator(preprocess_fn=preprocess(model) if preprocess else model.preprocess,
+                                       pool=pool),
+        callbacks=[*callbacks, dhnm],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, dhnm, loss
+
+
+def dhnm_logs(trainer):
+    return {h["step"]: {k: v for k, v in h.items() if k.startswith("dhnm_")} for h in trainer.state.log_history
+            if "loss" in h}
+
+
+def run_and_replay(model_dir, out_dir, max_steps=10, **overrides):
+    """Train with DHNM, replay every step's decisions with the loop reference, and check the next batch of each
+    changed example carries its new negative. Returns (drop_replacements, new_negative_checks, trainer)."""
+    pool = make_pool(k=2)
+    events: list = []
+
+    def recording(model):
+        def preprocess(inputs, prompt=None, **kwargs):
+            events.append(("column", list(inputs)))
+            return model.preprocess(inputs, prompt=prompt, **kwargs)
+
+        return preprocess
+
+    trainer, dhnm, _ = train(model_dir, out_dir, pool, max_steps=max_steps, preprocess=recording,
+                             extra_callbacks=[snapshot_callback(events)], **overrides)
+    logs = dhnm_logs(trainer)
+    assert sorted(logs) == list(range(1, max_steps + 1))
+
+    steps = [e for e in events if e[0] == "step_end"]
+    posts = [(s[2], s[3], s[4]) for s in steps[1:]] + [(pool.active, pool.s0, pool.cursor)]
+    drop_replacements = 0
+    new_negative_checks = 0
+    for (_, step, active, s0, cursor, records), (post_active, post_s0, post_cursor) in zip(steps, posts):
+        # The decisions follow eq. 6 on exactly the scores the loss recorded for this step.
+        pre_active, pre_s0 = active.copy(), s0.copy()
+        active, s0, cursor = active.copy(), s0.copy(), cursor.copy()
+        counts = {"checked": 0, "replaced": 0, "pool_exhausted": 0, "nan_scores": 0, "stale": 0}
+        for rows, negs, scores in records:
+            step_counts = naive_apply(active, s0, cursor, pool.pool_sizes, rows, negs, scores)
+            counts = {k: counts[k] + step_counts[k] for k in counts}
+        np.testing.assert_array_equal(post_active, active)
+        np.testing.assert_array_equal(post_cursor, cursor)
+        np.testing.assert_array_equal(post_s0, s0)
+        assert logs[step] == {f"dhnm_{k}": v for k, v in counts.items()}  # the counts reach the Trainer's logs
+        assert counts["checked"] == 4 * 2  # batch of 4, k = 2, every pair scored
+
+        index = next(i for i, e in enumerate(events) if e[0] == "step_end" and e[1] == step)
+        later = [e[1] for e in events[index + 1 :] if e[0] == "column"]
+        for row, slot in np.argwhere(post_active != pre_active):
+            if not math.isnan(pre_s0[row, slot]):
+                drop_replacements += 1  # replaced because its score fell, not at its first scoring
+            # The next batch containing this example (collated after the decision) carries the new negative.
+            anchor = f"the {SUBJECTS[row]} sleeps on the"
+            for b in range(0, len(later) - 3, 4):  # one batch = anchor, positive, negative_1, negative_2 columns
+                if anchor in later[b]:
+                    position = later[b].index(anchor)
+                    assert later[b + 2 + slot][position] == pool.candidates[row][post_active[row, slot]]
+                    new_negative_checks += 1
+                    break
+    assert dhnm.totals["replaced"] == sum(v["dhnm_replaced"] for v in logs.values())
+    return drop_replacements, new_negative_checks, trainer
+
+
+@pytest.mark.slow
+def test_trainer_run_replaces_falling_negatives_and_next_batch_carries_them(tiny_model_dir, tmp_path):
+    # 10 steps = 5 epochs of 8 examples: enough for the near-duplicate negatives to become easy under training
+    # (checked on 10 random initialisations of the tiny model: 3-14 drop replacements, 2-14 re-batched checks).
+    drop_replacements, new_negative_checks, _ = run_and_replay(tiny_model_dir, tmp_path / "run", max_steps=10)
+    assert drop_replacements >= 1
+    assert new_negative_checks >= 1
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_same_state_and_losses(tiny_model_dir, tmp_path):
+    full_pool = make_pool(k=2)
+    full, full_cb, _ = train(tiny_model_dir, tmp_path / "full", full_pool, max_steps=6, save_steps=3)
+
+    first_pool = make_pool(k=2)
+    train(tiny_model_dir, tmp_path / "cut", first_pool, max_steps=6, save_steps=3, stop_at=3)
+    checkpoint = tmp_path / "cut" / "checkpoint-3"
+    saved = json.loads((checkpoint / DHNM_STATE_NAME).read_text())
+    assert saved["global_step"] == 3
+    assert any(v is not None for row in saved["pool"]["s0"] for v in row)  # a non-trivial state was saved
+    assert not (tmp_path / "cut" / "checkpoint-6").exists()
+
+    resumed_pool = make_pool(k=2)  # a fresh process would rebuild the pools from the data
+    resumed, resumed_cb, _ = train(tiny_model_dir, tmp_path / "cut", resumed_pool, max_steps=6, save_steps=3,
+                                   resume=str(checkpoint))
+    np.testing.assert_array_equal(resumed_pool.active, full_pool.active)
+    np.testing.assert_array_equal(resumed_pool.cursor, full_pool.cursor)
+    np.testing.assert_allclose(resumed_pool.s0, full_pool.s0, rtol=1e-5, atol=1e-6)
+    assert resumed_cb.totals == full_cb.totals
+    full_logs = {h["step"]: h for h in full.state.log_history if "loss" in h}
+    resumed_logs = {h["step"]: h for h in resumed.state.log_history if "loss" in h}
+    assert sorted(resumed_logs) == sorted(full_logs) == list(range(1, 7))
+    for step in range(1, 7):
+        assert resumed_logs[step]["loss"] == pytest.approx(full_logs[step]["loss"], rel=1e-4)
+        assert {k: v for k, v in resumed_logs[step].items() if k.startswith("dhnm_")} == {
+            k: v for k, v in full_logs[step].items() if k.startswith("dhnm_")
+        }
+    # The state files of the final checkpoints agree too.
+    a = json.loads((tmp_path / "full" / "checkpoint-6" / DHNM_STATE_NAME).read_text())
+    b = json.loads((tmp_path / "cut" / "checkpoint-6" / DHNM_STATE_NAME).read_text())
+    assert a["pool"]["active"] == b["pool"]["active"] and a["pool"]["cursor"] == b["pool"]["cursor"]
+
+    # Resuming without the DHNM state is an error, not a silent restart of the pools.
+    bare = tmp_path / "bare" / "checkpoint-3"
+    shutil.copytree(checkpoint, bare)
+    (bare / DHNM_STATE_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match="no dhnm_state.json was found"):
+        train(tiny_model_dir, tmp_path / "bare", make_pool(k=2), max_steps=6, resume=str(bare))
+
+
+def test_callback_refuses_dataloader_workers(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="dataloader_num_workers=0"):
+        train(tiny_model_dir, tmp_path / "w", make_pool(), max_steps=1, dataloader_num_workers=1)
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch.distributed as dist
+    from dhnm_case import make_dataset, make_pool, train_with
+
+    out = sys.argv[2]
+    pool = make_pool()
+    seen = []
+    trainer, dhnm = train_with(sys.argv[1], out, pool, seen)
+    rank = dist.get_rank()
+    state = {
+        "world_size": dist.get_world_size(),
+        "pool": pool.state_dict(),
+        "totals": dhnm.totals,
+        "logs": [{k: v for k, v in h.items() if k.startswith("dhnm_") or k == "step"}
+                 for h in trainer.state.log_history if "loss" in h],
+        "seen_ids": seen,
+    }
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(state, f)
+    """
+)
+
+CASE_MODULE = textwrap.dedent(
+    """
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments,
+    )
+    from conan_hf.losses import InfoNCELoss
+    from trainers.dhnm import DHNMCallback, DHNMDataCollator, NegativePool
+
+    SUBJECTS = {subjects!r}
+    PLACES = {places!r}
+
+    def make_dataset():
+        return Dataset.from_dict({{
+            "id": list(range(8)),
+            "anchor": [f"the {{s}} sleeps on the" for s in SUBJECTS],
+            "positive": [f"the {{s}} sleeps on the {{p}}" for s, p in zip(SUBJECTS, PLACES)],
+        }})
+
+    def make_pool(k=2):
+        candidates = [
+            [f"the {{s}} sleeps on the {{q}}" for q in PLACES if q != p][:5] for s, p in zip(SUBJECTS, PLACES)
+        ]
+        return NegativePool(list(range(8)), candidates, k=k)
+
+    class Recording(DHNMDataCollator):
+        def __call__(self, features):
+            self.seen.extend(int(f["id"]) for f in features)
+            return super().__call__(features)
+
+    def train_with(model_dir, out, pool, seen):
+        model = SentenceTransformer(model_dir)
+        # Cross-device negatives too: each query also sees the other rank's documents.
+        loss = InfoNCELoss(model, temperature=0.05, gather_across_devices=True)
+        dhnm = DHNMCallback(pool, loss)
+        collator = Recording(preprocess_fn=model.preprocess, pool=pool)
+        collator.seen = seen
+        args = SentenceTransformerTrainingArguments(
+            output_dir=out, max_steps=4, per_device_train_batch_size=2, learning_rate=2e-3,
+            lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], seed=1,
+            use_cpu=True, disable_tqdm=True, ddp_backend="gloo",
+        )
+        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=make_dataset(), loss=loss,
+                                             data_collator=collator, callbacks=[dhnm])
+        trainer.train()
+        return trainer, dhnm
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_process_run_makes_identical_decisions_on_both_ranks(tiny_model_dir, tmp_path):
+    (tmp_path / "dhnm_case.py").write_text(CASE_MODULE.format(subjects=SUBJECTS, places=PLACES))
+    script = tmp_path / "ddp_dhnm.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, str(script), str(tiny_model_dir), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["world_size"] == r1["world_size"] == 2
+    # Each rank batched its own shard of the data ...
+    assert set(r0["seen_ids"]) and set(r1["seen_ids"]) and not set(r0["seen_ids"][:2]) & set(r1["seen_ids"][:2])
+    # ... yet both judged every pair scored on either rank (2 ranks x 2 rows x k=2 per step) ...
+    assert [log["dhnm_checked"] for log in r0["logs"]] == [8, 8, 8, 8]
+    # ... and made the same decisions: identical pools, S0 values and counts.
+    assert r0["pool"] == r1["pool"]
+    assert r0["totals"] == r1["totals"] and r0["logs"] == r1["logs"]
+    scored = {i for i, row in enumerate(r0["pool"]["s0"]) if any(v is not None for v in row)}
+    replaced = {i for i, c in enumerate(r0["pool"]["cursor"]) if c > 2}
+    assert (scored | replaced) >= set(r0["seen_ids"]) | set(r1["seen_ids"])

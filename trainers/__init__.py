@@ -1,0 +1,1 @@
+"""Training stages of Conan-Embedding-v2 and the callbacks they share (soft mask, Dynamic Hard Negative Mining)."""

@@ -1,0 +1,722 @@
+"""Dynamic Hard Negative Mining (DHNM), Conan-Embedding-v2 §3.4, eq. 6.
+
+Each training example has a stable id, a query, a positive and a *ranked pool* of candidate hard negatives, of
+which ``k`` (default 7) are active at a time. While training, every active negative ``N_i`` is judged from the
+query–negative cosine score ``S_i`` the loss has just computed and the score ``S_0`` it had when it first entered the
+active set; it is replaced by the next unused candidate of the pool when it has become too easy (eq. 6).
+
+The pieces, in the order a training step uses them:
+
+1. :class:`DHNMDataCollator` fills the negative columns of each batch from the example's active negatives and
+   passes the (example, negative) ids to the loss as labels.
+2. :class:`conan_hf.losses.InfoNCELoss` computes eq. 1 and records the query–negative cosine scores it already has.
+3. :class:`DHNMCallback` (``on_step_end``) gathers the recorded scores from all ranks, applies
+   :func:`dhnm_should_replace` identically on every rank through :meth:`NegativePool.apply_scores`, and logs the
+   counts; the next time an example is batched it carries its new negatives. The pool state is saved next to every
+   Trainer checkpoint and restored on resume.
+
+Example:
+    ::
+
+        from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+        from conan_hf.losses import InfoNCELoss
+        from trainers.dhnm import DHNMCallback, DHNMDataCollator, NegativePool
+
+        # dataset columns: id, anchor, positive (+ optional negative columns used to build the pools)
+        pool = NegativePool.from_mining(dataset, teacher, anchor_column="anchor", positive_column="positive", k=7)
+        loss = InfoNCELoss(model, temperature=0.05)
+        trainer = SentenceTransformerTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset.select_columns(["id", "anchor", "positive"]),
+            loss=loss,
+            data_collator=DHNMDataCollator(preprocess_fn=model.preprocess, pool=pool),
+            callbacks=[DHNMCallback(pool, loss)],
+        )
+        trainer.train()  # or trainer.train(resume_from_checkpoint=True): the pools resume too
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DHNM_STATE_NAME",
+    "DHNMCallback",
+    "DHNMDataCollator",
+    "NegativePool",
+    "dhnm_should_replace",
+]
+
+#: File written into each Trainer checkpoint folder (``checkpoint-<step>/``) with the pool state.
+DHNM_STATE_NAME = "dhnm_state.json"
+_STATE_VERSION = 1
+_COUNT_KEYS = ("checked", "replaced", "pool_exhausted", "nan_scores", "stale")
+
+
+def dhnm_should_replace(s0: Any, s: Any, s0_min: float = 0.4, drop_ratio: float = 1.2, s_max: float = 0.7) -> Any:
+    r"""Eq. 6 of the paper: whether an active hard negative is replaced.
+
+    .. math:: \text{replace} \iff S_0 < 0.4 \;\lor\; (1.2\,S_i < S_0 \land S_i < 0.7)
+
+    ``S_0`` is the query–negative cosine score when the negative entered the active set and ``S_i`` its score now.
+    A negative that was never hard (``S_0 < s0_min``) is dropped; a negative is also dropped once its score has
+    fallen by more than the factor ``drop_ratio`` *and* is below ``s_max`` (it has become easy). This implements
+    the equation on the signed cosine scores; the paper's prose mentions absolute values, which the equation does
+    not use (a negative score satisfies ``S < 0.7``, and ``S_0 < 0`` already triggers the first clause).
+
+    Vectorised and pure: ``s0`` and ``s`` are scalars, numpy arrays or torch tensors (broadcast together); the
+    result is a boolean array/tensor of the same kind. **NaN**: every comparison with NaN is false, so a NaN in
+    either score means *keep* (no decision is made from a missing or broken score).
+
+    Args:
+        s0: score(s) when the negative entered the active set.
+        s: current score(s).
+        s0_min: first threshold (0.4 in the paper).
+        drop_ratio: relative drop factor (1.2 in the paper).
+        s_max: upper bound on the current score for the drop clause (0.7 in the paper).
+
+    Example:
+        >>> dhnm_should_replace([0.3, 0.8, 0.8], [0.3, 0.6, 0.7]).tolist()
+        [True, True, False]
+    """
+    if isinstance(s0, torch.Tensor) or isinstance(s, torch.Tensor):
+        ref = s0 if isinstance(s0, torch.Tensor) else s
+        s0 = torch.as_tensor(s0, device=ref.device)
+        s = torch.as_tensor(s, device=ref.device)
+    else:
+        s0 = np.asarray(s0, dtype=np.float64)
+        s = np.asarray(s, dtype=np.float64)
+    return (s0 < s0_min) | ((drop_ratio * s < s0) & (s < s_max))
+
+
+class NegativePool:
+    """Per-example state of DHNM: a ranked candidate pool, ``k`` active negatives, their ``S_0`` and a cursor.
+
+    Candidates are identified by their rank in the example's pool (``0`` = the hardest); these ranks are the
+    *negative ids* the collator passes to the loss. Initially the first ``min(k, len(pool))`` candidates are active
+    and the cursor points at the next unused one. All state lives in numpy arrays:
+
+    - ``active``: ``(num_examples, k)`` candidate rank in each slot, ``-1`` for an empty slot;
+    - ``s0``: ``(num_examples, k)`` score of each active negative at its first scoring, ``NaN`` until scored;
+    - ``cursor``: ``(num_examples,)`` rank of the next unused candidate.
+
+    Bad input, by design:
+
+    - duplicate example ids raise ``ValueError`` naming them (a pool could not tell the examples apart);
+    - an example without negatives, or with fewer than ``k``, keeps empty slots: the collator fills those columns
+      with a placeholder and the loss masks them out of the softmax, so the example trains on the negatives it has;
+    - when a negative should be replaced but the pool is used up, the current negative stays active (counted as
+      ``pool_exhausted``);
+    - NaN scores are ignored (no ``S_0`` is taken from them, no decision is made; counted as ``nan_scores``).
+
+    Args:
+        ids: one stable, hashable id per example (e.g. the dataset's ``id`` column).
+        candidates: per example, the ranked candidate negative texts (hardest first).
+        k: number of active negatives per example (7 in the paper).
+
+    Example:
+        >>> pool = NegativePool(["q1", "q2"], [["n1", "n2", "n3"], []], k=2)
+        >>> pool.active_negatives("q1"), pool.active_negatives("q2")
+        (['n1', 'n2'], [])
+    """
+
+    def __init__(self, ids: Sequence[Hashable], candidates: Sequence[Sequence[str]], k: int = 7) -> None:
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k (active negatives per example) must be a positive integer, got {k!r}")
+        ids = list(ids)
+        if len(ids) != len(candidates):
+            raise ValueError(f"NegativePool got {len(ids)} ids but {len(candidates)} candidate lists")
+        self.ids = ids
+        self._row: dict[Hashable, int] = {}
+        duplicates: dict[Hashable, list[int]] = {}
+        for row, example_id in enumerate(ids):
+            try:
+                first = self._row.setdefault(example_id, row)
+            except TypeError as exc:
+                raise TypeError(f"example ids must be hashable; row {row} has id {example_id!r}") from exc
+            if first != row:
+                duplicates.setdefault(example_id, [first]).append(row)
+        if duplicates:
+            shown = "; ".join(f"{i!r} at rows {rows}" for i, rows in list(duplicates.items())[:5])
+            raise ValueError(
+                f"example ids must be unique, found {len(duplicates)} duplicated id(s): {shown}. DHNM keeps one pool "
+                "per id, so duplicated rows would share (and fight over) one set of negatives; give each row its "
+                "own id or deduplicate the data."
+            )
+        self.candidates: list[list[str]] = []
+        for row, pool in enumerate(candidates):
+            if isinstance(pool, str):
+                raise TypeError(f"candidates[{row}] (id {ids[row]!r}) must be a list of texts, got a single string")
+            pool = list(pool)
+            for rank, text in enumerate(pool):
+                if not isinstance(text, str):
+                    raise TypeError(
+                        f"candidate {rank} of example {ids[row]!r} is {type(text).__name__}, expected str: {text!r:.80}"
+                    )
+            self.candidates.append(pool)
+        self.k = k
+        self.pool_sizes = np.array([len(pool) for pool in self.candidates], dtype=np.int64)
+        num_active = np.minimum(self.pool_sizes, k)
+        slots = np.arange(k)
+        self.active = np.where(slots[None, :] < num_active[:, None], slots[None, :], -1).astype(np.int64)
+        self.s0 = np.full((len(ids), k), np.nan, dtype=np.float64)
+        self.cursor = num_active.copy()
+
+    # ---- construction helpers ------------------------------------------------------------------------------------
+    @classmethod
+    def from_columns(
+        cls,
+        dataset: Any,
+        id_column: str = "id",
+        negative_columns: Sequence[str] | None = None,
+        k: int = 7,
+    ) -> NegativePool:
+        """Build pools from negatives already in the data.
+
+        Args:
+            dataset: a ``datasets.Dataset`` (or anything with ``column_names`` and column access).
+            id_column: column with the example ids.
+            negative_columns: columns holding negatives, in rank order; each value is a text or a list of texts.
+                Default: every column whose name starts with ``"negative"`` (``negative``, ``negative_1``, ...,
+                ``negatives``), in dataset order. Empty strings and ``None`` are skipped; repeated texts within a
+                row are kept once.
+            k: active negatives per example.
+
+        Example:
+            >>> from datasets import Dataset
+            >>> ds = Dataset.from_dict({"id": [1, 2], "anchor": ["a", "b"], "positive": ["p", "q"],
+            ...                         "negative_1": ["x", "y"], "negative_2": ["z", ""]})
+            >>> NegativePool.from_columns(ds, k=1).candidates
+            [['x', 'z'], ['y']]
+        """
+        columns = list(dataset.column_names)
+        if id_column not in columns:
+            raise ValueError(
+                f"dataset has no {id_column!r} column (columns: {columns}); DHNM needs a stable id per row"
+            )
+        if negative_columns is None:
+            negative_columns = [c for c in columns if c.startswith("negative")]
+        missing = [c for c in negative_columns if c not in columns]
+        if missing:
+            raise ValueError(f"negative column(s) {missing} not in the dataset (columns: {columns})")
+        values = [dataset[c] for c in negative_columns]
+        candidates = []
+        for row in range(len(dataset)):
+            pool: list[str] = []
+            for column, column_values in zip(negative_columns, values):
+                value = column_values[row]
+                for text in [value] if isinstance(value, str) or value is None else value:
+                    if text is None or text == "":
+                        continue
+                    if not isinstance(text, str):
+                        raise TypeError(f"row {row}, column {column!r}: negative must be text, got {text!r:.80}")
+                    if text not in pool:
+                        pool.append(text)
+            candidates.append(pool)
+        return cls(dataset[id_column], candidates, k=k)
+
+    @classmethod
+    def from_mining(
+        cls,
+        dataset: Any,
+        model: Any,
+        anchor_column: str = "anchor",
+        positive_column: str = "positive",
+        id_column: str = "id",
+        k: int = 7,
+        num_candidates: int = 32,
+        relative_margin: float | None = 0.05,
+        absolute_margin: float | None = None,
+        corpus: list[str] | None = None,
+        batch_size: int = 32,
+        verbose: bool = True,
+        **mine_kwargs: Any,
+    ) -> NegativePool:
+        """Build ranked pools by mining with a teacher embedder (``sentence_transformers.util.mine_hard_negatives``).
+
+        Candidates are the teacher's top ``num_candidates`` documents for each query (from the positives of the
+        dataset plus ``corpus``), hardest first, after the false-negative filter: with ``relative_margin=0.05`` a
+        candidate scoring above 95% of the positive's score is dropped as a probable positive (NV-Retriever's
+        TopK-PercPos); ``absolute_margin`` drops candidates within that distance of the positive's score. An
+        example for which nothing survives gets an empty pool (see :class:`NegativePool` for how that trains).
+
+        Args:
+            dataset: ``datasets.Dataset`` with ``id_column``, ``anchor_column`` and ``positive_column``.
+            model: the teacher SentenceTransformer.
+            k: active negatives per example.
+            num_candidates: pool size to mine per example.
+            relative_margin / absolute_margin: false-negative margins, passed to ``mine_hard_negatives``.
+            corpus: extra candidate documents.
+            batch_size: teacher encoding batch size.
+            verbose: print ``mine_hard_negatives``' statistics.
+            **mine_kwargs: any other ``mine_hard_negatives`` argument (``range_min``, ``max_score``, prompts, ...).
+        """
+        from sentence_transformers.util import mine_hard_negatives
+
+        for column in (id_column, anchor_column, positive_column):
+            if column not in dataset.column_names:
+                raise ValueError(f"dataset has no {column!r} column (columns: {dataset.column_names})")
+        ids = dataset[id_column]
+        pairs = dataset.select_columns([anchor_column, positive_column])
+        mined = mine_hard_negatives(
+            pairs,
+            model,
+            anchor_column_name=anchor_column,
+            positive_column_name=positive_column,
+            corpus=corpus,
+            num_negatives=num_candidates,
+            relative_margin=relative_margin,
+            absolute_margin=absolute_margin,
+            sampling_strategy="top",
+            output_format="labeled-list",
+            batch_size=batch_size,
+            verbose=verbose,
+            **mine_kwargs,
+        )
+        # labeled-list rows are (anchor, [positive, negative_1, ...]) with negatives hardest first; rows with no
+        # surviving negative are left out, and duplicated queries are regrouped, so map back by (anchor, positive).
+        by_pair: dict[tuple[str, str], list[str]] = {}
+        for anchor, documents in zip(mined[anchor_column], mined[positive_column]):
+            by_pair.setdefault((anchor, documents[0]), documents[1:])
+        candidates = [
+            list(by_pair.get((anchor, positive), []))
+            for anchor, positive in zip(dataset[anchor_column], dataset[positive_column])
+        ]
+        return cls(ids, candidates, k=k)
+
+    # ---- lookups -------------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def row(self, example_id: Hashable) -> int:
+        """Row of ``example_id`` in the state arrays."""
+        try:
+            return self._row[example_id]
+        except (KeyError, TypeError):
+            raise KeyError(
+                f"example id {example_id!r} is not in the NegativePool ({len(self)} examples); build the pool from the "
+                "same dataset that is trained on"
+            ) from None
+
+    def active_negatives(self, example_id: Hashable) -> list[str]:
+        """The texts of the example's active negatives (filled slots only)."""
+        row = self.row(example_id)
+        return [self.candidates[row][rank] for rank in self.active[row] if rank >= 0]
+
+    # ---- eq. 6 ---------------------------------------------------------------------------------------------------
+    def apply_scores(
+        self,
+        example_rows: Any,
+        negative_ids: Any,
+        scores: Any,
+        s0_min: float = 0.4,
+        drop_ratio: float = 1.2,
+        s_max: float = 0.7,
+    ) -> dict[str, int]:
+        """Judge scored active negatives with :func:`dhnm_should_replace` and advance the pools.
+
+        Args:
+            example_rows: ``(n,)`` pool rows of the scored examples (one entry per row of ``negative_ids``).
+            negative_ids: ``(n, m)`` candidate ranks that were scored; ``-1`` entries are ignored.
+            scores: ``(n, m)`` their query–negative cosine scores.
+            s0_min / drop_ratio / s_max: the thresholds of eq. 6.
+
+        A negative scored for the first time takes that score as its ``S_0`` and is judged right away (so a
+        candidate with ``S_0 < s0_min`` leaves at its first scoring). Replacements take the next unused candidates of
+        the pool, in the order the scores are given. Entries are processed deterministically: a repeated
+        (example, negative) pair keeps its first occurrence, and a pair whose negative is no longer active (scored
+        on a batch built before an earlier replacement) is skipped as ``stale``.
+
+        Returns:
+            counts: ``checked`` (pairs judged), ``replaced``, ``pool_exhausted`` (replacement due but no candidate
+            left: the negative stays), ``nan_scores`` (ignored NaN scores) and ``stale``.
+        """
+        rows = np.asarray(example_rows, dtype=np.int64).reshape(-1)
+        negs = np.asarray(negative_ids, dtype=np.int64)
+        vals = np.asarray(scores, dtype=np.float64)
+        if negs.ndim == 1:
+            negs, vals = negs[:, None], vals.reshape(-1, 1)
+        if negs.shape != vals.shape or negs.shape[0] != rows.shape[0]:
+            raise ValueError(
+                f"apply_scores: shapes do not match: rows {rows.shape}, negative_ids {negs.shape}, scores {vals.shape}"
+            )
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise ValueError(f"apply_scores: example rows must be in [0, {len(self)}), got {rows.min()}..{rows.max()}")
+        rows = np.repeat(rows, negs.shape[1])
+        negs, vals = negs.reshape(-1), vals.reshape(-1)
+        filled = negs >= 0
+        rows, negs, vals = rows[filled], negs[filled], vals[filled]
+        counts = dict.fromkeys(_COUNT_KEYS, 0)
+        if rows.size == 0:
+            return counts
+
+        # One integer key per (example, negative) pair; 1-D unique is much cheaper than unique over rows.
+        keys = rows * (int(max(self.pool_sizes.max(initial=0), negs.max())) + 1) + negs
+        _, first = np.unique(keys, return_index=True)
+        first.sort()
+        rows, negs, vals = rows[first], negs[first], vals[first]
+
+        nan = np.isnan(vals)
+        counts["nan_scores"] = int(nan.sum())
+        rows, negs, vals = rows[~nan], negs[~nan], vals[~nan]
+
+        match = self.active[rows] == negs[:, None]
+        current = match.any(axis=1)
+        counts["stale"] = int((~current).sum())
+        rows, vals, slots = rows[current], vals[current], match[current].argmax(axis=1)
+        counts["checked"] = int(rows.size)
+
+        s0 = self.s0[rows, slots]
+        first_time = np.isnan(s0)
+        self.s0[rows[first_time], slots[first_time]] = vals[first_time]
+        s0 = np.where(first_time, vals, s0)
+        replace = dhnm_should_replace(s0, vals, s0_min=s0_min, drop_ratio=drop_ratio, s_max=s_max)
+
+        r_rows, r_slots = rows[replace], slots[replace]
+        order = np.argsort(r_rows, kind="stable")
+        r_rows, r_slots = r_rows[order], r_slots[order]
+        # The j-th replacement of an example (in score order) takes the candidate j places after its cursor.
+        _, start, per_row = np.unique(r_rows, return_index=True, return_counts=True)
+        rank_in_row = np.arange(r_rows.size) - np.repeat(start, per_row)
+        new_rank = self.cursor[r_rows] + rank_in_row
+        ok = new_rank < self.pool_sizes[r_rows]
+        self.active[r_rows[ok], r_slots[ok]] = new_rank[ok]
+        self.s0[r_rows[ok], r_slots[ok]] = np.nan
+        np.add.at(self.cursor, r_rows[ok], 1)
+        counts["replaced"] = int(ok.sum())
+        counts["pool_exhausted"] = int((~ok).sum())
+        return counts
+
+    # ---- persistence ---------------------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """Hash of the ids, pool contents and ``k``: a saved state only loads into the same pools."""
+        # The pools never change after construction, so hash them once (they can be large).
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = self._compute_fingerprint()
+        return self._fingerprint
+
+    def _compute_fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(str(self.k).encode())
+        for example_id, pool in zip(self.ids, self.candidates):
+            digest.update(repr(example_id).encode())
+            digest.update(b"\x00")
+            digest.update("\x1f".join(pool).encode())
+            digest.update(b"\x1e")
+        return digest.hexdigest()
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state (``S_0`` NaN stored as ``null``)."""
+        return {
+            "version": _STATE_VERSION,
+            "num_examples": len(self),
+            "k": self.k,
+            "fingerprint": self.fingerprint(),
+            "active": self.active.tolist(),
+            "s0": [[None if np.isnan(v) else float(v) for v in row] for row in self.s0],
+            "cursor": self.cursor.tolist(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; raises ``ValueError`` if it was saved for different pools."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"unsupported DHNM state version {state.get('version')!r} (expected {_STATE_VERSION})")
+        if state["num_examples"] != len(self) or state["k"] != self.k or state["fingerprint"] != self.fingerprint():
+            raise ValueError(
+                f"the saved DHNM state belongs to other pools ({state['num_examples']} examples, k={state['k']}) than "
+                f"this NegativePool ({len(self)} examples, k={self.k}) or their ids/candidates differ; build the pool "
+                "from the same data and k as the interrupted run"
+            )
+        self.active = np.asarray(state["active"], dtype=np.int64).reshape(len(self), self.k)
+        self.s0 = np.asarray(
+            [[np.nan if v is None else v for v in row] for row in state["s0"]], dtype=np.float64
+        ).reshape(len(self), self.k)
+        self.cursor = np.asarray(state["cursor"], dtype=np.int64)
+
+
+@dataclass
+class DHNMDataCollator(SentenceTransformerDataCollator):
+    """sentence-transformers' data collator that fills each row's negatives from its :class:`NegativePool`.
+
+    For every row it takes ``id_column`` out of the inputs (it is never tokenised), drops any column whose name
+    starts with ``negative_prefix``, and appends ``k`` columns ``{negative_prefix}_1 .. _k`` with the example's
+    *current* active negatives. Empty slots (an example with fewer than ``k`` candidates) get the row's positive as
+    a placeholder text, and the loss masks them out. The ids reach the loss as ``labels``: an integer tensor
+    ``(batch, 1 + k)`` = [pool row, candidate rank per negative column (``-1`` = empty)], which
+    :class:`conan_hf.losses.InfoNCELoss` uses to mask empty slots and to key its score record.
+
+    The pool is read at batching time, so replacements made by :class:`DHNMCallback` show up the next time the
+    example is batched. This needs the collator to run in the training process: keep
+    ``dataloader_num_workers=0`` (the callback checks).
+
+    Args:
+        preprocess_fn: ``model.preprocess`` (as for ``SentenceTransformerDataCollator``).
+        pool: the :class:`NegativePool` of the training dataset.
+        id_column: column with the example ids.
+        negative_prefix: prefix of the negative columns.
+
+    Example:
+        ::
+
+            collator = DHNMDataCollator(preprocess_fn=model.preprocess, pool=pool)
+            trainer = SentenceTransformerTrainer(..., data_collator=collator, callbacks=[DHNMCallback(pool, loss)])
+    """
+
+    pool: NegativePool | None = None
+    id_column: str = "id"
+    negative_prefix: str = "negative"
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.pool is None:
+            raise ValueError("DHNMDataCollator needs a NegativePool (pool=...)")
+        if not features:
+            return {}
+        columns = list(features[0].keys())
+        if self.id_column not in columns:
+            raise ValueError(
+                f"DHNMDataCollator: the rows have no {self.id_column!r} column (columns: {columns}); DHNM needs a "
+                "stable example id per row"
+            )
+        labels = [c for c in columns if c in self.valid_label_columns]
+        if labels:
+            raise ValueError(
+                f"DHNMDataCollator: column(s) {labels} would be read as labels, but with DHNM the labels carry the "
+                "(example, negative) ids for InfoNCELoss; remove them from the training dataset"
+            )
+        kept = [c for c in columns if c != self.id_column and not c.startswith(self.negative_prefix)]
+        texts = [c for c in kept if c != "dataset_name"]
+        if len(texts) < 2:
+            raise ValueError(f"DHNMDataCollator needs (anchor, positive) text columns besides the ids, got {texts}")
+        positive_column = texts[1]
+
+        try:
+            rows = np.array([self.pool.row(row[self.id_column]) for row in features], dtype=np.int64)
+        except KeyError as exc:
+            raise ValueError(f"DHNMDataCollator: {exc.args[0]}") from None
+        negative_ids = self.pool.active[rows].copy()  # snapshot: these are the negatives this batch carries
+
+        batch_rows = []
+        for row, example, ranks in zip(rows, features, negative_ids):
+            out = {c: example[c] for c in kept}
+            pool = self.pool.candidates[row]
+            for slot, rank in enumerate(ranks):
+                out[f"{self.negative_prefix}_{slot + 1}"] = pool[rank] if rank >= 0 else example[positive_column]
+            batch_rows.append(out)
+        batch = super().__call__(batch_rows)
+        batch["label"] = torch.from_numpy(np.concatenate([rows[:, None], negative_ids], axis=1))
+        return batch
+
+
+def _score_source(loss: torch.nn.Module) -> Any:
+    """The module that records hard-negative scores: ``loss`` itself or one it wraps (e.g. MatryoshkaLoss)."""
+    if hasattr(loss, "pop_hard_negative_scores"):
+        return loss
+    for module in loss.modules():
+        if hasattr(module, "pop_hard_negative_scores"):
+            return module
+    raise TypeError(
+        f"{type(loss).__name__} does not record hard-negative scores; use conan_hf.losses.InfoNCELoss "
+        "(optionally inside MatryoshkaLoss)"
+    )
+
+
+def _all_gather_arrays(arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """Concatenate ``arrays`` from every rank in rank order (identical result on all ranks)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return arrays
+    world_size = torch.distributed.get_world_size()
+    if world_size == 1:
+        return arrays
+    gathered: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(gathered, arrays)
+    return tuple(np.concatenate([g[i] for g in gathered]) for i in range(len(arrays)))
+
+
+class DHNMCallback(TrainerCallback):
+    """Apply DHNM (eq. 6) after every optimizer step and keep the pool state in the checkpoints.
+
+    ``on_step_end``: reads the scores :class:`conan_hf.losses.InfoNCELoss` recorded for the step's micro-batches,
+    gathers them from all ranks (``torch.distributed.all_gather_object``, rank order), and calls
+    :meth:`NegativePool.apply_scores` — every rank sees the same scores in the same order, so every rank makes the
+    same decisions and the pools stay identical. The counts (``checked``, ``replaced``, ``pool_exhausted``,
+    ``nan_scores``, ``stale``) are summed since the previous log and added as ``dhnm_<name>`` to the Trainer's
+    training log (``logs`` and ``state.log_history``); ``logging_steps=1`` gives per-step counts. Running totals
+    are in :attr:`totals`, the last step's counts in :attr:`last_step_counts`.
+
+    ``on_save``: writes ``dhnm_state.json`` (pools, thresholds, totals, step) into the checkpoint folder the
+    Trainer just wrote, ``<output_dir>/checkpoint-<global_step>``.
+
+    ``on_train_begin``: restores that file when resuming. The Trainer gives callbacks no resume path, so it is
+    taken from ``resume_from_checkpoint`` given here, else from ``args.resume_from_checkpoint``, else — when the
+    Trainer has restored a state (``state.global_step > 0``, i.e. ``trainer.train(resume_from_checkpoint=...)``) —
+    from ``<output_dir>/checkpoint-<global_step>``. Resuming without a matching state file raises (the pools would
+    silently restart otherwise).
+
+    Args:
+        pool: the :class:`NegativePool` the collator reads.
+        loss: the training loss (an :class:`~conan_hf.losses.InfoNCELoss`, possibly wrapped in MatryoshkaLoss).
+        s0_min / drop_ratio / s_max: eq. 6 thresholds (0.4, 1.2, 0.7 in the paper).
+        resume_from_checkpoint: checkpoint folder to restore the pools from (optional, see above).
+
+    Example:
+        ::
+
+            callback = DHNMCallback(pool, loss, s0_min=0.4, drop_ratio=1.2, s_max=0.7)
+            trainer = SentenceTransformerTrainer(..., callbacks=[callback])
+            trainer.train(resume_from_checkpoint="out/checkpoint-500")
+    """
+
+    def __init__(
+        self,
+        pool: NegativePool,
+        loss: torch.nn.Module,
+        s0_min: float = 0.4,
+        drop_ratio: float = 1.2,
+        s_max: float = 0.7,
+        resume_from_checkpoint: str | os.PathLike | None = None,
+    ) -> None:
+        self.pool = pool
+        self.score_source = _score_source(loss)
+        self.thresholds = {"s0_min": float(s0_min), "drop_ratio": float(drop_ratio), "s_max": float(s_max)}
+        self.resume_from_checkpoint = None if resume_from_checkpoint is None else os.fspath(resume_from_checkpoint)
+        self.totals: dict[str, int] = dict.fromkeys(_COUNT_KEYS, 0)
+        self.last_step_counts: dict[str, int] = dict.fromkeys(_COUNT_KEYS, 0)
+        self._since_log: dict[str, int] = dict.fromkeys(_COUNT_KEYS, 0)
+        self._warned_no_scores = False
+
+    # ---- training events -----------------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.dataloader_num_workers > 0:
+            raise ValueError(
+                f"DHNM needs dataloader_num_workers=0 (got {args.dataloader_num_workers}): worker processes would "
+                "batch from copies of the NegativePool and never see the replacements"
+            )
+        path = self._resume_path(args, state)
+        if path is not None:
+            self.load(path, expected_step=state.global_step if state.global_step > 0 else None)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        records = self.score_source.pop_hard_negative_scores()
+        if records:
+            rows = np.concatenate([r.example_ids.cpu().numpy().astype(np.int64) for r in records])
+            width = max(r.negative_ids.shape[1] for r in records)
+            # Micro-batches may differ in negative columns; pad to one width with empty (-1 / NaN) slots.
+            negs = np.concatenate([_pad(r.negative_ids.cpu().numpy().astype(np.int64), width, -1) for r in records])
+            scores = np.concatenate([_pad(r.scores.cpu().numpy().astype(np.float64), width, np.nan) for r in records])
+        else:
+            rows, negs, scores = np.zeros(0, np.int64), np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float64)
+        # Every rank takes part in the gather, also with nothing to add, so the collective always matches up.
+        rows, negs, scores = _all_gather_arrays((rows, _pad(negs, self.pool.k, -1), _pad(scores, self.pool.k, np.nan)))
+        if rows.size == 0 and not self._warned_no_scores:
+            logger.warning(
+                "DHNMCallback got no hard-negative scores at step %d: batch with DHNMDataCollator and train with "
+                "InfoNCELoss(record_scores=True) on hard negatives.",
+                state.global_step,
+            )
+            self._warned_no_scores = True
+        counts = self.pool.apply_scores(rows, negs, scores, **self.thresholds)
+        self.last_step_counts = counts
+        for key, value in counts.items():
+            self.totals[key] += value
+            self._since_log[key] += value
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
+        entry = {f"dhnm_{key}": value for key, value in self._since_log.items()}
+        logs.update(entry)
+        # Trainer.log appended a copy of `logs` to the history just before calling us: put the counts there too.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(entry)
+        self._since_log = dict.fromkeys(_COUNT_KEYS, 0)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not args.should_save:
+            return
+        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if not os.path.isdir(checkpoint):
+            raise FileNotFoundError(
+                f"DHNMCallback: expected the Trainer checkpoint at {checkpoint} (hyper-parameter search run folders "
+                "are not supported); the DHNM state could not be saved"
+            )
+        self.save(checkpoint, global_step=state.global_step)
+
+    # ---- persistence ---------------------------------------------------------------------------------------------
+    def state_dict(self, global_step: int | None = None) -> dict[str, Any]:
+        return {
+            "global_step": global_step,
+            "thresholds": self.thresholds,
+            "totals": self.totals,
+            "pool": self.pool.state_dict(),
+        }
+
+    def save(self, checkpoint_dir: str | os.PathLike, global_step: int | None = None) -> str:
+        """Write ``dhnm_state.json`` into ``checkpoint_dir``; returns its path."""
+        path = os.path.join(checkpoint_dir, DHNM_STATE_NAME)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.state_dict(global_step), f)
+        os.replace(tmp, path)  # a crash mid-write must not leave a truncated state behind
+        return path
+
+    def load(self, checkpoint_dir: str | os.PathLike, expected_step: int | None = None) -> None:
+        """Restore the pools and totals from ``checkpoint_dir/dhnm_state.json``."""
+        path = os.path.join(checkpoint_dir, DHNM_STATE_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"no DHNM state at {path}: resuming needs the {DHNM_STATE_NAME} that DHNMCallback writes into each "
+                "checkpoint (pass resume_from_checkpoint=<checkpoint folder> to DHNMCallback if it lives elsewhere)"
+            )
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        if expected_step is not None and state.get("global_step") not in (None, expected_step):
+            raise ValueError(
+                f"{path} holds the DHNM state of step {state['global_step']}, but training resumes at step "
+                f"{expected_step}"
+            )
+        self.pool.load_state_dict(state["pool"])
+        self.totals = {key: int(state.get("totals", {}).get(key, 0)) for key in _COUNT_KEYS}
+        if state.get("thresholds") and state["thresholds"] != self.thresholds:
+            logger.warning("DHNM thresholds changed on resume: %s -> %s", state["thresholds"], self.thresholds)
+
+    def _resume_path(self, args, state) -> str | None:
+        if self.resume_from_checkpoint is not None:
+            return self.resume_from_checkpoint
+        if state.global_step == 0:
+            return None
+        candidates = []
+        if isinstance(args.resume_from_checkpoint, str):
+            candidates.append(args.resume_from_checkpoint)
+        candidates.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+        for candidate in candidates:
+            if os.path.isfile(os.path.join(candidate, DHNM_STATE_NAME)):
+                return candidate
+        raise FileNotFoundError(
+            f"training resumes at step {state.global_step} but no {DHNM_STATE_NAME} was found in {candidates}; pass "
+            "resume_from_checkpoint=<checkpoint folder> to DHNMCallback"
+        )
+
+
+def _pad(array: np.ndarray, width: int, value: float) -> np.ndarray:
+    """Right-pad a 2-D array to ``width`` columns with ``value``."""
+    if array.ndim == 1:
+        array = array.reshape(-1, 0) if array.size == 0 else array[:, None]
+    if array.shape[1] >= width:
+        return array
+    pad = np.full((array.shape[0], width - array.shape[1]), value, dtype=array.dtype)
+    return np.concatenate([array, pad], axis=1)
