@@ -138,4 +138,72 @@ def demo_sts(n: int = 300, seed: int = 3) -> list[dict]:
     return rows
 
 
-__all__ = ["demo_texts", "demo_instructions", "demo_pairs", "demo_sts"]
+#: Category of each activity (same order as ACTIVITIES), the labels of the demo classification task.
+ACTIVITY_LABELS = [
+    ("reading", "阅读"), ("cooking", "烹饪"), ("music", "音乐"), ("drinks", "饮品"), ("writing", "写作"),
+    ("repairs", "修理"), ("rest", "休息"), ("art", "美术"), ("travel", "出行"), ("study", "学习"),
+    ("singing", "唱歌"), ("shopping", "购物"),
+]
+
+
+def _one_part_variants(parts: tuple[int, int, int, int], per_part: int = 2) -> list[tuple[int, int, int, int]]:
+    """Sentences that differ from `parts` in exactly one slot: the hardest negatives a translation pair can have."""
+    sizes = (len(SUBJECTS), len(ACTIVITIES), len(PLACES), len(TIMES))
+    variants = []
+    for step in range(1, per_part + 1):
+        for k in range(4):
+            other = list(parts)
+            other[k] = (parts[k] + step) % sizes[k]
+            variants.append(tuple(other))
+    return variants
+
+
+def demo_retrieval(negatives: int = 15) -> list[dict]:
+    """Question → answer retrieval in English and Chinese: ``query``, ``positive`` and ``negatives`` (other answers
+    in the positive's language, a fixed shuffled order, at most `negatives`)."""
+    rng = random.Random(5)
+    rows = []
+    for i, (q_en, a_en, q_zh, a_zh) in enumerate(FACTS):
+        others = [j for j in range(len(FACTS)) if j != i]
+        rng.shuffle(others)
+        for query, positive, lang in ((q_en, a_en, 1), (q_zh, a_zh, 3)):
+            rows.append({"query": query, "positive": positive,
+                         "negatives": [FACTS[j][lang] for j in others[:negatives]]})
+    return rows
+
+
+def demo_clr(n: int = 120, negatives: int = 8) -> list[dict]:
+    """Cross-lingual retrieval (CLR, paper §3.3): an English sentence retrieves its Chinese translation. Negatives are
+    Chinese sentences that differ in one part (subject, activity, place or time), hardest first."""
+    rows = []
+    for parts in _all_parts(seed=2, n=n):
+        rows.append({
+            "query": _sentence(parts, "en"),
+            "positive": _sentence(parts, "zh"),
+            "negatives": [_sentence(v, "zh") for v in _one_part_variants(parts)][:negatives],
+        })
+    return rows
+
+
+def demo_classification(n: int = 120, negatives: int = 7, seed: int = 4) -> list[dict]:
+    """Activity classification as (``text``, ``positive`` label text, ``negatives`` other label texts), the paper's
+    format for classification data; English and Chinese sentences with labels in their own language."""
+    rng = random.Random(seed)
+    rows = []
+    for i, parts in enumerate(_all_parts(seed=seed, n=n)):
+        lang = i % 2
+        label = parts[1]
+        others = [j for j in range(len(ACTIVITY_LABELS)) if j != label]
+        rng.shuffle(others)
+        rows.append({
+            "text": _sentence(parts, ("en", "zh")[lang]),
+            "positive": ACTIVITY_LABELS[label][lang],
+            "negatives": [ACTIVITY_LABELS[j][lang] for j in others[:negatives]],
+        })
+    return rows
+
+
+__all__ = [
+    "demo_texts", "demo_instructions", "demo_pairs", "demo_sts", "demo_retrieval", "demo_clr",
+    "demo_classification", "ACTIVITY_LABELS",
+]

@@ -1,35 +1,39 @@
-"""Main job (interim, until the training pipeline lands): build the tiny Conan model, save it as ./conan-v2,
-reload it with sentence-transformers through its remote code, and encode.
+"""The main job: train Conan-Embedding-v2 through all stages (paper §3.1) and write a SentenceTransformer folder.
 
-    accelerate launch examples/finetune.py
+    accelerate launch examples/finetune.py                     # tiny preset + embedded demo corpus, ~2-4 min on CPU
+
+runs stage 0 (tokenizer) → 1 (pre-training) → 2 (SFT) → 3 (weakly-supervised, soft mask) → 4 (supervised multi-task,
+DHNM, Matryoshka), prints each stage's losses and a held-out evaluation (CLR accuracy, STS Spearman) before and after
+the embedding stages, and writes ``./conan-v2``:
+
+    >>> from sentence_transformers import SentenceTransformer
+    >>> model = SentenceTransformer("conan-v2", trust_remote_code=True)
+    >>> model.encode_query(["What do pandas eat?"]).shape
+    (1, 128)
+
+Options (see ``--help``):
+
+    --stages 3,4                     run only some stages (the others' outputs must exist in --work-dir)
+    --preset none                    the paper's full-size defaults (1.4B model) instead of the tiny preset
+    --config-dir my_configs/         your own <stage>.yaml files (real data: see trainers/configs/*.yaml)
+    --set pretrain.data='[{path: corpus.jsonl}]' --set supervised.lora='{r: 16}'   override single options
+    --max-steps 5                    cap every stage (smoke tests)
+
+Multi-GPU / NPU / multi-node: pass an accelerate config, e.g.
+``accelerate launch --config_file trainers/configs/accelerate/deepspeed_zero1_bf16.yaml examples/finetune.py
+--preset none``.
+Interrupted runs resume from the latest complete checkpoint of the interrupted stage when started again.
 """
 
 from __future__ import annotations
 
-import argparse
+import os
+import sys
 
-import numpy as np
-from sentence_transformers import SentenceTransformer
+# Runnable from a source checkout without installing the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from conan_hf import ConanConfig, build_sentence_transformer
-from conan_hf.sentence import QUERY_PROMPT_FORMAT
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="conan-v2")
-    args = parser.parse_args()
-
-    prompts = {"query": QUERY_PROMPT_FORMAT.format(instruction="Given a question, retrieve passages that answer it")}
-    model = build_sentence_transformer(ConanConfig.tiny(), prompts=prompts, max_seq_length=128)
-    model.save(args.output_dir)
-
-    reloaded = SentenceTransformer(args.output_dir, trust_remote_code=True)
-    queries = reloaded.encode(["What do pandas eat?", "熊猫吃什么？"], prompt_name="query")
-    docs = reloaded.encode(["Giant pandas eat mostly bamboo.", "大熊猫主要吃竹子。"])
-    print(f"saved {args.output_dir}: embedding dim {queries.shape[1]}, norms {np.linalg.norm(queries, axis=1).round(4)}")
-    print("query-document cosine:\n", np.round(queries @ docs.T, 4))
-
+from trainers.run_all import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

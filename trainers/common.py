@@ -1,0 +1,593 @@
+"""What every training stage shares: YAML configs with paper defaults, output folders, crash-safe checkpoints and
+resume, seeding, and the Accelerate / DeepSpeed set-up.
+
+A stage is ``config → datasets → Trainer → output_dir/final``. Each stage module defines a dataclass of its options
+(subclassing :class:`StageConfig`, whose field defaults are the paper's, App. A), a ``run(config)`` function and a
+``main()`` that parses::
+
+    accelerate launch -m trainers.pretrain --config trainers/configs/pretrain.yaml --preset tiny --max_steps 50
+
+Every dataclass field is also a command-line flag (``--max_steps 50``), applied after the YAML file and its preset.
+
+Checkpoints are the Trainer's ``output_dir/checkpoint-N`` folders. The Trainer writes them in place, so a process killed
+mid-save leaves a half-written folder; :class:`CheckpointCommitCallback` therefore writes a commit marker once every
+rank has finished saving, and :func:`latest_checkpoint` only ever resumes from committed checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+#: Written into ``checkpoint-N`` after every rank finished saving it; a checkpoint without it is incomplete.
+COMMIT_MARKER = "checkpoint_complete.json"
+#: Written last into each stage's final directory: the stage name, its config and its training summary.
+STAGE_RECORD = "conan_stage.json"
+
+C = TypeVar("C", bound="StageConfig")
+
+
+@dataclasses.dataclass
+class StageConfig:
+    """Options shared by all training stages. Defaults follow the paper's setup (App. A) where it states one.
+
+    Args:
+        output_dir: checkpoints go to ``output_dir/checkpoint-N``, the finished model to ``final_dir``.
+        final_dir: where the finished model is written (default ``output_dir/final``); the next stage reads it.
+        resume: ``"auto"`` resumes from the latest complete checkpoint in ``output_dir`` if there is one, ``"no"``
+            starts over, or a path to a checkpoint folder.
+        deepspeed: a DeepSpeed config (path to a JSON file, or a dict) for the HF Trainer; ``None`` leaves the choice
+            to ``accelerate launch --config_file ...`` (see ``trainers/configs/accelerate/``).
+        warmup_ratio: linear warm-up over this fraction of the total optimizer steps.
+        bf16: bfloat16 mixed precision (the paper's setting on GPU/NPU).
+        num_threads: CPU threads for torch (``None``: torch's default). The tiny presets use 1: a model of a few
+            million parameters gains nothing from more, and multi-threaded kernels slow down sharply (30x measured)
+            when other processes share the cores.
+    """
+
+    output_dir: str = "runs/stage"
+    final_dir: str | None = None
+    resume: str = "auto"
+    seed: int = 42
+    max_steps: int = -1
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "linear"
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    deepspeed: Any = None
+    save_steps: int = 500
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    dataloader_num_workers: int = 0
+    report_to: str = "none"
+    disable_tqdm: bool = False
+    num_threads: int | None = None
+
+    #: Options that do not change what is trained; a checkpoint made with other values still resumes.
+    RUN_ONLY_OPTIONS = ("resume", "final_dir", "save_steps", "save_total_limit", "logging_steps", "report_to",
+                        "disable_tqdm", "dataloader_num_workers", "num_threads")
+
+    def fingerprint(self) -> str:
+        """Hash of the options that define the training run (all but `RUN_ONLY_OPTIONS`)."""
+        import hashlib
+
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUN_ONLY_OPTIONS}
+        return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @property
+    def final_path(self) -> Path:
+        return Path(self.final_dir) if self.final_dir else Path(self.output_dir) / "final"
+
+    def training_arguments_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `TrainingArguments` (or sentence-transformers' subclass)."""
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        kwargs = dict(
+            output_dir=self.output_dir,
+            seed=self.seed,
+            data_seed=self.seed,
+            max_steps=self.max_steps,
+            num_train_epochs=self.num_train_epochs,
+            per_device_train_batch_size=self.per_device_train_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            learning_rate=self.learning_rate,
+            # transformers 5 takes a float in [0, 1) as a ratio of the total steps.
+            warmup_steps=float(self.warmup_ratio),
+            weight_decay=self.weight_decay,
+            lr_scheduler_type=self.lr_scheduler_type,
+            max_grad_norm=self.max_grad_norm,
+            bf16=self.bf16,
+            gradient_checkpointing=self.gradient_checkpointing,
+            save_strategy="steps",
+            save_steps=self.save_steps,
+            # Keep at least two: if a crash hits while the newest is being written, the previous one is intact.
+            save_total_limit=max(2, self.save_total_limit) if self.save_total_limit else None,
+            logging_steps=self.logging_steps,
+            logging_first_step=True,
+            dataloader_num_workers=self.dataloader_num_workers,
+            report_to=self.report_to,
+            disable_tqdm=self.disable_tqdm,
+            # Not `restore_callback_states_from_checkpoint`: it re-creates callbacks and appends them after the commit
+            # callback. Our callbacks (soft mask, DHNM) save and reload their own state files in the checkpoint.
+        )
+        kwargs.update(distributed_kwargs(self.deepspeed))
+        return kwargs
+
+
+# ---- configs ---------------------------------------------------------------------------------------------------------
+def default_config_path(stage: str) -> Path:
+    return CONFIG_DIR / f"{stage}.yaml"
+
+
+def load_config(
+    cls: type[C],
+    path: str | os.PathLike | None = None,
+    preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> C:
+    """Build a stage config: dataclass defaults ← YAML file ← its ``presets[preset]`` ← ``overrides``.
+
+    Raises a `ValueError` naming the file and the key for unknown keys or presets, so a typo never goes unnoticed.
+
+    Example:
+
+    ```python
+    >>> from trainers.common import load_config
+    >>> from trainers.pretrain import PretrainConfig
+    >>> cfg = load_config(PretrainConfig, "trainers/configs/pretrain.yaml", preset="tiny", overrides={"max_steps": 5})
+    ```
+    """
+    import yaml
+
+    values: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        with open(path, encoding="utf-8") as handle:
+            loaded = yaml.safe_load(handle) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a stage config must be a YAML mapping, got {type(loaded).__name__}")
+        presets = loaded.pop("presets", {}) or {}
+        values.update(loaded)
+        if preset is not None:
+            if preset not in presets:
+                raise ValueError(f"{path}: no preset {preset!r}; available: {sorted(presets) or 'none'}")
+            values.update(presets[preset])
+    elif preset is not None:
+        raise ValueError(f"preset {preset!r} needs a config file")
+    values.update(overrides or {})
+    return config_from_dict(cls, values, source)
+
+
+def config_from_dict(cls: type[C], values: dict[str, Any], source: str = "<dict>") -> C:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown} for {cls.__name__}; valid keys: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: _coerce(hints[name], value, f"{source}: {name}") for name, value in values.items()})
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    """Convert command-line strings and YAML oddities (``1e-4`` is a string to PyYAML) to the field's type."""
+    if value is None:
+        return None
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    options = typing.get_args(hint) if union else (hint,)
+    if type(None) in options and isinstance(value, str) and value.lower() in ("none", "null"):
+        return None
+    for option in options:
+        if option is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+        elif option in (int, float):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return option(value)
+            if isinstance(value, str):
+                try:
+                    number = float(value)
+                except ValueError:
+                    continue
+                if option is int and not number.is_integer():
+                    continue
+                return option(number)
+        elif option is str and isinstance(value, str):
+            return value
+    if any(typing.get_origin(o) in (list, dict) or o in (list, dict, Any) for o in options):
+        if isinstance(value, str):
+            import yaml
+
+            return yaml.safe_load(value)
+        return value
+    if str in options:
+        return str(value)
+    raise ValueError(f"{where}: cannot read {value!r} as {hint}")
+
+
+def parse_config(cls: type[C], stage: str, argv: list[str] | None = None, description: str | None = None) -> C:
+    """Command line of a stage: ``--config FILE --preset NAME`` plus one ``--<field> VALUE`` flag per option."""
+    parser = argparse.ArgumentParser(prog=f"python -m trainers.{stage}", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(default_config_path(stage)),
+                        help="stage YAML (default: %(default)s)")
+    parser.add_argument("--preset", default=None, help="a preset of the YAML file, e.g. 'tiny'")
+    for field in dataclasses.fields(cls):
+        parser.add_argument(f"--{field.name}", dest=f"field__{field.name}", default=argparse.SUPPRESS,
+                            metavar=field.name.upper(), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    overrides = {k[len("field__"):]: v for k, v in vars(args).items() if k.startswith("field__")}
+    return load_config(cls, args.config, args.preset, overrides)
+
+
+# ---- distributed set-up -------------------------------------------------------------------------------------------
+def _has_accelerator() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        return accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def distributed_kwargs(deepspeed: Any = None) -> dict[str, Any]:
+    """`TrainingArguments` kwargs that pick DeepSpeed and the process group.
+
+    DeepSpeed is used when ``deepspeed`` is given or ``accelerate launch`` was configured for it. On a machine without
+    an accelerator (CPU tests, laptops) DeepSpeed communicates over gloo, but accelerate only counts the processes when
+    it is told the backend, so the shared state is pre-configured with ``backend="gloo"`` and handed to the Trainer.
+    """
+    kwargs: dict[str, Any] = {"deepspeed": deepspeed}
+    use_deepspeed = deepspeed is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if use_deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+        from accelerate import PartialState
+        from accelerate.utils import DistributedType
+
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        if PartialState._shared_state and PartialState().distributed_type != DistributedType.DEEPSPEED:
+            PartialState._reset_state()  # an earlier non-DeepSpeed state (e.g. the main job's); the group stays up
+        PartialState(backend="gloo")
+        kwargs["accelerator_config"] = {"use_configured_state": True}
+    return kwargs
+
+
+def deepspeed_zero1_config(bf16: bool | str = "auto") -> dict[str, Any]:
+    """The paper's DeepSpeed set-up: ZeRO stage 1 (optimizer states sharded), bf16; batch sizes from the Trainer."""
+    return {
+        "zero_optimization": {"stage": 1},
+        "bf16": {"enabled": bf16},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "train_batch_size": "auto",
+    }
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def wait_for_everyone() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ---- checkpoints, resume, final directory ---------------------------------------------------------------------------
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
+    """Write JSON so that readers see either the old file or the complete new one, never a torn write."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, ensure_ascii=False, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class CheckpointCommitCallback(TrainerCallback):
+    """Marks a Trainer checkpoint complete once every rank has saved its part (weights, optimizer shards, RNG and
+    callback states). Add it last, so it runs after callbacks that save their own state in ``on_save``.
+
+    The marker records the config's `fingerprint`, so that a later run with different options does not silently
+    continue this one (see `resolve_resume`)."""
+
+    def __init__(self, fingerprint: str | None = None):
+        self.fingerprint = fingerprint
+
+    def on_save(self, args, state, control, **kwargs):
+        wait_for_everyone()
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                write_json_atomic(folder / COMMIT_MARKER, {"global_step": state.global_step, "time": time.time(),
+                                                           "config_fingerprint": self.fingerprint})
+        wait_for_everyone()
+        return control
+
+
+class MainProcessSaveMixin:
+    """For sentence-transformers trainers: under DeepSpeed, `Trainer.save_model` calls `_save` on every rank, and
+    sentence-transformers' `_save` writes unconditionally (it assumes rank 0), so all ranks would write the same
+    files at once. Only the process that should save does."""
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if not self.args.should_save:
+            return
+        super()._save(output_dir, state_dict)
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith("checkpoint-"):
+        return None
+    try:
+        return int(name.split("-", 1)[1])
+    except ValueError:
+        return None
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The committed checkpoint with the highest step in ``output_dir``, or None.
+
+    Folders without the commit marker (a save interrupted by a crash) are logged and ignored.
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    best: tuple[int, Path] | None = None
+    for folder in root.iterdir():
+        step = _checkpoint_step(folder)
+        if step is None or not folder.is_dir():
+            continue
+        if not (folder / COMMIT_MARKER).is_file():
+            logger.warning("Ignoring incomplete checkpoint %s (no %s; interrupted while saving?)", folder,
+                           COMMIT_MARKER)
+            continue
+        if best is None or step > best[0]:
+            best = (step, folder)
+    return None if best is None else best[1]
+
+
+def resolve_resume(config: StageConfig) -> str | None:
+    """The checkpoint to resume from according to ``config.resume``, as a string for `Trainer.train`."""
+    if config.resume in ("no", "never", "false", "False", "", None):
+        return None
+    if config.resume == "auto":
+        found = latest_checkpoint(config.output_dir)
+        if found is None:
+            return None
+        saved = json.loads((found / COMMIT_MARKER).read_text(encoding="utf-8")).get("config_fingerprint")
+        current = config.fingerprint() if hasattr(config, "fingerprint") else None
+        if saved and current and saved != current:
+            raise ValueError(
+                f"{found} was written by a run with different options (config fingerprint {saved} != {current}); "
+                f"resuming it would continue that run. Start over with resume=no (main job: --set '*.resume=no'), "
+                f"use another output_dir, or resume it explicitly with resume={found}"
+            )
+        logger.warning("Resuming from %s", found)
+        return str(found)
+    path = Path(config.resume)
+    if not (path / COMMIT_MARKER).is_file():
+        raise ValueError(f"resume={config.resume!r} is not a complete checkpoint folder (no {COMMIT_MARKER})")
+    return str(path)
+
+
+def clean_output_dir(config: StageConfig) -> None:
+    """With ``resume="no"``, remove old checkpoints so `latest_checkpoint` never mixes two runs."""
+    if config.resume in ("no", "never") and is_main_process():
+        for folder in Path(config.output_dir).glob("checkpoint-*"):
+            shutil.rmtree(folder, ignore_errors=True)
+    wait_for_everyone()
+
+
+def save_final(trainer, config: StageConfig, stage: str, summary: dict[str, Any] | None = None) -> Path:
+    """Save the trained model (and tokenizer) into ``config.final_path`` atomically: a staging folder renamed
+    into place, with the stage record written last. All ranks must call this (DeepSpeed gathers weights)."""
+    final = config.final_path
+    staging = final.with_name(f".{final.name}.staging")
+    if trainer.is_world_process_zero() and staging.exists():
+        shutil.rmtree(staging)
+    wait_for_everyone()
+    trainer.save_model(str(staging))
+    wait_for_everyone()
+    if trainer.is_world_process_zero():
+        record = {"stage": stage, "config": dataclasses.asdict(config), "summary": summary or {}}
+        write_json_atomic(staging / STAGE_RECORD, record)
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(staging, final)
+    wait_for_everyone()
+    return final
+
+
+def train_with_resume(trainer, config: StageConfig):
+    """`trainer.train`, resuming per ``config.resume``; the commit callback is added here so it runs last."""
+    clean_output_dir(config)
+    trainer.add_callback(CheckpointCommitCallback(config.fingerprint()))
+    return trainer.train(resume_from_checkpoint=resolve_resume(config))
+
+
+def loss_history(trainer) -> list[tuple[int, float]]:
+    """``(step, loss)`` of every logged training step."""
+    return [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+
+
+def setup_runtime(config: StageConfig) -> None:
+    """Seed every RNG (python, numpy, torch) and apply ``num_threads``."""
+    import torch
+    from transformers import set_seed
+
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    set_seed(config.seed)
+
+
+def print_main(*args, **kwargs) -> None:
+    """`print` on the main process only (stage summaries under multi-process launches)."""
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+        sys.stdout.flush()
+
+
+# ---- data sources ---------------------------------------------------------------------------------------------------
+# A stage config lists its sources under ``data``; each entry is one of
+#   - "demo": the stage's part of the embedded demo corpus (conan_hf.demo);
+#   - a path or Hub dataset name, read by conan_hf.data.readers.load_rows (JSONL/CSV/TSV, SQuAD JSON, BEIR folders);
+#   - a mapping {path: ..., columns: {wanted: source}, split: train, on_error: raise|skip, limit: N, ...}; other keys
+#     go to conan_hf.data.readers.read_table (header, delimiter, format).
+# Rows lacking a needed column raise an error naming the source and row; with on_error: skip, bad rows of a file are
+# left out and counted in the log, never dropped silently.
+
+
+def _as_list(sources: Any) -> list[Any]:
+    if sources is None:
+        return []
+    if isinstance(sources, (str, dict)):
+        return [sources]
+    return list(sources)
+
+
+def read_sources(
+    sources: Any,
+    demo: Callable[[], list[dict[str, Any]]],
+    required: Sequence[str],
+    numeric: Sequence[str] = (),
+    what: str = "data",
+) -> list[dict[str, Any]]:
+    """Rows from every source in ``sources``, each checked to have the ``required`` columns.
+
+    Args:
+        sources: see the module docstring.
+        demo: returns the demo rows for ``"demo"``.
+        required: columns every row must have (after the column mapping).
+        numeric: columns converted to float (e.g. an STS ``score``); a value that is not a number raises.
+        what: used in messages (e.g. ``"stage 2 (SFT) data"``).
+    """
+    rows: list[dict[str, Any]] = []
+    entries = _as_list(sources)
+    if not entries:
+        raise ValueError(f"{what}: no data sources given")
+    for entry in entries:
+        if entry == "demo":
+            name, part = "demo", [dict(r) for r in demo()]
+            limit = None
+        else:
+            from conan_hf.data.readers import load_rows
+
+            spec = {"path": entry} if isinstance(entry, str) else dict(entry)
+            if "path" not in spec:
+                raise ValueError(f"{what}: a data source mapping needs a 'path' (file, folder or Hub name): {entry!r}")
+            name = str(spec.pop("path"))
+            limit = spec.pop("limit", None)
+            part = load_rows(name, spec.pop("columns", None), **spec)
+            if getattr(part, "num_skipped", 0):
+                logger.warning("%s: skipped %d bad row(s) of %s (on_error=skip)", what, part.num_skipped, name)
+        if limit is not None:
+            part = part[: int(limit)]
+        for index, row in enumerate(part):
+            missing = [c for c in required if c not in row or row[c] is None]
+            if missing:
+                raise ValueError(
+                    f"{what}: {name} row {index} has no {missing} (it has {sorted(row)}); map the source's columns "
+                    f"with `columns: {{{', '.join(f'{c}: <source column>' for c in missing)}}}`"
+                )
+            for column in numeric:
+                try:
+                    row[column] = float(row[column])
+                except (TypeError, ValueError):
+                    raise ValueError(f"{what}: {name} row {index}: {column}={row[column]!r} is not a number") from None
+        logger.info("%s: %d rows from %s", what, len(part), name)
+        rows.extend(part)
+    return rows
+
+
+def split_holdout(rows: list[Any], fraction: float, seed: int = 0) -> tuple[list[Any], list[Any]]:
+    """Deterministic (train, held-out) split; ``fraction`` of the rows are held out (at least one if > 0)."""
+    import random
+
+    if not 0 <= fraction < 1:
+        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_out = max(1, round(len(rows) * fraction)) if fraction > 0 else 0
+    held = set(order[:n_out])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+# ---- embedding models -----------------------------------------------------------------------------------------------
+def load_sentence_model(
+    path: str,
+    attention_mode: str = "bidirectional",
+    pooling: str = "mean",
+    max_seq_length: int = 512,
+    prompts: dict[str, str] | None = None,
+):
+    """The embedding model a stage starts from.
+
+    ``path`` is a SentenceTransformer folder (stage 3/4 output: loaded as saved, with its pooling) or a decoder folder
+    (stage 2 output, a `ConanForCausalLM`: its backbone is wrapped as Transformer → Pooling → Normalize). The backbone
+    is put in ``attention_mode``; ``max_seq_length`` and ``prompts`` (added to any saved ones) are applied.
+    """
+    from conan_hf.sentence import build_sentence_transformer
+
+    if (Path(path) / "modules.json").is_file():
+        from sentence_transformers import SentenceTransformer
+
+        # The installed conan_hf classes (registered with the Auto classes on import) rather than the folder's copy of
+        # the remote code, so isinstance checks (soft-mask helpers) and fixes in the package apply.
+        model = SentenceTransformer(path, trust_remote_code=False)
+        set_attention_mode(model, attention_mode)
+        model.max_seq_length = max_seq_length
+        if prompts:
+            model.prompts = {**model.prompts, **prompts}
+        return model
+    return build_sentence_transformer(path, pooling=pooling, prompts=prompts, max_seq_length=max_seq_length,
+                                      attention_mode=attention_mode)
+
+
+def backbone(model):
+    """The transformers model inside a SentenceTransformer (its first module's ``auto_model``)."""
+    return model[0].auto_model
+
+
+def set_attention_mode(model, mode: str) -> None:
+    """Switch the Conan backbone of a SentenceTransformer between causal / bidirectional / soft attention."""
+    from conan_hf.configuration_conan import ATTENTION_MODES
+    from conan_hf.modeling_conan import restore_attention_implementation
+
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {mode!r}")
+    decoder = backbone(model)
+    if getattr(decoder.config, "model_type", None) != "conan":
+        raise ValueError(f"expected a Conan backbone, got model_type={getattr(decoder.config, 'model_type', None)!r}")
+    if decoder.config.attention_mode == "soft" and mode != "soft":
+        restore_attention_implementation(decoder)
+    decoder.config.attention_mode = mode

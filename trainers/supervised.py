@@ -1,0 +1,390 @@
+"""Stage 4 (paper §3.1, §3.4, App. A): supervised multi-task fine-tuning.
+
+    accelerate launch -m trainers.supervised --config trainers/configs/supervised.yaml [--preset tiny]
+
+Tasks and their losses:
+
+- ``retrieval`` and ``clr`` (cross-lingual retrieval, §3.3): (query, positive, hard negatives) with InfoNCE (eq. 1),
+  in-batch negatives plus ``num_negatives`` (7) hard negatives per query;
+- ``classification``: (text, positive label, negative labels) with InfoNCE against the row's own candidates only;
+- ``sts``: (sentence1, sentence2, score) with CoSENT (eq. 2).
+
+Every loss is wrapped in Matryoshka representation learning (App. A). Hard negatives come from a ranked pool per
+example; Dynamic Hard Negative Mining (§3.4, eq. 6, :mod:`trainers.dhnm`) replaces the ones that became easy.
+Each task has its own batch size (paper: 4 for retrieval, 32 for STS) and its own instruction prompt; batches are
+drawn from one task at a time, in proportion to the tasks' sizes. ``lora`` trains LoRA adapters instead of all
+weights (Table 6's comparison) and merges them into the saved model.
+
+Output: ``final_dir``, the finished SentenceTransformer (remote code, prompts per task; MRL dims in
+``conan_stage.json`` and the model card).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from sentence_transformers import SentenceTransformerTrainer
+from sentence_transformers.base.sampler import (
+    DefaultBatchSampler,
+    NoDuplicatesBatchSampler,
+    ProportionalBatchSampler,
+    RoundRobinBatchSampler,
+)
+from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+from torch.utils.data import RandomSampler
+
+from trainers.common import (
+    MainProcessSaveMixin,
+    StageConfig,
+    backbone,
+    config_from_dict,
+    load_sentence_model,
+    loss_history,
+    parse_config,
+    print_main,
+    read_sources,
+    save_final,
+    setup_runtime,
+    train_with_resume,
+)
+from trainers.dhnm import DHNMDataCollator
+
+logger = logging.getLogger(__name__)
+
+TASK_TYPES = ("retrieval", "clr", "classification", "sts")
+#: Paper App. A: batch size 4 for retrieval (with 7 hard negatives each), 32 for STS. Classification rows carry as
+#: many texts as retrieval rows, so they get the retrieval size.
+DEFAULT_BATCH_SIZES = {"retrieval": 4, "clr": 4, "classification": 4, "sts": 32}
+DEMO_PROMPTS = {
+    "retrieval": "Given a question, retrieve passages that answer it",
+    "clr": "Given an English sentence, retrieve its Chinese translation",
+    "classification": "Classify the activity described in the sentence",
+    "sts": "Retrieve semantically similar text",
+}
+
+
+@dataclasses.dataclass
+class TaskConfig:
+    """One task of stage 4.
+
+    Args:
+        name: the task's name (also its prompt name in the saved model).
+        type: ``retrieval``, ``clr``, ``classification`` or ``sts``.
+        data: sources (see :mod:`trainers.common`). Columns: ``query, positive[, negatives]`` (retrieval, clr; a
+            ``negatives`` list or ``negative``/``negative_*`` columns, hardest first); ``text, positive[, negatives]``
+            or ``text, label`` (classification: the other labels become the negatives); ``sentence1, sentence2,
+            score`` (sts).
+        batch_size: per-device batch size of this task (default: 4, or 32 for sts).
+        prompt: instruction for the query side, formatted as ``Instruct: {prompt}\\nQuery: ``; ``None``: no prompt.
+    """
+
+    name: str
+    type: str
+    data: Any = dataclasses.field(default_factory=lambda: ["demo"])
+    batch_size: int | None = None
+    prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in TASK_TYPES:
+            raise ValueError(f"task {self.name!r}: type must be one of {TASK_TYPES}, got {self.type!r}")
+        if self.batch_size is None:
+            self.batch_size = DEFAULT_BATCH_SIZES[self.type]
+
+
+def _demo_tasks() -> list[dict[str, Any]]:
+    return [{"name": t, "type": t, "data": ["demo"], "prompt": DEMO_PROMPTS[t]} for t in TASK_TYPES]
+
+
+@dataclasses.dataclass
+class SupervisedConfig(StageConfig):
+    """Options of stage 4 (see :class:`trainers.common.StageConfig` for the shared ones).
+
+    Args:
+        model: the stage-3 output folder (a SentenceTransformer; a stage-2 decoder folder also works).
+        tasks: list of :class:`TaskConfig` mappings.
+        num_negatives: active hard negatives per example (7 in the paper).
+        temperature: InfoNCE τ; cosent_scale: CoSENT's scale (1/τ of eq. 2).
+        matryoshka_dims: ``None`` derives them from the embedding size (the paper's dims for 3584).
+        dhnm: replace hard negatives that became easy (eq. 6 with thresholds ``dhnm_s0_min``, ``dhnm_drop_ratio``,
+            ``dhnm_s_max``); ``false`` keeps each example's first ``num_negatives`` candidates.
+        teacher: SentenceTransformer used to mine negative pools for retrieval/clr tasks whose data has none.
+        pool_size: candidates mined per example.
+        lora: ``None`` (full fine-tuning) or LoRA settings, e.g. ``{r: 16, lora_alpha: 32, lora_dropout: 0.05}``.
+        multi_dataset_sampler: ``proportional`` (tasks sampled in proportion to their size) or ``round_robin``.
+    """
+
+    output_dir: str = "runs/supervised"
+    model: str = "runs/weak/final"
+    tasks: list = dataclasses.field(default_factory=_demo_tasks)
+    num_negatives: int = 7
+    temperature: float = 0.05
+    cosent_scale: float = 20.0
+    matryoshka: bool = True
+    matryoshka_dims: list | None = None
+    dhnm: bool = True
+    dhnm_s0_min: float = 0.4
+    dhnm_drop_ratio: float = 1.2
+    dhnm_s_max: float = 0.7
+    teacher: str | None = None
+    pool_size: int = 32
+    lora: dict | None = None
+    pooling: str = "mean"
+    max_seq_length: int = 512
+    multi_dataset_sampler: str = "proportional"
+    learning_rate: float = 1e-5
+    warmup_ratio: float = 0.02
+    weight_decay: float = 0.001
+    bf16: bool = True
+
+    def task_configs(self) -> list[TaskConfig]:
+        tasks = [t if isinstance(t, TaskConfig) else config_from_dict(TaskConfig, dict(t), f"tasks[{i}]")
+                 for i, t in enumerate(self.tasks)]
+        names = [t.name for t in tasks]
+        if not tasks or len(set(names)) != len(names):
+            raise ValueError(f"stage 4 needs at least one task and unique task names, got {names}")
+        return tasks
+
+
+# ---- data ------------------------------------------------------------------------------------------------------------
+def _negatives(row: dict[str, Any]) -> list[str]:
+    """A row's ranked negative texts: a ``negatives`` list, else ``negative`` / ``negative_*`` columns in order."""
+    if isinstance(row.get("negatives"), (list, tuple)):
+        values = list(row["negatives"])
+    else:
+        keys = sorted((k for k in row if k == "negative" or k.startswith("negative_")),
+                      key=lambda k: (k != "negative", int(k.split("_")[1]) if k.split("_")[-1].isdigit() else 0))
+        values = [row[k] for k in keys]
+    return [str(v) for v in values if v not in (None, "")]
+
+
+def task_rows(task: TaskConfig, seed: int = 0) -> tuple[list[dict[str, Any]], list[list[str]]]:
+    """Training rows of a task in its loss's column order, and (for InfoNCE tasks) each row's candidate negatives."""
+    from conan_hf import demo
+
+    what = f"stage 4 task {task.name!r} ({task.type})"
+    if task.type == "sts":
+        rows = read_sources(task.data, demo.demo_sts, ["sentence1", "sentence2", "score"], numeric=["score"], what=what)
+        return [{"sentence1": str(r["sentence1"]), "sentence2": str(r["sentence2"]), "score": r["score"]}
+                for r in rows], []
+    if task.type == "classification":
+        rows = read_sources(task.data, demo.demo_classification, ["text"], what=what)
+        if rows and "positive" not in rows[0]:
+            if any("label" not in r for r in rows):
+                raise ValueError(f"{what}: rows need `positive` (label text) or `label` columns")
+            labels = sorted({str(r["label"]) for r in rows})
+            rng = random.Random(seed)
+            for r in rows:
+                others = [label for label in labels if label != str(r["label"])]
+                rng.shuffle(others)
+                r["positive"], r["negatives"] = str(r["label"]), others
+        anchors = [str(r["text"]) for r in rows]
+    else:
+        demo_fn = demo.demo_retrieval if task.type == "retrieval" else demo.demo_clr
+        rows = read_sources(task.data, demo_fn, ["query", "positive"], what=what)
+        anchors = [str(r["query"]) for r in rows]
+    out = [{"id": f"{task.name}/{i}", "anchor": a, "positive": str(r["positive"])}
+           for i, (a, r) in enumerate(zip(anchors, rows))]
+    return out, [_negatives(r) for r in rows]
+
+
+# ---- batching --------------------------------------------------------------------------------------------------------
+class _VariableSize:
+    """accelerate shards batch samplers by whole batches, but only yields a group of batches whose last one has the
+    sampler's ``batch_size``; with per-task sizes that would silently drop batches, so the size is reported as
+    ``None`` (accelerate's "dynamic batch size" mode)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if len({sampler.batch_size for sampler in self.batch_samplers}) > 1:
+            self.batch_size = None
+
+
+class ProportionalTaskSampler(_VariableSize, ProportionalBatchSampler):
+    """sentence-transformers' proportional multi-dataset sampler, with per-task batch sizes."""
+
+
+class RoundRobinTaskSampler(_VariableSize, RoundRobinBatchSampler):
+    """sentence-transformers' round-robin multi-dataset sampler, with per-task batch sizes."""
+
+
+class MultiTaskTrainer(MainProcessSaveMixin, SentenceTransformerTrainer):
+    """SentenceTransformerTrainer with a batch size and a batch sampler per task of the training DatasetDict
+    (sentence-transformers uses one batch size for all datasets)."""
+
+    def __init__(self, *args, task_batch_sizes: dict[str, int], no_duplicate_tasks: set[str], **kwargs):
+        self.task_batch_sizes = task_batch_sizes
+        self.no_duplicate_tasks = no_duplicate_tasks
+        super().__init__(*args, **kwargs)
+
+    def get_batch_sampler(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):
+        name = next((n for n, d in (self.train_dataset or {}).items() if d is dataset), None)
+        if name is None:
+            return super().get_batch_sampler(dataset, batch_size, drop_last, valid_label_columns, generator, seed)
+        kwargs = dict(batch_size=self.task_batch_sizes[name], drop_last=drop_last,
+                      valid_label_columns=valid_label_columns, generator=generator, seed=seed)
+        if name in self.no_duplicate_tasks:
+            # In-batch negatives: a repeated text in the batch would be a false negative.
+            return NoDuplicatesBatchSampler(dataset, **kwargs)
+        return DefaultBatchSampler(RandomSampler(dataset, generator=generator), **kwargs)
+
+
+@dataclass
+class MultiTaskCollator(DHNMDataCollator):
+    """Batches of pool tasks get their negatives from the NegativePool (DHNM); other tasks (STS) are batched as plain
+    sentence-transformers batches. A batch always comes from a single task."""
+
+    pool_tasks: frozenset = frozenset()
+
+    def __call__(self, features):
+        if features and features[0].get("dataset_name") in self.pool_tasks:
+            return super().__call__(features)
+        return SentenceTransformerDataCollator.__call__(self, features)
+
+
+class _ScoreRecords:
+    """Gives :class:`trainers.dhnm.DHNMCallback` the hard-negative scores of every task's InfoNCE loss at once."""
+
+    def __init__(self, losses):
+        self.sources = [m for loss in losses for m in loss.modules() if hasattr(m, "pop_hard_negative_scores")]
+
+    def pop_hard_negative_scores(self):
+        return [record for source in self.sources for record in source.pop_hard_negative_scores()]
+
+
+# ---- LoRA ------------------------------------------------------------------------------------------------------------
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def add_lora(model, settings: dict[str, Any]) -> None:
+    """Put LoRA adapters on the backbone through sentence-transformers' peft integration (only they train)."""
+    from peft import LoraConfig
+
+    settings = {"target_modules": LORA_TARGETS, **settings}
+    model.add_adapter(LoraConfig(**settings))
+
+
+def merge_lora(model) -> int:
+    """Fold the LoRA weights into the backbone's linear layers and remove the adapters, so the saved model is a plain
+    Conan checkpoint; returns how many layers were merged."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    decoder = backbone(model)
+    merged = 0
+    for name, module in list(decoder.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(decoder.get_submodule(parent_name) if parent_name else decoder, child, module.get_base_layer())
+            merged += 1
+    for attribute in ("peft_config", "_hf_peft_config_loaded"):
+        if hasattr(decoder, attribute):
+            delattr(decoder, attribute) if attribute == "peft_config" else setattr(decoder, attribute, False)
+    for parameter in decoder.parameters():
+        parameter.requires_grad_(True)
+    return merged
+
+
+# ---- the stage -------------------------------------------------------------------------------------------------------
+def run(config: SupervisedConfig) -> dict[str, Any]:
+    """Train stage 4; returns a summary with the final directory and the logged losses."""
+    from datasets import Dataset, DatasetDict
+    from sentence_transformers import SentenceTransformerTrainingArguments
+
+    from conan_hf.losses import CoSENTLoss, InfoNCELoss, MatryoshkaLoss
+    from conan_hf.sentence import QUERY_PROMPT_FORMAT
+    from trainers.dhnm import DHNMCallback, NegativePool
+
+    setup_runtime(config)
+    tasks = config.task_configs()
+    prompts = {t.name: QUERY_PROMPT_FORMAT.format(instruction=t.prompt) for t in tasks if t.prompt}
+    model = load_sentence_model(config.model, attention_mode="bidirectional", pooling=config.pooling,
+                                max_seq_length=config.max_seq_length, prompts=prompts)
+    for name, prompt in prompts.items():
+        # Mean pooling leaves prompt tokens out; a prompt that fills max_seq_length leaves nothing to pool (NaN).
+        length = len(model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if length >= config.max_seq_length:
+            raise ValueError(f"the prompt of task {name!r} is {length} tokens, which leaves no room for the text "
+                             f"within max_seq_length={config.max_seq_length}; shorten the prompt or raise "
+                             "max_seq_length")
+    if not model.prompts.get("query"):
+        first = next((t.name for t in tasks if t.type in ("retrieval", "clr") and t.name in prompts), None)
+        if first:  # so that `model.encode_query(...)` uses the retrieval instruction
+            model.prompts["query"] = prompts[first]
+    if config.lora:
+        add_lora(model, dict(config.lora))
+
+    datasets, losses, pool_ids, pool_candidates, pool_sizes = {}, {}, [], [], {}
+    for task in tasks:
+        rows, candidates = task_rows(task, seed=config.seed)
+        if not rows:
+            raise ValueError(f"stage 4 task {task.name!r} has no rows")
+        if task.type == "sts":
+            datasets[task.name] = Dataset.from_list(rows)
+            loss = CoSENTLoss(model, scale=config.cosent_scale)
+        else:
+            dataset = Dataset.from_list(rows)
+            if not any(candidates) and config.teacher and task.type in ("retrieval", "clr"):
+                mined = NegativePool.from_mining(dataset, config.teacher, k=config.num_negatives,
+                                                 num_candidates=config.pool_size)
+                candidates = mined.candidates
+            if not any(candidates):
+                logger.warning("stage 4 task %r has no hard negatives (give negatives in the data or a teacher to "
+                               "mine them); it trains on in-batch negatives only", task.name)
+            datasets[task.name] = dataset
+            pool_ids += dataset["id"]
+            pool_candidates += candidates
+            pool_sizes[task.name] = sum(map(len, candidates))
+            loss = InfoNCELoss(model, temperature=config.temperature,
+                               in_batch_negatives=task.type != "classification")
+        losses[task.name] = MatryoshkaLoss(model, loss, config.matryoshka_dims) if config.matryoshka else loss
+
+    pool = NegativePool(pool_ids, pool_candidates, k=config.num_negatives) if pool_ids else None
+    args = SentenceTransformerTrainingArguments(
+        **config.training_arguments_kwargs(),
+        prompts={t.name: ({"anchor": prompts[t.name]} if t.type != "sts" else
+                          {"sentence1": prompts[t.name], "sentence2": prompts[t.name]}) if t.name in prompts else {}
+                 for t in tasks},
+        multi_dataset_batch_sampler={"proportional": ProportionalTaskSampler, "round_robin": RoundRobinTaskSampler}[
+            config.multi_dataset_sampler],
+        dataloader_drop_last=True,
+    )
+    collator = MultiTaskCollator(preprocess_fn=model.preprocess, prompts=args.prompts, pool=pool,
+                                 pool_tasks=frozenset(t.name for t in tasks if t.type != "sts"))
+    callbacks = []
+    if pool is not None and config.dhnm:
+        callbacks.append(DHNMCallback(pool, _ScoreRecords(losses.values()), s0_min=config.dhnm_s0_min,
+                                      drop_ratio=config.dhnm_drop_ratio, s_max=config.dhnm_s_max))
+    trainer = MultiTaskTrainer(
+        model=model, args=args, train_dataset=DatasetDict(datasets), loss=losses, data_collator=collator,
+        callbacks=callbacks, task_batch_sizes={t.name: t.batch_size for t in tasks},
+        no_duplicate_tasks={t.name for t in tasks if t.type in ("retrieval", "clr")},
+    )
+    sizes = ", ".join(f"{t.name}: {len(datasets[t.name])} rows x {t.batch_size}" for t in tasks)
+    print_main(f"[stage 4] supervised multi-task training of {config.model} ({sizes}); "
+               f"{'LoRA' if config.lora else 'full'} fine-tuning, DHNM {'on' if callbacks else 'off'}")
+    result = train_with_resume(trainer, config)
+    if config.lora:
+        merge_lora(model)
+    dims = getattr(next(iter(losses.values())), "matryoshka_dims", None)
+    losses_logged = loss_history(trainer)
+    summary = {"train_loss": result.training_loss, "losses": losses_logged, "global_step": trainer.state.global_step,
+               "tasks": {t.name: {"type": t.type, "rows": len(datasets[t.name]), "batch_size": t.batch_size,
+                                  "negative_candidates": pool_sizes.get(t.name, 0)} for t in tasks},
+               "matryoshka_dims": sorted(dims) if dims else None, "prompts": dict(model.prompts),
+               "dhnm": callbacks[0].totals if callbacks else None}
+    final = save_final(trainer, config, "supervised", summary)
+    print_main(f"[stage 4] loss {losses_logged[0][1]:.3f} -> {losses_logged[-1][1]:.3f} over "
+               f"{trainer.state.global_step} steps; DHNM {summary['dhnm']}; saved {final}")
+    return {**summary, "final_dir": str(final)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_config(SupervisedConfig, "supervised", argv, description=__doc__))
+
+
+if __name__ == "__main__":
+    main()

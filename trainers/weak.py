@@ -1,0 +1,158 @@
+"""Stage 3 (paper §3.1-3.2): weakly-supervised embedding training with the soft mask.
+
+    accelerate launch -m trainers.weak --config trainers/configs/weak.yaml [--preset tiny]
+
+The stage-2 decoder becomes an embedding model (Transformer → Pooling → Normalize). Training pairs are
+(query, passage) with the instruction and input as the query and the output as the positive; the loss is InfoNCE
+(eq. 1) with in-batch negatives. The attention moves from causal to bidirectional along the soft mask (eq. 4):
+α(t) = t/τ with τ the number of training steps (App. C's linear schedule), set every step by
+:class:`trainers.callbacks.SoftMaskCallback`. Optionally, pairs a teacher embedder scores below 0.4 are dropped
+first (the paper used gte-Qwen2-7B-instruct), see :func:`conan_hf.data.teacher.filter_by_teacher`.
+
+Output: ``final_dir``, a SentenceTransformer folder; when α reached 1 its backbone is saved bidirectional (α ≥ 1 is
+exactly bidirectional attention), ready for stage 4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from sentence_transformers import SentenceTransformerTrainer
+
+from trainers.common import (
+    MainProcessSaveMixin,
+    StageConfig,
+    backbone,
+    load_sentence_model,
+    loss_history,
+    parse_config,
+    print_main,
+    read_sources,
+    save_final,
+    set_attention_mode,
+    setup_runtime,
+    train_with_resume,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class WeakConfig(StageConfig):
+    """Options of stage 3 (see :class:`trainers.common.StageConfig` for the shared ones).
+
+    Args:
+        model: the stage-2 output folder (or any Conan decoder / SentenceTransformer folder).
+        data: sources with ``instruction``/``input``/``output`` columns, or ``query``/``positive`` columns.
+        query_format: how instruction and input form the query (``{instruction}``, ``{input}``); rows without an
+            instruction use the input alone.
+        pooling: ``mean`` or ``lasttoken``.
+        temperature: τ of InfoNCE (eq. 1).
+        soft_mask_schedule: ``linear`` (α = t/τ, the paper), ``accelerating`` or ``decelerating`` (App. C).
+        soft_mask_steps: τ of the schedule; ``None`` = the number of training steps, so α reaches 1 at the end.
+        teacher: a SentenceTransformer name/folder; if set, pairs it scores below ``teacher_threshold`` are dropped.
+        teacher_threshold: 0.4 in the paper.
+    """
+
+    output_dir: str = "runs/weak"
+    model: str = "runs/sft/final"
+    data: Any = dataclasses.field(default_factory=lambda: ["demo"])
+    query_format: str = "Instruct: {instruction}\nQuery: {input}"
+    pooling: str = "mean"
+    max_seq_length: int = 512
+    temperature: float = 0.05
+    soft_mask_schedule: str = "linear"
+    soft_mask_steps: int | None = None
+    teacher: str | None = None
+    teacher_threshold: float = 0.4
+    per_device_train_batch_size: int = 64
+    learning_rate: float = 2e-5
+    warmup_ratio: float = 0.02
+    weight_decay: float = 0.001
+    bf16: bool = True
+
+
+class WeakTrainer(MainProcessSaveMixin, SentenceTransformerTrainer):
+    """sentence-transformers' trainer, saving from the main process only (see `MainProcessSaveMixin`)."""
+
+
+def to_pairs(rows: list[dict[str, Any]], query_format: str) -> list[dict[str, str]]:
+    """(query, positive) pairs: instruction+input → query and output → positive, or the rows' own query/positive."""
+    pairs = []
+    for index, row in enumerate(rows):
+        if "query" in row and "positive" in row:
+            pairs.append({"anchor": str(row["query"]), "positive": str(row["positive"])})
+            continue
+        if "input" not in row and "instruction" not in row or "output" not in row:
+            raise ValueError(f"stage 3 data row {index} needs instruction/input/output or query/positive columns, "
+                             f"got {sorted(row)}")
+        instruction, text = str(row.get("instruction") or ""), str(row.get("input") or "")
+        query = query_format.format(instruction=instruction, input=text) if instruction else text
+        pairs.append({"anchor": query, "positive": str(row["output"])})
+    return pairs
+
+
+def run(config: WeakConfig) -> dict[str, Any]:
+    """Train stage 3; returns a summary with the final directory, the logged losses and the final α."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainingArguments
+    from sentence_transformers.base.sampler import BatchSamplers
+
+    from conan_hf.demo import demo_instructions
+    from conan_hf.losses import InfoNCELoss
+    from conan_hf.soft_mask import get_soft_mask_alpha
+    from trainers.callbacks import SoftMaskCallback
+
+    setup_runtime(config)
+    rows = read_sources(config.data, demo_instructions, required=[], what="stage 3 (weakly-supervised) data")
+    dataset = Dataset.from_list(to_pairs(rows, config.query_format))
+    teacher_report = None
+    if config.teacher:
+        from conan_hf.data.teacher import filter_by_teacher
+
+        dataset, teacher_report = filter_by_teacher(dataset, config.teacher, threshold=config.teacher_threshold,
+                                                    query_column="anchor", positive_column="positive",
+                                                    score_column=None)
+        if len(dataset) == 0:
+            raise ValueError(f"the teacher filter (threshold {config.teacher_threshold}) dropped every pair")
+
+    model = load_sentence_model(config.model, attention_mode="soft", pooling=config.pooling,
+                                max_seq_length=config.max_seq_length)
+    loss = InfoNCELoss(model, temperature=config.temperature)
+    args = SentenceTransformerTrainingArguments(
+        **config.training_arguments_kwargs(),
+        batch_sampler=BatchSamplers.NO_DUPLICATES,  # a duplicate in the batch would be a false in-batch negative
+        dataloader_drop_last=True,
+    )
+    callback = SoftMaskCallback(schedule=config.soft_mask_schedule, total_steps=config.soft_mask_steps)
+    trainer = WeakTrainer(model=model, args=args, train_dataset=dataset, loss=loss, callbacks=[callback])
+    print_main(f"[stage 3] weakly-supervised training of {config.model} on {len(dataset)} pairs, soft mask "
+               f"({config.soft_mask_schedule} α(t), τ = {config.soft_mask_steps or 'all steps'})")
+    result = train_with_resume(trainer, config)
+    alpha = get_soft_mask_alpha(model)
+    if alpha >= 1.0:
+        set_attention_mode(model, "bidirectional")
+    losses = loss_history(trainer)
+    summary = {"train_loss": result.training_loss, "losses": losses, "num_pairs": len(dataset),
+               "global_step": trainer.state.global_step, "final_alpha": alpha,
+               "soft_mask_total_steps": callback.total_steps,
+               "soft_mask_alphas": [(e["step"], e["soft_mask_alpha"]) for e in trainer.state.log_history
+                                    if "loss" in e and "soft_mask_alpha" in e],
+               "attention_mode": backbone(model).config.attention_mode,
+               "teacher_filter": teacher_report.to_dict() if teacher_report else None}
+    if teacher_report:
+        summary["teacher_filter"].pop("scores", None)
+    final = save_final(trainer, config, "weak", summary)
+    print_main(f"[stage 3] loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f} over {trainer.state.global_step} steps; "
+               f"α = {alpha:.3f} at the end; saved {final}")
+    return {**summary, "final_dir": str(final)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_config(WeakConfig, "weak", argv, description=__doc__))
+
+
+if __name__ == "__main__":
+    main()
