@@ -435,6 +435,18 @@ def train_with_resume(trainer, config: StageConfig):
     return trainer.train(resume_from_checkpoint=resolve_resume(config))
 
 
+def finish_stage(trainer, config: StageConfig, stage: str, number: int, result, note: str = "",
+                 **summary: Any) -> dict[str, Any]:
+    """Write the stage's final directory (with its record) and print its loss line; returns the summary."""
+    losses = loss_history(trainer)
+    summary = {"train_loss": result.training_loss, "losses": losses, "global_step": trainer.state.global_step,
+               **summary}
+    final = save_final(trainer, config, stage, summary)
+    span = f"{losses[0][1]:.3f} -> {losses[-1][1]:.3f}" if losses else "n/a"
+    print_main(f"[stage {number}] loss {span} over {trainer.state.global_step} steps; {note}saved {final}")
+    return {**summary, "final_dir": str(final)}
+
+
 def loss_history(trainer) -> list[tuple[int, float]]:
     """``(step, loss)`` of every logged training step."""
     return [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]

@@ -264,39 +264,30 @@ class NegativePool:
             corpus: extra candidate documents.
             batch_size: teacher encoding batch size.
             verbose: print ``mine_hard_negatives``' statistics.
-            **mine_kwargs: any other ``mine_hard_negatives`` argument (``range_min``, ``max_score``, prompts, ...).
+            **mine_kwargs: further :func:`conan_hf.data.teacher.mine_negative_pools` options (``range_min``,
+                ``max_score``, prompt names, ``use_faiss``).
         """
-        from sentence_transformers.util import mine_hard_negatives
+        from conan_hf.data.teacher import mine_negative_pools
 
-        for column in (id_column, anchor_column, positive_column):
-            if column not in dataset.column_names:
-                raise ValueError(f"dataset has no {column!r} column (columns: {dataset.column_names})")
-        ids = dataset[id_column]
-        pairs = dataset.select_columns([anchor_column, positive_column])
-        mined = mine_hard_negatives(
-            pairs,
+        if id_column not in dataset.column_names:
+            raise ValueError(f"dataset has no {id_column!r} column (columns: {dataset.column_names})")
+        mined, _ = mine_negative_pools(
+            dataset.select_columns([id_column, anchor_column, positive_column]),
             model,
-            anchor_column_name=anchor_column,
-            positive_column_name=positive_column,
+            pool_size=num_candidates,
+            query_column=anchor_column,
+            positive_column=positive_column,
+            negatives_column="_dhnm_candidates",
+            scores_column=None,
             corpus=corpus,
-            num_negatives=num_candidates,
             relative_margin=relative_margin,
             absolute_margin=absolute_margin,
-            sampling_strategy="top",
-            output_format="labeled-list",
             batch_size=batch_size,
+            keep_empty=True,
             verbose=verbose,
             **mine_kwargs,
         )
-        # labeled-list rows are (anchor, [positive, negative_1, ...]) with negatives hardest first; rows with no
-        # surviving negative are left out, and duplicated queries are regrouped, so map back by (anchor, positive).
-        by_pair: dict[tuple[str, str], list[str]] = {}
-        for anchor, documents in zip(mined[anchor_column], mined[positive_column]):
-            by_pair.setdefault((anchor, documents[0]), documents[1:])
-        candidates = [
-            list(by_pair.get((anchor, positive), []))
-            for anchor, positive in zip(dataset[anchor_column], dataset[positive_column])
-        ]
+        ids, candidates = mined[id_column], mined["_dhnm_candidates"]
         return cls(ids, candidates, k=k)
 
     # ---- lookups -------------------------------------------------------------------------------------------------

@@ -20,11 +20,10 @@ from typing import Any
 
 from trainers.common import (
     StageConfig,
-    loss_history,
+    finish_stage,
     parse_config,
     print_main,
     read_sources,
-    save_final,
     setup_runtime,
     train_with_resume,
 )
@@ -189,14 +188,8 @@ def run(config: PretrainConfig) -> dict[str, Any]:
     print_main(f"[stage 1] pre-training {model.num_parameters():,} parameters on {len(rows)} documents "
                f"({num_tokens:,} tokens, {len(dataset)} packed blocks of {config.seq_length})")
     result = train_with_resume(trainer, config)
-    losses = loss_history(trainer)
-    summary = {"train_loss": result.training_loss, "losses": losses, "num_blocks": len(dataset),
-               "num_tokens": num_tokens, "global_step": trainer.state.global_step}
     model.config.use_cache = True
-    final = save_final(trainer, config, "pretrain", summary)
-    print_main(f"[stage 1] loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f} over {trainer.state.global_step} steps; "
-               f"saved {final}")
-    return {**summary, "final_dir": str(final)}
+    return finish_stage(trainer, config, "pretrain", 1, result, num_blocks=len(dataset), num_tokens=num_tokens)
 
 
 def main(argv: list[str] | None = None) -> None:

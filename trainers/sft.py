@@ -17,11 +17,10 @@ from typing import Any
 
 from trainers.common import (
     StageConfig,
-    loss_history,
+    finish_stage,
     parse_config,
     print_main,
     read_sources,
-    save_final,
     setup_runtime,
     train_with_resume,
 )
@@ -109,14 +108,8 @@ def run(config: SFTConfig) -> dict[str, Any]:
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer)
     print_main(f"[stage 2] SFT of {config.model} on {len(dataset)} (instruction, input, output) examples")
     result = train_with_resume(trainer, config)
-    losses = loss_history(trainer)
-    summary = {"train_loss": result.training_loss, "losses": losses, "num_examples": len(dataset),
-               "global_step": trainer.state.global_step}
     model.config.use_cache = True
-    final = save_final(trainer, config, "sft", summary)
-    print_main(f"[stage 2] loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f} over {trainer.state.global_step} steps; "
-               f"saved {final}")
-    return {**summary, "final_dir": str(final)}
+    return finish_stage(trainer, config, "sft", 2, result, num_examples=len(dataset))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -42,12 +42,11 @@ from trainers.common import (
     StageConfig,
     backbone,
     config_from_dict,
+    finish_stage,
     load_sentence_model,
-    loss_history,
     parse_config,
     print_main,
     read_sources,
-    save_final,
     setup_runtime,
     train_with_resume,
 )
@@ -370,16 +369,13 @@ def run(config: SupervisedConfig) -> dict[str, Any]:
     if config.lora:
         merge_lora(model)
     dims = getattr(next(iter(losses.values())), "matryoshka_dims", None)
-    losses_logged = loss_history(trainer)
-    summary = {"train_loss": result.training_loss, "losses": losses_logged, "global_step": trainer.state.global_step,
-               "tasks": {t.name: {"type": t.type, "rows": len(datasets[t.name]), "batch_size": t.batch_size,
-                                  "negative_candidates": pool_sizes.get(t.name, 0)} for t in tasks},
-               "matryoshka_dims": sorted(dims) if dims else None, "prompts": dict(model.prompts),
-               "dhnm": callbacks[0].totals if callbacks else None}
-    final = save_final(trainer, config, "supervised", summary)
-    print_main(f"[stage 4] loss {losses_logged[0][1]:.3f} -> {losses_logged[-1][1]:.3f} over "
-               f"{trainer.state.global_step} steps; DHNM {summary['dhnm']}; saved {final}")
-    return {**summary, "final_dir": str(final)}
+    dhnm_totals = callbacks[0].totals if callbacks else None
+    return finish_stage(
+        trainer, config, "supervised", 4, result, note=f"DHNM {dhnm_totals}; ",
+        tasks={t.name: {"type": t.type, "rows": len(datasets[t.name]), "batch_size": t.batch_size,
+                        "negative_candidates": pool_sizes.get(t.name, 0)} for t in tasks},
+        matryoshka_dims=sorted(dims) if dims else None, prompts=dict(model.prompts), dhnm=dhnm_totals,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,12 +25,11 @@ from trainers.common import (
     MainProcessSaveMixin,
     StageConfig,
     backbone,
+    finish_stage,
     load_sentence_model,
-    loss_history,
     parse_config,
     print_main,
     read_sources,
-    save_final,
     set_attention_mode,
     setup_runtime,
     train_with_resume,
@@ -134,20 +133,16 @@ def run(config: WeakConfig) -> dict[str, Any]:
     alpha = get_soft_mask_alpha(model)
     if alpha >= 1.0:
         set_attention_mode(model, "bidirectional")
-    losses = loss_history(trainer)
-    summary = {"train_loss": result.training_loss, "losses": losses, "num_pairs": len(dataset),
-               "global_step": trainer.state.global_step, "final_alpha": alpha,
-               "soft_mask_total_steps": callback.total_steps,
-               "soft_mask_alphas": [(e["step"], e["soft_mask_alpha"]) for e in trainer.state.log_history
-                                    if "loss" in e and "soft_mask_alpha" in e],
-               "attention_mode": backbone(model).config.attention_mode,
-               "teacher_filter": teacher_report.to_dict() if teacher_report else None}
-    if teacher_report:
-        summary["teacher_filter"].pop("scores", None)
-    final = save_final(trainer, config, "weak", summary)
-    print_main(f"[stage 3] loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f} over {trainer.state.global_step} steps; "
-               f"α = {alpha:.3f} at the end; saved {final}")
-    return {**summary, "final_dir": str(final)}
+    teacher_summary = teacher_report.to_dict() if teacher_report else None
+    if teacher_summary:
+        teacher_summary.pop("scores", None)
+    return finish_stage(
+        trainer, config, "weak", 3, result, note=f"α = {alpha:.3f} at the end; ",
+        num_pairs=len(dataset), final_alpha=alpha, soft_mask_total_steps=callback.total_steps,
+        soft_mask_alphas=[(e["step"], e["soft_mask_alpha"]) for e in trainer.state.log_history
+                          if "loss" in e and "soft_mask_alpha" in e],
+        attention_mode=backbone(model).config.attention_mode, teacher_filter=teacher_summary,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
