@@ -139,7 +139,7 @@ class ConanConfig(LlamaConfig):
 
     @classmethod
     def tiny(cls, **kwargs) -> "ConanConfig":
-        """A ~3M-parameter preset with the released shape ratios (GQA 4:1, SwiGLU), for tests and the CPU demo."""
+        """A ~0.8M-parameter backbone preset (1.35M with the LM head) with the released shape ratios (GQA 4:1, SwiGLU), for tests and the CPU demo."""
         defaults = dict(
             vocab_size=4096,
             hidden_size=128,

@@ -227,8 +227,26 @@ def run_pipeline(
         seconds[stage] = time.perf_counter() - start
         if stage in ("weak", "supervised"):
             evaluate(f"after stage {STAGE_NUMBERS[stage]} ({stage})", summaries[stage]["final_dir"])
+    if "supervised" in summaries and state.is_main_process:
+        write_model_card(summaries, evaluation)
     state.wait_for_everyone()
     return {"stages": summaries, "evaluation": evaluation, "seconds": seconds}
+
+
+def write_model_card(summaries: dict[str, Any], evaluation: dict[str, dict[str, float]]) -> Path:
+    """README.md of the final model, from the stage records the stages wrote and the held-out demo scores."""
+    from model_card import generate_model_card
+
+    from trainers.common import STAGE_RECORD
+
+    records = [Path(s["final_dir"]) / STAGE_RECORD for s in summaries.values()
+               if (Path(s["final_dir"]) / STAGE_RECORD).is_file()]
+    final_scores = evaluation.get(f"after stage {STAGE_NUMBERS['supervised']} (supervised)", {})
+    results = {f"demo-heldout/{name}": score for name, score in final_scores.items()} or None
+    model_dir = Path(summaries["supervised"]["final_dir"])
+    generate_model_card(model_dir, run_info=records, results=results)
+    print_main(f"[model card] {model_dir / 'README.md'} ({len(records)} stage records)")
+    return model_dir / "README.md"
 
 
 def print_report(report: dict[str, Any]) -> None:

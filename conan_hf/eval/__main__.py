@@ -1,0 +1,162 @@
+"""Command line of :mod:`conan_hf.eval` (also installed as ``conan-eval``).
+
+Examples::
+
+    # STS-B dev (format inferred from the .csv), first 500 pairs, 256-dim Matryoshka embeddings
+    python -m conan_hf.eval --model out/final --task sts --data $CONAN_DATA_DIR/sts/stsb-multi-mt/stsb-en-dev.csv \\
+        --limit 500 --dim 256
+    # SICK, Chinese STS-B, BEIR, Tatoeba, labelled files
+    python -m conan_hf.eval --model out/final --data $CONAN_DATA_DIR/sts/sick/SICK_trial.txt
+    python -m conan_hf.eval --model out/final --task sts --data $CONAN_DATA_DIR/sts/zh/sts-b-dev.txt
+    python -m conan_hf.eval --model out/final --task retrieval --data $CONAN_DATA_DIR/retrieval/scifact --limit 100
+    python -m conan_hf.eval --model out/final --task bitext --data $CONAN_DATA_DIR/xling/tatoeba/tatoeba.deu-eng
+    python -m conan_hf.eval --model out/final --task clustering --data $CONAN_DATA_DIR/classification/thucnews/dev.txt
+    # MKQA-style cross-lingual retrieval (Table 13) on XQuAD, or on MKQA with an English corpus
+    python -m conan_hf.eval --model out/final --task xling --data $CONAN_DATA_DIR/xling/xquad --languages de es zh
+    python -m conan_hf.eval --model out/final --task xling --data mkqa.jsonl nq_corpus/ --languages de ja zh_cn
+    # Fig. 3: language-distribution plot of parallel STS-B sentences
+    python -m conan_hf.eval --model out/final --task plot --data $CONAN_DATA_DIR/sts/stsb-multi-mt \\
+        --languages en de zh --limit 300 --plot fig3.png
+    # Hub benchmarks (need the datasets from the Hub)
+    python -m conan_hf.eval --model out/final --benchmark "MTEB(eng, v1)" --output-folder results
+
+The last line printed is a JSON object ``{task name: main score}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .tasks import TASK_KINDS, infer_task_kind
+
+FORMAT_KINDS = {"stsb": "sts", "sick": "sts", "tsv": "sts", "pair": "pairs", "beir": "retrieval", "squad": "squad",
+                "xquad": "xling", "mkqa": "xling", "tatoeba": "bitext", "labelled": "classification"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="conan-eval", description="Evaluate a SentenceTransformer (e.g. a Conan model) with mteb on local files "
+        "or Hub benchmarks. The last printed line is a JSON summary {task: main score}.")
+    parser.add_argument("--model", required=True, help="SentenceTransformer directory or Hub id")
+    parser.add_argument("--task", choices=[*TASK_KINDS, "plot"], help="kind of local evaluation (inferred from --data)")
+    parser.add_argument("--data", nargs="+", help="data file(s)/folder(s): see the module docstring")
+    parser.add_argument("--format", choices=sorted(FORMAT_KINDS), help="data format (inferred when omitted)")
+    parser.add_argument("--benchmark", help='mteb benchmark name, e.g. "MTEB(eng, v1)" or "MTEB(cmn, v1)"')
+    parser.add_argument("--tasks", nargs="+", default=[], help="mteb task names from the registry")
+    parser.add_argument("--languages", nargs="+", help="query languages (xling/plot) or a language filter (mteb)")
+    parser.add_argument("--language", help="language of a local data file (default: guessed)")
+    parser.add_argument("--name", help="task name for results (default: from the file name)")
+    parser.add_argument("--split", help="qrels split of a BEIR folder")
+    parser.add_argument("--limit", type=int, help="use only the first N rows / queries / sentences")
+    parser.add_argument("--limit-corpus", type=int, help="BEIR: the relevant documents plus the first N documents")
+    parser.add_argument("--dim", type=int, help="Matryoshka dimension to evaluate")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--output-folder", help="write mteb result files and summary.json here")
+    parser.add_argument("--instruction", help="query instruction for the local task (overrides the default)")
+    parser.add_argument("--instruction-template", default="auto",
+                        help="prompt template with {instruction}; 'auto' reads it from the model's query prompt; "
+                             "'none' disables task instructions")
+    parser.add_argument("--plot", help="PNG path for --task plot")
+    parser.add_argument("--plot-method", choices=["tsne", "pca"], default="tsne")
+    parser.add_argument("--device", help="device for the model (default: sentence-transformers' choice)")
+    parser.add_argument("--verbose", action="store_true", help="log progress")
+    return parser
+
+
+def _texts_by_language(path: Path, languages: list[str], limit: int | None) -> dict[str, list[str]]:
+    """Parallel texts for the plot: STS-B multi-mt (first sentences of ``stsb-<lang>-dev.csv``) or XQuAD questions."""
+    from .tasks import read_squad, read_sts
+
+    texts: dict[str, list[str]] = {}
+    for language in languages:
+        stsb = path / f"stsb-{language}-dev.csv"
+        xquad = path / f"xquad.{language}.json"
+        if stsb.exists():
+            texts[language] = read_sts(stsb, fmt="stsb", limit=limit).sentence1
+        elif xquad.exists():
+            _, questions = read_squad(xquad)
+            texts[language] = [q for _, q, _ in questions[:limit]]
+        else:
+            raise FileNotFoundError(f"{path}: neither stsb-{language}-dev.csv nor xquad.{language}.json exists")
+    return texts
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Execute the parsed command; returns the JSON summary."""
+    from .run import evaluate, load_model
+
+    if not args.data and not args.benchmark and not args.tasks:
+        raise SystemExit("conan-eval: give --data (local files), --tasks or --benchmark")
+    model = load_model(args.model, device=args.device)
+    template = None if args.instruction_template.lower() == "none" else args.instruction_template
+    summary: dict[str, Any] = {}
+
+    kind = args.task or (FORMAT_KINDS[args.format] if args.format else None)
+    if args.data:
+        kind = kind or infer_task_kind(args.data[0])
+        if kind == "plot":
+            from .plot import plot_language_distribution
+
+            if not args.plot or not args.languages:
+                raise SystemExit("conan-eval: --task plot needs --plot PATH and --languages")
+            texts = _texts_by_language(Path(args.data[0]), args.languages, args.limit or 300)
+            path = plot_language_distribution(model, texts, args.plot, method=args.plot_method, dim=args.dim,
+                                              batch_size=args.batch_size)
+            print(f"Wrote {path}")
+            summary["plot"] = str(path)
+        elif kind == "xling":
+            from .xling import evaluate_cross_lingual, load_mkqa, load_xquad
+
+            data_path = Path(args.data[0])
+            if args.format == "mkqa" or data_path.suffix == ".jsonl":
+                if len(args.data) < 2:
+                    raise SystemExit("conan-eval: MKQA needs --data mkqa.jsonl CORPUS [QRELS]")
+                data = load_mkqa(data_path, args.data[1], languages=args.languages,
+                                 qrels=args.data[2] if len(args.data) > 2 else None, limit_queries=args.limit)
+            else:
+                data = load_xquad(data_path, languages=args.languages or ["de", "es", "zh"], limit_queries=args.limit)
+            instructions = {data.name: args.instruction} if args.instruction else None
+            report = evaluate_cross_lingual(model, data, batch_size=args.batch_size, output_folder=args.output_folder,
+                                            dim=args.dim, instruction_template=template, instructions=instructions)
+            print(report.table())
+            summary[data.name] = report.average["recall_at_20"]
+        else:
+            from .tasks import task_from_path
+
+            options = {"fmt": args.format if kind == "sts" else None, "name": args.name, "language": args.language,
+                       "split": args.split, "limit": args.limit, "limit_queries": args.limit,
+                       "limit_corpus": args.limit_corpus}
+            task = task_from_path(kind, args.data, **options)
+            instructions = {task.metadata.name: args.instruction} if args.instruction else None
+            report = evaluate(model, [task], dim=args.dim, batch_size=args.batch_size,
+                              output_folder=args.output_folder, instruction_template=template,
+                              instructions=instructions, show_progress_bar=args.verbose)
+            print(report.table())
+            summary.update(report.main_scores)
+    if args.benchmark or args.tasks:
+        report = evaluate(model, args.tasks, benchmark=args.benchmark, languages=args.languages, dim=args.dim,
+                          batch_size=args.batch_size, output_folder=args.output_folder,
+                          instruction_template=template, show_progress_bar=args.verbose)
+        print(report.table())
+        summary.update(report.main_scores)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m conan_hf.eval`` and ``conan-eval``."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    summary = run(args)
+    sys.stdout.flush()
+    print(json.dumps(summary, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

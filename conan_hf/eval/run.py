@@ -1,0 +1,352 @@
+"""Evaluate a SentenceTransformer with mteb 2.x (paper §4: MTEB / C-MTEB, MRL dimensions, instructions).
+
+`evaluate` runs `mteb.evaluate` on named benchmarks (``"MTEB(eng, v1)"``, ``"MTEB(cmn, v1)"``), mteb task names, or
+local tasks from :mod:`conan_hf.eval.tasks`, and returns an :class:`EvalReport` whose summary (one row per task, main
+score first) feeds the command line and the model card. mteb computes every metric and writes its usual result files
+(``<output_folder>/results/<model>/<revision>/<Task>.json``); we add ``summary.json`` beside them.
+
+Instructions. Conan-Embedding-v2 prefixes *queries* with a task instruction (``"Instruct: {instruction}\\nQuery: "``).
+Prompts come, in this order, from
+
+1. ``instructions={task name or task type: instruction}`` passed here,
+2. the model's own ``prompts`` keyed the mteb way (``"SciFact-query"``, ``"SciFact"``, ``"Retrieval-query"``,
+   ``"STS"``, ``"query"``, ``"document"``), which mteb resolves itself,
+3. the task's instruction (``task.metadata.prompt``, set by mteb for its tasks and by our local tasks) formatted with
+   the model's instruction template — detected from a ``"query"`` prompt of the form ``"Instruct: ...\\nQuery: "``
+   or given as ``instruction_template``.
+
+Retrieval instructions go to queries only; symmetric tasks (STS, classification, clustering, ...) prefix every text.
+
+Example::
+
+    >>> from sentence_transformers import SentenceTransformer
+    >>> from conan_hf.eval import evaluate, sts_task
+    >>> model = SentenceTransformer("path/to/conan-model", trust_remote_code=True)
+    >>> report = evaluate(model, [sts_task("stsb-en-dev.csv")], output_folder="results", dim=256)
+    >>> report.main_scores
+    {'LocalSTS-stsb-en-dev': 0.81...}
+    >>> report = evaluate(model, benchmark="MTEB(cmn, v1)", batch_size=64)   # needs the Hub for the datasets
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mteb import AbsTask
+    from sentence_transformers import SentenceTransformer
+
+logger = logging.getLogger(__name__)
+
+CONAN_INSTRUCTION_TEMPLATE = "Instruct: {instruction}\nQuery: "
+_TEMPLATE_PATTERN = re.compile(r"^(Instruct:\s*)(.+?)(\s*\n\s*Query:\s*)$", re.DOTALL)
+SUMMARY_FILE = "summary.json"
+
+
+def detect_instruction_template(prompts: Mapping[str, str | None] | None) -> str | None:
+    """The instruction template implied by a model's ``"query"`` prompt, if it has the Conan / E5 form
+    ``"Instruct: <instruction>\\nQuery: "``; otherwise None.
+
+    >>> detect_instruction_template({"query": "Instruct: Find passages.\\nQuery: "})
+    'Instruct: {instruction}\\nQuery: '
+    """
+    query = (prompts or {}).get("query")
+    if not query:
+        return None
+    match = _TEMPLATE_PATTERN.match(query)
+    if not match:
+        return None
+    return match.group(1) + "{instruction}" + match.group(3)
+
+
+def load_model(model: str | Path | SentenceTransformer, *, device: str | None = None,
+               trust_remote_code: bool = True) -> SentenceTransformer:
+    """A SentenceTransformer from a path / Hub id (remote code allowed for Conan checkpoints), or the model itself."""
+    from sentence_transformers import SentenceTransformer
+
+    if isinstance(model, SentenceTransformer):
+        return model
+    return SentenceTransformer(str(model), device=device, trust_remote_code=trust_remote_code)
+
+
+def get_tasks(
+    tasks: Iterable[str | AbsTask] | None = None,
+    benchmark: str | None = None,
+    languages: Sequence[str] | None = None,
+) -> list[AbsTask]:
+    """Resolve a benchmark name and/or task names (mteb registry) and task objects into one list of tasks."""
+    import mteb
+
+    resolved: list[AbsTask] = []
+    if benchmark:
+        try:
+            bench = mteb.get_benchmark(benchmark)
+        except KeyError as error:
+            raise ValueError(f"Unknown mteb benchmark {benchmark!r}: {error}") from None
+        resolved.extend(bench.tasks)
+    for task in tasks or ():
+        if isinstance(task, str):
+            resolved.append(mteb.get_task(task, languages=list(languages) if languages else None))
+        else:
+            resolved.append(task)
+    if not resolved:
+        raise ValueError("Nothing to evaluate: give tasks and/or a benchmark.")
+    return resolved
+
+
+def _is_asymmetric(task: AbsTask) -> bool:
+    return task.metadata.simplified_task_type == "retrieval" or "Retrieval" in task.metadata.type \
+        or "Reranking" in task.metadata.type
+
+
+def _instruction_text(task: AbsTask, instructions: Mapping[str, str] | None) -> str | None:
+    """The query instruction of a task: an explicit one (by name, then type), else the task metadata's."""
+    if instructions:
+        for key in (task.metadata.name, task.metadata.type):
+            if key in instructions:
+                return instructions[key]
+    prompt = task.metadata.prompt
+    if isinstance(prompt, dict):
+        prompt = prompt.get("query")
+    return prompt or None
+
+
+def task_prompts(
+    tasks: Sequence[AbsTask],
+    model_prompts: Mapping[str, str | None] | None,
+    *,
+    instructions: Mapping[str, str] | None = None,
+    instruction_template: str | None = None,
+) -> dict[str, str]:
+    """The per-task prompts to add to mteb's prompt lookup (keys ``"<Task>-query"`` for retrieval queries, ``"<Task>"``
+    for symmetric tasks); tasks the model's prompts already name keep them unless ``instructions`` overrides."""
+    model_prompts = model_prompts or {}
+    added: dict[str, str] = {}
+    for task in tasks:
+        name = task.metadata.name
+        key = f"{name}-query" if _is_asymmetric(task) else name
+        explicit = bool(instructions) and (name in instructions or task.metadata.type in instructions)
+        if not explicit and (key in model_prompts or name in model_prompts):
+            continue
+        text = _instruction_text(task, instructions)
+        if text is None:
+            continue
+        if instruction_template is not None:
+            added[key] = instruction_template.format(instruction=text)
+        elif explicit:
+            added[key] = text
+    return added
+
+
+@dataclass
+class EvalReport:
+    """What :func:`evaluate` returns: mteb's ``ModelResult`` and a compact per-task summary.
+
+    Attributes:
+        model_result: ``mteb.results.ModelResult`` with every metric mteb computed.
+        summary: One dict per task: ``task``, ``type``, ``main_score_name``, ``main_score`` (mean over subsets and
+            splits), ``splits``, ``languages``, ``dataset``, and ``subsets`` ({subset: {metric: value}}).
+        settings: Model name, revision, MRL dimension, batch size and prompts used.
+        results_dir: Folder holding mteb's result files and ``summary.json`` (None without ``output_folder``).
+    """
+
+    model_result: Any
+    summary: list[dict[str, Any]]
+    settings: dict[str, Any] = field(default_factory=dict)
+    results_dir: Path | None = None
+
+    @property
+    def main_scores(self) -> dict[str, float]:
+        """``{task name: main score}``."""
+        return {row["task"]: row["main_score"] for row in self.summary}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"settings": self.settings, "tasks": self.summary}
+
+    def table(self) -> str:
+        """A plain-text table of the main scores."""
+        width = max([len(row["task"]) for row in self.summary] + [4])
+        lines = [f"{'Task':<{width}}  {'Type':<18}  {'Metric':<16}  Score"]
+        for row in self.summary:
+            lines.append(f"{row['task']:<{width}}  {row['type']:<18}  {row['main_score_name']:<16}  "
+                         f"{100 * row['main_score']:.2f}")
+        return "\n".join(lines)
+
+
+def summarize_task_result(task: AbsTask | None, task_result: Any) -> dict[str, Any]:
+    """One summary row from an mteb ``TaskResult`` (and its task, for the type and metric name)."""
+    subsets: dict[str, dict[str, float]] = {}
+    languages: set[str] = set()
+    values = []
+    for split, entries in task_result.scores.items():
+        for entry in entries:
+            label = entry.get("hf_subset", "default") if len(task_result.scores) == 1 else \
+                f"{split}/{entry.get('hf_subset', 'default')}"
+            subsets[label] = {k: float(v) for k, v in entry.items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+            languages.update(entry.get("languages", []))
+            values.append(float(entry["main_score"]))
+    metadata = task.metadata if task is not None else None
+    return {
+        "task": task_result.task_name,
+        "type": metadata.type if metadata else "",
+        "main_score_name": metadata.main_score if metadata else "main_score",
+        "main_score": sum(values) / len(values),
+        "splits": sorted(task_result.scores),
+        "languages": sorted(languages),
+        "dataset": metadata.dataset["path"] if metadata else "",
+        "subsets": subsets,
+    }
+
+
+def evaluate(
+    model: str | Path | SentenceTransformer,
+    tasks: Iterable[str | AbsTask] | None = None,
+    *,
+    benchmark: str | None = None,
+    languages: Sequence[str] | None = None,
+    instructions: Mapping[str, str] | None = None,
+    instruction_template: str | None = "auto",
+    dim: int | None = None,
+    batch_size: int = 32,
+    output_folder: str | Path | None = None,
+    model_name: str | None = None,
+    revision: str | None = None,
+    overwrite: bool = True,
+    show_progress_bar: bool = False,
+    raise_error: bool = True,
+    embedding_cache: str | Path | None = None,
+) -> EvalReport:
+    """Evaluate ``model`` with ``mteb.evaluate``.
+
+    Args:
+        model: A SentenceTransformer or a path / Hub id to load one from.
+        tasks: mteb task names and/or task objects (e.g. from :mod:`conan_hf.eval.tasks`).
+        benchmark: An mteb benchmark name such as ``"MTEB(eng, v1)"`` or ``"MTEB(cmn, v1)"`` (added to ``tasks``).
+        languages: Language filter for task names (mteb codes, e.g. ``["eng"]``).
+        instructions: ``{task name or task type: instruction}`` overriding the task instructions.
+        instruction_template: How an instruction becomes a prompt, with ``{instruction}``; ``"auto"`` detects it
+            from the model's ``"query"`` prompt (see :func:`detect_instruction_template`); None uses no task
+            instructions beyond the model's own prompts.
+        dim: Matryoshka dimension: embeddings are truncated to their first ``dim`` values (cosine similarity
+            re-normalises them). Results go to an mteb experiment folder ``dim_<dim>``.
+        batch_size: Encoding batch size.
+        output_folder: Where mteb writes its result files (a ``ResultCache``); None keeps results in memory only.
+        model_name: Name recorded in the results (default: ``local/<folder name>`` or the model card's name).
+        revision: Revision recorded in the results (default ``"local"``).
+        overwrite: Re-run tasks that already have results in ``output_folder``.
+        show_progress_bar: Show mteb's and the encoder's progress bars.
+        raise_error: Raise on a failing task (else it is logged and skipped).
+        embedding_cache: Folder for mteb's ``CachedEmbeddingWrapper``: texts already embedded for a task (e.g. the
+            corpus shared by the language subsets of a cross-lingual task) are not encoded again.
+    """
+    import mteb
+    from mteb.models import SentenceTransformerEncoderWrapper
+
+    st_model = load_model(model)
+    task_list = get_tasks(tasks, benchmark=benchmark, languages=languages)
+
+    if instruction_template == "auto":
+        instruction_template = detect_instruction_template(st_model.prompts)
+    if instruction_template is not None and "{instruction}" not in instruction_template:
+        raise ValueError(f"instruction_template must contain '{{instruction}}', got {instruction_template!r}")
+    if dim is not None:
+        full = st_model.get_embedding_dimension() if hasattr(st_model, "get_embedding_dimension") \
+            else st_model.get_sentence_embedding_dimension()
+        if not 0 < dim <= (full or dim):
+            raise ValueError(f"dim must be in 1..{full}, got {dim}")
+
+    wrapper = SentenceTransformerEncoderWrapper(st_model)
+    extra_prompts = task_prompts(task_list, wrapper.model_prompts, instructions=instructions,
+                                 instruction_template=instruction_template)
+    # mteb validates prompt keys against its task registry, which local tasks are not in; its lookup by task name
+    # works for any name, so the per-task prompts are added after validation.
+    prompts = {**(wrapper.model_prompts or {}), **extra_prompts}
+    wrapper.model_prompts = prompts or None
+
+    name = model_name or _default_model_name(model, st_model)
+    meta_update: dict[str, Any] = {"name": name, "revision": revision or "local"}
+    if dim is not None:
+        meta_update["embed_dim"] = dim
+        meta_update["experiment_kwargs"] = {"dim": dim}
+    wrapper.mteb_model_meta = wrapper.mteb_model_meta.model_copy(update=meta_update)
+
+    encoder: Any = wrapper
+    if embedding_cache is not None:
+        from mteb.models.cache_wrappers import CachedEmbeddingWrapper
+
+        encoder = CachedEmbeddingWrapper(wrapper, embedding_cache)
+
+    cache = mteb.ResultCache(cache_path=str(output_folder)) if output_folder is not None else None
+    previous_dim = st_model.truncate_dim
+    st_model.truncate_dim = dim
+    try:
+        model_result = mteb.evaluate(
+            encoder, task_list, cache=cache, overwrite_strategy="always" if overwrite else "only-missing",
+            encode_kwargs={"batch_size": batch_size, "show_progress_bar": show_progress_bar},
+            show_progress_bar=show_progress_bar, raise_error=raise_error, co2_tracker=False,
+        )
+    finally:
+        st_model.truncate_dim = previous_dim
+
+    by_name = {task.metadata.name: task for task in task_list}
+    summary = [summarize_task_result(by_name.get(res.task_name), res) for res in model_result.task_results]
+    settings = {"model_name": name, "revision": meta_update["revision"], "dim": dim, "batch_size": batch_size,
+                "instruction_template": instruction_template, "prompts": prompts,
+                "mteb_version": mteb.__version__}
+    results_dir = None
+    if cache is not None:
+        results_dir = cache.get_task_result_path("x", wrapper.mteb_model_meta).parent
+        results_dir.mkdir(parents=True, exist_ok=True)
+        _merge_summary(results_dir / SUMMARY_FILE, settings, summary)
+    for error in model_result.exceptions or []:
+        logger.error("Task %s failed: %s", error.task_name, error.exception)
+    return EvalReport(model_result=model_result, summary=summary, settings=settings, results_dir=results_dir)
+
+
+def _default_model_name(model: Any, st_model: SentenceTransformer) -> str:
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        return f"local/{path.name}" if path.exists() else str(model)
+    card_name = getattr(getattr(st_model, "model_card_data", None), "model_name", None)
+    return card_name if card_name and "/" in card_name else f"local/{card_name or 'model'}"
+
+
+def _merge_summary(path: Path, settings: dict[str, Any], summary: list[dict[str, Any]]) -> None:
+    """Add this run's rows to ``summary.json`` (a later run of a task replaces its row)."""
+    rows: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        rows = {row["task"]: row for row in previous.get("tasks", [])}
+    rows.update({row["task"]: row for row in summary})
+    path.write_text(json.dumps({"settings": settings, "tasks": list(rows.values())}, indent=2, ensure_ascii=False),
+                    encoding="utf-8")
+
+
+def load_summary(path: str | Path) -> dict[str, Any]:
+    """Read ``summary.json`` written by :func:`evaluate` (a file, or a folder searched recursively for it)."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.rglob(SUMMARY_FILE))
+        if not found:
+            raise FileNotFoundError(f"No {SUMMARY_FILE} under {path}")
+        merged: dict[str, Any] = {"settings": {}, "tasks": []}
+        for file in found:
+            data = json.loads(file.read_text(encoding="utf-8"))
+            merged["settings"] = merged["settings"] or data.get("settings", {})
+            merged["tasks"].extend(data.get("tasks", []))
+        return merged
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+__all__ = [
+    "CONAN_INSTRUCTION_TEMPLATE", "EvalReport", "detect_instruction_template", "evaluate", "get_tasks",
+    "load_model", "load_summary", "summarize_task_result", "task_prompts",
+]
