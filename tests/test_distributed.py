@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,9 @@ def test_deepspeed_zero1_two_processes_match_one_process(tiny_model_dir, tmp_pat
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     # DeepSpeed JIT-compiles a communication op on first use (~30 s); keep it across runs.
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
-    cmd = ["accelerate", "launch", "--config_file", str(REPO / "trainers/configs/accelerate/cpu_deepspeed_2proc.yaml"),
+    # Through the running interpreter, so the test does not depend on the venv's bin/ being on PATH.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(REPO / "trainers/configs/accelerate/cpu_deepspeed_2proc.yaml"),
            "-m", "trainers.supervised", *common, "--output_dir", str(tmp_path / "ds2")]
     result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -361,7 +361,8 @@ def test_main_job_runs_every_stage_and_hands_off(tmp_path):
     """`accelerate launch examples/finetune.py` (few steps): each stage's output loads as the next stage's input, α
     reaches 1 at the end of stage 3, and the result loads with sentence-transformers through its remote code."""
     work, output = tmp_path / "runs", tmp_path / "conan-v2"
-    cmd = ["accelerate", "launch", "--num_processes", "1", str(REPO / "examples" / "finetune.py"),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+           str(REPO / "examples" / "finetune.py"),
            "--work-dir", str(work), "--output-dir", str(output), "--max-steps", "4", "--set", "*.logging_steps=1"]
     result = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
