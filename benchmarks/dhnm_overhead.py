@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -37,17 +36,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import torch  # noqa: E402
+from _device import describe_device  # noqa: E402
 
 WORDS = (
     "river mountain city data model train energy music garden window paper light stone market science history "
     "language ocean forest engine network signal health school bridge winter summer animal planet story system"
 ).split()
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return f"CUDA: {torch.cuda.get_device_name(0)}"
-    return f"CPU: {os.cpu_count()}-core {platform.machine()} (no GPU), torch threads {torch.get_num_threads()}"
 
 
 def make_data(num_examples: int, pool_size: int, seed: int = 0):
@@ -200,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     cpu, wall = out["cpu"], out["wall"]
     direct = out["dhnm_work_per_on_step_cpu_s"]
     result = {
-        "device": device_name(),
+        "device": describe_device(),
         "model": model_name,
         "batch_size": args.batch_size,
         "k": args.k,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,23 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# bf16 dense peak (TFLOP/s) used for MFU
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"GPU: {torch.cuda.get_device_name(device)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"CPU: {cpu}, {os.cpu_count()} cores {platform.machine()} (no GPU), torch {torch.__version__} "
-            f"with {torch.get_num_threads()} threads")
+from _device import describe_device, peak_bf16_flops  # noqa: E402
 
 
 def build_model(name: str, max_seq_length: int, device: str):
@@ -160,7 +143,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     lines = [
         f"== encode benchmark {time.strftime('%Y-%m-%d %H:%M')} ==",
-        f"device: {device_name(device)}",
+        f"device: {describe_device(device.type)}",
         (f"model: {label}, {n_params / 1e6:.1f}M parameters, max_seq_length {model.max_seq_length}, "
         f"FastEncoder dtype {next(encoder.model.parameters()).dtype}, unpadded attention {encoder.unpadded}"),
         (f"texts: {len(texts)} (STS-B en dev{f', joined to {args.seq_len} tokens' if args.seq_len else ''}), "
@@ -178,8 +161,8 @@ def main() -> None:
     ]
     if device.type == "cuda":
         flops = model_flops(encoder.model, lengths)
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        peak = peak_bf16_flops(torch.cuda.get_device_name(device))
+        peak = peak / 1e12 if peak else None
         achieved = flops / fast / 1e12
         lines.append(f"achieved {achieved:.1f} TFLOP/s" + (f", MFU {100 * achieved / peak:.1f}% of {peak:.0f} "
                                                           "TFLOP/s bf16 dense" if peak else ""))

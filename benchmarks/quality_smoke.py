@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _device import describe_device  # noqa: E402
 
 
 def stsb_spearman(model, rows: list[dict], prompt_name: str | None = None) -> float:
@@ -80,14 +81,7 @@ def main() -> None:
     after = stsb_spearman(after_model, dev, prompt_name="sts")
     after_no_prompt = stsb_spearman(after_model, dev)
     minutes = (time.perf_counter() - start) / 60
-    device = f"CPU: {os.cpu_count()}-core {platform.machine()} (no GPU)"
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            device = f"GPU: {torch.cuda.get_device_name(0)}"
-    except ImportError:
-        pass
+    device = describe_device()
     lines = [
         f"STS-B en dev ({len(dev)} pairs) Spearman x100, tiny Conan model (demo-corpus stages 0-3):",
         f"  stage 3 (baseline)                 {before * 100:6.2f}",

@@ -24,10 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
+
+from _device import describe_device
 
 BACKENDS = ("bidirectional", "soft-dense", "soft-flex")
 
@@ -116,20 +117,6 @@ def worker(spec: dict) -> dict:
             if "_conan_soft_mask_state" in model.__dict__ else attn_implementation}
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        import torch
-
-        return f"GPU: {torch.cuda.get_device_name(0)}"
-    model = platform.processor() or "unknown model"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU: {os.cpu_count()}-core {platform.machine()} ({model}), no GPU"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -181,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     architecture = "released ConanConfig() (1.5B)" if args.full_architecture else \
         "small ConanModel (hidden 256, 2 layers, 4 heads / 1 KV head, head_dim 64)"
     report = [
-        f"Soft-mask benchmark (paper §3.2 eq.4), alpha = 0.5 — {device_name(args.device)}",
+        f"Soft-mask benchmark (paper §3.2 eq.4), alpha = 0.5 — {describe_device(args.device)}",
         f"model: {architecture}; batch {args.batch_size}; {dtype}; best of {args.repeats} after {args.warmup} "
         f"warm-up step(s); gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}",
         "time = " + ("wall clock (CUDA synchronised)" if args.device == "cuda" else

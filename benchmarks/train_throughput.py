@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -31,27 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-#: Peak dense bf16 FLOP/s per device (vendor data sheets), for MFU.
-PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "A100": 312e12, "A800": 312e12,
-                   "L40S": 362e12, "910B": 320e12}
-
-
-def device_description() -> tuple[str, float | None]:
-    import torch
-
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-        peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-        return f"GPU: {name} x{torch.cuda.device_count()}", peak
-    try:
-        import torch_npu  # noqa: F401
-
-        if torch.npu.is_available():
-            name = torch.npu.get_device_name(0)
-            return f"NPU: {name}", next((f for k, f in PEAK_BF16_FLOPS.items() if k in name), None)
-    except ImportError:
-        pass
-    return f"CPU: {os.cpu_count()}-core {platform.machine()} (no GPU)", None
+from _device import accelerator_name, describe_device, peak_bf16_flops  # noqa: E402
 
 
 def peak_memory_gib() -> float:
@@ -170,7 +149,7 @@ def main() -> None:
     from conan_hf import ConanConfig, build_sentence_transformer
     from conan_hf.tokenizer import demo_tokenizer
 
-    device, peak_flops = device_description()
+    device, peak_flops = describe_device(), peak_bf16_flops(accelerator_name())
     work = Path(tempfile.mkdtemp(prefix="conan-throughput-"))
     tokenizer = demo_tokenizer()
     if args.model == "tiny":

@@ -474,7 +474,6 @@ def set_conan_soft_mask_alpha(model: "ConanModel", alpha: float) -> None:
     model.config.soft_mask_alpha = alpha
 
 
-
 class ConanPreTrainedModel(LlamaPreTrainedModel):
     config_class = ConanConfig
     config: ConanConfig
