@@ -345,7 +345,7 @@ class FastEncoder:
         return result[0] if single else result
 
     def encode_query(self, sentences: str | Sequence[str], **kwargs: Any) -> np.ndarray | torch.Tensor:
-        """:meth:`encode` with the model's ``"query"`` prompt (e.g. ``"Instruct: ...\\nQuery: "``)."""
+        """:meth:`encode` with the model's ``"query"`` prompt (e.g. ``"Instruct: ...\\nQuery:\n"``)."""
         return self.encode(sentences, task="query", **kwargs)
 
     def encode_document(self, sentences: str | Sequence[str], **kwargs: Any) -> np.ndarray | torch.Tensor:
