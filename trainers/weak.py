@@ -50,7 +50,10 @@ class WeakConfig(StageConfig):
         pooling: ``mean`` or ``lasttoken``.
         temperature: τ of InfoNCE (eq. 1).
         soft_mask_schedule: ``linear`` (α = t/τ, the paper), ``accelerating`` or ``decelerating`` (App. C).
-        soft_mask_steps: τ of the schedule; ``None`` = the number of training steps, so α reaches 1 at the end.
+        soft_mask_steps: τ of the schedule; ``None`` = the number of training steps, so the last step trains at α = 1.
+        soft_mask_length: l of eq.4: ``sequence`` (each text's real length, the default: a text's mask does not
+            depend on its batch), ``max_seq_length`` (this stage's ``max_seq_length``, the paper's "training sequence
+            length") or a fixed int; see :mod:`conan_hf.soft_mask`.
         teacher: a SentenceTransformer name/folder; if set, pairs it scores below ``teacher_threshold`` are dropped.
         teacher_threshold: 0.4 in the paper.
     """
@@ -64,11 +67,13 @@ class WeakConfig(StageConfig):
     temperature: float = 0.05
     soft_mask_schedule: str = "linear"
     soft_mask_steps: int | None = None
+    soft_mask_length: int | str = "sequence"
     teacher: str | None = None
     teacher_threshold: float = 0.4
     per_device_train_batch_size: int = 64
-    learning_rate: float = 2e-5
-    warmup_ratio: float = 0.02
+    # App. A: stages 3 and 4 use "the same optimizer parameters and learning rate as in the pre-training phase".
+    learning_rate: float = 1e-4
+    warmup_ratio: float = 0.05
     weight_decay: float = 0.001
     bf16: bool = True
 
@@ -93,6 +98,18 @@ def to_pairs(rows: list[dict[str, Any]], query_format: str) -> list[dict[str, st
     return pairs
 
 
+def filter_pairs_by_teacher(dataset, teacher, threshold: float):
+    """The optional teacher filter of stage 3 (pairs scored below ``threshold`` are dropped).
+
+    The anchors already carry their instruction (``query_format``), so the teacher encodes them as they are
+    (``query_prompt=""``), never with its own query prompt on top: one instruction per query.
+    """
+    from conan_hf.data.teacher import filter_by_teacher
+
+    return filter_by_teacher(dataset, teacher, threshold=threshold, query_column="anchor", positive_column="positive",
+                             score_column=None, query_prompt="")
+
+
 def run(config: WeakConfig) -> dict[str, Any]:
     """Train stage 3; returns a summary with the final directory, the logged losses and the final α."""
     from datasets import Dataset
@@ -101,7 +118,7 @@ def run(config: WeakConfig) -> dict[str, Any]:
 
     from conan_hf.demo import demo_instructions
     from conan_hf.losses import InfoNCELoss
-    from conan_hf.soft_mask import get_soft_mask_alpha
+    from conan_hf.soft_mask import get_soft_mask_alpha, set_soft_mask_length
     from trainers.callbacks import SoftMaskCallback
 
     setup_runtime(config)
@@ -109,16 +126,15 @@ def run(config: WeakConfig) -> dict[str, Any]:
     dataset = Dataset.from_list(to_pairs(rows, config.query_format))
     teacher_report = None
     if config.teacher:
-        from conan_hf.data.teacher import filter_by_teacher
-
-        dataset, teacher_report = filter_by_teacher(dataset, config.teacher, threshold=config.teacher_threshold,
-                                                    query_column="anchor", positive_column="positive",
-                                                    score_column=None)
+        dataset, teacher_report = filter_pairs_by_teacher(dataset, config.teacher, config.teacher_threshold)
         if len(dataset) == 0:
             raise ValueError(f"the teacher filter (threshold {config.teacher_threshold}) dropped every pair")
 
     model = load_sentence_model(config.model, attention_mode="soft", pooling=config.pooling,
                                 max_seq_length=config.max_seq_length)
+    # "max_seq_length" becomes this stage's fixed max_seq_length, so l does not depend on how the collator pads.
+    set_soft_mask_length(model, config.max_seq_length if config.soft_mask_length == "max_seq_length"
+                         else config.soft_mask_length)
     loss = InfoNCELoss(model, temperature=config.temperature)
     args = SentenceTransformerTrainingArguments(
         **config.training_arguments_kwargs(),
