@@ -36,7 +36,7 @@ Example:
 ```python
 >>> from conan_hf import ConanConfig, ConanModel, set_soft_mask_alpha, soft_mask_alpha
 >>> model = ConanModel(ConanConfig.tiny(attention_mode="soft"))
->>> for step in range(100):
+>>> for step in range(1, 101):  # step t of tau = 100 trains at alpha(t / tau): the last one at alpha = 1
 ...     set_soft_mask_alpha(model, soft_mask_alpha(step, total_steps=100))  # SoftMaskCallback does this in a Trainer
 ...     ...
 ```
