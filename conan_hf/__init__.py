@@ -16,6 +16,7 @@ from .soft_mask import (
     plot_soft_mask,
     remove_soft_mask,
     set_soft_mask_alpha,
+    set_soft_mask_length,
     soft_mask_alpha,
     soft_mask_matrix,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "plot_soft_mask",
     "remove_soft_mask",
     "set_soft_mask_alpha",
+    "set_soft_mask_length",
     "soft_mask_alpha",
     "soft_mask_matrix",
     "train_tokenizer",

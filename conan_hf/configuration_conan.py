@@ -15,6 +15,20 @@ ATTENTION_MODES = ("causal", "bidirectional", "soft")
 #: alpha >= 1 keep the model's own (possibly flash) implementation.
 SOFT_MASK_BACKENDS = ("auto", "eager", "sdpa", "flex_attention")
 
+#: What l of eq.4 is (besides a fixed positive int): "sequence" = each sequence's (or packed document's) real length,
+#: "max_seq_length" = the padded length of the batch, the training sequence length when inputs are padded to it.
+SOFT_MASK_LENGTHS = ("sequence", "max_seq_length")
+
+
+def check_soft_mask_length(value) -> None:
+    """Raise a ValueError unless `value` is one of `SOFT_MASK_LENGTHS` or a positive int (l of eq.4)."""
+    if isinstance(value, str):
+        if value in SOFT_MASK_LENGTHS:
+            return
+    elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return
+    raise ValueError(f"soft_mask_length must be one of {SOFT_MASK_LENGTHS} or a positive integer, got {value!r}.")
+
 
 @strict
 class ConanConfig(LlamaConfig):
@@ -40,6 +54,10 @@ class ConanConfig(LlamaConfig):
             `attn_implementation` (falling back from flex to sdpa for CPU training and from sdpa to eager on Ascend
             NPU); set `"flex_attention"` to keep flash attention for the causal / bidirectional phases and run the
             soft phase without an L×L tensor.
+        soft_mask_length (`str` or `int`, defaults to `"sequence"`):
+            l of eq.4. `"sequence"`: each sequence's real (unpadded) length, or each document's in a packed row — the
+            mask of a text then depends on nothing else in the batch; `"max_seq_length"`: the padded length of the
+            batch (the paper's "training sequence length" when inputs are padded to it); an int: that fixed l.
 
     Example:
 
@@ -70,6 +88,7 @@ class ConanConfig(LlamaConfig):
     attention_mode: str = "causal"
     soft_mask_alpha: float = 0.0
     soft_mask_backend: str = "auto"
+    soft_mask_length: int | str = "sequence"
 
     def __post_init__(self, **kwargs):
         if self.rope_parameters is None and "rope_theta" not in kwargs:
@@ -115,6 +134,10 @@ class ConanConfig(LlamaConfig):
             raise ValueError(
                 f"ConanConfig.soft_mask_backend must be one of {SOFT_MASK_BACKENDS}, got {self.soft_mask_backend!r}."
             )
+        try:
+            check_soft_mask_length(self.soft_mask_length)
+        except ValueError as error:
+            raise ValueError(f"ConanConfig.{error}") from None
 
     @property
     def is_causal(self) -> bool:
@@ -153,4 +176,4 @@ class ConanConfig(LlamaConfig):
         return cls(**defaults)
 
 
-__all__ = ["ConanConfig", "ATTENTION_MODES", "SOFT_MASK_BACKENDS"]
+__all__ = ["ConanConfig", "ATTENTION_MODES", "SOFT_MASK_BACKENDS", "SOFT_MASK_LENGTHS", "check_soft_mask_length"]

@@ -15,14 +15,20 @@ import inspect
 import torch
 from transformers.integrations import flex_attention as hf_flex_attention
 from transformers.integrations import sdpa_attention as hf_sdpa_attention
-from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, flex_attention_mask
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    and_masks,
+    bidirectional_mask_function,
+    flex_attention_mask,
+    packed_sequence_mask_function,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import AttentionInterface
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 from transformers.utils import is_torch_npu_available, logging
 from transformers.utils.generic import is_flash_attention_requested
 
-from .configuration_conan import SOFT_MASK_BACKENDS, ConanConfig
+from .configuration_conan import SOFT_MASK_BACKENDS, SOFT_MASK_LENGTHS, ConanConfig, check_soft_mask_length
 
 logger = logging.get_logger(__name__)
 
@@ -43,11 +49,14 @@ def padding_aware_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 # Soft-mask attention (paper §3.2, eq.4; schedules in App. C live in conan_hf/soft_mask.py).
 #
 # Conventions: rows i are queries, columns j keys, both 1-based and counted from each sequence's first real token (so
-# left padding shifts nothing); l is the sequence's real (unpadded) length;
+# left padding shifts nothing); l is the sequence's real (unpadded) length by default (`soft_mask_length`: "sequence";
+# "max_seq_length" uses the padded length of the batch, an int a fixed l);
 #     M_ij(α) = 1                      if i >= j
 #             = min(α · l / i, 1)      if i <  j
-# and padding keys are always masked. M multiplies the unnormalised attention weights, i.e. log M is added to the
-# logits (M = 0 -> the dtype's most negative value, as transformers' own masks do, so fully padded rows stay finite).
+# and padding keys are always masked. A packed row (position ids restarting inside it) holds several documents: each
+# gets its own mask (its own i and l) and never attends to another. M multiplies the unnormalised attention weights,
+# i.e. log M is added to the logits (M = 0 -> the dtype's most negative value, as transformers' own masks do, so
+# fully padded rows stay finite).
 # α = 0 is exactly causal, α >= 1 exactly bidirectional, and row i < l is fully bidirectional exactly when α >= i / l
 # (the last row, i = l, has no later key and always sees everything).
 #
@@ -120,16 +129,40 @@ def soft_mask_log_weights(
     return torch.where(key_is_real, log_m, torch.full_like(log_m, min_value))
 
 
+def packed_document_ids(position_ids: torch.Tensor, key_is_real: torch.Tensor) -> torch.Tensor | None:
+    """Document index of each token when rows are packed (position ids restart inside a row), else None.
+
+    A document starts at every real token whose position id is not the previous real token's plus one (the rule of
+    transformers' `find_packed_sequence_indices`, applied to real tokens only so that padding never splits a
+    sequence). Real tokens get 1, 2, ... per row; padding before a row's first real token gets 0. Returns None when
+    no row holds more than one document (a data-dependent check: one host sync).
+    """
+    batch_size, length = key_is_real.shape
+    position_ids = position_ids.to(key_is_real.device).expand(batch_size, length)
+    index = torch.arange(length, device=key_is_real.device).expand(batch_size, length)
+    last_real = torch.where(key_is_real, index, -1).cummax(-1).values
+    previous_real = torch.cat([last_real.new_full((batch_size, 1), -1), last_real[:, :-1]], dim=-1)
+    previous_position = position_ids.gather(1, previous_real.clamp(min=0))
+    continues = (previous_real >= 0) & (position_ids == previous_position + 1)
+    documents = (key_is_real & ~continues).long().cumsum(-1)
+    if not bool((documents[:, -1] > 1).any()):
+        return None
+    return documents
+
+
 class SoftMaskInputs:
     """Everything the attention needs to apply eq.4 to one padded batch; O(batch × length) memory, no L×L tensor.
 
     Attributes:
         alpha: 0-d float32 tensor α (a tensor, so a compiled flex kernel is reused as α changes).
-        positions: (batch, length) 1-based rank of each token among its sequence's real tokens (the cumulative sum of
-            the padding mask), so i and j count from the first real token whatever the padding side.
-        lengths: (batch,) real lengths l.
-        bidirectional_rows: (batch,) `soft_mask_bidirectional_rows(alpha, lengths)`.
+        positions: (batch, length) 1-based rank of each token among its sequence's (or packed document's) real tokens,
+            so i and j count from the first real token whatever the padding side.
+        lengths: (batch, length) float32 l of eq.4 for each query token (its sequence's or document's real length,
+            the padded length, or a fixed int; see `soft_mask_length`).
+        bidirectional_rows: (batch, length) `soft_mask_bidirectional_rows(alpha, lengths)`.
         key_is_real: (batch, length) False at padding.
+        documents: (batch, length) document index of each token of packed rows (`packed_document_ids`), or None when
+            every row is one sequence; a key is visible only from queries of its own document.
     """
 
     def __init__(
@@ -139,17 +172,28 @@ class SoftMaskInputs:
         lengths: torch.Tensor,
         bidirectional_rows: torch.Tensor,
         key_is_real: torch.Tensor,
+        documents: torch.Tensor | None = None,
     ):
         self.alpha = alpha
         self.positions = positions
         self.lengths = lengths
         self.bidirectional_rows = bidirectional_rows
         self.key_is_real = key_is_real
+        self.documents = documents
 
     @classmethod
     def from_padding_mask(
-        cls, padding_mask: torch.Tensor | None, batch_size: int, length: int, alpha: float, device: torch.device
+        cls,
+        padding_mask: torch.Tensor | None,
+        batch_size: int,
+        length: int,
+        alpha: float,
+        device: torch.device,
+        mask_length: int | str = "sequence",
+        position_ids: torch.Tensor | None = None,
     ) -> "SoftMaskInputs":
+        """Build the inputs from the 2D padding mask; `position_ids` that restart inside a row mark packed documents."""
+        check_soft_mask_length(mask_length)
         if padding_mask is None:
             key_is_real = torch.ones(batch_size, length, dtype=torch.bool, device=device)
         else:
@@ -159,14 +203,44 @@ class SoftMaskInputs:
                     f"{tuple(padding_mask.shape)}; pass the tokenizer's attention_mask, not a prepared 4D mask."
                 )
             key_is_real = padding_mask.to(device=device, dtype=torch.bool)
-        lengths = key_is_real.sum(-1)
+        documents = packed_document_ids(position_ids, key_is_real) if position_ids is not None else None
+        rank = key_is_real.long().cumsum(-1)
+        if documents is None:
+            positions = rank
+            real_lengths = key_is_real.sum(-1, keepdim=True).expand(batch_size, length)
+        else:
+            # Rank within the document: the row rank minus the rank just before the document's first token.
+            first = (documents != torch.cat([documents.new_zeros(batch_size, 1), documents[:, :-1]], dim=-1))
+            before_document = torch.where(first & key_is_real, rank - 1, 0).cummax(-1).values
+            positions = rank - before_document
+            counts = torch.zeros(batch_size, length + 1, dtype=torch.long, device=device)
+            counts.scatter_add_(1, documents, key_is_real.long())
+            real_lengths = counts.gather(1, documents)
+        if mask_length == "sequence":
+            lengths = real_lengths
+        else:
+            fixed = length if mask_length == "max_seq_length" else int(mask_length)
+            lengths = torch.full((batch_size, length), fixed, dtype=torch.long, device=device)
         return cls(
             alpha=torch.tensor(float(alpha), dtype=torch.float32, device=device),
-            positions=key_is_real.long().cumsum(-1),
+            positions=positions,
             lengths=lengths.to(torch.float32),
             bidirectional_rows=soft_mask_bidirectional_rows(alpha, lengths),
             key_is_real=key_is_real,
+            documents=documents,
         )
+
+    def visible_keys(self, batch_idx=None, q_idx=None, kv_idx=None) -> torch.Tensor:
+        """Which keys a query may see at all: real keys of its own document (dense (b, 1, q, k) grid by default)."""
+        if batch_idx is None:
+            visible = self.key_is_real[:, None, None, :]
+            if self.documents is not None:
+                visible = visible & (self.documents[:, None, :, None] == self.documents[:, None, None, :])
+            return visible
+        visible = self.key_is_real[batch_idx, kv_idx]
+        if self.documents is not None:
+            visible = visible & (self.documents[batch_idx, q_idx] == self.documents[batch_idx, kv_idx])
+        return visible
 
     def dense_bias(self, dtype: torch.dtype) -> torch.Tensor:
         """(batch, 1, length, length) additive bias log M for eager / sdpa attention, in `dtype`."""
@@ -174,10 +248,10 @@ class SoftMaskInputs:
         bias = soft_mask_log_weights(
             self.positions[:, None, :, None],
             self.positions[:, None, None, :],
-            self.lengths[:, None, None, None],
+            self.lengths[:, None, :, None],
             self.alpha,
-            self.bidirectional_rows[:, None, None, None],
-            self.key_is_real[:, None, None, :],
+            self.bidirectional_rows[:, None, :, None],
+            self.visible_keys(),
             min_value,
         )
         return bias.to(dtype)
@@ -185,16 +259,16 @@ class SoftMaskInputs:
     def score_mod(self, min_value: float):
         """A flex-attention `score_mod` adding log M computed from (batch, q_idx, kv_idx) on the fly."""
         positions, lengths, alpha = self.positions, self.lengths, self.alpha
-        bidirectional_rows, key_is_real = self.bidirectional_rows, self.key_is_real
+        bidirectional_rows, visible_keys = self.bidirectional_rows, self.visible_keys
 
         def soft_mask_score_mod(score, batch_idx, head_idx, q_idx, kv_idx):
             bias = soft_mask_log_weights(
                 positions[batch_idx, q_idx],
                 positions[batch_idx, kv_idx],
-                lengths[batch_idx],
+                lengths[batch_idx, q_idx],
                 alpha,
-                bidirectional_rows[batch_idx],
-                key_is_real[batch_idx, kv_idx],
+                bidirectional_rows[batch_idx, q_idx],
+                visible_keys(batch_idx, q_idx, kv_idx),
                 min_value,
             )
             return score + bias.to(score.dtype)
@@ -261,12 +335,16 @@ def resolve_soft_mask_backend(
     device_type: str = "cpu",
     training: bool = False,
     npu: bool | None = None,
+    packed: bool = False,
 ) -> str:
     """Which attention path a forward pass at `alpha` takes.
 
     Returns `"causal"` (α <= 0) or `"bidirectional"` (α >= 1) — the model's own implementation with a plain mask, so
-    flash attention and un-padded (packed) batches work there — or, for 0 < α < 1, the soft-mask backend:
+    flash attention and un-padded (`cu_seq_lens`) batches work there — or, for 0 < α < 1, the soft-mask backend:
     `"eager"` / `"sdpa"` (materialised float bias log M) or `"flex_attention"` (score_mod, no L×L tensor).
+    `packed=True` (rows holding several documents, told apart by restarting position ids only) always takes the
+    soft-mask backend: transformers' own bidirectional mask would let the documents see each other, and the
+    per-document mask (exactly causal at α = 0, exactly bidirectional at α >= 1) keeps them apart.
 
     `"auto"` follows `attn_implementation`, except that flex falls back to sdpa for CPU training (flex attention has no
     CPU backward) and sdpa becomes eager on Ascend NPU (transformers' sdpa turns float masks into booleans there).
@@ -277,18 +355,26 @@ def resolve_soft_mask_backend(
     """
     if requested not in SOFT_MASK_BACKENDS:
         raise ValueError(f"soft_mask_backend must be one of {SOFT_MASK_BACKENDS}, got {requested!r}.")
-    if not alpha > 0:  # also catches NaN
-        if alpha != alpha:
-            raise ValueError("The soft-mask alpha is NaN.")
-        return "causal"
-    if alpha >= 1:
-        return "bidirectional"
+    if alpha != alpha:
+        raise ValueError("The soft-mask alpha is NaN.")
+    if not packed:
+        if alpha <= 0:
+            return "causal"
+        if alpha >= 1:
+            return "bidirectional"
     implementation = attn_implementation or "sdpa"
     if requested != "auto":
         backend = requested
     elif implementation in ("eager", "sdpa", "flex_attention", SOFT_FLEX_ATTENTION):
         backend = "flex_attention" if implementation == SOFT_FLEX_ATTENTION else implementation
     elif is_flash_attention_requested(requested_attention_implementation=implementation):
+        if packed:
+            raise ValueError(
+                f"attn_implementation={implementation!r} cannot express the soft mask of packed rows (position ids "
+                "restarting inside a row, no cu_seq_lens): each document needs its own mask. Set "
+                "soft_mask_backend='flex_attention' (or 'sdpa' / 'eager'), pass cu_seq_lens_q/k for the causal and "
+                "bidirectional phases, or use padded batches."
+            )
         raise ValueError(
             f"attn_implementation={implementation!r} cannot express the soft mask's partial weights (0 < M < 1) at "
             f"alpha={alpha:.4g}. Set soft_mask_backend='flex_attention' (or 'sdpa' / 'eager') to keep "
@@ -315,8 +401,8 @@ def resolve_soft_mask_backend(
 class SoftMaskState:
     """Per-model runtime state of the soft mask (kept on the decoder module, never saved).
 
-    `alpha` / `backend` / `inner_forward` are used for patched stock decoders only (a `ConanModel` keeps α and the
-    backend in its config);
+    `alpha` / `backend` / `mask_length` / `inner_forward` are used for patched stock decoders only (a `ConanModel`
+    keeps α, the backend and l in its config);
     `base_attn_implementation` is the model's own implementation, restored whenever a soft forward does not need a
     different one (α = 0, α >= 1, or after `remove_soft_mask`).
     """
@@ -324,6 +410,7 @@ class SoftMaskState:
     def __init__(self, alpha: float | None = None, backend: str = "auto"):
         self.alpha = alpha
         self.backend = backend
+        self.mask_length: int | str = "sequence"
         self.base_attn_implementation: str | None = None
         self.active_attn_implementation: str | None = None
         self.backend_in_use: str | None = None
@@ -375,6 +462,8 @@ def prepare_soft_attention(
     inputs_embeds: torch.Tensor | None,
     kwargs: dict,
     past_key_values=None,
+    mask_length: int | str = "sequence",
+    position_ids: torch.Tensor | None = None,
 ) -> tuple:
     """Turn a decoder forward's inputs into soft-mask inputs (eq.4) for the transformers decoder `model`.
 
@@ -387,6 +476,10 @@ def prepare_soft_attention(
     - eager / sdpa: a prepared 4D float mask log M, which transformers' mask creation passes through as-is.
     - flex_attention: the padding `BlockMask` plus a `SoftMaskInputs` keyword argument read by the registered
       `SOFT_FLEX_ATTENTION` function, whose score_mod computes log M on the fly.
+
+    `mask_length` is l of eq.4 (see `ConanConfig.soft_mask_length`). `position_ids` given by the caller that restart
+    inside a row (packed documents, no `cu_seq_lens`) give every document its own mask at every α (the fast paths
+    above would let documents see each other).
 
     The backend in use is logged whenever it changes.
     """
@@ -402,8 +495,19 @@ def prepare_soft_attention(
         raise ValueError("The soft mask needs `input_ids` or `inputs_embeds`.")
     device = reference.device
     requires_grad = torch.is_grad_enabled() and model.training
+    batch_size, length = reference.shape[:2]
+    documents = None
+    flattened = "cu_seq_lens_q" in kwargs or "cu_seq_lens_k" in kwargs
+    cached = past_key_values is not None and past_key_values.get_seq_length() > 0
+    padding_2d = attention_mask is None or (
+        isinstance(attention_mask, torch.Tensor) and tuple(attention_mask.shape) == (batch_size, length)
+    )
+    if position_ids is not None and position_ids.dim() == 2 and padding_2d and not flattened and not cached:
+        padding = attention_mask if attention_mask is not None else torch.ones(batch_size, length, device=device)
+        documents = packed_document_ids(position_ids, padding.to(device=device, dtype=torch.bool))
     choice = resolve_soft_mask_backend(
-        state.base_attn_implementation, alpha, backend, device_type=device.type, training=requires_grad
+        state.base_attn_implementation, alpha, backend, device_type=device.type, training=requires_grad,
+        packed=documents is not None,
     )
     kwargs = dict(kwargs)
     if choice in ("causal", "bidirectional"):
@@ -411,15 +515,20 @@ def prepare_soft_attention(
         if choice == "bidirectional":
             kwargs["is_causal"] = False
     else:
-        batch_size, length = reference.shape[:2]
         _check_soft_inputs(config, attention_mask, length, kwargs, past_key_values)
-        soft = SoftMaskInputs.from_padding_mask(attention_mask, batch_size, length, alpha, device)
+        soft = SoftMaskInputs.from_padding_mask(
+            attention_mask, batch_size, length, alpha, device, mask_length=mask_length,
+            position_ids=position_ids if documents is not None else None,
+        )
         if choice == "flex_attention":
+            mask_function = bidirectional_mask_function
+            if soft.documents is not None:  # lets the kernel skip blocks across documents too
+                mask_function = and_masks(mask_function, packed_sequence_mask_function(soft.documents))
             attention_mask = flex_attention_mask(
                 batch_size=batch_size,
                 q_length=length,
                 kv_length=length,
-                mask_function=bidirectional_mask_function,
+                mask_function=mask_function,
                 attention_mask=soft.key_is_real,
                 device=device,
             )
@@ -440,6 +549,8 @@ def prepare_soft_attention(
             "sdpa": "sdpa with a dense log-M bias",
             "flex_attention": "flex_attention score_mod (no L x L tensor)",
         }[choice]
+        if documents is not None:
+            detail += ", one mask per packed document"
         logger.info(
             f"Soft mask (alpha={alpha:.4g}) on {type(model).__name__}: {detail} "
             f"[model attn_implementation={state.base_attn_implementation!r}]."
@@ -524,10 +635,13 @@ class ConanModel(ConanPreTrainedModel, LlamaModel):
             if cache is not None or use_cache:
                 raise ValueError(f"A KV cache only makes sense for causal attention, not attention_mode={mode!r}.")
             use_cache = False
+        given_position_ids = position_ids  # ours below never restart inside a row: no packed-document check for them
         if position_ids is None and cache is None and attention_mask is not None and attention_mask.dim() == 2:
             position_ids = padding_aware_position_ids(attention_mask)
         if mode == "soft":
-            attention_mask, kwargs = self._soft_attention_inputs(attention_mask, input_ids, inputs_embeds, kwargs)
+            attention_mask, kwargs = self._soft_attention_inputs(
+                attention_mask, input_ids, inputs_embeds, kwargs, position_ids=given_position_ids
+            )
         if cache is not None:
             kwargs[CACHE_ARGUMENT] = cache
         return super().forward(
@@ -539,8 +653,8 @@ class ConanModel(ConanPreTrainedModel, LlamaModel):
             **kwargs,
         )
 
-    def _soft_attention_inputs(self, attention_mask, input_ids, inputs_embeds, kwargs):
-        """Eq.4 soft mask for this forward: α and the backend come from the config (see `prepare_soft_attention`)."""
+    def _soft_attention_inputs(self, attention_mask, input_ids, inputs_embeds, kwargs, position_ids=None):
+        """Eq.4 soft mask for this forward: α, the backend and l come from the config (see `prepare_soft_attention`)."""
         return prepare_soft_attention(
             self,
             alpha=self.config.soft_mask_alpha,
@@ -549,6 +663,8 @@ class ConanModel(ConanPreTrainedModel, LlamaModel):
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
             kwargs=kwargs,
+            mask_length=getattr(self.config, "soft_mask_length", "sequence"),
+            position_ids=position_ids,
         )
 
 
@@ -574,7 +690,9 @@ __all__ = [
     "ConanForCausalLM",
     "padding_aware_position_ids",
     "SOFT_MASK_BACKENDS",
+    "SOFT_MASK_LENGTHS",
     "SoftMaskInputs",
+    "packed_document_ids",
     "prepare_soft_attention",
     "resolve_soft_mask_backend",
     "soft_mask_flex_attention_forward",

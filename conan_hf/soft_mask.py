@@ -1,13 +1,26 @@
 """Soft-mask attention (paper §3.2, eq.4; schedules from App. C).
 
 During weakly-supervised training the attention mask moves gradually from causal to bidirectional. With rows i as
-queries and columns j as keys (1-based, counted from each sequence's first real token) and l the real length:
+queries and columns j as keys (1-based, counted from each sequence's first real token) and l the length:
 
     M_ij(t) = 1                        if i >= j
             = min(α(t) · l / i, 1)     if i <  j
 
 M multiplies the unnormalised attention weights (an additive bias log M on the logits), so α = 0 is exactly causal
 and α >= 1 exactly bidirectional; padding keys are always masked.
+
+l ("the training sequence length" in the paper) is chosen by `soft_mask_length`:
+
+- ``"sequence"`` (default): each sequence's real, unpadded length. A text's mask then depends on nothing else in its
+  batch (padding side, the longest neighbour), and every text moves from causal to bidirectional over the whole
+  schedule: row i opens fully at α = i / l, so the last rows of every text open only as α approaches 1.
+- ``"max_seq_length"``: the padded length of the batch — the training sequence length when inputs are padded to it.
+  The weak stage (`trainers.weak`, ``soft_mask_length: max_seq_length``) passes its ``max_seq_length`` as a fixed int
+  instead, so that l does not depend on how the collator pads.
+- an int: that fixed l. With l = 512, a 50-token text is fully bidirectional from α = 50/512 ≈ 0.1 on.
+
+Packed rows (several documents in one row, position ids restarting at each, no ``cu_seq_lens``) get one mask per
+document, with its own i and l, and no attention across documents, at every α.
 
 This module is the user-facing API. The attention machinery itself lives in `conan_hf.modeling_conan` (one place),
 because checkpoints ship that file as remote code:
@@ -23,7 +36,7 @@ Example:
 ```python
 >>> from conan_hf import ConanConfig, ConanModel, set_soft_mask_alpha, soft_mask_alpha
 >>> model = ConanModel(ConanConfig.tiny(attention_mode="soft"))
->>> for step in range(100):
+>>> for step in range(1, 101):  # step t of tau = 100 trains at alpha(t / tau): the last one at alpha = 1
 ...     set_soft_mask_alpha(model, soft_mask_alpha(step, total_steps=100))  # SoftMaskCallback does this in a Trainer
 ...     ...
 ```
@@ -39,6 +52,7 @@ from typing import Iterable
 import torch
 from transformers import PreTrainedModel
 
+from .configuration_conan import SOFT_MASK_LENGTHS, check_soft_mask_length
 from .modeling_conan import (
     SOFT_FLEX_ATTENTION,
     SOFT_MASK_BACKENDS,
@@ -84,8 +98,10 @@ def soft_mask_alpha(step: float, total_steps: float, schedule: str = "linear") -
     return 1.0 - (1.0 - x) ** 2
 
 
-def soft_mask_matrix(length: int, alpha: float) -> torch.Tensor:
+def soft_mask_matrix(length: int, alpha: float, mask_length: int | None = None) -> torch.Tensor:
     """The `length` × `length` soft mask M(α) of eq.4 for one unpadded sequence (float32; rows are queries).
+
+    `mask_length` is l of eq.4 (default: `length`, the sequence's own length).
 
     Example:
 
@@ -101,8 +117,12 @@ def soft_mask_matrix(length: int, alpha: float) -> torch.Tensor:
         raise ValueError(f"length must be a positive integer, got {length!r}.")
     if not float(alpha) >= 0:
         raise ValueError(f"alpha must be >= 0, got {alpha!r}.")
+    if mask_length is not None:
+        check_soft_mask_length(mask_length)
+        if isinstance(mask_length, str):
+            raise ValueError(f"mask_length must be a positive integer here, got {mask_length!r}.")
     positions = torch.arange(1, length + 1)
-    lengths = torch.tensor(length)
+    lengths = torch.tensor(length if mask_length is None else mask_length)
     rows = soft_mask_bidirectional_rows(float(alpha), lengths)
     return soft_mask_weights(positions[:, None], positions[None, :], lengths, float(alpha), rows)
 
@@ -203,6 +223,8 @@ def _soft_mask_forward(module: PreTrainedModel, *args, **kwargs):
         inputs_embeds=arguments.get("inputs_embeds"),
         kwargs=extra,
         past_key_values=arguments.get("cache", arguments.get("past_key_values")),  # 5.24 renamed it `cache`
+        mask_length=state.mask_length,
+        position_ids=arguments.get("position_ids"),
     )
     return inner(
         input_ids=arguments.get("input_ids"),
@@ -228,7 +250,9 @@ class SoftMaskHandle:
         self.remove()
 
 
-def apply_soft_mask(model: torch.nn.Module, alpha: float | None = None, backend: str = "auto") -> SoftMaskHandle:
+def apply_soft_mask(
+    model: torch.nn.Module, alpha: float | None = None, backend: str = "auto", length: int | str | None = None
+) -> SoftMaskHandle:
     """Enable the eq.4 soft mask on every transformers decoder inside `model`, without editing the decoder's code.
 
     Stock decoders (Llama, Qwen2, Mistral, ... — any model using transformers' mask and attention interfaces) get a
@@ -240,6 +264,9 @@ def apply_soft_mask(model: torch.nn.Module, alpha: float | None = None, backend:
         model: a transformers model, or any module containing one (e.g. a `SentenceTransformer`).
         alpha: initial α (default: keep the current one, 0 for a fresh patch).
         backend: one of `SOFT_MASK_BACKENDS`; "auto" follows the model's `attn_implementation`.
+        length: l of eq.4, one of `SOFT_MASK_LENGTHS` ("sequence": each sequence's real length; "max_seq_length": the
+            padded length of the batch) or a fixed positive int (default: keep the current one, "sequence" for a
+            fresh patch).
 
     Example:
 
@@ -256,6 +283,8 @@ def apply_soft_mask(model: torch.nn.Module, alpha: float | None = None, backend:
         raise ValueError(f"backend must be one of {SOFT_MASK_BACKENDS}, got {backend!r}.")
     if alpha is not None and not float(alpha) >= 0:
         raise ValueError(f"alpha must be >= 0, got {alpha!r}.")
+    if length is not None:
+        check_soft_mask_length(length)
     decoders = _decoders(model)
     if not decoders:
         raise ValueError(f"apply_soft_mask found no transformers model inside {type(model).__name__}.")
@@ -268,10 +297,13 @@ def apply_soft_mask(model: torch.nn.Module, alpha: float | None = None, backend:
                     "attention_mode": config.attention_mode,
                     "soft_mask_alpha": config.soft_mask_alpha,
                     "soft_mask_backend": config.soft_mask_backend,
+                    "soft_mask_length": config.soft_mask_length,
                 }
             decoder.config.attention_mode = "soft"
             decoder.config.soft_mask_backend = backend
             decoder.config.soft_mask_alpha = float(alpha) if alpha is not None else 0.0
+            if length is not None:
+                decoder.config.soft_mask_length = length
             continue
         if not getattr(decoder, "_supports_attention_backend", False):
             raise ValueError(
@@ -282,6 +314,8 @@ def apply_soft_mask(model: torch.nn.Module, alpha: float | None = None, backend:
         state.backend = backend
         if alpha is not None:
             state.alpha = float(alpha)
+        if length is not None:
+            state.mask_length = length
         if not _is_soft_forward(decoder.__dict__.get("forward")):
             # Keep an existing instance-level forward (e.g. accelerate's device hooks) inside ours.
             state.inner_forward = decoder.__dict__.get("forward")
@@ -348,6 +382,26 @@ def set_soft_mask_alpha(model: torch.nn.Module, alpha: float) -> int:
     return len(targets)
 
 
+def set_soft_mask_length(model: torch.nn.Module, length: int | str) -> int:
+    """Set l of eq.4 on every soft-masked decoder inside `model` (see `apply_soft_mask`); returns how many.
+
+    On a `ConanModel` it is stored in the config (`soft_mask_length`) and saved with the model.
+    """
+    check_soft_mask_length(length)
+    targets = _soft_targets(model)
+    if not targets:
+        raise ValueError(
+            f"{type(model).__name__} has no soft-masked decoder: use a ConanModel with attention_mode='soft' or call "
+            "conan_hf.apply_soft_mask(model) first."
+        )
+    for decoder in targets:
+        if isinstance(decoder, ConanModel):
+            decoder.config.soft_mask_length = length
+        else:
+            soft_mask_state(decoder).mask_length = length
+    return len(targets)
+
+
 def get_soft_mask_alpha(model: torch.nn.Module) -> float:
     """The α in effect on the (first) soft-masked decoder inside `model` (0.0 for a patched model with none set)."""
     targets = _soft_targets(model)
@@ -364,6 +418,7 @@ __all__ = [
     "SOFT_MASK_BACKENDS",
     "SOFT_FLEX_ATTENTION",
     "SOFT_MASK_KWARG",
+    "SOFT_MASK_LENGTHS",
     "SoftMaskHandle",
     "SoftMaskInputs",
     "apply_soft_mask",
@@ -372,6 +427,7 @@ __all__ = [
     "remove_soft_mask",
     "resolve_soft_mask_backend",
     "set_soft_mask_alpha",
+    "set_soft_mask_length",
     "soft_mask_alpha",
     "soft_mask_bidirectional_rows",
     "soft_mask_flex_attention_forward",

@@ -45,20 +45,26 @@ LOGGER = "conan_hf.modeling_conan"
 # ----------------------------------------------------------------------------------------------------------- helpers
 
 
-def naive_m(length: int, alpha: float) -> list[list[float]]:
-    """Eq.4 straight from the definition: rows i (queries), columns j (keys), 1-based."""
-    return [[1.0 if i >= j else min(alpha * length / i, 1.0) for j in range(1, length + 1)]
+def naive_m(length: int, alpha: float, l: int | None = None) -> list[list[float]]:
+    """Eq.4 straight from the definition: rows i (queries), columns j (keys), 1-based; l defaults to `length`."""
+    l = length if l is None else l
+    return [[1.0 if i >= j else min(alpha * l / i, 1.0) for j in range(1, length + 1)]
             for i in range(1, length + 1)]
 
 
-def naive_bias(mask2d: torch.Tensor, alpha: float, dtype=torch.float32) -> torch.Tensor:
+def naive_l(option, real_length: int, padded_length: int) -> int:
+    """l of eq.4 for a `soft_mask_length` option, spelled out."""
+    return {"sequence": real_length, "max_seq_length": padded_length}.get(option, option)
+
+
+def naive_bias(mask2d: torch.Tensor, alpha: float, dtype=torch.float32, option="sequence") -> torch.Tensor:
     """(B, 1, L, L) log M for a padded batch: ranks count from each sequence's first real token; padding keys masked."""
     lowest = torch.finfo(dtype).min
     batch, length = mask2d.shape
     bias = torch.full((batch, 1, length, length), lowest, dtype=dtype)
     for b in range(batch):
         real = [p for p in range(length) if mask2d[b, p]]
-        m = naive_m(len(real), alpha) if real else []
+        m = naive_m(len(real), alpha, naive_l(option, len(real), length)) if real else []
         for q in range(length):
             for rk, k in enumerate(real):
                 if q in real:
@@ -105,12 +111,12 @@ def run(model, ids, mask, **kwargs):
     return model(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
 
 
-def naive_reference(kind: str, ids, mask, alpha: float):
+def naive_reference(kind: str, ids, mask, alpha: float, option="sequence"):
     """Unpatched eager model fed the naive log-M bias as a prepared 4D mask."""
     model = build(kind, "eager", patched=False)
     kwargs = {"position_ids": padding_aware_position_ids(mask)} if kind == "conan" else {}
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=naive_bias(mask, alpha), **kwargs).last_hidden_state
+        return model(input_ids=ids, attention_mask=naive_bias(mask, alpha, option=option), **kwargs).last_hidden_state
 
 
 def plain(kind: str, ids, mask, bidirectional: bool):
@@ -198,6 +204,63 @@ def test_dense_bias_follows_each_sequence_real_tokens():
             real_rows = mask.bool()[:, None, :, None].expand_as(bias)
             torch.testing.assert_close(bias[real_rows], reference[real_rows], atol=1e-6, rtol=1e-6)
             assert torch.isfinite(bias).all()
+
+
+LENGTH_OPTIONS = ("sequence", "max_seq_length", 5, 40)
+
+
+def test_soft_mask_length_options_follow_the_eq4_loop():
+    """`soft_mask_length`: l = each sequence's real length, the padded length, or a fixed int (eq.4's l)."""
+    for option in LENGTH_OPTIONS:
+        for side in ("left", "right", "empty"):
+            _, mask = batch(side)
+            for alpha in (0.05, 0.3, 0.7):
+                bias = SoftMaskInputs.from_padding_mask(mask, BATCH, LENGTH, alpha, torch.device("cpu"),
+                                                        mask_length=option).dense_bias(torch.float32)
+                reference = naive_bias(mask, alpha, option=option)
+                real_rows = mask.bool()[:, None, :, None].expand_as(bias)
+                torch.testing.assert_close(bias[real_rows], reference[real_rows], atol=1e-6, rtol=1e-6)
+        if isinstance(option, int):
+            for alpha in (0.1, 0.5):
+                torch.testing.assert_close(soft_mask_matrix(9, alpha, mask_length=option),
+                                           torch.tensor(naive_m(9, alpha, option)), atol=1e-6, rtol=0)
+    # The options really differ: a 4-token sequence padded to 12 at alpha = 0.1 (row 1: 0.4 vs 1.2 -> 1).
+    _, mask = batch("right")
+    per_option = {option: SoftMaskInputs.from_padding_mask(mask, BATCH, LENGTH, 0.1, torch.device("cpu"),
+                                                           mask_length=option).dense_bias(torch.float32)
+                  for option in ("sequence", "max_seq_length")}
+    assert per_option["sequence"][2, 0, 0, 1].exp().item() == pytest.approx(0.4)
+    assert per_option["max_seq_length"][2, 0, 0, 1].exp().item() == pytest.approx(1.0)
+    for bad in ("padded", 0, -3, True):
+        with pytest.raises(ValueError, match="soft_mask_length must be one of"):
+            ConanConfig.tiny(soft_mask_length=bad)
+    with pytest.raises(ValueError, match="soft_mask_length must be one of"):
+        SoftMaskInputs.from_padding_mask(mask, BATCH, LENGTH, 0.1, torch.device("cpu"), mask_length=2.5)
+
+
+@pytest.mark.parametrize("kind", ["conan", "qwen2"])
+def test_models_use_the_configured_soft_mask_length(kind):
+    """ConanConfig.soft_mask_length / apply_soft_mask(length=...) / set_soft_mask_length reach the attention."""
+    from conan_hf.soft_mask import set_soft_mask_length
+
+    model = build(kind, "sdpa")
+    ids, mask = batch("right")
+    outputs = {}
+    for option in LENGTH_OPTIONS:
+        if kind == "conan":
+            model.config.soft_mask_length = option
+        else:
+            apply_soft_mask(model, length=option)
+        set_soft_mask_alpha(model, 0.2)
+        with torch.no_grad():
+            outputs[option] = run(model, ids, mask)
+        close(outputs[option], naive_reference(kind, ids, mask, 0.2, option), mask)
+    assert (outputs["sequence"] - outputs["max_seq_length"])[mask.bool()].abs().max() > 1e-3
+    set_soft_mask_length(model, "sequence")
+    with torch.no_grad():
+        torch.testing.assert_close(run(model, ids, mask), outputs["sequence"])
+    with pytest.raises(ValueError, match="soft_mask_length must be one of"):
+        set_soft_mask_length(model, "longest")
 
 
 def test_plot_soft_mask_writes_a_png(tmp_path):
@@ -363,6 +426,74 @@ def test_npu_simulated_soft_values_survive(monkeypatch, caplog):
     assert model.config._attn_implementation == "sdpa"
 
 
+# ------------------------------------------------------------------------------------------ packed rows (documents)
+
+# Three rows of LENGTH tokens: two packed documents; three documents and right padding; one plain sequence.
+PACKED_DOCUMENTS = [[5, 7], [3, 4, 2], [12]]
+PACKED_PADDING = [0, 3, 0]
+
+
+def packed_batch():
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, VOCAB, (BATCH, LENGTH), generator=generator)
+    mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
+    position_ids = torch.zeros(BATCH, LENGTH, dtype=torch.long)
+    for row, (documents, padding) in enumerate(zip(PACKED_DOCUMENTS, PACKED_PADDING)):
+        position_ids[row, : LENGTH - padding] = torch.cat([torch.arange(n) for n in documents])
+        mask[row, LENGTH - padding:] = 0
+    return ids, mask, position_ids
+
+
+def document_spans():
+    for row, documents in enumerate(PACKED_DOCUMENTS):
+        start = 0
+        for n in documents:
+            yield row, start, n
+            start += n
+
+
+@pytest.mark.parametrize("kind", ["conan", "qwen2"])
+def test_packed_documents_each_equal_the_document_alone(kind):
+    """Position ids restarting inside a row (no cu_seq_lens) = separate documents, each with its own eq.4 mask."""
+    from conan_hf.soft_mask import set_soft_mask_length
+
+    ids, mask, position_ids = packed_batch()
+    for impl in ("sdpa", "eager"):
+        model = build(kind, impl)
+        for option, alpha in (("sequence", 0.5), ("sequence", 0.0), ("sequence", 1.0), (6, 0.3)):
+            set_soft_mask_alpha(model, alpha)
+            set_soft_mask_length(model, option)
+            with torch.no_grad():
+                packed = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
+                for row, start, n in document_spans():
+                    alone = run(model, ids[row: row + 1, start: start + n], torch.ones(1, n, dtype=torch.long))
+                    torch.testing.assert_close(packed[row, start: start + n], alone[0], atol=1e-5, rtol=1e-5,
+                                               msg=lambda m: f"{impl} {option} alpha={alpha} row {row}: {m}")
+            assert torch.isfinite(packed).all()
+
+
+@pytest.mark.slow  # flex compiles its score_mod with the document test on CPU (~30 s)
+def test_packed_documents_through_flex_match_the_dense_path():
+    ids, mask, position_ids = packed_batch()
+    references = {}
+    for impl in ("sdpa", "flex_attention"):
+        model = build("conan", impl)
+        set_soft_mask_alpha(model, 0.5)
+        with torch.no_grad():
+            references[impl] = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
+    close(references["flex_attention"], references["sdpa"], mask)
+
+
+def test_packed_documents_are_refused_by_flash_attention():
+    ids, mask, position_ids = packed_batch()
+    model = build("conan", "sdpa")
+    model.config._attn_implementation = "flash_attention_2"
+    for alpha in (0.0, 0.5, 1.0):
+        set_soft_mask_alpha(model, alpha)
+        with pytest.raises(ValueError, match="packed rows"):
+            model(input_ids=ids, attention_mask=mask, position_ids=position_ids)
+
+
 # ---------------------------------------------------------------------------------------------------- model-level API
 
 
@@ -512,11 +643,13 @@ def test_soft_mask_callback_moves_alpha_and_resumes_where_it_stopped(tiny_model_
     seen = _record_forward_alphas(model)
     trainer = _trainer(model, tmp_path, [SoftMaskCallback(schedule="accelerating")])
     trainer.train()
-    # Two forwards per step (anchors, positives); alpha(t) = (t / 4)^2 for t = 0..3, then alpha(tau) = 1 at the end.
-    assert seen == pytest.approx([a for t in range(4) for a in [(t / 4) ** 2] * 2])
+    # Two forwards per step (anchors, positives); step t = 1..4 (the step being taken) trains at alpha = (t / 4)^2,
+    # so the final step's forwards run at alpha = 1 exactly and the first at 1/16.
+    assert seen == pytest.approx([a for t in range(1, 5) for a in [(t / 4) ** 2] * 2])
+    assert seen[-2:] == [1.0, 1.0]
     assert get_soft_mask_alpha(model) == 1.0
     logged = [(e["step"], e["soft_mask_alpha"]) for e in trainer.state.log_history if "loss" in e]
-    assert logged == [(t + 1, pytest.approx((t / 4) ** 2)) for t in range(4)]
+    assert logged == [(t, pytest.approx((t / 4) ** 2)) for t in range(1, 5)]
     saved = json.loads((tmp_path / "checkpoint-2" / SoftMaskCallback.STATE_FILE).read_text())
     assert saved["schedule"] == "accelerating" and saved["total_steps"] == 4 and saved["global_step"] == 2
 
@@ -525,7 +658,8 @@ def test_soft_mask_callback_moves_alpha_and_resumes_where_it_stopped(tiny_model_
     seen_resumed = _record_forward_alphas(resumed)
     trainer = _trainer(resumed, tmp_path, [SoftMaskCallback()])
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
-    assert seen_resumed == pytest.approx([(2 / 4) ** 2] * 2 + [(3 / 4) ** 2] * 2)
+    assert seen_resumed == pytest.approx([(3 / 4) ** 2] * 2 + [1.0] * 2)
+    assert seen_resumed[-2:] == [1.0, 1.0]
     assert get_soft_mask_alpha(resumed) == 1.0
 
 

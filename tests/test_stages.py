@@ -236,12 +236,14 @@ def test_weak_stage_teacher_filter_drops_low_scored_pairs(tiny_model_dir, tmp_pa
     config = config_from_dict(weak.WeakConfig, {
         "model": str(tiny_model_dir), "output_dir": str(tmp_path / "weak"), "teacher": str(tiny_model_dir),
         "teacher_threshold": threshold, "max_steps": 2, "per_device_train_batch_size": 8, "max_seq_length": 48,
-        "bf16": False, "num_threads": 1, "disable_tqdm": True})
+        "bf16": False, "num_threads": 1, "disable_tqdm": True, "soft_mask_length": "max_seq_length"})
     summary = weak.run(config)
     expected = int((scores >= threshold).sum())
     assert 0 < expected < len(pairs)
     assert summary["num_pairs"] == summary["teacher_filter"]["kept"] == expected
     assert summary["final_alpha"] == 1.0  # tau defaults to the run's steps
+    # soft_mask_length: max_seq_length -> eq.4's l is the stage's max_seq_length, saved with the backbone.
+    assert json.loads((tmp_path / "weak" / "final" / "config.json").read_text())["soft_mask_length"] == 48
     config.teacher_threshold = 2.0  # no cosine reaches it
     with pytest.raises(ValueError, match="dropped every pair"):
         weak.run(config)
@@ -383,8 +385,8 @@ def test_main_job_runs_every_stage_and_hands_off(tmp_path):
     weak = json.loads((work / "weak" / "final" / STAGE_RECORD).read_text())["summary"]
     tau = weak["soft_mask_total_steps"]
     assert tau == weak["global_step"] == 4
-    # α(t) = t/τ: the step logged as s ran with t = s - 1 steps done; after the last step α = 1.
-    assert weak["soft_mask_alphas"] == [[s, pytest.approx((s - 1) / tau)] for s in range(1, 5)]
+    # α(t) = t/τ with t the step being taken: the step logged as s trained at s/τ, the last one at α = 1.
+    assert weak["soft_mask_alphas"] == [[s, pytest.approx(s / tau)] for s in range(1, 5)]
     assert weak["final_alpha"] == 1.0 and weak["attention_mode"] == "bidirectional"
     weak_config = json.loads((work / "weak" / "final" / "config.json").read_text())
     assert weak_config["attention_mode"] == "bidirectional"

@@ -1,7 +1,8 @@
 """Trainer callbacks shared by the training stages.
 
 `SoftMaskCallback` drives the soft mask of paper §3.2 (eq.4) with the App. C schedules during weakly-supervised
-training: α(t) goes from 0 (causal) at the first step to 1 (bidirectional) at τ = max_steps.
+training: α(t) = schedule(t / τ) with t the 1-based optimizer step being taken, so the last step (t = τ = max_steps)
+trains at α = 1 (bidirectional).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ logger = logging.getLogger(__name__)
 class SoftMaskCallback(TrainerCallback, ExportableState):
     """Set the soft-mask α(t) (paper §3.2, eq.4; App. C) on the model at the start of every optimizer step.
 
-    α(t) = schedule(t / τ) with t = `state.global_step` and τ = `total_steps` (default: the trainer's
-    `max_steps`), so the first step runs causally and the model leaves training bidirectional (α(τ) = 1 is set at
-    `on_train_end`). α is added to the trainer logs as `soft_mask_alpha`.
+    Step t of τ (1-based: the step being taken, `state.global_step + 1`) trains at α(t) = schedule(t / τ), with
+    τ = `total_steps` (default: the trainer's `max_steps`). So the final step trains at α(τ) = 1 (exactly
+    bidirectional) and the first at α(1) = schedule(1 / τ), as close to causal as a schedule that starts at t = 1 gets
+    (1/τ linear, 1/τ² accelerating, 2/τ − 1/τ² decelerating); steps past τ stay at 1. The log entry of step s carries
+    α(s), the value that step trained with; after training the model keeps α(global_step) (1 when τ steps ran).
 
     Resuming: t comes back with the trainer state; the schedule and τ are written next to every checkpoint
     (`soft_mask_callback.json`) and read back when training resumes from `output_dir/checkpoint-<step>`, so a resumed
@@ -73,14 +76,15 @@ class SoftMaskCallback(TrainerCallback, ExportableState):
             if not state.max_steps or state.max_steps <= 0:
                 raise ValueError("SoftMaskCallback needs total_steps or a trainer with a known max_steps.")
             self.total_steps = int(state.max_steps)
-        self._set(state.global_step, kwargs.get("model"))
+        self._set(state.global_step + 1, kwargs.get("model"))
         logger.info(
-            f"SoftMaskCallback: {self.schedule} schedule over tau={self.total_steps} steps, starting at step "
-            f"{state.global_step} with alpha={self.alpha:.4f}."
+            f"SoftMaskCallback: {self.schedule} schedule over tau={self.total_steps} steps; step "
+            f"{state.global_step + 1} trains at alpha={self.alpha:.4f}."
         )
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        self._set(state.global_step, kwargs.get("model"))
+        # `global_step` counts the steps already taken; this one is step global_step + 1 (1-based), eq.4's t.
+        self._set(state.global_step + 1, kwargs.get("model"))
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._set(state.global_step, kwargs.get("model"))

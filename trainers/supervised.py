@@ -135,8 +135,9 @@ class SupervisedConfig(StageConfig):
     pooling: str = "mean"
     max_seq_length: int = 512
     multi_dataset_sampler: str = "proportional"
-    learning_rate: float = 1e-5
-    warmup_ratio: float = 0.02
+    # App. A: stages 3 and 4 use "the same optimizer parameters and learning rate as in the pre-training phase".
+    learning_rate: float = 1e-4
+    warmup_ratio: float = 0.05
     weight_decay: float = 0.001
     bf16: bool = True
 

@@ -55,7 +55,10 @@ class WeakConfig(StageConfig):
         pooling: ``mean`` or ``lasttoken``.
         temperature: τ of InfoNCE (eq. 1).
         soft_mask_schedule: ``linear`` (α = t/τ, the paper), ``accelerating`` or ``decelerating`` (App. C).
-        soft_mask_steps: τ of the schedule; ``None`` = the number of training steps, so α reaches 1 at the end.
+        soft_mask_steps: τ of the schedule; ``None`` = the number of training steps, so the last step trains at α = 1.
+        soft_mask_length: l of eq.4: ``sequence`` (each text's real length, the default: a text's mask does not
+            depend on its batch), ``max_seq_length`` (this stage's ``max_seq_length``, the paper's "training sequence
+            length") or a fixed int; see :mod:`conan_hf.soft_mask`.
         teacher: a SentenceTransformer name/folder; if set, pairs it scores below ``teacher_threshold`` are dropped.
         teacher_threshold: 0.4 in the paper.
     """
@@ -69,11 +72,13 @@ class WeakConfig(StageConfig):
     temperature: float = 0.05
     soft_mask_schedule: str = "linear"
     soft_mask_steps: int | None = None
+    soft_mask_length: int | str = "sequence"
     teacher: str | None = None
     teacher_threshold: float = 0.4
     per_device_train_batch_size: int = 64
-    learning_rate: float = 2e-5
-    warmup_ratio: float = 0.02
+    # App. A: stages 3 and 4 use "the same optimizer parameters and learning rate as in the pre-training phase".
+    learning_rate: float = 1e-4
+    warmup_ratio: float = 0.05
     weight_decay: float = 0.001
     bf16: bool = True
 
@@ -118,17 +123,29 @@ def group_by_instruction(pairs, prompt_format: str) -> tuple[dict[str, Any], dic
     return datasets, prompts
 
 
+def filter_pairs_by_teacher(dataset, teacher, threshold: float, prompt_format: str):
+    """The optional teacher filter of stage 3 (pairs scored below ``threshold`` are dropped).
+
+    Each query is encoded with its row's instruction as the prompt (``prompt_format``), replacing the teacher's own
+    query prompt, and rows without an instruction with the teacher's own: one instruction per query.
+    """
+    from conan_hf.data.teacher import filter_by_teacher
+
+    prompts = [prompt_format.format(instruction=i) if i else None for i in dataset["instruction"]]
+    return filter_by_teacher(dataset, teacher, threshold=threshold, query_column="anchor", positive_column="positive",
+                             score_column=None, query_prompt=prompts)
+
+
 def run(config: WeakConfig) -> dict[str, Any]:
     """Train stage 3; returns a summary with the final directory, the logged losses and the final α."""
     from datasets import Dataset, DatasetDict
     from sentence_transformers import SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
 
-    from conan_hf.sentence import check_prompt_boundary
-
     from conan_hf.demo import demo_instructions
     from conan_hf.losses import InfoNCELoss
-    from conan_hf.soft_mask import get_soft_mask_alpha
+    from conan_hf.sentence import check_prompt_boundary
+    from conan_hf.soft_mask import get_soft_mask_alpha, set_soft_mask_length
     from trainers.callbacks import SoftMaskCallback
 
     setup_runtime(config)
@@ -136,16 +153,16 @@ def run(config: WeakConfig) -> dict[str, Any]:
     dataset = Dataset.from_list(to_pairs(rows))
     teacher_report = None
     if config.teacher:
-        from conan_hf.data.teacher import filter_by_teacher
-
-        dataset, teacher_report = filter_by_teacher(dataset, config.teacher, threshold=config.teacher_threshold,
-                                                    query_column="anchor", positive_column="positive",
-                                                    score_column=None)
+        dataset, teacher_report = filter_pairs_by_teacher(dataset, config.teacher, config.teacher_threshold,
+                                                          config.prompt_format)
         if len(dataset) == 0:
             raise ValueError(f"the teacher filter (threshold {config.teacher_threshold}) dropped every pair")
 
     model = load_sentence_model(config.model, attention_mode="soft", pooling=config.pooling,
                                 max_seq_length=config.max_seq_length)
+    # "max_seq_length" becomes this stage's fixed max_seq_length, so l does not depend on how the collator pads.
+    set_soft_mask_length(model, config.max_seq_length if config.soft_mask_length == "max_seq_length"
+                         else config.soft_mask_length)
     groups, prompts = group_by_instruction(dataset, config.prompt_format)
     if not model[1].include_prompt:
         for name, prompt in prompts.items():

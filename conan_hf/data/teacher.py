@@ -23,11 +23,12 @@ Example::
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 __all__ = ["MiningReport", "TeacherFilterReport", "filter_by_teacher", "mine_negative_pools", "teacher_scores"]
 
@@ -65,25 +66,44 @@ def teacher_scores(
     batch_size: int = 64,
     query_prompt_name: str | None = None,
     document_prompt_name: str | None = None,
+    query_prompt: str | Sequence[str | None] | None = None,
     show_progress_bar: bool = True,
 ) -> np.ndarray:
     """Teacher similarity of each (query, positive) pair, with the model's own similarity function (usually cosine).
 
     Queries go through ``encode_query`` and positives through ``encode_document``, so models with query/document
     prompts use them; each distinct text is encoded once.
+
+    ``query_prompt`` replaces the teacher's own query prompt: one string for every query (``""``: encode the queries
+    exactly as given, for queries that already carry their instruction), or one entry per query (e.g. each row's own
+    instruction as ``"Instruct: ...\nQuery: "``; ``None`` entries get the teacher's own prompt). ``None``: the
+    teacher's own query prompt (or ``query_prompt_name``) for all.
     """
     if len(queries) != len(positives):
         raise ValueError(f"{len(queries)} queries but {len(positives)} positives")
+    if query_prompt is None or isinstance(query_prompt, str):
+        prompts = [query_prompt] * len(queries)
+    else:
+        prompts = list(query_prompt)
+        if len(prompts) != len(queries):
+            raise ValueError(f"{len(queries)} queries but {len(prompts)} query prompts")
     model = _load_model(model)
-    unique_q = list(dict.fromkeys(queries))
+    unique_q = list(dict.fromkeys(zip(prompts, queries)))
     unique_p = list(dict.fromkeys(positives))
-    q_emb = model.encode_query(unique_q, prompt_name=query_prompt_name, batch_size=batch_size,
-                               convert_to_tensor=True, show_progress_bar=show_progress_bar)  # fmt: skip
+    # sentence-transformers takes one prompt per call: encode each prompt's queries together.
+    q_chunks, q_pos = [], {}
+    for prompt in dict.fromkeys(p for p, _ in unique_q):
+        texts = [q for p, q in unique_q if p == prompt]
+        q_chunks.append(model.encode_query(texts, prompt_name=query_prompt_name if prompt is None else None,
+                                           prompt=prompt, batch_size=batch_size, convert_to_tensor=True,
+                                           show_progress_bar=show_progress_bar))  # fmt: skip
+        offset = len(q_pos)
+        q_pos.update({(prompt, q): offset + i for i, q in enumerate(texts)})
+    q_emb = torch.cat(q_chunks)
     p_emb = model.encode_document(unique_p, prompt_name=document_prompt_name, batch_size=batch_size,
                                   convert_to_tensor=True, show_progress_bar=show_progress_bar)  # fmt: skip
-    q_pos = {t: i for i, t in enumerate(unique_q)}
     p_pos = {t: i for i, t in enumerate(unique_p)}
-    q_idx = [q_pos[t] for t in queries]
+    q_idx = [q_pos[key] for key in zip(prompts, queries)]
     p_idx = [p_pos[t] for t in positives]
     return model.similarity_pairwise(q_emb[q_idx], p_emb[p_idx]).float().cpu().numpy()
 
@@ -121,6 +141,7 @@ def filter_by_teacher(
     batch_size: int = 64,
     query_prompt_name: str | None = None,
     document_prompt_name: str | None = None,
+    query_prompt: str | Sequence[str | None] | None = None,
     show_progress_bar: bool = True,
     verbose: bool = True,
 ) -> tuple[Any, TeacherFilterReport]:
@@ -130,6 +151,11 @@ def filter_by_teacher(
         data: a ``datasets.Dataset`` or an iterable of row dicts.
         model: a SentenceTransformer or a path/name to load one from.
         score_column: name of the added column holding each kept row's teacher score (``None``: add nothing).
+        query_prompt: text put before the queries instead of the teacher's own query prompt: one string for all, or
+            one per row (``None`` entries: the teacher's own). Pass ``""`` when the queries already carry their
+            instruction (e.g. ``"Instruct: ...\nQuery: ..."``), or each row's instruction as its prompt, so the
+            teacher sees one instruction, the row's, never its own on top of it. ``None`` (default): the teacher's
+            ``query`` prompt, if it has one.
 
     Returns:
         ``(kept_dataset, report)``; the kept rows keep their order and all their columns.
@@ -138,7 +164,7 @@ def filter_by_teacher(
     _check_columns(dataset, query_column, positive_column)
     scores = teacher_scores(
         model, list(dataset[query_column]), list(dataset[positive_column]), batch_size=batch_size,
-        query_prompt_name=query_prompt_name, document_prompt_name=document_prompt_name,
+        query_prompt_name=query_prompt_name, document_prompt_name=document_prompt_name, query_prompt=query_prompt,
         show_progress_bar=show_progress_bar,
     )  # fmt: skip
     if np.isnan(scores).any():
