@@ -21,6 +21,7 @@ from typing import Any
 
 from sentence_transformers import SentenceTransformerTrainer
 
+from conan_hf.errors import DataError, cli_errors, location_of
 from trainers.common import (
     MainProcessSaveMixin,
     StageConfig,
@@ -30,6 +31,7 @@ from trainers.common import (
     parse_config,
     print_main,
     read_sources,
+    row_text,
     set_attention_mode,
     setup_runtime,
     train_with_resume,
@@ -78,18 +80,26 @@ class WeakTrainer(MainProcessSaveMixin, SentenceTransformerTrainer):
 
 
 def to_pairs(rows: list[dict[str, Any]], query_format: str) -> list[dict[str, str]]:
-    """(query, positive) pairs: instruction+input → query and output → positive, or the rows' own query/positive."""
+    """(query, positive) pairs: instruction+input → query and output → positive, or the rows' own query/positive.
+
+    Texts must be strings; errors name the row's file and line (``row.location``, see :func:`trainers.common.
+    read_sources`), or its 1-based position for rows that do not carry one.
+    """
+    what = "stage 3 (weakly-supervised) data"
     pairs = []
-    for index, row in enumerate(rows):
+    for index, row in enumerate(rows, 1):
+        where = location_of(row, f"stage 3 data row {index}")
         if "query" in row and "positive" in row:
-            pairs.append({"anchor": str(row["query"]), "positive": str(row["positive"])})
+            pairs.append({"anchor": row_text(row, "query", what, where),
+                          "positive": row_text(row, "positive", what, where)})
             continue
         if "input" not in row and "instruction" not in row or "output" not in row:
-            raise ValueError(f"stage 3 data row {index} needs instruction/input/output or query/positive columns, "
-                             f"got {sorted(row)}")
-        instruction, text = str(row.get("instruction") or ""), str(row.get("input") or "")
+            raise DataError(f"{what}: needs instruction/input/output or query/positive columns, got {sorted(row)}",
+                            where=where, hint="map the source's columns with `columns: {query: ..., positive: ...}`")
+        instruction = row_text(row, "instruction", what, where, optional=True)
+        text = row_text(row, "input", what, where, optional=True)
         query = query_format.format(instruction=instruction, input=text) if instruction else text
-        pairs.append({"anchor": query, "positive": str(row["output"])})
+        pairs.append({"anchor": query, "positive": row_text(row, "output", what, where)})
     return pairs
 
 
@@ -145,6 +155,7 @@ def run(config: WeakConfig) -> dict[str, Any]:
     )
 
 
+@cli_errors("python -m trainers.weak")
 def main(argv: list[str] | None = None) -> None:
     run(parse_config(WeakConfig, "weak", argv, description=__doc__))
 
