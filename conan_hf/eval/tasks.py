@@ -874,7 +874,7 @@ def task_from_path(kind: str, paths: Sequence[str | Path], **options: Any) -> Ab
     if kind == "classification" and len(paths) > 1:
         kwargs["test_path"] = paths[1]
     if len(paths) > 1 and kind != "classification":
-        raise ValueError(f"Task kind {kind!r} takes one data path, got {len(paths)}")
+        raise DataError(f"task kind {kind!r} takes one data path, got {len(paths)}", hint="give one --data path")
     return builder(paths[0], **kwargs)
 
 
