@@ -15,13 +15,15 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import functools
 import math
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["DataError", "DataFileNotFoundError", "USER_ERROR_EXIT_CODE", "cli_errors", "finite_float", "location_of"]
+__all__ = ["DataError", "DataFileNotFoundError", "OneLineArgumentParser", "USER_ERROR_EXIT_CODE", "cli_errors",
+           "finite_float", "location_of"]
 
 #: Exit status of a command line stopped by a :class:`DataError` (argparse uses 2 for bad arguments as well).
 USER_ERROR_EXIT_CODE = 2
@@ -71,6 +73,14 @@ def finite_float(value: Any) -> float:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` whose usage errors are one line too (argparse prints the usage block first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {_one_line(message)}; see {self.prog} --help", file=sys.stderr, flush=True)
+        raise SystemExit(USER_ERROR_EXIT_CODE)
 
 
 def cli_errors(prog: str) -> Callable[[F], F]:

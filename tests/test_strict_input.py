@@ -190,6 +190,23 @@ def test_cli_errors_turns_only_data_errors_into_exit_2(capsys):
         bug()
 
 
+def test_usage_errors_are_one_line_too(capsys):
+    from conan_hf.data.clr import main as clr_main
+    from conan_hf.eval.__main__ import main as eval_main
+    from trainers.common import parse_config
+    from trainers.weak import WeakConfig
+
+    for call, prog in ((lambda: clr_main(["rows.jsonl"]), "conan-clr"),
+                       (lambda: eval_main(["--data", "x.csv"]), "conan-eval"),
+                       (lambda: eval_main(["--model", "m", "--task", "nonsense"]), "conan-eval"),
+                       (lambda: parse_config(WeakConfig, "weak", ["--no-such-option", "1"]), "python -m trainers.weak")):
+        with pytest.raises(SystemExit) as exited:
+            call()
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"{prog}: error: ") and f"see {prog} --help" in err, err
+
+
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1")

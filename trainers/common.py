@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 from transformers import TrainerCallback
 
-from conan_hf.errors import DataError
+from conan_hf.errors import DataError, OneLineArgumentParser
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
 
 def parse_config(cls: type[C], stage: str, argv: list[str] | None = None, description: str | None = None) -> C:
     """Command line of a stage: ``--config FILE --preset NAME`` plus one ``--<field> VALUE`` flag per option."""
-    parser = argparse.ArgumentParser(prog=f"python -m trainers.{stage}", description=description,
+    parser = OneLineArgumentParser(prog=f"python -m trainers.{stage}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(default_config_path(stage)),
                         help="stage YAML (default: %(default)s)")

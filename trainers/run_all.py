@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conan_hf.errors import DataError, cli_errors
+from conan_hf.errors import DataError, OneLineArgumentParser, cli_errors
 from trainers.common import default_config_path, is_main_process, load_config, print_main
 
 STAGES = ("tokenizer", "pretrain", "sft", "weak", "supervised")
@@ -269,7 +269,8 @@ def print_report(report: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(prog="finetune", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="conan-v2", help="final SentenceTransformer folder (%(default)s)")
     parser.add_argument("--work-dir", default="runs/finetune", help="stage outputs and checkpoints (%(default)s)")
     parser.add_argument("--stages", default="all", help="'all', '0-4', '3,4' or names (default: all)")

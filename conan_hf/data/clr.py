@@ -54,7 +54,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..errors import DataError, cli_errors, location_of
+from ..errors import DataError, OneLineArgumentParser, cli_errors, location_of
 from .cache import TranslationCache
 from .translate import ParallelCorpusTranslator, Translator
 from .validate import TranslationValidator
@@ -423,7 +423,7 @@ def _parse_columns(items: Sequence[str] | None) -> dict[str, str | int] | None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="conan-clr",
         description="Build a cross-lingual retrieval (CLR) training set by translating queries into a language mix "
         "(Conan-Embedding-v2 §3.3; Table 7 mix by default, whose 106% total is normalised).",

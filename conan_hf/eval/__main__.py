@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError, DataFileNotFoundError, cli_errors
+from ..errors import DataError, DataFileNotFoundError, OneLineArgumentParser, cli_errors
 from .tasks import TASK_KINDS, infer_task_kind
 
 FORMAT_KINDS = {"stsb": "sts", "sick": "sts", "tsv": "sts", "pair": "pairs", "beir": "retrieval", "squad": "squad",
@@ -44,7 +44,7 @@ FORMAT_KINDS = {"stsb": "sts", "sick": "sts", "tsv": "sts", "pair": "pairs", "be
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="conan-eval", description="Evaluate a SentenceTransformer (e.g. a Conan model) with mteb on local files "
         "or Hub benchmarks. The last printed line is a JSON summary {task: main score}.")
     parser.add_argument("--model", required=True, help="SentenceTransformer directory or Hub id")
