@@ -31,6 +31,8 @@ def __getattr__(name: str):
     # Heavier pieces (sentence-transformers, tokenizers) load on first use so `import conan_hf` stays cheap.
     lazy = {
         "build_sentence_transformer": ("sentence", "build_sentence_transformer"),
+        "format_query_prompt": ("sentence", "format_query_prompt"),
+        "check_prompt_boundary": ("sentence", "check_prompt_boundary"),
         "train_tokenizer": ("tokenizer", "train_tokenizer"),
         "demo_tokenizer": ("tokenizer", "demo_tokenizer"),
         "FastEncoder": ("encode", "FastEncoder"),
@@ -53,6 +55,8 @@ __all__ = [
     "ConanForCausalLM",
     "ConanPreTrainedModel",
     "build_sentence_transformer",
+    "check_prompt_boundary",
+    "format_query_prompt",
     "FastEncoder",
     "InfoNCELoss",
     "CoSENTLoss",

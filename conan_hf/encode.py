@@ -373,7 +373,7 @@ class FastEncoder:
         return embeddings[1:].float().cpu()
 
     def encode_query(self, sentences: str | Sequence[str], **kwargs: Any) -> np.ndarray | torch.Tensor:
-        """:meth:`encode` with the model's ``"query"`` prompt (e.g. ``"Instruct: ...\\nQuery: "``)."""
+        """:meth:`encode` with the model's ``"query"`` prompt (e.g. ``"Instruct: ...\\nQuery:\n"``)."""
         return self.encode(sentences, task="query", **kwargs)
 
     def encode_document(self, sentences: str | Sequence[str], **kwargs: Any) -> np.ndarray | torch.Tensor:

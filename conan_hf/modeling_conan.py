@@ -10,6 +10,8 @@ This file travels with saved checkpoints as remote code, so it imports only torc
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.integrations import flex_attention as hf_flex_attention
 from transformers.integrations import sdpa_attention as hf_sdpa_attention
@@ -23,6 +25,10 @@ from transformers.utils.generic import is_flash_attention_requested
 from .configuration_conan import SOFT_MASK_BACKENDS, ConanConfig
 
 logger = logging.get_logger(__name__)
+
+#: transformers 5.24 renamed the decoder's `past_key_values` argument to `cache` (the old name warns and goes away in
+#: 5.40); the cache is passed on under the name the installed `LlamaModel.forward` takes.
+CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
 def padding_aware_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -503,27 +509,31 @@ class ConanModel(ConanPreTrainedModel, LlamaModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        # Either name of the KV cache is accepted (callers of both transformers generations); it is passed on as one.
+        cache = kwargs.pop("cache", None)
+        legacy_cache = kwargs.pop("past_key_values", None)
+        cache = cache if cache is not None else legacy_cache
         mode = self.config.attention_mode
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("ConanModel needs exactly one of `input_ids` or `inputs_embeds`.")
         if mode != "causal":
-            if past_key_values is not None or use_cache:
+            if cache is not None or use_cache:
                 raise ValueError(f"A KV cache only makes sense for causal attention, not attention_mode={mode!r}.")
             use_cache = False
-        if position_ids is None and past_key_values is None and attention_mask is not None and attention_mask.dim() == 2:
+        if position_ids is None and cache is None and attention_mask is not None and attention_mask.dim() == 2:
             position_ids = padding_aware_position_ids(attention_mask)
         if mode == "soft":
             attention_mask, kwargs = self._soft_attention_inputs(attention_mask, input_ids, inputs_embeds, kwargs)
+        if cache is not None:
+            kwargs[CACHE_ARGUMENT] = cache
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,

@@ -202,7 +202,7 @@ def _soft_mask_forward(module: PreTrainedModel, *args, **kwargs):
         input_ids=arguments.get("input_ids"),
         inputs_embeds=arguments.get("inputs_embeds"),
         kwargs=extra,
-        past_key_values=arguments.get("past_key_values"),
+        past_key_values=arguments.get("cache", arguments.get("past_key_values")),  # 5.24 renamed it `cache`
     )
     return inner(
         input_ids=arguments.get("input_ids"),

@@ -20,7 +20,7 @@ from conan_hf.encode import (
 )
 from conan_hf.eval.tasks import read_sts
 
-QUERY_PROMPT = "Instruct: Given a question, retrieve passages that answer it\nQuery: "
+QUERY_PROMPT = "Instruct: Given a question, retrieve passages that answer it\nQuery:\n"
 
 
 @pytest.fixture(scope="module")

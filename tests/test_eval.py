@@ -16,7 +16,7 @@ from scipy.stats import spearmanr
 from conan_hf.eval import tasks as local_tasks
 from conan_hf.eval.tasks import DataFormatError
 
-QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages\nQuery: "
+QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages\nQuery:\n"
 
 
 @pytest.fixture(scope="module")
@@ -116,19 +116,19 @@ def test_retrieval_with_task_instruction_equals_naive_ndcg(model, shared_data_di
     task = local_tasks.retrieval_task(folder, limit_queries=10, limit_corpus=150)
     model.prompts = {"query": QUERY_PROMPT, "document": ""}  # an instruction-style model: template is detected
     try:
-        assert detect_instruction_template(model.prompts) == "Instruct: {instruction}\nQuery: "
+        assert detect_instruction_template(model.prompts) == "Instruct: {instruction}\nQuery:\n"
         report = evaluate(model, [task])
         data, _ = local_tasks.read_beir(folder, limit_queries=10, limit_corpus=150)
         instruction = task.metadata.prompt["query"]
         qids, doc_ids = list(data.queries), list(data.corpus)
         query_emb = model.encode([data.queries[q] for q in qids],
-                                 prompt=f"Instruct: {instruction}\nQuery: ")
+                                 prompt=f"Instruct: {instruction}\nQuery:\n")
         doc_emb = model.encode([(d["title"] + " " + d["text"]).strip() for d in data.corpus.values()], prompt="")
     finally:
         model.prompts = {"query": "", "document": ""}
     ndcg, recall = _naive_ndcg_recall(query_emb, doc_emb, doc_ids, qids, data.qrels)
     scores = report.summary[0]["subsets"]["default"]
-    assert report.settings["prompts"][f"{task.metadata.name}-query"] == f"Instruct: {instruction}\nQuery: "
+    assert report.settings["prompts"][f"{task.metadata.name}-query"] == f"Instruct: {instruction}\nQuery:\n"
     assert scores["ndcg_at_10"] == pytest.approx(ndcg, abs=1e-4)
     assert scores["recall_at_20"] == pytest.approx(recall, abs=1e-4)
     positives = {d for rel in data.qrels.values() for d, r in rel.items() if r > 0}

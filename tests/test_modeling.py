@@ -157,6 +157,8 @@ def test_causal_ignores_later_tokens_bidirectional_does_not(impl, reference_weig
 
 
 def test_causal_lm_trains_and_kv_cache_matches_full_forward():
+    from conan_hf.modeling_conan import CACHE_ARGUMENT
+
     torch.manual_seed(0)
     lm = ConanForCausalLM(ConanConfig.tiny())
     ids = torch.randint(0, 4096, (2, 12))
@@ -167,7 +169,7 @@ def test_causal_lm_trains_and_kv_cache_matches_full_forward():
     with torch.no_grad():
         full = lm(input_ids=ids).logits[:, -1]
         prefix = lm(input_ids=ids[:, :-1], use_cache=True)
-        step = lm(input_ids=ids[:, -1:], past_key_values=prefix.past_key_values, use_cache=True).logits[:, -1]
+        step = lm(input_ids=ids[:, -1:], use_cache=True, **{CACHE_ARGUMENT: prefix.past_key_values}).logits[:, -1]
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-4)
 
 
@@ -211,7 +213,7 @@ def test_remote_code_checkpoint_loads_without_conan_hf(tmp_path):
     auto_map = json.loads((ckpt / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModel"] == "modeling_conan.ConanModel"
     assert auto_map["AutoModelForCausalLM"] == "modeling_conan.ConanForCausalLM"
-    # The shipped code imports only torch, transformers (and its own sibling file).
+    # The shipped code imports only the standard library, torch, transformers (and its own sibling file).
     for name in ("configuration_conan.py", "modeling_conan.py"):
         tree = ast.parse((ckpt / name).read_text())
         for node in ast.walk(tree):
@@ -221,7 +223,8 @@ def test_remote_code_checkpoint_loads_without_conan_hf(tmp_path):
                 roots = {"." if node.level else node.module.split(".")[0]}
             else:
                 continue
-            assert roots <= {"torch", "transformers", "huggingface_hub", "__future__", "."}, (name, roots)
+            third_party = roots - set(sys.stdlib_module_names)
+            assert third_party <= {"torch", "transformers", "huggingface_hub", "."}, (name, roots)
 
     script = tmp_path / "load_remote.py"
     script.write_text(REMOTE_SCRIPT)

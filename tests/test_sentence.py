@@ -16,7 +16,7 @@ from conan_hf import ConanConfig, ConanForCausalLM, build_sentence_transformer
 from conan_hf.sentence import ConanSentenceTransformer
 from conan_hf.tokenizer import SPECIAL_TOKENS, demo_tokenizer, train_tokenizer
 
-QUERY_PROMPT = "Instruct: Given a question, retrieve passages that answer it\nQuery: "
+QUERY_PROMPT = "Instruct: Given a question, retrieve passages that answer it\nQuery:\n"
 
 
 @pytest.fixture(scope="module")

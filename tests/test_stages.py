@@ -180,7 +180,7 @@ def test_supervised_batches_have_per_task_sizes_and_negatives(tiny_model_dir, tm
     assert summary["matryoshka_dims"] == [16, 32, 64, 128]
     # The saved model has the task prompt, and `query` points at the retrieval instruction.
     record = json.loads((Path(summary["final_dir"]) / STAGE_RECORD).read_text())
-    assert record["summary"]["prompts"]["qa"] == "Instruct: find the answer\nQuery: "
+    assert record["summary"]["prompts"]["qa"] == "Instruct: find the answer\nQuery:\n"
     assert record["summary"]["prompts"]["query"] == record["summary"]["prompts"]["qa"]
 
 
@@ -228,7 +228,7 @@ def test_weak_stage_teacher_filter_drops_low_scored_pairs(tiny_model_dir, tmp_pa
     from trainers.common import config_from_dict
 
     torch.set_num_threads(1)
-    pairs = weak.to_pairs(demo_instructions(), weak.WeakConfig.query_format)
+    pairs = weak.to_pairs(demo_instructions())
     teacher = SentenceTransformer(str(tiny_model_dir))
     scores = np.sum(teacher.encode([p["anchor"] for p in pairs], normalize_embeddings=True)
                     * teacher.encode([p["positive"] for p in pairs], normalize_embeddings=True), axis=1)

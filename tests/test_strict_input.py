@@ -113,11 +113,11 @@ def test_weak_pairs_reject_non_string_texts_and_name_the_row():
     rows = [Row({"instruction": "find it", "input": "x", "output": "y"}, "weak.jsonl:1"),
             Row({"instruction": "find it", "input": 7, "output": "y"}, "weak.jsonl:2")]
     with pytest.raises(DataError, match=r"weak\.jsonl:2: .*column 'input' must be a text, got int 7"):
-        to_pairs(rows, "{instruction}: {input}")
-    assert to_pairs(rows[:1], "{instruction}: {input}") == [{"anchor": "find it: x", "positive": "y"}]
+        to_pairs(rows)
+    assert to_pairs(rows[:1]) == [{"instruction": "find it", "anchor": "x", "positive": "y"}]
     # Rows without a location (a plain list given to to_pairs) are named by their 1-based position.
     with pytest.raises(DataError, match=r"stage 3 data row 2: .*column 'positive' must be a text"):
-        to_pairs([{"query": "q", "positive": "p"}, {"query": "q", "positive": 1.0}], "{input}")
+        to_pairs([{"query": "q", "positive": "p"}, {"query": "q", "positive": 1.0}])
 
 
 def test_tokenizer_stage_rejects_non_string_texts(tmp_path):
@@ -140,7 +140,7 @@ def test_messages_name_each_source_file_and_its_own_line(tmp_path):
         task_rows(TaskConfig(name="qa", type="retrieval", data=[str(first), str(second)]))
     # Stage 3 reads any columns; its own check names the row's file and line too (was "stage 3 data row 8").
     with pytest.raises(DataError, match=r"second\.jsonl:5: .*needs instruction/input/output or query/positive"):
-        to_pairs(read_sources([str(first), str(second)], list, required=[]), "{input}")
+        to_pairs(read_sources([str(first), str(second)], list, required=[]))
     # CSV: the physical line, header included; a blank line in between still counts.
     csv_file = _write(tmp_path / "sts.csv", "sentence1,sentence2,score\na,b,1\n\nc,d,high\n")
     with pytest.raises(DataError, match=r"sts\.csv:4: "):

@@ -80,7 +80,8 @@ class TaskConfig:
             or ``text, label`` (classification: the other labels become the negatives); ``sentence1, sentence2,
             score`` (sts).
         batch_size: per-device batch size of this task (default: 4, or 32 for sts).
-        prompt: instruction for the query side, formatted as ``Instruct: {prompt}\\nQuery: ``; ``None``: no prompt.
+        prompt: instruction for the query side, formatted as ``Instruct: {prompt}\\nQuery:\\n`` (a sentence-transformers
+            prompt, left out of mean pooling); ``None``: no prompt.
     """
 
     name: str
@@ -271,35 +272,33 @@ class _ScoreRecords:
 
 
 # ---- LoRA ------------------------------------------------------------------------------------------------------------
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: peft's "every linear layer of the backbone": q/k/v/o and gate/up/down for Llama-shaped decoders, the attention
+#: and feed-forward projections for BERT-like encoders.
+LORA_TARGETS = "all-linear"
 
 
 def add_lora(model, settings: dict[str, Any]) -> None:
-    """Put LoRA adapters on the backbone through sentence-transformers' peft integration (only they train)."""
-    from peft import LoraConfig
+    """Wrap the backbone in a peft `PeftModel` with LoRA adapters (only they train).
+
+    peft is called directly (`get_peft_model`) rather than through transformers' `add_adapter`, whose minimum peft
+    version moves with each transformers release (5.24 asks for a peft that does not exist yet)."""
+    from peft import LoraConfig, get_peft_model
 
     settings = {"target_modules": LORA_TARGETS, **settings}
-    model.add_adapter(LoraConfig(**settings))
+    model[0].model = get_peft_model(model[0].model, LoraConfig(**settings))
 
 
 def merge_lora(model) -> int:
-    """Fold the LoRA weights into the backbone's linear layers and remove the adapters, so the saved model is a plain
-    Conan checkpoint; returns how many layers were merged."""
+    """Fold the LoRA weights into the backbone (`merge_and_unload`), so the saved model is a plain checkpoint;
+    returns how many layers were merged."""
+    from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    decoder = backbone(model)
-    merged = 0
-    for name, module in list(decoder.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            module.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(decoder.get_submodule(parent_name) if parent_name else decoder, child, module.get_base_layer())
-            merged += 1
-    for attribute in ("peft_config", "_hf_peft_config_loaded"):
-        if hasattr(decoder, attribute):
-            delattr(decoder, attribute) if attribute == "peft_config" else setattr(decoder, attribute, False)
-    for parameter in decoder.parameters():
-        parameter.requires_grad_(True)
+    wrapped = model[0].model
+    if not isinstance(wrapped, PeftModel):
+        raise ValueError("merge_lora: the backbone carries no LoRA adapters (call add_lora first)")
+    merged = sum(isinstance(module, BaseTunerLayer) for module in wrapped.modules())
+    model[0].model = wrapped.merge_and_unload()
     return merged
 
 
@@ -310,15 +309,17 @@ def run(config: SupervisedConfig) -> dict[str, Any]:
     from sentence_transformers import SentenceTransformerTrainingArguments
 
     from conan_hf.losses import CoSENTLoss, InfoNCELoss, MatryoshkaLoss
-    from conan_hf.sentence import QUERY_PROMPT_FORMAT
+    from conan_hf.sentence import check_prompt_boundary, format_query_prompt
     from trainers.dhnm import DHNMCallback, NegativePool
 
     setup_runtime(config)
     tasks = config.task_configs()
-    prompts = {t.name: QUERY_PROMPT_FORMAT.format(instruction=t.prompt) for t in tasks if t.prompt}
+    prompts = {t.name: format_query_prompt(t.prompt) for t in tasks if t.prompt}
     model = load_sentence_model(config.model, attention_mode="bidirectional", pooling=config.pooling,
                                 max_seq_length=config.max_seq_length, prompts=prompts)
     for name, prompt in prompts.items():
+        if not model[1].include_prompt:  # the pooled tokens must be exactly the text's
+            check_prompt_boundary(model.tokenizer, prompt, name=name)
         # Mean pooling leaves prompt tokens out; a prompt that fills max_seq_length leaves nothing to pool (NaN).
         length = len(model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         if length >= config.max_seq_length:

@@ -3,8 +3,11 @@
     accelerate launch -m trainers.weak --config trainers/configs/weak.yaml [--preset tiny]
 
 The stage-2 decoder becomes an embedding model (Transformer → Pooling → Normalize). Training pairs are
-(query, passage) with the instruction and input as the query and the output as the positive; the loss is InfoNCE
-(eq. 1) with in-batch negatives. The attention moves from causal to bidirectional along the soft mask (eq. 4):
+(query, passage): the input is the query, the output the positive, and the row's instruction becomes the query's
+sentence-transformers *prompt* (``Instruct: {instruction}\nQuery:\n``), left out of mean pooling exactly as in
+stage 4 and at inference. A prompt is a property of a batch in sentence-transformers, so rows are grouped by
+instruction (one dataset per instruction, batches drawn from one group at a time in proportion to the group sizes);
+in-batch negatives then come from the same kind of task. The loss is InfoNCE (eq. 1) with in-batch negatives. The attention moves from causal to bidirectional along the soft mask (eq. 4):
 α(t) = t/τ with τ the number of training steps (App. C's linear schedule), set every step by
 :class:`trainers.callbacks.SoftMaskCallback`. Optionally, pairs a teacher embedder scores below 0.4 are dropped
 first (the paper used gte-Qwen2-7B-instruct), see :func:`conan_hf.data.teacher.filter_by_teacher`.
@@ -22,6 +25,7 @@ from typing import Any
 from sentence_transformers import SentenceTransformerTrainer
 
 from conan_hf.errors import DataError, cli_errors, location_of
+from conan_hf.sentence import QUERY_PROMPT_FORMAT
 from trainers.common import (
     MainProcessSaveMixin,
     StageConfig,
@@ -46,9 +50,10 @@ class WeakConfig(StageConfig):
 
     Args:
         model: the stage-2 output folder (or any Conan decoder / SentenceTransformer folder).
-        data: sources with ``instruction``/``input``/``output`` columns, or ``query``/``positive`` columns.
-        query_format: how instruction and input form the query (``{instruction}``, ``{input}``); rows without an
-            instruction use the input alone.
+        data: sources with ``instruction``/``input``/``output`` columns, or ``query``/``positive`` columns (an
+            optional ``instruction`` column too).
+        prompt_format: how a row's instruction becomes the query prompt (``{instruction}``); rows without an
+            instruction get no prompt. It must end on a token boundary (checked at start).
         pooling: ``mean`` or ``lasttoken``.
         temperature: τ of InfoNCE (eq. 1).
         soft_mask_schedule: ``linear`` (α = t/τ, the paper), ``accelerating`` or ``decelerating`` (App. C).
@@ -60,7 +65,7 @@ class WeakConfig(StageConfig):
     output_dir: str = "runs/weak"
     model: str = "runs/sft/final"
     data: Any = dataclasses.field(default_factory=lambda: ["demo"])
-    query_format: str = "Instruct: {instruction}\nQuery: {input}"
+    prompt_format: str = QUERY_PROMPT_FORMAT
     pooling: str = "mean"
     max_seq_length: int = 512
     temperature: float = 0.05
@@ -79,8 +84,9 @@ class WeakTrainer(MainProcessSaveMixin, SentenceTransformerTrainer):
     """sentence-transformers' trainer, saving from the main process only (see `MainProcessSaveMixin`)."""
 
 
-def to_pairs(rows: list[dict[str, Any]], query_format: str) -> list[dict[str, str]]:
-    """(query, positive) pairs: instruction+input → query and output → positive, or the rows' own query/positive.
+def to_pairs(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """(instruction, anchor, positive) rows: input → anchor and output → positive, or the rows' own query/positive;
+    ``instruction`` is the row's instruction ("" if it has none).
 
     Texts must be strings; errors name the row's file and line (``row.location``, see :func:`trainers.common.
     read_sources`), or its 1-based position for rows that do not carry one.
@@ -89,25 +95,45 @@ def to_pairs(rows: list[dict[str, Any]], query_format: str) -> list[dict[str, st
     pairs = []
     for index, row in enumerate(rows, 1):
         where = location_of(row, f"stage 3 data row {index}")
+        instruction = row_text(row, "instruction", what, where, optional=True)
         if "query" in row and "positive" in row:
-            pairs.append({"anchor": row_text(row, "query", what, where),
+            pairs.append({"instruction": instruction, "anchor": row_text(row, "query", what, where),
                           "positive": row_text(row, "positive", what, where)})
             continue
         if "input" not in row and "instruction" not in row or "output" not in row:
             raise DataError(f"{what}: needs instruction/input/output or query/positive columns, got {sorted(row)}",
                             where=where, hint="map the source's columns with `columns: {query: ..., positive: ...}`")
-        instruction = row_text(row, "instruction", what, where, optional=True)
-        text = row_text(row, "input", what, where, optional=True)
-        query = query_format.format(instruction=instruction, input=text) if instruction else text
-        pairs.append({"anchor": query, "positive": row_text(row, "output", what, where)})
+        pairs.append({"instruction": instruction, "anchor": row_text(row, "input", what, where, optional=True),
+                      "positive": row_text(row, "output", what, where)})
     return pairs
+
+
+def group_by_instruction(pairs, prompt_format: str) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
+    """One dataset per instruction (named ``instruction_<k>`` in order of first appearance) of (anchor, positive)
+    pairs, and the sentence-transformers training prompts: ``{name: {"anchor": prompt}}`` for instructed groups."""
+    from datasets import Dataset
+
+    if not isinstance(pairs, Dataset):
+        raise TypeError("group_by_instruction expects a datasets.Dataset")
+    order: dict[str, list[int]] = {}
+    for index, instruction in enumerate(pairs["instruction"]):
+        order.setdefault(instruction, []).append(index)
+    datasets, prompts = {}, {}
+    for k, (instruction, indices) in enumerate(order.items()):
+        name = f"instruction_{k}"
+        datasets[name] = pairs.select(indices).select_columns(["anchor", "positive"])
+        if instruction:
+            prompts[name] = {"anchor": prompt_format.format(instruction=instruction)}
+    return datasets, prompts
 
 
 def run(config: WeakConfig) -> dict[str, Any]:
     """Train stage 3; returns a summary with the final directory, the logged losses and the final α."""
-    from datasets import Dataset
+    from datasets import Dataset, DatasetDict
     from sentence_transformers import SentenceTransformerTrainingArguments
-    from sentence_transformers.base.sampler import BatchSamplers
+    from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
+
+    from conan_hf.sentence import check_prompt_boundary
 
     from conan_hf.demo import demo_instructions
     from conan_hf.losses import InfoNCELoss
@@ -116,7 +142,7 @@ def run(config: WeakConfig) -> dict[str, Any]:
 
     setup_runtime(config)
     rows = read_sources(config.data, demo_instructions, required=[], what="stage 3 (weakly-supervised) data")
-    dataset = Dataset.from_list(to_pairs(rows, config.query_format))
+    dataset = Dataset.from_list(to_pairs(rows))
     teacher_report = None
     if config.teacher:
         from conan_hf.data.teacher import filter_by_teacher
@@ -129,16 +155,29 @@ def run(config: WeakConfig) -> dict[str, Any]:
 
     model = load_sentence_model(config.model, attention_mode="soft", pooling=config.pooling,
                                 max_seq_length=config.max_seq_length)
+    groups, prompts = group_by_instruction(dataset, config.prompt_format)
+    if not model[1].include_prompt:
+        for name, prompt in prompts.items():
+            check_prompt_boundary(model.tokenizer, prompt["anchor"], name=f"{name} ({prompt['anchor']!r})")
+    batch = config.per_device_train_batch_size
+    small = {name: len(d) for name, d in groups.items() if len(d) < batch}
+    if small:
+        logger.warning("stage 3: instruction group(s) %s have fewer pairs than a batch (%d) and are not trained on "
+                       "(batches hold one instruction each); lower per_device_train_batch_size to use them",
+                       small, batch)
     loss = InfoNCELoss(model, temperature=config.temperature)
     args = SentenceTransformerTrainingArguments(
         **config.training_arguments_kwargs(),
         batch_sampler=BatchSamplers.NO_DUPLICATES,  # a duplicate in the batch would be a false in-batch negative
+        multi_dataset_batch_sampler=MultiDatasetBatchSamplers.PROPORTIONAL,
+        prompts=prompts,
         dataloader_drop_last=True,
     )
     callback = SoftMaskCallback(schedule=config.soft_mask_schedule, total_steps=config.soft_mask_steps)
-    trainer = WeakTrainer(model=model, args=args, train_dataset=dataset, loss=loss, callbacks=[callback])
-    print_main(f"[stage 3] weakly-supervised training of {config.model} on {len(dataset)} pairs, soft mask "
-               f"({config.soft_mask_schedule} α(t), τ = {config.soft_mask_steps or 'all steps'})")
+    trainer = WeakTrainer(model=model, args=args, train_dataset=DatasetDict(groups), loss=loss, callbacks=[callback])
+    print_main(f"[stage 3] weakly-supervised training of {config.model} on {len(dataset)} pairs in {len(groups)} "
+               f"instruction group(s), soft mask ({config.soft_mask_schedule} α(t), τ = "
+               f"{config.soft_mask_steps or 'all steps'})")
     result = train_with_resume(trainer, config)
     alpha = get_soft_mask_alpha(model)
     if alpha >= 1.0:
@@ -148,7 +187,9 @@ def run(config: WeakConfig) -> dict[str, Any]:
         teacher_summary.pop("scores", None)
     return finish_stage(
         trainer, config, "weak", 3, result, note=f"α = {alpha:.3f} at the end; ",
-        num_pairs=len(dataset), final_alpha=alpha, soft_mask_total_steps=callback.total_steps,
+        num_pairs=len(dataset), final_alpha=alpha,
+        instruction_groups={name: {"pairs": len(d), "prompt": prompts.get(name, {}).get("anchor")}
+                            for name, d in groups.items()}, soft_mask_total_steps=callback.total_steps,
         soft_mask_alphas=[(e["step"], e["soft_mask_alpha"]) for e in trainer.state.log_history
                           if "loss" in e and "soft_mask_alpha" in e],
         attention_mode=backbone(model).config.attention_mode, teacher_filter=teacher_summary,

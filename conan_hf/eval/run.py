@@ -5,14 +5,14 @@ local tasks from :mod:`conan_hf.eval.tasks`, and returns an :class:`EvalReport` 
 score first) feeds the command line and the model card. mteb computes every metric and writes its usual result files
 (``<output_folder>/results/<model>/<revision>/<Task>.json``); we add ``summary.json`` beside them.
 
-Instructions. Conan-Embedding-v2 prefixes *queries* with a task instruction (``"Instruct: {instruction}\\nQuery: "``).
+Instructions. Conan-Embedding-v2 prefixes *queries* with a task instruction (``"Instruct: {instruction}\\nQuery:\n"``).
 Prompts come, in this order, from
 
 1. ``instructions={task name or task type: instruction}`` passed here,
 2. the model's own ``prompts`` keyed the mteb way (``"SciFact-query"``, ``"SciFact"``, ``"Retrieval-query"``,
    ``"STS"``, ``"query"``, ``"document"``), which mteb resolves itself,
 3. the task's instruction (``task.metadata.prompt``, set by mteb for its tasks and by our local tasks) formatted with
-   the model's instruction template — detected from a ``"query"`` prompt of the form ``"Instruct: ...\\nQuery: "``
+   the model's instruction template — detected from a ``"query"`` prompt of the form ``"Instruct: ...\\nQuery:\n"``
    or given as ``instruction_template``.
 
 Retrieval instructions go to queries only; symmetric tasks (STS, classification, clustering, ...) prefix every text.
@@ -45,17 +45,19 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CONAN_INSTRUCTION_TEMPLATE = "Instruct: {instruction}\nQuery: "
+from conan_hf.sentence import QUERY_PROMPT_FORMAT as CONAN_INSTRUCTION_TEMPLATE  # noqa: E402
+
+# Also matches the older "...\nQuery:\n" prompts (a space instead of the closing line break) of earlier checkpoints.
 _TEMPLATE_PATTERN = re.compile(r"^(Instruct:\s*)(.+?)(\s*\n\s*Query:\s*)$", re.DOTALL)
 SUMMARY_FILE = "summary.json"
 
 
 def detect_instruction_template(prompts: Mapping[str, str | None] | None) -> str | None:
     """The instruction template implied by a model's ``"query"`` prompt, if it has the Conan / E5 form
-    ``"Instruct: <instruction>\\nQuery: "``; otherwise None.
+    ``"Instruct: <instruction>\\nQuery:\n"``; otherwise None.
 
-    >>> detect_instruction_template({"query": "Instruct: Find passages.\\nQuery: "})
-    'Instruct: {instruction}\\nQuery: '
+    >>> detect_instruction_template({"query": "Instruct: Find passages.\\nQuery:\\n"})
+    'Instruct: {instruction}\\nQuery:\\n'
     """
     query = (prompts or {}).get("query")
     if not query:
