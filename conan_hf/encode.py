@@ -17,7 +17,10 @@ behave as usual) and only decides what each call gets:
   ``binary`` / ``ubinary`` output via `sentence_transformers.quantize_embeddings`;
 * **a truncation policy** — texts longer than ``max_seq_length`` tokens are cut to their first ``max_seq_length``
   tokens (as `SentenceTransformer` does), and each call says so once, with the count (``truncation="warn"``), or
-  refuses (``"error"``), or stays silent (``"ignore"``).
+  refuses (``"error"``), or stays silent (``"ignore"``);
+* **empty texts** — a text with no token at all (``""`` with a tokenizer that adds no special tokens) is embedded as
+  `SentenceTransformer.encode` embeds it next to other texts (an all-padding row: the zero vector under mean pooling),
+  also when it would otherwise form a batch of its own, where `SentenceTransformer.encode` fails.
 
 Example::
 
@@ -313,8 +316,11 @@ class FastEncoder:
 
         prompt_text = self._resolve_prompt(prompt, prompt_name, task)
         lengths = self._apply_truncation_policy(self.token_lengths(texts, prompt_text))
-        batches = plan_batches(lengths, self.token_budget, self.max_batch_size, self.padding_tolerance,
-                               unpadded=self.unpadded)
+        tokenless = [i for i, length in enumerate(lengths) if length == 0]
+        with_tokens = [i for i, length in enumerate(lengths) if length > 0]
+        batches = [[with_tokens[j] for j in batch]
+                   for batch in plan_batches(lengths[with_tokens], self.token_budget, self.max_batch_size,
+                                             self.padding_tolerance, unpadded=self.unpadded)]
         if show_progress_bar is None:
             show_progress_bar = logger.getEffectiveLevel() <= logging.INFO
 
@@ -331,6 +337,11 @@ class FastEncoder:
                 )
                 output[torch.as_tensor(batch)] = embeddings.float().cpu()
                 progress.update(len(batch))
+            if tokenless:
+                output[torch.as_tensor(tokenless)] = self._encode_tokenless(
+                    [texts[i] for i in tokenless], [texts[i] for i in with_tokens], lengths[with_tokens],
+                    prompt_text, out_dim if out_dim != full_dim else None, extra)
+                progress.update(len(tokenless))
 
         if normalize:
             output = torch.nn.functional.normalize(output, p=2, dim=1)
@@ -343,6 +354,23 @@ class FastEncoder:
         elif isinstance(result, torch.Tensor):
             result = result.numpy()
         return result[0] if single else result
+
+    def _encode_tokenless(self, tokenless: list[str], others: list[str], other_lengths: np.ndarray,
+                          prompt_text: str | None, truncate_dim: int | None, extra: dict[str, Any]) -> torch.Tensor:
+        """Embeddings of texts that have no token at all (``""`` with a tokenizer that adds no special tokens, and no
+        prompt). Alone, such a batch cannot run (a tensor of 0 tokens); `SentenceTransformer.encode` embeds them as
+        all-padding rows of a batch with other texts — for mean / last-token pooling a zero vector. They are encoded
+        the same way here: in one batch behind a single companion text (the shortest of this call, else ``"."``)."""
+        companion = others[int(np.argmin(other_lengths))] if others else "."
+        if not others and not self.token_lengths([companion], prompt_text)[0]:
+            raise ValueError("encode() got only texts without any token (e.g. empty strings) and the tokenizer turns "
+                             "'.' into no token either; give at least one non-empty text")
+        embeddings = self.model.encode(
+            [companion, *tokenless], prompt=prompt_text if prompt_text is not None else "",
+            batch_size=len(tokenless) + 1, convert_to_tensor=True, show_progress_bar=False,
+            truncate_dim=truncate_dim, **extra,
+        )
+        return embeddings[1:].float().cpu()
 
     def encode_query(self, sentences: str | Sequence[str], **kwargs: Any) -> np.ndarray | torch.Tensor:
         """:meth:`encode` with the model's ``"query"`` prompt (e.g. ``"Instruct: ...\\nQuery:\n"``)."""

@@ -143,3 +143,18 @@ def test_auto_dtype_on_cpu_is_bf16_only_with_native_support(model, texts):
     ours = encoder.encode(texts[:100])
     assert ours.dtype == np.float32
     assert np.sum(ours * reference, axis=1).min() > 0.999  # bf16 rounding keeps the direction
+
+
+def test_empty_strings_encode_as_sentence_transformers_does(model):
+    """An empty string has no token with this tokenizer (no special tokens): SentenceTransformer.encode embeds it as an
+    all-padding row of a batch (the zero vector under mean pooling) and crashes on a batch of empty strings alone;
+    FastEncoder used to crash whenever one formed its own batch."""
+    assert model.tokenizer("")["input_ids"] == []
+    encoder = FastEncoder(model, dtype="float32")
+    texts = ["ok", "", "a somewhat longer sentence", ""]
+    expected = model.encode(texts, convert_to_tensor=True)  # one batch: the empty rows are padding only
+    torch.testing.assert_close(encoder.encode(texts, convert_to_tensor=True), expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(expected[1], torch.zeros_like(expected[1]))
+    alone = encoder.encode(["", ""], convert_to_tensor=True)
+    torch.testing.assert_close(alone, expected[[1, 3]], atol=1e-6, rtol=0)
+    assert encoder.encode("", dim=16).shape == (16,)

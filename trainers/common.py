@@ -32,6 +32,8 @@ from typing import Any, TypeVar
 
 from transformers import TrainerCallback
 
+from conan_hf.errors import DataError, OneLineArgumentParser
+
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -103,7 +105,7 @@ class StageConfig:
     def training_arguments_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `TrainingArguments` (or sentence-transformers' subclass)."""
         if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise DataError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}", hint="fix the stage config")
         kwargs = dict(
             output_dir=self.output_dir,
             seed=self.seed,
@@ -168,15 +170,17 @@ def load_config(
         with open(path, encoding="utf-8") as handle:
             loaded = yaml.safe_load(handle) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: a stage config must be a YAML mapping, got {type(loaded).__name__}")
+            raise DataError(f"a stage config must be a YAML mapping, got {type(loaded).__name__}", where=str(path),
+                            hint="write `key: value` lines")
         presets = loaded.pop("presets", {}) or {}
         values.update(loaded)
         if preset is not None:
             if preset not in presets:
-                raise ValueError(f"{path}: no preset {preset!r}; available: {sorted(presets) or 'none'}")
+                raise DataError(f"no preset {preset!r}", where=str(path),
+                                hint=f"choose one of {sorted(presets) or 'none'}")
             values.update(presets[preset])
     elif preset is not None:
-        raise ValueError(f"preset {preset!r} needs a config file")
+        raise DataError(f"preset {preset!r} needs a config file", hint="pass --config FILE")
     values.update(overrides or {})
     return config_from_dict(cls, values, source)
 
@@ -185,7 +189,8 @@ def config_from_dict(cls: type[C], values: dict[str, Any], source: str = "<dict>
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"{source}: unknown key(s) {unknown} for {cls.__name__}; valid keys: {sorted(fields)}")
+        raise DataError(f"unknown key(s) {unknown} for {cls.__name__}", where=source,
+                        hint=f"valid keys: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     return cls(**{name: _coerce(hints[name], value, f"{source}: {name}") for name, value in values.items()})
 
@@ -225,12 +230,12 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return value
     if str in options:
         return str(value)
-    raise ValueError(f"{where}: cannot read {value!r} as {hint}")
+    raise DataError(f"cannot read {value!r} as {hint}", where=where, hint="fix the value")
 
 
 def parse_config(cls: type[C], stage: str, argv: list[str] | None = None, description: str | None = None) -> C:
     """Command line of a stage: ``--config FILE --preset NAME`` plus one ``--<field> VALUE`` flag per option."""
-    parser = argparse.ArgumentParser(prog=f"python -m trainers.{stage}", description=description,
+    parser = OneLineArgumentParser(prog=f"python -m trainers.{stage}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(default_config_path(stage)),
                         help="stage YAML (default: %(default)s)")
@@ -384,16 +389,18 @@ def resolve_resume(config: StageConfig) -> str | None:
         saved = json.loads((found / COMMIT_MARKER).read_text(encoding="utf-8")).get("config_fingerprint")
         current = config.fingerprint() if hasattr(config, "fingerprint") else None
         if saved and current and saved != current:
-            raise ValueError(
-                f"{found} was written by a run with different options (config fingerprint {saved} != {current}); "
-                f"resuming it would continue that run. Start over with resume=no (main job: --set '*.resume=no'), "
-                f"use another output_dir, or resume it explicitly with resume={found}"
+            raise DataError(
+                f"written by a run with different options (config fingerprint {saved} != {current}); "
+                f"resuming it would continue that run", where=str(found),
+                hint=f"start over with resume=no (main job: --set '*.resume=no'), use another output_dir, or resume "
+                     f"it explicitly with resume={found}",
             )
         logger.warning("Resuming from %s", found)
         return str(found)
     path = Path(config.resume)
     if not (path / COMMIT_MARKER).is_file():
-        raise ValueError(f"resume={config.resume!r} is not a complete checkpoint folder (no {COMMIT_MARKER})")
+        raise DataError(f"resume={config.resume!r} is not a complete checkpoint folder (no {COMMIT_MARKER})",
+                        hint="resume from a committed checkpoint-N folder, or use resume=auto / resume=no")
     return str(path)
 
 
@@ -475,8 +482,11 @@ def print_main(*args, **kwargs) -> None:
 #   - a path or Hub dataset name, read by conan_hf.data.readers.load_rows (JSONL/CSV/TSV, SQuAD JSON, BEIR folders);
 #   - a mapping {path: ..., columns: {wanted: source}, split: train, on_error: raise|skip, limit: N, ...}; other keys
 #     go to conan_hf.data.readers.read_table (header, delimiter, format).
-# Rows lacking a needed column raise an error naming the source and row; with on_error: skip, bad rows of a file are
-# left out and counted in the log, never dropped silently.
+# Every row carries where it was read (conan_hf.data.readers.Row.location: "file:line" with the 1-based line of a
+# JSONL file or the physical line of a CSV/TSV file, header included; "demo row N" for the demo corpus), and every
+# message about a row names that place. Rows lacking a needed column, a text that is not a string, a score that is not
+# a finite number, and a source without rows raise a DataError; with on_error: skip, rows that the reader cannot read
+# are left out and counted in the log, never dropped silently.
 
 
 def _as_list(sources: Any) -> list[Any]:
@@ -487,55 +497,98 @@ def _as_list(sources: Any) -> list[Any]:
     return list(sources)
 
 
+def row_text(row: dict[str, Any], column: str, what: str, where: str | None = None, optional: bool = False) -> str:
+    """The text in ``row[column]``, refusing anything that is not a string (a number or a list is not silently turned
+    into text). A missing or ``None`` value is ``""`` when ``optional``, else an error. Errors name ``where``
+    (default: the row's location)."""
+    from conan_hf.errors import location_of
+
+    where = location_of(row, where)
+    value = row.get(column)
+    if value is None:
+        if optional:
+            return ""
+        raise DataError(f"{what}: no {column!r} column (the row has {sorted(row)})", where=where,
+                        hint=f"map a source column to it with `columns: {{{column}: <source column>}}`")
+    if not isinstance(value, str):
+        raise DataError(f"{what}: column {column!r} must be a text, got {type(value).__name__} {value!r}", where=where,
+                        hint="write it as a string in the data file (numbers and lists are not turned into text)")
+    return value
+
+
 def read_sources(
     sources: Any,
     demo: Callable[[], list[dict[str, Any]]],
     required: Sequence[str],
     numeric: Sequence[str] = (),
     what: str = "data",
+    text: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Rows from every source in ``sources``, each checked to have the ``required`` columns.
 
+    Every row returned is a :class:`conan_hf.data.readers.Row` that knows where it was read (``row.location``).
+
     Args:
-        sources: see the module docstring.
+        sources: see the comment above.
         demo: returns the demo rows for ``"demo"``.
         required: columns every row must have (after the column mapping).
-        numeric: columns converted to float (e.g. an STS ``score``); a value that is not a number raises.
+        numeric: columns converted to float (e.g. an STS ``score``); a value that is not a finite number (text,
+            NaN, inf, a boolean) raises.
         what: used in messages (e.g. ``"stage 2 (SFT) data"``).
+        text: columns holding texts; where a row has them (required ones always) they must be strings.
+
+    Raises:
+        DataError: naming the file and 1-based line (``"demo row N"`` for demo data) of the first bad row, or the
+            source that has no rows.
     """
+    from conan_hf.data.readers import Row
+    from conan_hf.errors import finite_float, location_of
+
     rows: list[dict[str, Any]] = []
     entries = _as_list(sources)
     if not entries:
-        raise ValueError(f"{what}: no data sources given")
+        raise DataError(f"{what}: no data sources given", hint="list files, folders, Hub names or 'demo' under `data:`")
     for entry in entries:
         if entry == "demo":
-            name, part = "demo", [dict(r) for r in demo()]
+            name, part = "demo", [Row(r, f"demo row {index}") for index, r in enumerate(demo(), 1)]
             limit = None
         else:
             from conan_hf.data.readers import load_rows
 
             spec = {"path": entry} if isinstance(entry, str) else dict(entry)
             if "path" not in spec:
-                raise ValueError(f"{what}: a data source mapping needs a 'path' (file, folder or Hub name): {entry!r}")
+                raise DataError(f"{what}: a data source mapping needs a 'path' (file, folder or Hub name): {entry!r}",
+                                hint="write `{path: FILE, columns: {...}}`")
             name = str(spec.pop("path"))
             limit = spec.pop("limit", None)
             part = load_rows(name, spec.pop("columns", None), **spec)
             if getattr(part, "num_skipped", 0):
                 logger.warning("%s: skipped %d bad row(s) of %s (on_error=skip)", what, part.num_skipped, name)
+        skipped = getattr(part, "num_skipped", 0)
         if limit is not None:
             part = part[: int(limit)]
-        for index, row in enumerate(part):
+        if not part:
+            why = f"all {skipped} rows were bad and skipped" if skipped else "the source is empty"
+            raise DataError(f"{what}: no rows ({why})", where=name,
+                            hint="give a source with at least one row, or remove it from `data:`")
+        for index, row in enumerate(part, 1):
+            where = location_of(row, f"{name} row {index}")
             missing = [c for c in required if c not in row or row[c] is None]
             if missing:
-                raise ValueError(
-                    f"{what}: {name} row {index} has no {missing} (it has {sorted(row)}); map the source's columns "
-                    f"with `columns: {{{', '.join(f'{c}: <source column>' for c in missing)}}}`"
+                raise DataError(
+                    f"{what}: no {missing} column (the row has {sorted(row)})", where=where,
+                    hint=f"map the source's columns with `columns: "
+                         f"{{{', '.join(f'{c}: <source column>' for c in missing)}}}`",
                 )
+            for column in text:
+                if column in row and row[column] is not None:
+                    row_text(row, column, what, where)
             for column in numeric:
                 try:
-                    row[column] = float(row[column])
-                except (TypeError, ValueError):
-                    raise ValueError(f"{what}: {name} row {index}: {column}={row[column]!r} is not a number") from None
+                    row[column] = finite_float(row[column])
+                except ValueError as error:
+                    raise DataError(f"{what}: column {column!r}: {error}", where=where,
+                                    hint="fix the value, or remove the row") from None
         logger.info("%s: %d rows from %s", what, len(part), name)
         rows.extend(part)
     return rows

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from conan_hf.errors import cli_errors
 from trainers.common import (
     StageConfig,
     finish_stage,
@@ -175,8 +176,8 @@ def run(config: PretrainConfig) -> dict[str, Any]:
     setup_runtime(config)
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
     rows = read_sources(config.data, lambda: [{"text": t} for t in demo_texts()], required=[config.text_column],
-                        what="stage 1 (pre-training) data")
-    documents = tokenize_documents(tokenizer, (str(r[config.text_column]) for r in rows))
+                        text=[config.text_column], what="stage 1 (pre-training) data")
+    documents = tokenize_documents(tokenizer, (r[config.text_column] for r in rows))
     packed = pack_documents(documents, config.seq_length, tokenizer.pad_token_id)
     dataset = Dataset.from_dict(packed)
     num_tokens = sum(len(d) for d in documents)
@@ -192,6 +193,7 @@ def run(config: PretrainConfig) -> dict[str, Any]:
     return finish_stage(trainer, config, "pretrain", 1, result, num_blocks=len(dataset), num_tokens=num_tokens)
 
 
+@cli_errors("python -m trainers.pretrain")
 def main(argv: list[str] | None = None) -> None:
     run(parse_config(PretrainConfig, "pretrain", argv, description=__doc__))
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from conan_hf.errors import DataError, OneLineArgumentParser, cli_errors
 from trainers.common import default_config_path, is_main_process, load_config, print_main
 
 STAGES = ("tokenizer", "pretrain", "sft", "weak", "supervised")
@@ -52,7 +53,7 @@ def parse_stages(spec: str) -> list[str]:
         elif part in STAGES:
             chosen.add(part)
         else:
-            raise ValueError(f"unknown stage {part!r}; stages are {list(STAGES)} (or their numbers 0-4)")
+            raise DataError(f"unknown stage {part!r}", hint=f"stages are {list(STAGES)} (or their numbers 0-4)")
     return [s for s in STAGES if s in chosen]
 
 
@@ -64,8 +65,8 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
         key, sep, value = item.partition("=")
         stage, dot, name = key.partition(".")
         if not sep or not dot or (stage not in STAGES and stage != "*"):
-            raise ValueError(f"override {item!r} must look like <stage>.<key>=<value> with a stage in {list(STAGES)} "
-                             "or '*'")
+            raise DataError(f"override {item!r} is not <stage>.<key>=<value>",
+                            hint=f"use a stage in {list(STAGES)} or '*', e.g. --set pretrain.max_steps=100")
         out.setdefault(stage, {})[name] = value
     return out
 
@@ -264,10 +265,12 @@ def print_report(report: dict[str, Any]) -> None:
             print_main(f"{label:<42}" + "".join(f"{scores[n]:>16.3f}" for n in names))
 
 
+@cli_errors("finetune")
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(prog="finetune", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="conan-v2", help="final SentenceTransformer folder (%(default)s)")
     parser.add_argument("--work-dir", default="runs/finetune", help="stage outputs and checkpoints (%(default)s)")
     parser.add_argument("--stages", default="all", help="'all', '0-4', '3,4' or names (default: all)")

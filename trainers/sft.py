@@ -15,6 +15,7 @@ import dataclasses
 import logging
 from typing import Any
 
+from conan_hf.errors import cli_errors
 from trainers.common import (
     StageConfig,
     finish_stage,
@@ -90,9 +91,9 @@ def run(config: SFTConfig) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     tokenizer.padding_side = "right"
     rows = read_sources(config.data, demo_instructions, required=["instruction", "output"],
-                        what="stage 2 (SFT) data")
-    examples = [build_sft_example(tokenizer, str(r["instruction"]), str(r.get("input") or ""), str(r["output"]),
-                                  config.max_length) for r in rows]
+                        text=["instruction", "input", "output"], what="stage 2 (SFT) data")
+    examples = [build_sft_example(tokenizer, r["instruction"], r.get("input") or "", r["output"], config.max_length)
+                for r in rows]
     kept = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"])]
     if len(kept) < len(examples):
         logger.warning("stage 2: %d of %d examples had no response token within max_length=%d and were left out",
@@ -112,6 +113,7 @@ def run(config: SFTConfig) -> dict[str, Any]:
     return finish_stage(trainer, config, "sft", 2, result, num_examples=len(dataset))
 
 
+@cli_errors("python -m trainers.sft")
 def main(argv: list[str] | None = None) -> None:
     run(parse_config(SFTConfig, "sft", argv, description=__doc__))
 

@@ -37,6 +37,7 @@ from sentence_transformers.base.sampler import (
 from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
 from torch.utils.data import RandomSampler
 
+from conan_hf.errors import DataError, cli_errors, location_of
 from trainers.common import (
     MainProcessSaveMixin,
     StageConfig,
@@ -47,6 +48,7 @@ from trainers.common import (
     parse_config,
     print_main,
     read_sources,
+    row_text,
     setup_runtime,
     train_with_resume,
 )
@@ -151,15 +153,26 @@ class SupervisedConfig(StageConfig):
 
 
 # ---- data ------------------------------------------------------------------------------------------------------------
-def _negatives(row: dict[str, Any]) -> list[str]:
-    """A row's ranked negative texts: a ``negatives`` list, else ``negative`` / ``negative_*`` columns in order."""
+def _negatives(row: dict[str, Any], what: str = "stage 4 data") -> list[str]:
+    """A row's ranked negative texts: a ``negatives`` list, else ``negative`` / ``negative_*`` columns in order.
+
+    Empty cells (``None``, ``""``) mean "no negative there" (rows of a table can have fewer); anything else that is
+    not a string is an error naming the row's file and line.
+    """
+    if row.get("negatives") is not None and not isinstance(row["negatives"], (list, tuple)):
+        raise DataError(f"{what}: column 'negatives' must be a list of texts, got {type(row['negatives']).__name__}",
+                        where=location_of(row), hint="write a JSON list, or use negative_1, negative_2, ... columns")
     if isinstance(row.get("negatives"), (list, tuple)):
         values = list(row["negatives"])
     else:
         keys = sorted((k for k in row if k == "negative" or k.startswith("negative_")),
                       key=lambda k: (k != "negative", int(k.split("_")[1]) if k.split("_")[-1].isdigit() else 0))
         values = [row[k] for k in keys]
-    return [str(v) for v in values if v not in (None, "")]
+    for value in values:
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{what}: a negative must be a text, got {type(value).__name__} {value!r}",
+                            where=location_of(row), hint="write it as a string in the data file")
+    return [v for v in values if v not in (None, "")]
 
 
 def task_rows(task: TaskConfig, seed: int = 0) -> tuple[list[dict[str, Any]], list[list[str]]]:
@@ -168,28 +181,31 @@ def task_rows(task: TaskConfig, seed: int = 0) -> tuple[list[dict[str, Any]], li
 
     what = f"stage 4 task {task.name!r} ({task.type})"
     if task.type == "sts":
-        rows = read_sources(task.data, demo.demo_sts, ["sentence1", "sentence2", "score"], numeric=["score"], what=what)
-        return [{"sentence1": str(r["sentence1"]), "sentence2": str(r["sentence2"]), "score": r["score"]}
-                for r in rows], []
+        rows = read_sources(task.data, demo.demo_sts, ["sentence1", "sentence2", "score"], numeric=["score"],
+                            text=["sentence1", "sentence2"], what=what)
+        return [{"sentence1": r["sentence1"], "sentence2": r["sentence2"], "score": r["score"]} for r in rows], []
     if task.type == "classification":
-        rows = read_sources(task.data, demo.demo_classification, ["text"], what=what)
+        rows = read_sources(task.data, demo.demo_classification, ["text"], text=["text", "positive"], what=what)
         if rows and "positive" not in rows[0]:
-            if any("label" not in r for r in rows):
-                raise ValueError(f"{what}: rows need `positive` (label text) or `label` columns")
-            labels = sorted({str(r["label"]) for r in rows})
+            # The label text is embedded as the positive: a label id (a number) would be trained as the text "3".
+            for r in rows:
+                row_text(r, "label", what)
+            labels = sorted({r["label"] for r in rows})
             rng = random.Random(seed)
             for r in rows:
-                others = [label for label in labels if label != str(r["label"])]
+                others = [label for label in labels if label != r["label"]]
                 rng.shuffle(others)
-                r["positive"], r["negatives"] = str(r["label"]), others
-        anchors = [str(r["text"]) for r in rows]
+                r["positive"], r["negatives"] = r["label"], others
+        anchors = [r["text"] for r in rows]
+        for r in rows:
+            row_text(r, "positive", what)  # every row, not only the first, needs its label text
     else:
         demo_fn = demo.demo_retrieval if task.type == "retrieval" else demo.demo_clr
-        rows = read_sources(task.data, demo_fn, ["query", "positive"], what=what)
-        anchors = [str(r["query"]) for r in rows]
-    out = [{"id": f"{task.name}/{i}", "anchor": a, "positive": str(r["positive"])}
+        rows = read_sources(task.data, demo_fn, ["query", "positive"], text=["query", "positive"], what=what)
+        anchors = [r["query"] for r in rows]
+    out = [{"id": f"{task.name}/{i}", "anchor": a, "positive": r["positive"]}
            for i, (a, r) in enumerate(zip(anchors, rows))]
-    return out, [_negatives(r) for r in rows]
+    return out, [_negatives(r, what) for r in rows]
 
 
 # ---- batching --------------------------------------------------------------------------------------------------------
@@ -380,6 +396,7 @@ def run(config: SupervisedConfig) -> dict[str, Any]:
     )
 
 
+@cli_errors("python -m trainers.supervised")
 def main(argv: list[str] | None = None) -> None:
     run(parse_config(SupervisedConfig, "supervised", argv, description=__doc__))
 

@@ -13,6 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from conan_hf.errors import cli_errors
 from trainers.common import STAGE_RECORD, parse_config, print_main, read_sources, write_json_atomic
 
 
@@ -43,8 +44,8 @@ def run(config: TokenizerConfig):
     from conan_hf.tokenizer import train_tokenizer
 
     rows = read_sources(config.data, lambda: [{"text": t} for t in demo_texts()], required=[config.text_column],
-                        what="stage 0 (tokenizer) data")
-    texts = [str(row[config.text_column]) for row in rows]
+                        text=[config.text_column], what="stage 0 (tokenizer) data")
+    texts = [row[config.text_column] for row in rows]
     tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size, min_frequency=config.min_frequency,
                                 model_max_length=config.model_max_length)
     out = Path(config.output_dir)
@@ -56,6 +57,7 @@ def run(config: TokenizerConfig):
     return tokenizer
 
 
+@cli_errors("python -m trainers.tokenizer_stage")
 def main(argv: list[str] | None = None) -> None:
     run(parse_config(TokenizerConfig, "tokenizer", argv, description=__doc__))
 

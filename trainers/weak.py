@@ -24,6 +24,7 @@ from typing import Any
 
 from sentence_transformers import SentenceTransformerTrainer
 
+from conan_hf.errors import DataError, cli_errors, location_of
 from conan_hf.sentence import QUERY_PROMPT_FORMAT
 from trainers.common import (
     MainProcessSaveMixin,
@@ -34,6 +35,7 @@ from trainers.common import (
     parse_config,
     print_main,
     read_sources,
+    row_text,
     set_attention_mode,
     setup_runtime,
     train_with_resume,
@@ -89,18 +91,25 @@ class WeakTrainer(MainProcessSaveMixin, SentenceTransformerTrainer):
 
 def to_pairs(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     """(instruction, anchor, positive) rows: input → anchor and output → positive, or the rows' own query/positive;
-    ``instruction`` is the row's instruction ("" if it has none)."""
+    ``instruction`` is the row's instruction ("" if it has none).
+
+    Texts must be strings; errors name the row's file and line (``row.location``, see :func:`trainers.common.
+    read_sources`), or its 1-based position for rows that do not carry one.
+    """
+    what = "stage 3 (weakly-supervised) data"
     pairs = []
-    for index, row in enumerate(rows):
-        instruction = str(row.get("instruction") or "")
+    for index, row in enumerate(rows, 1):
+        where = location_of(row, f"stage 3 data row {index}")
+        instruction = row_text(row, "instruction", what, where, optional=True)
         if "query" in row and "positive" in row:
-            pairs.append({"instruction": instruction, "anchor": str(row["query"]), "positive": str(row["positive"])})
+            pairs.append({"instruction": instruction, "anchor": row_text(row, "query", what, where),
+                          "positive": row_text(row, "positive", what, where)})
             continue
         if "input" not in row and "instruction" not in row or "output" not in row:
-            raise ValueError(f"stage 3 data row {index} needs instruction/input/output or query/positive columns, "
-                             f"got {sorted(row)}")
-        pairs.append({"instruction": instruction, "anchor": str(row.get("input") or ""),
-                      "positive": str(row["output"])})
+            raise DataError(f"{what}: needs instruction/input/output or query/positive columns, got {sorted(row)}",
+                            where=where, hint="map the source's columns with `columns: {query: ..., positive: ...}`")
+        pairs.append({"instruction": instruction, "anchor": row_text(row, "input", what, where, optional=True),
+                      "positive": row_text(row, "output", what, where)})
     return pairs
 
 
@@ -204,6 +213,7 @@ def run(config: WeakConfig) -> dict[str, Any]:
     )
 
 
+@cli_errors("python -m trainers.weak")
 def main(argv: list[str] | None = None) -> None:
     run(parse_config(WeakConfig, "weak", argv, description=__doc__))
 

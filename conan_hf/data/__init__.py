@@ -13,7 +13,7 @@ _EXPORTS = {
     "cache": ("TranslationCache",),
     "clr": ("TABLE7", "CLRReport", "assign_languages", "build_clr_dataset", "language_counts", "language_shares"),
     "readers": (
-        "DataFormatError", "Rows", "beir_pairs", "load_rows", "read_beir", "read_squad", "read_stsb_multi_mt",
+        "DataFormatError", "Row", "Rows", "beir_pairs", "load_rows", "read_beir", "read_squad", "read_stsb_multi_mt",
         "read_table",
     ),
     "teacher": ("MiningReport", "TeacherFilterReport", "filter_by_teacher", "mine_negative_pools", "teacher_scores"),

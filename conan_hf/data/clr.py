@@ -54,6 +54,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..errors import DataError, OneLineArgumentParser, cli_errors, location_of
 from .cache import TranslationCache
 from .translate import ParallelCorpusTranslator, Translator
 from .validate import TranslationValidator
@@ -203,7 +204,8 @@ def _as_rows(source: Any) -> list[dict[str, Any]]:
         from .readers import load_rows
 
         return list(load_rows(source))
-    return [dict(row) for row in source]
+    # `row.copy()` keeps a reader Row's location (file:line) for the messages below.
+    return [row.copy() if isinstance(row, dict) else dict(row) for row in source]
 
 
 def build_clr_dataset(
@@ -268,7 +270,11 @@ def build_clr_dataset(
         for column in (query_column, positive_column):
             value = row.get(column)
             if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"source row {index} has no text in column {column!r} (it has {sorted(row)})")
+                got = "nothing" if value is None or value == "" else f"{type(value).__name__} {value!r}"
+                where = location_of(row)  # file:line of rows read from a file; in-memory rows: their index
+                raise DataError(f"{'' if where else f'source row {index} '}has no text in column {column!r} (got "
+                                f"{got}; the row has {sorted(row)})", where=where,
+                                hint="give every row a non-empty text there, or map another column")
         row.setdefault(id_column, str(index))
         negatives = row.get(negatives_column)
         if isinstance(negatives, str):
@@ -276,7 +282,10 @@ def build_clr_dataset(
     ids = [str(row[id_column]) for row in rows]
     if len(set(ids)) != len(ids):
         duplicate = next(i for i, c in Counter(ids).items() if c > 1)
-        raise ValueError(f"duplicate id {duplicate!r} in column {id_column!r}: ids must be unique")
+        second = [index for index, row_id in enumerate(ids) if row_id == duplicate][1]
+        where = location_of(rows[second], f"source row {second}")
+        raise DataError(f"duplicate id {duplicate!r} in column {id_column!r}", where=where,
+                        hint="ids must be unique: fix the ids or leave the column out (row positions become ids)")
 
     assignment = assign_languages(len(rows), seed=seed, languages=weights)
     report = CLRReport(num_source_rows=len(rows), translator=translator.model_name)
@@ -407,14 +416,14 @@ def _parse_columns(items: Sequence[str] | None) -> dict[str, str | int] | None:
     columns: dict[str, str | int] = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"--columns expects NAME=SOURCE_COLUMN items, got {item!r}")
+            raise DataError(f"--columns expects NAME=SOURCE_COLUMN items, got {item!r}", hint="e.g. --columns query=q")
         name, src = item.split("=", 1)
         columns[name.strip()] = int(src) if src.strip().isdigit() else src.strip()
     return columns
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="conan-clr",
         description="Build a cross-lingual retrieval (CLR) training set by translating queries into a language mix "
         "(Conan-Embedding-v2 §3.3; Table 7 mix by default, whose 106% total is normalised).",
@@ -469,12 +478,13 @@ def _make_translator(args: argparse.Namespace) -> Translator:
             max_tokens=args.max_new_tokens, show_progress_bar=not args.no_progress,
         )  # fmt: skip
     if not args.parallel:
-        raise SystemExit("--backend parallel needs --parallel")
+        raise DataError("--backend parallel needs --parallel", hint="add --parallel LANG=FILE ...")
     if args.parallel_format == "squad":
         files = {}
         for item in args.parallel:
             if "=" not in item:
-                raise SystemExit(f"--parallel expects LANG=FILE for SQuAD files, got {item!r}")
+                raise DataError(f"--parallel expects LANG=FILE for SQuAD files, got {item!r}",
+                                hint="e.g. --parallel de=xquad.de.json")
             lang, path = item.split("=", 1)
             files[lang] = path
         return ParallelCorpusTranslator.from_squad(files)
@@ -483,6 +493,7 @@ def _make_translator(args: argparse.Namespace) -> Translator:
     return ParallelCorpusTranslator.from_stsb_multi_mt(args.parallel[0], split=args.split)
 
 
+@cli_errors("conan-clr")
 def main(argv: Sequence[str] | None = None) -> int:
     """``conan-clr``: build a CLR set from the command line; writes OUTPUT (JSONL) and a report JSON."""
     args = _build_parser().parse_args(argv)
@@ -491,6 +502,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     columns = _parse_columns(args.columns)
     rows = list(load_rows(args.source, columns, split=args.split))
+    if not rows:
+        raise DataError("no rows to translate", where=str(args.source),
+                        hint="give a source with (query, positive) rows; an empty file would build an empty set")
     if args.limit is not None:
         rows = rows[: args.limit]
     translator = _make_translator(args)

@@ -1,8 +1,10 @@
 """Readers for local training and evaluation data: SQuAD/XQuAD JSON, BEIR folders, JSONL/CSV/TSV with a column mapping.
 
-Every reader returns a :class:`Rows` list of plain dicts. A malformed row raises :class:`DataFormatError` naming the
-file and the line (or the JSON position for nested JSON); with ``on_error="skip"`` it is left out instead, and
-recorded in ``rows.skipped`` (file, line, reason) with a logged count — rows are never dropped silently.
+Every reader returns a :class:`Rows` list of :class:`Row` dicts; each row remembers where it was read
+(``row.location``: ``"file:line"`` with the 1-based line of JSONL files and the physical line of CSV/TSV files, header
+included; the JSON position for nested JSON), so later checks (training stages, the CLR builder) can name it.
+A malformed row raises :class:`DataFormatError` naming the file and the line; with ``on_error="skip"`` it is left out
+instead, and recorded in ``rows.skipped`` (file, line, reason) with a logged count — rows are never dropped silently.
 
 Example::
 
@@ -28,11 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from conan_hf.errors import DataError, DataFileNotFoundError, finite_float
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "BeirData",
     "DataFormatError",
+    "Row",
     "Rows",
     "beir_pairs",
     "load_rows",
@@ -45,12 +50,24 @@ __all__ = [
 OnError = Literal["raise", "skip"]
 
 
-class DataFormatError(ValueError):
-    """A data file holds a row that cannot be read; the message starts with ``file:line``."""
+class DataFormatError(DataError):
+    """A data file holds a row that cannot be read; the message starts with ``file:line`` (just ``file`` when the
+    problem is the whole file, ``line=None``)."""
 
-    def __init__(self, path: str | os.PathLike, line: int | str, message: str) -> None:
-        self.path, self.line, self.reason = str(path), line, message
-        super().__init__(f"{path}:{line}: {message}")
+    def __init__(self, path: str | os.PathLike, line: int | str | None, message: str, hint: str | None = None) -> None:
+        self.path, self.line = str(path), line
+        super().__init__(message, where=str(path) if line is None else f"{path}:{line}", hint=hint)
+
+
+class Row(dict):
+    """A data row: a plain dict plus ``location``, where it was read (``"file:line"``, ``"demo row 3"``, ...)."""
+
+    def __init__(self, data: Any = (), location: str | None = None) -> None:
+        super().__init__(data)
+        self.location = location
+
+    def copy(self) -> Row:
+        return Row(self, self.location)
 
 
 class Rows(list):
@@ -104,7 +121,8 @@ def _detect_format(path: Path) -> str:
         return "csv"
     if suffix in (".tsv", ".txt", ".tab"):
         return "tsv"
-    raise ValueError(f"{path}: cannot tell the format from the extension; pass format='jsonl'|'json'|'csv'|'tsv'")
+    raise DataFormatError(path, None, f"cannot tell the format from the extension {suffix!r}",
+                          hint="name it .jsonl/.json/.csv/.tsv or pass format: jsonl|json|csv|tsv")
 
 
 def _iter_records(path: Path, fmt: str, header: bool, delimiter: str | None, policy: _ErrorPolicy, encoding: str):
@@ -127,7 +145,8 @@ def _iter_records(path: Path, fmt: str, header: bool, delimiter: str | None, pol
         with path.open(encoding=encoding) as handle:
             data = json.load(handle)
         if isinstance(data, dict) and "data" in data:
-            raise ValueError(f"{path} looks like SQuAD-format JSON: read it with read_squad()")
+            raise DataFormatError(path, None, "SQuAD-format JSON, not a table of rows",
+                                  hint="read it with read_squad() (load_rows does so for SQuAD files)")
         if not isinstance(data, list):
             raise DataFormatError(path, 1, "expected a JSON array of objects (or JSON lines)")
         for index, record in enumerate(data):
@@ -198,13 +217,14 @@ def read_table(
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such data file: {path}")
+        raise DataFileNotFoundError("no such data file", where=str(path), hint="check the path")
     fmt = format or _detect_format(path)
     positional = columns is not None and any(isinstance(v, int) for v in columns.values())
     if header is None:
         header = not positional
     if positional and fmt in ("json", "jsonl"):
-        raise ValueError(f"{path}: integer column indices only apply to header-less CSV/TSV files")
+        raise DataError("integer column indices only apply to header-less CSV/TSV files", where=str(path),
+                        hint="map JSON columns by name")
     types = dict(types or {})
     allow_empty = set(allow_empty)
     unknown = set(types) - set(columns or types)
@@ -236,10 +256,10 @@ def read_table(
         try:
             for name, convert in types.items():
                 row[name] = convert(row[name])
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, OverflowError) as err:
             policy.bad(path, line, f"column {name!r}: cannot convert {row[name]!r} ({err})")
             continue
-        rows.append(row)
+        rows.append(Row(row, f"{path}:{line}"))
     return policy.finish(rows, str(path))
 
 
@@ -252,7 +272,7 @@ def read_squad(path: str | os.PathLike, on_error: OnError = "raise") -> Rows:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such SQuAD file: {path}")
+        raise DataFileNotFoundError("no such SQuAD file", where=str(path), hint="check the path")
     with path.open(encoding="utf-8") as handle:
         try:
             data = json.load(handle)
@@ -289,7 +309,8 @@ def read_squad(path: str | os.PathLike, on_error: OnError = "raise") -> Rows:
                     continue
                 seen.add(qid)
                 answers = [a["text"] for a in qa.get("answers", []) if isinstance(a, dict) and "text" in a]
-                rows.append({"id": qid, "query": question, "positive": context, "answers": answers, "title": title})
+                rows.append(Row({"id": qid, "query": question, "positive": context, "answers": answers,
+                                 "title": title}, f"{path}:{qwhere}"))
     return policy.finish(rows, str(path))
 
 
@@ -302,7 +323,8 @@ def read_stsb_multi_mt(
     row position, which is what aligns the languages.
     """
     path = Path(folder) / f"stsb-{language}-{split}.csv"
-    rows = read_table(path, {"sentence1": 0, "sentence2": 1, "score": 2}, types={"score": float}, on_error=on_error)
+    rows = read_table(path, {"sentence1": 0, "sentence2": 1, "score": 2}, types={"score": finite_float},
+                      on_error=on_error)
     if rows.skipped:
         # Ids are row positions; skipping rows would silently misalign the languages.
         raise DataFormatError(path, rows.skipped[0][1], "STS-B multi-mt rows are aligned by position: fix the file")
@@ -320,6 +342,8 @@ class BeirData:
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
     skipped: list[tuple[str, int | str, str]] = field(default_factory=list)
+    #: ``{(query_id, doc_id): "qrels/<split>.tsv:<line>"}``, where each judgement was read.
+    qrels_locations: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 def read_beir(folder: str | os.PathLike, split: str = "test", on_error: OnError = "raise") -> BeirData:
@@ -331,7 +355,8 @@ def read_beir(folder: str | os.PathLike, split: str = "test", on_error: OnError 
     qrels_path = folder / "qrels" / f"{split}.tsv"
     for required in (folder / "corpus.jsonl", folder / "queries.jsonl", qrels_path):
         if not required.is_file():
-            raise FileNotFoundError(f"BEIR folder {folder} lacks {required.relative_to(folder)}")
+            raise DataFileNotFoundError(f"BEIR folder lacks {required.relative_to(folder)}", where=str(folder),
+                                        hint="a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/<split>.tsv")
     policy = _ErrorPolicy(on_error)
     corpus: dict[str, dict[str, str]] = {}
     queries: dict[str, str] = {}
@@ -351,14 +376,15 @@ def read_beir(folder: str | os.PathLike, split: str = "test", on_error: OnError 
                 queries[doc_id] = text
 
     qrels: dict[str, dict[str, int]] = {}
+    locations: dict[tuple[str, str], str] = {}
     for line, row in _iter_records(qrels_path, "tsv", True, None, policy, "utf-8"):
         if not {"query-id", "corpus-id", "score"} <= set(row):
             raise DataFormatError(qrels_path, 1, "header must name the columns query-id, corpus-id and score")
         qid, did = row["query-id"].strip(), row["corpus-id"].strip()
         try:
-            score = int(float(row["score"]))
+            score = int(finite_float(row["score"]))
         except ValueError:
-            policy.bad(qrels_path, line, f"score {row['score']!r} is not a number")
+            policy.bad(qrels_path, line, f"score {row['score']!r} is not a finite number")
             continue
         if qid not in queries:
             policy.bad(qrels_path, line, f"query id {qid!r} is not in queries.jsonl")
@@ -367,8 +393,9 @@ def read_beir(folder: str | os.PathLike, split: str = "test", on_error: OnError 
             policy.bad(qrels_path, line, f"document id {did!r} is not in corpus.jsonl")
             continue
         qrels.setdefault(qid, {})[did] = score
+        locations[qid, did] = f"{qrels_path}:{line}"
     policy.finish([], str(folder), kept=len(corpus) + len(queries) + sum(map(len, qrels.values())))
-    return BeirData(corpus=corpus, queries=queries, qrels=qrels, skipped=policy.skipped)
+    return BeirData(corpus=corpus, queries=queries, qrels=qrels, skipped=policy.skipped, qrels_locations=locations)
 
 
 def beir_pairs(data: BeirData, min_score: int = 1, title_separator: str | None = " ") -> Rows:
@@ -386,10 +413,10 @@ def beir_pairs(data: BeirData, min_score: int = 1, title_separator: str | None =
             text = doc["text"]
             if title_separator is not None and doc["title"]:
                 text = doc["title"] + title_separator + text
-            rows.append(
+            rows.append(Row(
                 {"id": f"{qid}:{did}", "query_id": qid, "query": data.queries[qid], "positive": text,
-                 "positive_id": did, "score": score}
-            )  # fmt: skip
+                 "positive_id": did, "score": score}, data.qrels_locations.get((qid, did))
+            ))  # fmt: skip
     return Rows(rows, data.skipped)
 
 
@@ -410,17 +437,18 @@ def load_rows(
     if path.is_dir():
         if (path / "corpus.jsonl").is_file():
             return _rename(beir_pairs(read_beir(path, split=split, on_error=on_error)), columns)
-        raise ValueError(f"{path} is a folder but not a BEIR dataset (no corpus.jsonl)")
+        raise DataError("a folder but not a BEIR dataset (no corpus.jsonl)", where=str(path),
+                        hint="give a data file, or a BEIR folder with corpus.jsonl, queries.jsonl and qrels/")
     if path.is_file():
         if path.suffix.lower() == ".json" and _is_squad(path):
             return _rename(read_squad(path, on_error=on_error), columns)
         return read_table(path, columns, on_error=on_error, **kwargs)
     if not _HUB_NAME.match(str(source)) or path.suffix.lower() in _FILE_SUFFIXES:
-        raise FileNotFoundError(f"no such file or folder: {source}")
+        raise DataFileNotFoundError("no such file or folder", where=str(source), hint="check the path")
     from datasets import load_dataset
 
     dataset = load_dataset(str(source), split=split)
-    rows = [dict(r) for r in dataset]
+    rows = [Row(r, f"{source} (Hub dataset, split {split}) row {index}") for index, r in enumerate(dataset, 1)]
     return _rename(Rows(rows), columns)
 
 
@@ -438,9 +466,10 @@ def _rename(rows: Rows, columns: Mapping[str, str | int] | None) -> Rows:
     if not columns:
         return rows
     renamed = []
-    for index, row in enumerate(rows):
+    for row in rows:
         missing = [src for src in columns.values() if src not in row]
         if missing:
-            raise KeyError(f"row {index} has no column(s) {missing}; it has {sorted(row)}")
-        renamed.append({name: row[src] for name, src in columns.items()})
+            raise DataError(f"no column(s) {missing}; the row has {sorted(row)}", where=getattr(row, "location", None),
+                            hint="fix the column mapping (`columns: {wanted: source column}`)")
+        renamed.append(Row({name: row[src] for name, src in columns.items()}, getattr(row, "location", None)))
     return Rows(renamed, rows.skipped)

@@ -20,7 +20,10 @@ Examples::
     # Hub benchmarks (need the datasets from the Hub)
     python -m conan_hf.eval --model out/final --benchmark "MTEB(eng, v1)" --output-folder results
 
-The last line printed is a JSON object ``{task name: main score}``.
+The last line printed is a JSON object ``{task name: main score}``; strict JSON: a score that is undefined (NaN, e.g.
+a Spearman correlation when every gold score is the same) is ``null``, and a warning on stderr says why.
+Bad input (a malformed row, a NaN score in a data file, a missing file) stops with one line on stderr,
+``conan-eval: error: <file>:<line>: <what>; <how to fix>``, and exit status 2.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
+from ..errors import DataError, DataFileNotFoundError, OneLineArgumentParser, cli_errors
 from .tasks import TASK_KINDS, infer_task_kind
 
 FORMAT_KINDS = {"stsb": "sts", "sick": "sts", "tsv": "sts", "pair": "pairs", "beir": "retrieval", "squad": "squad",
@@ -39,7 +44,7 @@ FORMAT_KINDS = {"stsb": "sts", "sick": "sts", "tsv": "sts", "pair": "pairs", "be
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="conan-eval", description="Evaluate a SentenceTransformer (e.g. a Conan model) with mteb on local files "
         "or Hub benchmarks. The last printed line is a JSON summary {task: main score}.")
     parser.add_argument("--model", required=True, help="SentenceTransformer directory or Hub id")
@@ -82,7 +87,8 @@ def _texts_by_language(path: Path, languages: list[str], limit: int | None) -> d
             _, questions = read_squad(xquad)
             texts[language] = [q for _, q, _ in questions[:limit]]
         else:
-            raise FileNotFoundError(f"{path}: neither stsb-{language}-dev.csv nor xquad.{language}.json exists")
+            raise DataFileNotFoundError(f"neither stsb-{language}-dev.csv nor xquad.{language}.json exists",
+                                        where=str(path), hint="choose --languages that the folder has")
     return texts
 
 
@@ -91,8 +97,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from .run import evaluate, load_model
 
     if not args.data and not args.benchmark and not args.tasks:
-        raise SystemExit("conan-eval: give --data (local files), --tasks or --benchmark")
-    model = load_model(args.model, device=args.device)
+        raise DataError("nothing to evaluate", hint="give --data (local files), --tasks or --benchmark")
+    loaded: list[Any] = []
+
+    def model() -> Any:
+        """The model, loaded on first use: data files are read (and checked) first, so bad data fails fast."""
+        if not loaded:
+            loaded.append(load_model(args.model, device=args.device))
+        return loaded[0]
+
     template = None if args.instruction_template.lower() == "none" else args.instruction_template
     summary: dict[str, Any] = {}
 
@@ -103,9 +116,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             from .plot import plot_language_distribution
 
             if not args.plot or not args.languages:
-                raise SystemExit("conan-eval: --task plot needs --plot PATH and --languages")
+                raise DataError("--task plot needs --plot PATH and --languages", hint="add both options")
             texts = _texts_by_language(Path(args.data[0]), args.languages, args.limit or 300)
-            path = plot_language_distribution(model, texts, args.plot, method=args.plot_method, dim=args.dim,
+            path = plot_language_distribution(model(), texts, args.plot, method=args.plot_method, dim=args.dim,
                                               batch_size=args.batch_size)
             print(f"Wrote {path}")
             summary["plot"] = str(path)
@@ -115,13 +128,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             data_path = Path(args.data[0])
             if args.format == "mkqa" or data_path.suffix == ".jsonl":
                 if len(args.data) < 2:
-                    raise SystemExit("conan-eval: MKQA needs --data mkqa.jsonl CORPUS [QRELS]")
+                    raise DataError("MKQA needs a corpus", hint="give --data mkqa.jsonl CORPUS [QRELS]")
                 data = load_mkqa(data_path, args.data[1], languages=args.languages,
                                  qrels=args.data[2] if len(args.data) > 2 else None, limit_queries=args.limit)
             else:
                 data = load_xquad(data_path, languages=args.languages or ["de", "es", "zh"], limit_queries=args.limit)
             instructions = {data.name: args.instruction} if args.instruction else None
-            report = evaluate_cross_lingual(model, data, batch_size=args.batch_size, output_folder=args.output_folder,
+            report = evaluate_cross_lingual(model(), data, batch_size=args.batch_size, output_folder=args.output_folder,
                                             dim=args.dim, instruction_template=template, instructions=instructions)
             print(report.table())
             summary[data.name] = report.average["recall_at_20"]
@@ -133,13 +146,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "limit_corpus": args.limit_corpus}
             task = task_from_path(kind, args.data, **options)
             instructions = {task.metadata.name: args.instruction} if args.instruction else None
-            report = evaluate(model, [task], dim=args.dim, batch_size=args.batch_size,
+            report = evaluate(model(), [task], dim=args.dim, batch_size=args.batch_size,
                               output_folder=args.output_folder, instruction_template=template,
                               instructions=instructions, show_progress_bar=args.verbose)
             print(report.table())
             summary.update(report.main_scores)
     if args.benchmark or args.tasks:
-        report = evaluate(model, args.tasks, benchmark=args.benchmark, languages=args.languages, dim=args.dim,
+        report = evaluate(model(), args.tasks, benchmark=args.benchmark, languages=args.languages, dim=args.dim,
                           batch_size=args.batch_size, output_folder=args.output_folder,
                           instruction_template=template, show_progress_bar=args.verbose)
         print(report.table())
@@ -147,14 +160,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def strict_json_summary(summary: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``summary`` with every non-finite score replaced by ``None`` (JSON has no NaN), and the names replaced."""
+    clean, undefined = {}, []
+    for name, value in summary.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            clean[name] = None
+            undefined.append(name)
+        else:
+            clean[name] = value
+    return clean, undefined
+
+
+@cli_errors("conan-eval")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m conan_hf.eval`` and ``conan-eval``."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = run(args)
+    summary, undefined = strict_json_summary(run(args))
     sys.stdout.flush()
-    print(json.dumps(summary, ensure_ascii=False))
+    for name in undefined:
+        print(f"conan-eval: warning: the score of {name} is undefined (NaN), reported as null: the metric cannot be "
+              "computed on this data (e.g. a Spearman correlation when all gold scores, or all similarities, are "
+              "equal)", file=sys.stderr, flush=True)
+    print(json.dumps(summary, ensure_ascii=False, allow_nan=False))
     return 0
 
 

@@ -52,6 +52,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from mteb import AbsTask
 
+from conan_hf.data.readers import DataFormatError
+from conan_hf.errors import DataError, DataFileNotFoundError, finite_float
+
 logger = logging.getLogger(__name__)
 
 # Short language names (file names, MKQA, XQuAD, Tatoeba) -> the BCP-47 style codes mteb validates.
@@ -119,27 +122,32 @@ def task_name_from_path(prefix: str, path: str | Path) -> str:
     return f"{prefix}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem)}"
 
 
-class DataFormatError(ValueError):
-    """A data file does not have the expected format; the message names the file and line."""
-
-
-def _fail(path: Path, line: int | None, message: str) -> DataFormatError:
-    where = f"{path}:{line}" if line is not None else str(path)
-    return DataFormatError(f"{where}: {message}")
+def _fail(path: Path, line: int | None, message: str, hint: str | None = None) -> DataFormatError:
+    """The error for a bad file (``line=None``) or a bad row: ``file:line: message; hint``."""
+    return DataFormatError(path, line, message, hint=hint or "fix or remove it")
 
 
 def _check_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"Data file not found: {path}")
+        raise DataFileNotFoundError("data file not found", where=str(path), hint="check the path")
     return path
 
 
 def _parse_float(path: Path, line: int, value: str, what: str) -> float:
+    """A finite score: NaN or inf would make the metric (Spearman, ...) undefined, so they are refused."""
     try:
-        return float(value)
-    except ValueError:
-        raise _fail(path, line, f"{what} must be a number, got {value!r}") from None
+        return finite_float(value)
+    except ValueError as error:
+        raise _fail(path, line, f"{what} must be a number, got {value!r} ({error})") from None
+
+
+def _text(path: Path, line: int, value: Any, what: str) -> str:
+    """A text field of a JSON row: it must be a string (numbers are not silently turned into text)."""
+    if not isinstance(value, str):
+        raise _fail(path, line, f"{what} must be a string, got {type(value).__name__} {value!r}",
+                    hint="quote it in the JSON file")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,7 +179,7 @@ def infer_sts_format(path: str | Path) -> str:
         return "stsb"
     with path.open(encoding="utf-8") as handle:
         first = handle.readline()
-    if "relatedness_score" in first.split("\t"):
+    if "relatedness_score" in first.rstrip("\r\n").split("\t"):
         return "sick"
     return "tsv"
 
@@ -189,7 +197,11 @@ def read_sts(path: str | Path, fmt: str | None = None, limit: int | None = None)
     data = PairData()
     with path.open(encoding="utf-8", newline="") as handle:
         if fmt == "stsb":
-            for line, row in enumerate(csv.reader(handle), start=1):
+            reader = csv.reader(handle)
+            next_line = 1
+            for row in reader:
+                # The physical line the record starts on (a quoted field may span lines).
+                line, next_line = next_line, reader.line_num + 1
                 if not row:
                     continue
                 if len(row) != 3:
@@ -282,6 +294,7 @@ class RetrievalData:
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    _check_file(path)
     rows = []
     with path.open(encoding="utf-8") as handle:
         for line, raw in enumerate(handle, start=1):
@@ -314,9 +327,9 @@ def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
             if len(row) != 3:
                 raise _fail(path, line, f"expected 'query-id<TAB>corpus-id<TAB>score', got {len(row)} fields")
             try:
-                score = int(float(row[2]))
+                score = int(finite_float(row[2]))
             except ValueError:
-                raise _fail(path, line, f"relevance score must be a number, got {row[2]!r}") from None
+                raise _fail(path, line, f"relevance score must be a finite number, got {row[2]!r}") from None
             qrels.setdefault(row[0], {})[row[1]] = score
     return qrels
 
@@ -339,19 +352,22 @@ def read_beir(
     folder = Path(folder)
     for required in ("corpus.jsonl", "queries.jsonl"):
         if not (folder / required).exists():
-            raise FileNotFoundError(f"{folder} is not a BEIR folder: {required} is missing")
+            raise DataFileNotFoundError(f"not a BEIR folder: {required} is missing", where=str(folder),
+                                        hint="a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/<split>.tsv")
     qrel_files = sorted((folder / "qrels").glob("*.tsv"))
     if not qrel_files:
-        raise FileNotFoundError(f"{folder / 'qrels'} holds no <split>.tsv qrels file")
+        raise DataFileNotFoundError("holds no <split>.tsv qrels file", where=str(folder / "qrels"),
+                                    hint="add qrels/test.tsv (query-id, corpus-id, score)")
     available = {p.stem: p for p in qrel_files}
     if split is None:
         split = next((s for s in ("test", "dev", "validation") if s in available), None)
         if split is None:
             if len(available) > 1:
-                raise ValueError(f"{folder}: several qrels splits {sorted(available)}; choose one with split=")
+                raise DataError(f"several qrels splits {sorted(available)}", where=str(folder),
+                                hint="choose one with --split / split=")
             split = next(iter(available))
     if split not in available:
-        raise ValueError(f"{folder}: no qrels for split {split!r}; available {sorted(available)}")
+        raise DataError(f"no qrels for split {split!r}", where=str(folder), hint=f"use one of {sorted(available)}")
     qrels = read_qrels(available[split])
 
     queries: dict[str, str] = {}
@@ -360,11 +376,12 @@ def read_beir(
             raise _fail(folder / "queries.jsonl", line, "a query needs '_id' and 'text'")
         qid = str(obj["_id"])
         if any(score > 0 for score in qrels.get(qid, {}).values()):
-            queries[qid] = obj["text"]
+            queries[qid] = _text(folder / "queries.jsonl", line, obj["text"], "query 'text'")
             if limit_queries is not None and len(queries) >= limit_queries:
                 break
     if not queries:
-        raise ValueError(f"{folder}: no query of queries.jsonl has a relevant document in qrels/{split}.tsv")
+        raise DataError(f"no query of queries.jsonl has a relevant document in qrels/{split}.tsv", where=str(folder),
+                        hint="check that the qrels query ids match queries.jsonl")
     qrels = {qid: qrels[qid] for qid in queries}
     relevant = {doc for docs in qrels.values() for doc, score in docs.items() if score > 0}
 
@@ -375,11 +392,13 @@ def read_beir(
         doc_id = str(obj["_id"])
         keep = limit_corpus is None or doc_id in relevant or len(corpus) < limit_corpus
         if keep:
-            corpus[doc_id] = {"title": obj.get("title") or "", "text": obj["text"]}
+            corpus[doc_id] = {"title": _text(folder / "corpus.jsonl", line, obj.get("title") or "", "'title'"),
+                              "text": _text(folder / "corpus.jsonl", line, obj["text"], "document 'text'")}
     missing = relevant - set(corpus)
     if missing:
-        raise ValueError(f"{folder}: {len(missing)} relevant documents in qrels/{split}.tsv are not in corpus.jsonl, "
-                         f"e.g. {sorted(missing)[:3]}")
+        raise DataError(f"{len(missing)} relevant documents in qrels/{split}.tsv are not in corpus.jsonl, "
+                        f"e.g. {sorted(missing)[:3]}", where=str(folder),
+                        hint="add them to corpus.jsonl or fix the ids")
     return RetrievalData(corpus=corpus, queries=queries, qrels=qrels), split
 
 
@@ -406,8 +425,11 @@ def read_squad(path: str | Path) -> tuple[list[tuple[str, str, str]], list[tuple
                 raise _fail(path, None, f"article {a} paragraph {p} lacks 'context' or 'qas'")
             pid = f"{a}-{p}"
             paragraphs.append((pid, article.get("title", ""), paragraph["context"]))
-            for qa in paragraph["qas"]:
-                questions.append((str(qa["id"]), qa["question"], pid))
+            for k, qa in enumerate(paragraph["qas"]):
+                where = f"data[{a}].paragraphs[{p}].qas[{k}]"
+                if not isinstance(qa, dict) or "id" not in qa or "question" not in qa:
+                    raise _fail(path, where, "a question needs 'id' and 'question'")
+                questions.append((str(qa["id"]), _text(path, where, qa["question"], "'question'"), pid))
     return paragraphs, questions
 
 
@@ -417,8 +439,8 @@ def read_bitext(path1: str | Path, path2: str | Path, limit: int | None = None) 
     lines1 = path1.read_text(encoding="utf-8").splitlines()
     lines2 = path2.read_text(encoding="utf-8").splitlines()
     if len(lines1) != len(lines2):
-        raise DataFormatError(f"{path1} has {len(lines1)} lines but {path2} has {len(lines2)}; bitext files must be "
-                              "line-aligned")
+        raise DataFormatError(path1, None, f"has {len(lines1)} lines but {path2} has {len(lines2)}",
+                              hint="bitext files must be line-aligned")
     for line, (a, b) in enumerate(zip(lines1, lines2), start=1):
         if not a.strip() or not b.strip():
             raise _fail(path1 if not a.strip() else path2, line, "empty sentence in a line-aligned bitext file")
@@ -435,7 +457,8 @@ def tatoeba_files(path: str | Path) -> tuple[Path, Path, str, str]:
     path = Path(path)
     match = re.search(r"([a-z]{3})-([a-z]{3})(?:\.([a-z]{3}))?$", path.name)
     if not match:
-        raise ValueError(f"{path}: expected a Tatoeba name like 'tatoeba.deu-eng' or 'tatoeba.deu-eng.deu'")
+        raise DataError("expected a Tatoeba name like 'tatoeba.deu-eng' or 'tatoeba.deu-eng.deu'", where=str(path),
+                        hint="name the file pair after the two languages")
     lang1, lang2 = match.group(1), match.group(2)
     prefix = path.with_name(path.name[: match.end(2)])
     return _check_file(f"{prefix}.{lang1}"), _check_file(f"{prefix}.{lang2}"), lang1, lang2
@@ -818,7 +841,8 @@ def infer_task_kind(path: str | Path) -> str:
             return "retrieval"
         if list(path.glob("xquad.*.json")):
             return "xling"
-        raise ValueError(f"{path}: a folder must be BEIR (corpus.jsonl) or XQuAD (xquad.<lang>.json)")
+        raise DataError("a folder must be BEIR (corpus.jsonl) or XQuAD (xquad.<lang>.json)", where=str(path),
+                        hint="point --data at such a folder or at a data file")
     if path.suffix == ".json":
         return "squad"
     if path.suffix == ".jsonl":
@@ -850,7 +874,7 @@ def task_from_path(kind: str, paths: Sequence[str | Path], **options: Any) -> Ab
     if kind == "classification" and len(paths) > 1:
         kwargs["test_path"] = paths[1]
     if len(paths) > 1 and kind != "classification":
-        raise ValueError(f"Task kind {kind!r} takes one data path, got {len(paths)}")
+        raise DataError(f"task kind {kind!r} takes one data path, got {len(paths)}", hint="give one --data path")
     return builder(paths[0], **kwargs)
 
 

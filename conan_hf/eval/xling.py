@@ -34,10 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import DataError
 from .tasks import (
     RetrievalData,
     _fail,
     _read_jsonl,
+    _text,
     make_retrieval_task,
     read_qrels,
     read_squad,
@@ -150,7 +152,8 @@ def load_mkqa(
     for line, obj in _read_jsonl(corpus_path):
         if "_id" not in obj or "text" not in obj:
             raise _fail(corpus_path, line, "a document needs '_id' and 'text'")
-        docs[str(obj["_id"])] = {"title": obj.get("title") or "", "text": obj["text"]}
+        docs[str(obj["_id"])] = {"title": _text(corpus_path, line, obj.get("title") or "", "'title'"),
+                                 "text": _text(corpus_path, line, obj["text"], "document 'text'")}
     languages = list(languages) if languages is not None else [x for x in MKQA_LANGUAGES if x != "en"]
 
     examples = []
@@ -184,13 +187,15 @@ def load_mkqa(
         for language in languages:
             text = obj["queries"].get(language)
             if text is None:
-                raise _fail(path, line, f"example {qid} has no query in language {language!r}")
-            queries[language][qid] = text
+                raise _fail(path, line, f"example {qid} has no query in language {language!r}",
+                            hint="choose --languages the file has")
+            queries[language][qid] = _text(path, line, text, f"query in {language!r}")
         kept[qid] = judged[qid]
         if limit_queries is not None and len(kept) >= limit_queries:
             break
     if not kept:
-        raise ValueError(f"{path}: no MKQA query has a relevant passage in {corpus_path}")
+        raise DataError(f"no MKQA query has a relevant passage in {corpus_path}", where=str(path),
+                        hint="use a corpus that contains the answers, or give qrels")
     return CrossLingualData(corpus=docs, queries=queries, qrels=kept, corpus_language="en",
                             name="MKQACrossLingualRetrieval")
 

@@ -1,0 +1,263 @@
+"""Bad input gives a clear error naming the file and its 1-based line, and nothing is silently changed or dropped
+(issue 10, section 5): non-finite scores, texts that are not strings, empty data files, and the command lines' one-line
+exit-2 report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conan_hf.data.readers import Row, read_beir, read_stsb_multi_mt, read_table
+from conan_hf.errors import DataError, DataFileNotFoundError, cli_errors, finite_float
+from conan_hf.eval import tasks as eval_tasks
+from trainers.common import read_sources
+from trainers.supervised import TaskConfig, task_rows
+from trainers.weak import to_pairs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ---- 1. non-finite scores ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", ["nan", "NaN", "inf", "-Infinity"])
+def test_training_rejects_non_finite_csv_scores_with_the_physical_line(tmp_path, bad):
+    # Header on line 1: the bad score is on physical line 3.
+    data = _write(tmp_path / "sts.csv", f"sentence1,sentence2,score\na,b,1.5\nc,d,{bad}\ne,f,2\n")
+    task = TaskConfig(name="sts", type="sts", data=[str(data)])
+    with pytest.raises(DataError, match=rf"sts\.csv:3: .*column 'score': '{bad}' is not a finite number"):
+        task_rows(task)
+
+
+def test_training_rejects_json_nan_literals_and_booleans(tmp_path):
+    # json.loads reads the bare literals NaN / Infinity as floats; a boolean is not a score either.
+    for line, value in ((2, "NaN"), (2, "Infinity"), (2, "true")):
+        data = _write(tmp_path / "sts.jsonl", '{"sentence1": "a", "sentence2": "b", "score": 3}\n'
+                      f'{{"sentence1": "c", "sentence2": "d", "score": {value}}}\n')
+        with pytest.raises(DataError, match=rf"sts\.jsonl:{line}: .*'score'"):
+            task_rows(TaskConfig(name="sts", type="sts", data=[str(data)]))
+    good = _write(tmp_path / "good.jsonl", '{"sentence1": "a", "sentence2": "b", "score": 3}\n'
+                  '{"sentence1": "c", "sentence2": "d", "score": "4.5"}\n')
+    rows, _ = task_rows(TaskConfig(name="sts", type="sts", data=[str(good)]))
+    assert [r["score"] for r in rows] == [3.0, 4.5]
+
+
+def test_finite_float_by_hand():
+    assert finite_float("2.5") == 2.5 and finite_float(3) == 3.0
+    for bad in ("nan", "inf", "-inf", float("nan"), True, [1.0], None, "high"):
+        with pytest.raises(ValueError):
+            finite_float(bad)
+
+
+def test_eval_readers_reject_non_finite_scores(tmp_path):
+    with pytest.raises(eval_tasks.DataFormatError, match=r"stsb\.csv:2: score must be a number, got 'nan'"):
+        eval_tasks.read_sts(_write(tmp_path / "stsb.csv", "a,b,4.0\nc,d,nan\n"))
+    with pytest.raises(eval_tasks.DataFormatError, match=r"zh\.txt:3: score must be a number, got 'inf'"):
+        eval_tasks.read_sts(_write(tmp_path / "zh.txt", "a\tb\t1\nc\td\t2\ne\tf\tinf\n"))
+    sick = "pair_ID\tsentence_A\tsentence_B\trelatedness_score\n1\ta\tb\t4.5\n2\tc\td\tNaN\n"
+    with pytest.raises(eval_tasks.DataFormatError, match=r"sick\.txt:3: relatedness_score must be a number"):
+        eval_tasks.read_sts(_write(tmp_path / "sick.txt", sick))
+    # A quoted CSV field spanning two lines: the error names the physical line the bad record starts on.
+    with pytest.raises(eval_tasks.DataFormatError, match=r"multi\.csv:3: score"):
+        eval_tasks.read_sts(_write(tmp_path / "multi.csv", '"a\nstill a",b,1\nc,d,nan\n'))
+    # A relevance of inf used to escape as an OverflowError traceback.
+    qrels = _write(tmp_path / "qrels.tsv", "query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\tinf\n")
+    with pytest.raises(eval_tasks.DataFormatError, match=r"qrels\.tsv:3: relevance score must be a finite number"):
+        eval_tasks.read_qrels(qrels)
+
+
+def test_training_readers_reject_non_finite_scores(tmp_path):
+    folder = tmp_path / "stsb"
+    folder.mkdir()
+    _write(folder / "stsb-en-dev.csv", "a,b,1\nc,d,nan\n")
+    with pytest.raises(DataError, match=r"stsb-en-dev\.csv:2: column 'score': cannot convert 'nan'"):
+        read_stsb_multi_mt(folder, "en")
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    _write(beir / "corpus.jsonl", '{"_id": "d1", "text": "x"}\n')
+    _write(beir / "queries.jsonl", '{"_id": "q1", "text": "y"}\n')
+    _write(beir / "qrels" / "train.tsv", "query-id\tcorpus-id\tscore\nq1\td1\tinf\n")
+    with pytest.raises(DataError, match=r"train\.tsv:2: score 'inf' is not a finite number"):
+        read_beir(beir, split="train")
+
+
+# ---- 2. texts that are not strings ---------------------------------------------------------------------------------
+def test_non_string_texts_are_rejected_with_file_line_and_column(tmp_path):
+    retrieval = _write(tmp_path / "qa.jsonl", '{"query": "a", "positive": "b"}\n\n{"query": 12, "positive": "p"}\n')
+    with pytest.raises(DataError, match=r"qa\.jsonl:3: .*column 'query' must be a text, got int 12"):
+        task_rows(TaskConfig(name="qa", type="retrieval", data=[str(retrieval)]))
+    sts = _write(tmp_path / "sts.jsonl", '{"sentence1": ["a"], "sentence2": "b", "score": 1}\n')
+    with pytest.raises(DataError, match=r"sts\.jsonl:1: .*column 'sentence1' must be a text, got list"):
+        task_rows(TaskConfig(name="sts", type="sts", data=[str(sts)]))
+    labelled = _write(tmp_path / "cls.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": 3}\n')
+    with pytest.raises(DataError, match=r"cls\.jsonl:2: .*column 'label' must be a text, got int 3"):
+        task_rows(TaskConfig(name="cls", type="classification", data=[str(labelled)]))
+    negatives = _write(tmp_path / "neg.jsonl", '{"query": "a", "positive": "b", "negatives": ["c", 4.5]}\n')
+    with pytest.raises(DataError, match=r"neg\.jsonl:1: .*a negative must be a text, got float 4.5"):
+        task_rows(TaskConfig(name="qa", type="retrieval", data=[str(negatives)]))
+    # Strings pass through unchanged.
+    fine = _write(tmp_path / "fine.jsonl", '{"query": "a", "positive": "b", "negative_1": "c"}\n')
+    rows, candidates = task_rows(TaskConfig(name="qa", type="retrieval", data=[str(fine)]))
+    assert (rows, candidates) == ([{"id": "qa/0", "anchor": "a", "positive": "b"}], [["c"]])
+
+
+def test_weak_pairs_reject_non_string_texts_and_name_the_row():
+    rows = [Row({"instruction": "find it", "input": "x", "output": "y"}, "weak.jsonl:1"),
+            Row({"instruction": "find it", "input": 7, "output": "y"}, "weak.jsonl:2")]
+    with pytest.raises(DataError, match=r"weak\.jsonl:2: .*column 'input' must be a text, got int 7"):
+        to_pairs(rows)
+    assert to_pairs(rows[:1]) == [{"instruction": "find it", "anchor": "x", "positive": "y"}]
+    # Rows without a location (a plain list given to to_pairs) are named by their 1-based position.
+    with pytest.raises(DataError, match=r"stage 3 data row 2: .*column 'positive' must be a text"):
+        to_pairs([{"query": "q", "positive": "p"}, {"query": "q", "positive": 1.0}])
+
+
+def test_tokenizer_stage_rejects_non_string_texts(tmp_path):
+    from trainers import tokenizer_stage
+    from trainers.common import config_from_dict
+
+    data = _write(tmp_path / "texts.jsonl", '{"text": "fine"}\n{"text": 5}\n')
+    config = config_from_dict(tokenizer_stage.TokenizerConfig, {"data": [str(data)], "output_dir": str(tmp_path)})
+    with pytest.raises(DataError, match=r"texts\.jsonl:2: stage 0 \(tokenizer\) data: column 'text' must be a text"):
+        tokenizer_stage.run(config)
+
+
+# ---- 3. messages name the file and its line; empty files fail ------------------------------------------------------
+def test_messages_name_each_source_file_and_its_own_line(tmp_path):
+    first = _write(tmp_path / "first.jsonl", "".join(f'{{"query": "q{i}", "positive": "p{i}"}}\n' for i in range(4)))
+    # Line 5 of the second file lacks `positive`: it is row 9 of the sources joined, row 4 counting from 0 in its file.
+    second = _write(tmp_path / "second.jsonl", "".join(f'{{"query": "q{i}", "positive": "p{i}"}}\n' for i in range(4))
+                    + '{"query": "lonely"}\n')
+    with pytest.raises(DataError, match=r"second\.jsonl:5: stage 4 task 'qa' \(retrieval\): no \['positive'\]"):
+        task_rows(TaskConfig(name="qa", type="retrieval", data=[str(first), str(second)]))
+    # Stage 3 reads any columns; its own check names the row's file and line too (was "stage 3 data row 8").
+    with pytest.raises(DataError, match=r"second\.jsonl:5: .*needs instruction/input/output or query/positive"):
+        to_pairs(read_sources([str(first), str(second)], list, required=[]))
+    # CSV: the physical line, header included; a blank line in between still counts.
+    csv_file = _write(tmp_path / "sts.csv", "sentence1,sentence2,score\na,b,1\n\nc,d,high\n")
+    with pytest.raises(DataError, match=r"sts\.csv:4: "):
+        task_rows(TaskConfig(name="sts", type="sts", data=[str(csv_file)]))
+    # Demo rows are named "demo row N" (1-based).
+    with pytest.raises(DataError, match=r"demo row 2: demo data: column 'text' must be a text, got int 3"):
+        read_sources(["demo"], lambda: [{"text": "a"}, {"text": 3}], required=["text"], text=["text"],
+                     what="demo data")
+    rows = read_sources(["demo", str(first)], lambda: [{"text": "a"}], required=[])
+    assert [r.location for r in rows] == ["demo row 1"] + [f"{first}:{i}" for i in range(1, 5)]
+
+
+def test_empty_data_files_fail_naming_the_file(tmp_path):
+    for name in ("empty.csv", "empty.jsonl", "blank.jsonl"):
+        empty = _write(tmp_path / name, "sentence1,sentence2,score\n" if name.endswith(".csv") else "\n" * (
+            name == "blank.jsonl"))
+        with pytest.raises(DataError, match=rf"{name}: stage 4 task 'sts' \(sts\): no rows \(the source is empty\)"):
+            task_rows(TaskConfig(name="sts", type="sts", data=[str(empty)]))
+    only_bad = _write(tmp_path / "bad.jsonl", '{"query": "a"}\n{"query": "b"}\n')
+    source = {"path": str(only_bad), "columns": {"query": "query", "positive": "positive"}, "on_error": "skip"}
+    with pytest.raises(DataError, match=r"bad\.jsonl: .*no rows \(all 2 rows were bad and skipped\)"):
+        read_sources([source], list, required=["query"])
+
+
+def test_missing_files_are_user_errors(tmp_path):
+    with pytest.raises(DataFileNotFoundError, match=r"nope\.jsonl: no such"):
+        read_table(tmp_path / "nope.jsonl")
+    with pytest.raises(FileNotFoundError):  # still a FileNotFoundError for callers that catch that
+        eval_tasks.read_sts(tmp_path / "nope.csv")
+
+
+# ---- 5. command lines: one line on stderr, exit status 2 -----------------------------------------------------------
+def test_cli_errors_turns_only_data_errors_into_exit_2(capsys):
+    @cli_errors("tool")
+    def bad_input():
+        raise DataError("score is 'nan'\nnot a number", where="f.csv:3", hint="fix it")
+
+    @cli_errors("tool")
+    def bug():
+        raise KeyError("a bug keeps its traceback")
+
+    with pytest.raises(SystemExit) as exited:
+        bad_input()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "tool: error: f.csv:3: score is 'nan' not a number; fix it\n"
+    with pytest.raises(KeyError):
+        bug()
+
+
+def test_usage_errors_are_one_line_too(capsys):
+    from conan_hf.data.clr import main as clr_main
+    from conan_hf.eval.__main__ import main as eval_main
+    from trainers.common import parse_config
+    from trainers.weak import WeakConfig
+
+    for call, prog in ((lambda: clr_main(["rows.jsonl"]), "conan-clr"),
+                       (lambda: eval_main(["--data", "x.csv"]), "conan-eval"),
+                       (lambda: eval_main(["--model", "m", "--task", "nonsense"]), "conan-eval"),
+                       (lambda: parse_config(WeakConfig, "weak", ["--no-such-option", "1"]), "python -m trainers.weak")):
+        with pytest.raises(SystemExit) as exited:
+            call()
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"{prog}: error: ") and f"see {prog} --help" in err, err
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _assert_one_line_exit_2(result: subprocess.CompletedProcess, prog: str, where: str) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{prog}: error: {where}: "), lines[0]
+    return lines[0]
+
+
+def test_training_clis_report_bad_data_in_one_line(tmp_path):
+    bad = _write(tmp_path / "bad.jsonl", '{"query": "a", "positive": "b"}\n{"query": 12, "positive": "p"}\n')
+    result = _run(["-m", "trainers.weak", "--model", "unused", "--data", "[bad.jsonl]",
+                   "--output_dir", "out"], tmp_path)
+    line = _assert_one_line_exit_2(result, "python -m trainers.weak", "bad.jsonl:2")
+    assert "column 'query' must be a text" in line
+    result = _run([str(REPO / "examples" / "finetune.py"), "--stages", "3", "--work-dir", "work", "--no-eval",
+                   "--set", "weak.data=[bad.jsonl]"], tmp_path)
+    _assert_one_line_exit_2(result, "finetune", "bad.jsonl:2")
+    assert not (tmp_path / "work" / "weak" / "final").exists()
+
+
+def test_conan_clr_refuses_an_empty_input_file(tmp_path):
+    _write(tmp_path / "empty.jsonl", "")
+    result = _run(["-m", "conan_hf.data.clr", "empty.jsonl", "-o", "out.jsonl"], tmp_path)
+    assert "no rows" in _assert_one_line_exit_2(result, "conan-clr", "empty.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_conan_eval_reports_a_nan_score_in_one_line(tiny_model_dir, tmp_path):
+    _write(tmp_path / "sts.csv", "a,b,4.0\nc,d,nan\n")
+    result = _run(["-m", "conan_hf.eval", "--model", str(tiny_model_dir), "--task", "sts", "--data", "sts.csv"],
+                  tmp_path)
+    assert "score must be a number, got 'nan'" in _assert_one_line_exit_2(result, "conan-eval", "sts.csv:2")
+    assert "NaN" not in result.stdout
+
+
+def test_conan_eval_prints_null_for_an_undefined_metric(tiny_model_dir, tmp_path, capsys):
+    """Every gold score equal: Spearman is undefined. The JSON line stays strict JSON (null, not NaN), and stderr says
+    why."""
+    from conan_hf.eval.__main__ import main
+
+    data = _write(tmp_path / "flat.csv", "".join(f"sentence {i},other sentence {i},3\n" for i in range(6)))
+    assert main(["--model", str(tiny_model_dir), "--task", "sts", "--data", str(data)]) == 0
+    captured = capsys.readouterr()
+    last = captured.out.strip().splitlines()[-1]
+    summary = json.loads(last, parse_constant=lambda name: pytest.fail(f"invalid JSON constant {name}"))
+    assert summary == {"LocalSTS-flat": None}
+    assert "LocalSTS-flat is undefined (NaN), reported as null" in captured.err
