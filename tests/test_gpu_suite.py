@@ -37,10 +37,10 @@ def test_smoke_report_has_every_section_with_numbers(smoke_report):
     titles = [s.splitlines()[0] for s in sections]
     for number, name in enumerate(("Correctness", "Soft-mask cost", "Encode", "Training", "Ablation"), start=1):
         assert any(t.startswith(f"{number}. {name}") for t in titles), titles
-    for name in ("correctness", "softmask", "encode", "train"):
+    for number, name in enumerate(("correctness", "softmask", "encode", "train"), start=1):
         entry = data["sections"][name]
         assert entry["error"] is None, entry["error"]
-        body = next(s for s in sections if s.startswith(f"{('correctness', 'softmask', 'encode', 'train').index(name) + 1}."))
+        body = next(s for s in sections if s.startswith(f"{number}."))
         assert "ERROR" not in body
         # Every result table has at least one measured number (a row starting with a digit or a dtype/workload).
         assert re.search(r"^\| [^|]+ \| .*\d", body, flags=re.M), body
