@@ -229,6 +229,50 @@ BF16_FLOOR_FACTOR = 2.0
 BF16_ABSOLUTE_MAX = {"output": 5e-2, "grad": 1e-1}
 
 
+def compare_case(model, ids, mask, alpha: float, weights, dtype, side: str, flex_backward: bool,
+                 fp32_reference: dict, dense_by_alpha: dict, result: dict) -> dict:
+    """One (dtype, padding side, alpha) comparison of the flex soft mask against the dense log-M bias."""
+    dense_out, dense_grads, dense_path = soft_forward(model, ids, mask, alpha, "sdpa", weights)
+    key = (side, alpha)
+    if dtype == torch.float32:
+        fp32_reference[key] = (dense_out, dense_grads)
+        if side == "left":
+            # How far apart the dense outputs of the two alphas are: the size of error a wrong alpha (or a mask
+            # that ignores it) would show; the flex-dense differences must be far below it.
+            dense_by_alpha[alpha] = dense_out
+            if len(dense_by_alpha) == 2:
+                result["alpha_sensitivity"] = relative_difference(dense_by_alpha[0.3], dense_by_alpha[0.7])
+    if flex_backward:
+        flex_out, flex_grads, flex_path = soft_forward(model, ids, mask, alpha, "flex_attention", weights)
+    else:  # forward only, without autograd (flex refuses CPU training)
+        with torch.no_grad():
+            flex_out, flex_grads, flex_path = soft_forward(model, ids, mask, alpha, "flex_attention", None)
+    case = {"dtype": str(dtype).replace("torch.", ""), "padding": side, "alpha": alpha,
+            "reference_path": dense_path, "soft_path": flex_path,
+            "output_rel_diff": relative_difference(flex_out, dense_out)}
+    if flex_grads:
+        case["grad_rel_diff"], case["grad_worst_param"] = worst_gradient_difference(flex_grads, dense_grads)
+    else:
+        case["grad_rel_diff"], case["grad_worst_param"] = None, "n/a (flex has no CPU backward)"
+    if dtype == torch.float32:
+        case["output_tolerance"] = FP32_TOLERANCE["output"]
+        case["grad_tolerance"] = FP32_TOLERANCE["grad"] if flex_grads else None
+    else:
+        ref_out, ref_grads = fp32_reference[key]
+        floor_out = relative_difference(dense_out, ref_out)
+        floor_grad, _ = worst_gradient_difference(dense_grads, ref_grads)
+        case["bf16_floor_output"], case["bf16_floor_grad"] = floor_out, floor_grad
+        case["output_tolerance"] = min(BF16_FLOOR_FACTOR * floor_out, BF16_ABSOLUTE_MAX["output"])
+        case["grad_tolerance"] = (min(BF16_FLOOR_FACTOR * floor_grad, BF16_ABSOLUTE_MAX["grad"])
+                                  if flex_grads else None)
+    ok = (case["soft_path"] == "flex_attention" and case["reference_path"] == "sdpa"
+          and finite(case["output_rel_diff"]) and case["output_rel_diff"] <= case["output_tolerance"])
+    if case["grad_tolerance"] is not None:
+        ok = ok and finite(case["grad_rel_diff"]) and case["grad_rel_diff"] <= case["grad_tolerance"]
+    case["pass"] = bool(ok)
+    return case
+
+
 def run_correctness(ctx: "Context", budget: Budget) -> dict:
     from conan_hf import ConanConfig, ConanModel
 
@@ -266,47 +310,15 @@ def run_correctness(ctx: "Context", budget: Budget) -> dict:
             for alpha in (0.3, 0.7):
                 if budget.left() < 0:
                     raise SectionTimeout(f"correctness budget spent after {len(result['cases'])} cases")
-                dense_out, dense_grads, dense_path = soft_forward(model, ids, mask, alpha, "sdpa", weights)
-                flex_weights = weights if flex_backward else None
-                if not flex_backward:  # forward only, without autograd (flex refuses CPU training)
-                    with torch.no_grad():
-                        flex_out, flex_grads, flex_path = soft_forward(model, ids, mask, alpha, "flex_attention",
-                                                                       None)
-                else:
-                    flex_out, flex_grads, flex_path = soft_forward(model, ids, mask, alpha, "flex_attention",
-                                                                   flex_weights)
-                case = {"dtype": dtype_name, "padding": side, "alpha": alpha, "reference_path": dense_path,
-                        "soft_path": flex_path, "output_rel_diff": relative_difference(flex_out, dense_out)}
-                if flex_grads:
-                    case["grad_rel_diff"], case["grad_worst_param"] = worst_gradient_difference(flex_grads,
-                                                                                                dense_grads)
-                else:
-                    case["grad_rel_diff"], case["grad_worst_param"] = None, "n/a (flex has no CPU backward)"
-                key = (side, alpha)
-                if dtype == torch.float32 and side == "left":
-                    # How far apart the dense outputs of the two alphas are: the size of error a wrong alpha (or a
-                    # mask that ignores it) would show; the flex-dense differences must be far below it.
-                    dense_by_alpha[alpha] = dense_out
-                    if len(dense_by_alpha) == 2:
-                        result["alpha_sensitivity"] = relative_difference(dense_by_alpha[0.3], dense_by_alpha[0.7])
-                if dtype == torch.float32:
-                    fp32_reference[key] = (dense_out, dense_grads)
-                    case["output_tolerance"] = FP32_TOLERANCE["output"]
-                    case["grad_tolerance"] = FP32_TOLERANCE["grad"] if flex_grads else None
-                else:
-                    ref_out, ref_grads = fp32_reference[key]
-                    floor_out = relative_difference(dense_out, ref_out)
-                    floor_grad, _ = worst_gradient_difference(dense_grads, ref_grads)
-                    case["bf16_floor_output"], case["bf16_floor_grad"] = floor_out, floor_grad
-                    case["output_tolerance"] = min(BF16_FLOOR_FACTOR * floor_out, BF16_ABSOLUTE_MAX["output"])
-                    case["grad_tolerance"] = (min(BF16_FLOOR_FACTOR * floor_grad, BF16_ABSOLUTE_MAX["grad"])
-                                              if flex_grads else None)
-                ok = (case["soft_path"] == "flex_attention" and case["reference_path"] == "sdpa"
-                      and finite(case["output_rel_diff"]) and case["output_rel_diff"] <= case["output_tolerance"])
-                if case["grad_tolerance"] is not None:
-                    ok = ok and finite(case["grad_rel_diff"]) and case["grad_rel_diff"] <= case["grad_tolerance"]
-                case["pass"] = bool(ok)
-                result["cases"].append(case)
+                try:
+                    result["cases"].append(compare_case(model, ids, mask, alpha, weights, dtype, side, flex_backward,
+                                                        fp32_reference, dense_by_alpha, result))
+                except SectionTimeout:
+                    raise
+                except Exception as error:  # e.g. a kernel that does not fit this GPU: keep the other cases
+                    result["cases"].append({"dtype": str(dtype).replace("torch.", ""), "padding": side,
+                                            "alpha": alpha, "pass": False,
+                                            "error": f"{type(error).__name__}: {error}"[:300]})
         # alpha >= 1: the model must leave the soft machinery for its own (sdpa / flash) bidirectional kernel, with
         # outputs equal to attention_mode="bidirectional".
         ids, mask = padded_batch(lengths, total, "left", config.vocab_size, device)
@@ -328,7 +340,8 @@ def run_correctness(ctx: "Context", budget: Budget) -> dict:
         if model is not base:
             del model
         free_memory()
-    fp32_worst = max((c["output_rel_diff"] for c in result["cases"] if c["dtype"] == "float32"), default=0.0)
+    fp32_cases = [c for c in result["cases"] if c["dtype"] == "float32" and "error" not in c]
+    fp32_worst = max((c["output_rel_diff"] for c in fp32_cases), default=0.0)
     sensitive = result.get("alpha_sensitivity", 0.0) > 100 * fp32_worst
     result["pass"] = sensitive and all(c["pass"] for c in result["cases"] + result["bidirectional"])
     return result
@@ -348,6 +361,9 @@ def report_correctness(r: dict) -> list[str]:
              "(out / grad) | pass |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in r["cases"]:
+        if "error" in c:
+            lines.append(f"| {c['dtype']} | {c['padding']} | {c['alpha']} | ERROR: {c['error']} | | | | | | NO |")
+            continue
         floor = (f"{fmt(c.get('bf16_floor_output'))} / {fmt(c.get('bf16_floor_grad'))}"
                  if "bf16_floor_output" in c else "-")
         lines.append(f"| {c['dtype']} | {c['padding']} | {c['alpha']} | {c['soft_path']} / {c['reference_path']} | "
@@ -947,7 +963,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="report path (default benchmarks/results/gpu_<device>.md); a .json sits beside it")
     parser.add_argument("--copy-to", type=Path, default=None, help="also write the report into this folder "
                         "(e.g. $OUT on the device, so a run killed at its limit still returns it)")
-    parser.add_argument("--deadline", type=float, default=None, help="wall-clock seconds for the whole run (GPU 400, smoke 280)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="wall-clock seconds for the whole run (GPU 400, smoke 280)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--deepspeed", choices=["auto", "on", "off"], default="auto",
                         help="ZeRO-1 for the training section; auto: on a GPU when deepspeed imports")
