@@ -33,8 +33,15 @@ if ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
 fi
 DEST=.whl
 LIST=benchmarks/results/gpu_wheels.txt
-# name==version: what the suite needs on the GPU machine that its image lacks.
-WHEELS=(datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 sentence-transformers==6.2.0)
+# name==version: what the suite needs on the GPU machine that its image lacks, at the versions of the project's lock
+# (requirements/lock.txt, what the tests run with); the defaults apply where the lock is absent.
+LOCK=requirements/lock.txt
+pin() {
+    local version
+    version=$(grep -i -m1 "^$1==" "$LOCK" 2>/dev/null | cut -d= -f3 | tr -d ' ' || true)
+    echo "$1==${version:-$2}"
+}
+WHEELS=("$(pin datasets 5.2.0)" "$(pin dill 0.4.1)" "$(pin multiprocess 0.70.19)" "$(pin sentence-transformers 6.2.0)")
 PLATFORM_ARGS=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
                --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
                --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
@@ -65,7 +72,7 @@ echo "Downloading ${WHEELS[*]} for CPython 3.12 / manylinux x86_64 into $DEST/"
 "$PYTHON" -m pip download -q "${PLATFORM_ARGS[@]}" -d "$DEST" "${WHEELS[@]}"
 
 # The DeepSpeed the project runs with (PyPI's only deepspeed wheels are 0.3.1 dev builds from 2020).
-DEEPSPEED=deepspeed==0.19.8
+DEEPSPEED=$(pin deepspeed 0.19.8)
 deepspeed_note="$DEEPSPEED: no wheel on PyPI (source tarball only): not carried; the suite trains with torch AdamW"
 probe=$(mktemp -d)
 if "$PYTHON" -m pip download -q "${PLATFORM_ARGS[@]}" -d "$probe" "$DEEPSPEED" >/dev/null 2>&1; then
