@@ -17,10 +17,10 @@
 #   needs 6.2.0 (checked 2026-12-01 with transformers 5.17.0 and huggingface_hub 1.33.0 first on PYTHONPATH).
 #   Versions are the ones this project's tests run with.
 # What is deliberately NOT carried:
-#   transformers: conan_hf works with the machine's transformers 5.17.0 (checked 2026-12-01: tests/test_modeling.py,
-#     test_soft_mask.py, test_encode.py, test_sentence.py and the stage-4 tests of test_stages.py pass with
-#     transformers 5.17.0 and huggingface_hub 1.33.0, and so does `suite.py --smoke`), so the suite measures the
-#     machine's own transformers and no 12 MB wheel travels.
+#   transformers: conan_hf works with the machine's transformers 5.17.0 (checked 2026-12-01: the 69 non-slow tests of
+#     tests/test_modeling.py, test_soft_mask.py, test_encode.py, test_sentence.py and test_stages.py pass with
+#     transformers 5.17.0, sentence-transformers 6.2.0 and huggingface_hub 1.33.0 first on PYTHONPATH, and so does
+#     `suite.py --smoke`), so the suite measures the machine's own transformers and no 12 MB wheel travels.
 #   deepspeed: PyPI has only a source tarball (no wheel to carry); the suite trains with torch AdamW instead.
 #   mteb: the suite evaluates nothing; mteb and its requirements (polars alone is ~40 MB) would not fit the 64 MiB
 #     that a device call may carry.
