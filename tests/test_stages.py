@@ -230,7 +230,10 @@ def test_weak_stage_teacher_filter_drops_low_scored_pairs(tiny_model_dir, tmp_pa
     torch.set_num_threads(1)
     pairs = weak.to_pairs(demo_instructions())
     teacher = SentenceTransformer(str(tiny_model_dir))
-    scores = np.sum(teacher.encode([p["anchor"] for p in pairs], normalize_embeddings=True)
+    # The teacher sees each query with its row's instruction as the prompt (one instruction, as the student).
+    queries = [weak.WeakConfig.prompt_format.format(instruction=p["instruction"]) + p["anchor"]
+               if p["instruction"] else p["anchor"] for p in pairs]
+    scores = np.sum(teacher.encode(queries, normalize_embeddings=True)
                     * teacher.encode([p["positive"] for p in pairs], normalize_embeddings=True), axis=1)
     threshold = float(np.quantile(scores, 0.3))
     config = config_from_dict(weak.WeakConfig, {
