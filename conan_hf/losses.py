@@ -48,6 +48,7 @@ __all__ = [
     "MatryoshkaLoss",
     "PAPER_MATRYOSHKA_DIMS",
     "default_matryoshka_dims",
+    "document_groups",
 ]
 
 CONAN_CITATION = """
@@ -109,6 +110,7 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
         show_progress_bar: bool = False,
         record_scores: bool = True,
         max_buffered_scores: int = 4096,
+        mask_false_negatives: bool = True,
     ) -> None:
         r"""InfoNCE loss of Conan-Embedding-v2, eq. 1:
 
@@ -138,6 +140,18 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
         already has (no extra forward pass). Empty slots are masked out of the softmax (their logit is
         :math:`-\infty`), so an example with fewer negatives than columns is trained on the ones it has.
 
+        **In-batch false negatives.** A document of the batch whose model input is identical to query :math:`i`'s
+        positive — the same token ids, e.g. another row's hard negative that is this row's positive text — is a
+        copy of the positive, not a negative: with ``mask_false_negatives=True`` (default) it is removed from query
+        :math:`i`'s denominator (logit :math:`-\infty`), so :math:`\mathcal{N}_i` holds only documents that differ from
+        :math:`d_i^+`. Nothing else changes: without such duplicates the loss is exactly eq. 1. Identity is exact:
+        the unpadded ``input_ids`` of every document are compared (across devices with ``gather_across_devices``).
+        The number of masked (query, document) pairs of each training batch is counted; read it with
+        :meth:`pop_masked_false_negatives` (``trainers.dhnm.FalseNegativeCountCallback`` logs it). The
+        sentence-transformers batch samplers cannot prevent these duplicates when hard negatives are added at
+        collate time (DHNM's pools), which is why the loss handles them. No score margin is applied (GISTEmbed /
+        NV-Retriever style margins belong to mining: see ``NegativePool.from_mining``'s ``relative_margin``).
+
         Args:
             model: the SentenceTransformer being trained.
             temperature: :math:`\tau` in eq. 1; ``scale = 1 / temperature``.
@@ -156,6 +170,7 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
             record_scores: keep the DHNM score record (only used when labels carry ids).
             max_buffered_scores: the record buffer keeps at most this many micro-batches (oldest dropped), so a
                 run that records but never reads cannot grow without bound.
+            mask_false_negatives: remove documents identical to a query's positive from its negatives (see above).
 
         Example:
             ::
@@ -204,6 +219,14 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
             self.mini_batch_size = 32
         self.record_scores = record_scores
         self._score_buffer: deque[HardNegativeScores] = deque(maxlen=max_buffered_scores)
+        self.mask_false_negatives = mask_false_negatives
+        # Document identity of the batch being computed (see `forward`); MatryoshkaLoss calls `forward` once per
+        # dimension with the same features, so the last features object and its groups are kept to count once.
+        self._document_groups: Tensor | None = None
+        self._count_masked = False
+        self._last_features: Any = None
+        self._last_groups: Tensor | None = None
+        self._masked_false_negatives = 0
 
     @property
     def temperature(self) -> float:
@@ -211,19 +234,41 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
 
     # ---- forward paths -------------------------------------------------------------------------------------------
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        features_object = sentence_features
         sentence_features = list(sentence_features)
         if len(sentence_features) < 2:
             raise ValueError(f"InfoNCELoss needs at least (anchor, positive) columns, got {len(sentence_features)}")
-        if self.uses_gradient_cache:
-            return self.forward_cached(sentence_features, labels)
-        embeddings = embed_columns(self.model, sentence_features)
-        return self.compute_loss_from_embeddings(embeddings, labels)
+        groups = None
+        self._count_masked = False
+        if self.mask_false_negatives:
+            if features_object is self._last_features:
+                groups = self._last_groups  # same batch again (MatryoshkaLoss, next dimension): counted already
+            else:
+                groups = document_groups(sentence_features[1:], gather=self.gather_across_devices)
+                self._last_features, self._last_groups = features_object, groups
+                self._count_masked = torch.is_grad_enabled()  # count training batches only
+        self._document_groups = groups
+        try:
+            if self.uses_gradient_cache:
+                return self.forward_cached(sentence_features, labels)
+            embeddings = embed_columns(self.model, sentence_features)
+            return self.compute_loss_from_embeddings(embeddings, labels)
+        finally:
+            self._document_groups = None
+            self._count_masked = False
 
-    def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
-        """Eq. 1 from already computed column embeddings ``[anchor, positive, negative_1, ...]``."""
+    def compute_loss_from_embeddings(
+        self, embeddings: list[Tensor], labels: Tensor | None = None, document_groups: Tensor | None = None
+    ) -> Tensor:
+        """Eq. 1 from already computed column embeddings ``[anchor, positive, negative_1, ...]``.
+
+        ``document_groups``: ``(num_documents_columns, batch)`` integer ids, equal iff two documents are identical
+        (as :func:`document_groups` computes them); ``None`` inside :meth:`forward` uses the batch's own.
+        """
         valid = self._parse_labels(labels, embeddings)
         self._record(embeddings, labels)
-        return self._info_nce(embeddings, valid, chunk_size=None, with_backward=False)
+        groups = self._document_groups if document_groups is None else document_groups
+        return self._info_nce(embeddings, valid, chunk_size=None, with_backward=False, groups=groups)
 
     def calculate_loss(
         self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False
@@ -232,7 +277,8 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
         embeddings = [torch.cat(column) for column in reps]
         valid = self._parse_labels(labels, embeddings)
         self._record(embeddings, labels)
-        return self._info_nce(embeddings, valid, chunk_size=self.mini_batch_size, with_backward=with_backward)
+        return self._info_nce(embeddings, valid, chunk_size=self.mini_batch_size, with_backward=with_backward,
+                              groups=self._document_groups)
 
     # ---- eq. 1 ---------------------------------------------------------------------------------------------------
     def _parse_labels(self, labels: Tensor | None, embeddings: list[Tensor]) -> Tensor | None:
@@ -256,9 +302,18 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
         return None if bool(valid.all()) else valid.to(embeddings[0].device)
 
     def _info_nce(
-        self, embeddings: list[Tensor], valid: Tensor | None, chunk_size: int | None, with_backward: bool
+        self,
+        embeddings: list[Tensor],
+        valid: Tensor | None,
+        chunk_size: int | None,
+        with_backward: bool,
+        groups: Tensor | None = None,
     ) -> Tensor:
         queries, docs = embeddings[0], embeddings[1:]
+        if groups is not None:
+            groups = groups.to(queries.device)
+            if groups.shape[0] != len(docs):
+                raise ValueError(f"document_groups has {groups.shape[0]} columns for {len(docs)} document columns")
         batch_size = queries.size(0)
         num_negatives = len(docs) - 1
         chunk_size = chunk_size or batch_size
@@ -282,11 +337,16 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
                 column_valid = torch.cat(
                     [valid.new_ones(world_batch_size), valid.T.reshape(-1)]
                 )  # same column order as docs_all
+            if groups is not None:
+                if groups.shape[1] != world_batch_size:
+                    raise ValueError(f"document_groups covers {groups.shape[1]} rows, the batch has {world_batch_size}")
+                groups_all = groups.reshape(-1)  # same column order as docs_all
         else:
             candidates = torch.stack(docs, dim=1)  # (batch, 1 + k, dim): own positive, then own negatives
             pairwise = _PAIRWISE[self.similarity_fct]
 
         total = queries.new_zeros(())
+        masked = queries.new_zeros((), dtype=torch.long)
         for begin in range(0, batch_size, chunk_size):
             end = min(begin + chunk_size, batch_size)
             rows = torch.arange(end - begin, device=queries.device)
@@ -294,6 +354,14 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
                 logits = self.similarity_fct(queries[begin:end], docs_all) * self.scale
                 if column_valid is not None:
                     logits = logits.masked_fill(~column_valid, float("-inf"))
+                if groups is not None:
+                    own = offset + begin + rows  # column of each query's positive in docs_all
+                    duplicate = groups_all[None, :] == groups_all[own][:, None]
+                    duplicate[rows, own] = False  # the positive itself stays
+                    if column_valid is not None:
+                        duplicate &= column_valid  # empty slots are masked already: not counted twice
+                    logits = logits.masked_fill(duplicate, float("-inf"))
+                    masked = masked + duplicate.sum()
                 positive = logits[rows, offset + begin + rows]
             else:
                 chunk = candidates[begin:end]
@@ -303,13 +371,31 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
                 if valid is not None:
                     slot_valid = torch.cat([valid.new_ones(end - begin, 1), valid[begin:end]], dim=1)
                     logits = logits.masked_fill(~slot_valid, float("-inf"))
+                if groups is not None and num_negatives:
+                    own_groups = groups[:, begin:end].T  # (chunk, 1 + k): own positive, then own negatives
+                    duplicate = own_groups[:, 1:] == own_groups[:, :1]
+                    if valid is not None:
+                        duplicate &= valid[begin:end]
+                    duplicate = torch.cat([duplicate.new_zeros(end - begin, 1), duplicate], dim=1)
+                    logits = logits.masked_fill(duplicate, float("-inf"))
+                    masked = masked + duplicate.sum()
                 positive = logits[:, 0]
             chunk_loss = (torch.logsumexp(logits, dim=1) - positive).sum() / batch_size
             if with_backward:
                 chunk_loss.backward()
                 chunk_loss = chunk_loss.detach()
             total = total + chunk_loss
+        if self._count_masked:
+            # Once per batch: MatryoshkaLoss (GradCache mode) calls this again per dimension on the same batch.
+            self._masked_false_negatives += int(masked)
+            self._count_masked = False
         return total
+
+    def pop_masked_false_negatives(self) -> int:
+        """Number of (query, document) pairs masked as in-batch false negatives since the last call, over this
+        process's training batches (each batch counted once, also under MatryoshkaLoss)."""
+        count, self._masked_false_negatives = self._masked_false_negatives, 0
+        return count
 
     # ---- DHNM score record ---------------------------------------------------------------------------------------
     def _record(self, embeddings: list[Tensor], labels: Tensor | None) -> None:
@@ -357,11 +443,40 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
             "mini_batch_size": self.mini_batch_size if self.uses_gradient_cache else None,
             "mini_batch_num_tokens": self.mini_batch_num_tokens,
             "record_scores": self.record_scores,
+            "mask_false_negatives": self.mask_false_negatives,
         }
 
     @property
     def citation(self) -> str:
         return CONAN_CITATION
+
+
+def document_groups(columns: Sequence[dict[str, Tensor]], gather: bool = False) -> Tensor | None:
+    """Exact identity of the documents of a batch: ``(len(columns), batch)`` int64 ids, equal iff the two documents
+    have the same unpadded ``input_ids`` (the same model input, so the same embedding).
+
+    ``columns`` are the tokenised document columns ``[positive, negative_1, ...]``. Padding is left out through
+    ``attention_mask`` (columns are padded to different widths). With ``gather=True`` in a distributed run, the
+    token sequences of every rank are all-gathered so that ids agree across ranks; the result then covers the world
+    batch in rank order (the layout of ``all_gather_with_grad``). Returns ``None`` when a column has no
+    ``input_ids`` (nothing to compare exactly).
+    """
+    keys: list[list[bytes]] = []
+    for column in columns:
+        ids = column.get("input_ids")
+        if not isinstance(ids, Tensor) or ids.ndim != 2:
+            return None
+        mask = column.get("attention_mask")
+        ids = ids.detach().cpu()
+        mask = mask.detach().cpu().bool() if isinstance(mask, Tensor) and mask.shape == ids.shape else None
+        rows = [ids[r][mask[r]] if mask is not None else ids[r] for r in range(ids.shape[0])]
+        keys.append([row.numpy().astype("<i8").tobytes() for row in rows])
+    if gather and torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, keys)
+        keys = [[key for rank_keys in gathered for key in rank_keys[c]] for c in range(len(keys))]
+    index: dict[bytes, int] = {}  # dict lookups compare the bytes themselves: the grouping is exact
+    return torch.tensor([[index.setdefault(key, len(index)) for key in column] for column in keys], dtype=torch.long)
 
 
 # ---- Matryoshka -----------------------------------------------------------------------------------------------------

@@ -59,15 +59,22 @@ def test_rule_thresholds_are_configurable_and_nan_keeps():
 
 
 # ---- NegativePool ---------------------------------------------------------------------------------------------------
-def naive_apply(active, s0, cursor, pool_sizes, rows, negs, scores, s0_min=0.4, drop_ratio=1.2, s_max=0.7):
-    """Loop reference for NegativePool.apply_scores (mutates its arguments, returns counts)."""
-    counts = dict(checked=0, replaced=0, pool_exhausted=0, nan_scores=0, stale=0)
+def naive_apply(active, s0, cursor, pool_sizes, rows, negs, scores, s0_min=0.4, drop_ratio=1.2, s_max=0.7,
+                fresh=None):
+    """Loop reference for NegativePool.apply_scores (mutates its arguments, returns counts). ``fresh`` (same shape
+    as ``active``) marks replacements not carried yet; None keeps its own all-False array."""
+    counts = dict(checked=0, replaced=0, used=0, pool_exhausted=0, nan_scores=0, stale=0)
+    fresh = np.zeros(active.shape, dtype=bool) if fresh is None else fresh
     seen = set()
     for row, row_negs, row_scores in zip(rows, negs, scores):
         for neg, score in zip(row_negs, row_scores):
             if neg < 0 or (row, neg) in seen:
                 continue
             seen.add((row, neg))
+            carried = [j for j in range(active.shape[1]) if active[row, j] == neg]
+            if carried and fresh[row, carried[0]]:
+                counts["used"] += 1  # a replacement carried by a batch for the first time
+                fresh[row, carried[0]] = False
             if math.isnan(score):
                 counts["nan_scores"] += 1
                 continue
@@ -84,6 +91,7 @@ def naive_apply(active, s0, cursor, pool_sizes, rows, negs, scores, s0_min=0.4, 
                 if cursor[row] < pool_sizes[row]:
                     active[row, slot] = cursor[row]
                     s0[row, slot] = float("nan")
+                    fresh[row, slot] = True
                     cursor[row] += 1
                     counts["replaced"] += 1
                 else:
@@ -106,7 +114,7 @@ def test_apply_scores_matches_loop_reference(seed):
     n, k = 30, 4
     sizes = rng.integers(0, 9, size=n)
     pool = NegativePool(list(range(n)), [[f"c{i}-{j}" for j in range(s)] for i, s in enumerate(sizes)], k=k)
-    active, s0, cursor = pool.active.copy(), pool.s0.copy(), pool.cursor.copy()
+    active, s0, cursor, fresh = pool.active.copy(), pool.s0.copy(), pool.cursor.copy(), pool.fresh.copy()
     for _ in range(6):
         rows = rng.choice(n, size=12, replace=True)  # repeated examples: the first occurrence wins
         negs = pool.active[rows].copy()
@@ -114,8 +122,9 @@ def test_apply_scores_matches_loop_reference(seed):
         scores = rng.uniform(-0.2, 1.0, size=negs.shape)
         scores[rng.random(scores.shape) < 0.05] = np.nan
         counts = pool.apply_scores(rows, negs, scores)
-        expected = naive_apply(active, s0, cursor, pool.pool_sizes, rows, negs, scores)
+        expected = naive_apply(active, s0, cursor, pool.pool_sizes, rows, negs, scores, fresh=fresh)
         assert counts == expected
+        np.testing.assert_array_equal(pool.fresh, fresh)
         np.testing.assert_array_equal(pool.active, active)
         np.testing.assert_array_equal(pool.cursor, cursor)
         np.testing.assert_array_equal(pool.s0, s0)  # NaN == NaN for assert_array_equal
@@ -130,7 +139,7 @@ def test_apply_scores_replacement_and_exhaustion():
     assert np.isnan(pool.s0[0, 0]) and pool.s0[0, 1] == 0.8
     # Candidate 1 drops to 0.6 (1.2 * 0.6 < 0.8, 0.6 < 0.7): replace, but the pool is used up -> it stays.
     counts = pool.apply_scores([0], [[2, 1]], [[0.9, 0.6]])
-    assert counts == dict(checked=2, replaced=0, pool_exhausted=1, nan_scores=0, stale=0)
+    assert counts == dict(checked=2, replaced=0, used=1, pool_exhausted=1, nan_scores=0, stale=0)
     assert pool.active.tolist() == [[2, 1]] and pool.s0[0].tolist() == [0.9, 0.8]
     # A NaN score is ignored: no S0, no decision.
     fresh = NegativePool(["y"], [["a", "b"]], k=1)
@@ -165,6 +174,8 @@ def test_pool_state_roundtrip_and_mismatch():
     np.testing.assert_array_equal(other.active, pool.active)
     np.testing.assert_array_equal(other.s0, pool.s0)
     np.testing.assert_array_equal(other.cursor, pool.cursor)
+    assert pool.fresh.tolist() == [[True, False], [False, False]]  # slot 0 of "a" was replaced, not carried yet
+    np.testing.assert_array_equal(other.fresh, pool.fresh)
     with pytest.raises(ValueError, match="belongs to other pools"):
         NegativePool(["a", "b"], [["n0", "n1", "CHANGED"], ["m0"]], k=2).load_state_dict(state)
     with pytest.raises(ValueError, match="belongs to other pools"):
@@ -301,7 +312,8 @@ def snapshot_callback(events):
                     for r in loss.peek_hard_negative_scores()
                 ]
                 events.append(
-                    ("step_end", state.global_step, pool.active.copy(), pool.s0.copy(), pool.cursor.copy(), records)
+                    ("step_end", state.global_step, pool.active.copy(), pool.s0.copy(), pool.cursor.copy(), records,
+                     pool.fresh.copy())
                 )
 
         return Snapshot()
@@ -386,13 +398,13 @@ def run_and_replay(model_dir, out_dir, max_steps=10, **overrides):
     posts = [(s[2], s[3], s[4]) for s in steps[1:]] + [(pool.active, pool.s0, pool.cursor)]
     drop_replacements = 0
     new_negative_checks = 0
-    for (_, step, active, s0, cursor, records), (post_active, post_s0, post_cursor) in zip(steps, posts):
+    for (_, step, active, s0, cursor, records, fresh), (post_active, post_s0, post_cursor) in zip(steps, posts):
         # The decisions follow eq. 6 on exactly the scores the loss recorded for this step.
         pre_active, pre_s0 = active.copy(), s0.copy()
-        active, s0, cursor = active.copy(), s0.copy(), cursor.copy()
-        counts = {"checked": 0, "replaced": 0, "pool_exhausted": 0, "nan_scores": 0, "stale": 0}
+        active, s0, cursor, fresh = active.copy(), s0.copy(), cursor.copy(), fresh.copy()
+        counts = {"checked": 0, "replaced": 0, "used": 0, "pool_exhausted": 0, "nan_scores": 0, "stale": 0}
         for rows, negs, scores in records:
-            step_counts = naive_apply(active, s0, cursor, pool.pool_sizes, rows, negs, scores)
+            step_counts = naive_apply(active, s0, cursor, pool.pool_sizes, rows, negs, scores, fresh=fresh)
             counts = {k: counts[k] + step_counts[k] for k in counts}
         np.testing.assert_array_equal(post_active, active)
         np.testing.assert_array_equal(post_cursor, cursor)

@@ -38,9 +38,10 @@ def naive_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum() / (a.norm() * b.norm())
 
 
-def naive_info_nce(q, docs, tau, valid=None, in_batch=True, offset=0):
+def naive_info_nce(q, docs, tau, valid=None, in_batch=True, offset=0, removed=()):
     """Eq. 1 with explicit loops. ``docs`` = [positives, negatives_1, ...] (each (N, d)); ``q`` holds the queries of
-    rows offset..offset+len(q); ``valid`` (N, k) marks filled negative slots."""
+    rows offset..offset+len(q); ``valid`` (N, k) marks filled negative slots; ``removed`` lists (query, column, row)
+    logits left out of the denominator."""
     losses = []
     for i in range(q.shape[0]):
         me = offset + i
@@ -50,6 +51,8 @@ def naive_info_nce(q, docs, tau, valid=None, in_batch=True, offset=0):
                 if not in_batch and j != me:
                     continue
                 if c > 0 and valid is not None and not valid[j, c - 1]:
+                    continue
+                if (i, c, j) in removed:
                     continue
                 logit = naive_cos(q[i], column[j]) / tau
                 if c == 0 and j == me:
@@ -190,6 +193,69 @@ def test_real_model_forward_equals_sentence_transformers_mnrl_and_gradcache(st_m
         torch.testing.assert_close(plain_grads[name], cached_grads[name], rtol=1e-3, atol=2e-5)
     (record,) = cached_fn.pop_hard_negative_scores()  # GradCache mode records too, once per batch
     assert record.scores.shape == (4, 2)
+
+
+def _column_embeddings(model, columns):
+    with torch.no_grad():
+        return [model(features)["sentence_embedding"].double() for features in _features(model, columns)]
+
+
+@pytest.mark.parametrize("matryoshka", [False, True])
+def test_in_batch_false_negative_is_masked(st_model, matryoshka):
+    # Row 2's hard negative is row 0's positive (as DHNM's pool negatives can be: the batch sampler cannot see them).
+    columns = [list(c) for c in COLUMNS]
+    columns[2][2] = columns[1][0]
+    emb = _column_embeddings(st_model, columns)
+    tau = 0.05
+    # Naive eq. 1 without that logit for query 0: document column 1 (negative_1), row 2. No other query is affected.
+    expected = naive_info_nce(emb[0], emb[1:], tau, removed={(0, 1, 2)})
+    unmasked = naive_info_nce(emb[0], emb[1:], tau)
+    assert abs(float(expected - unmasked)) > 1e-3  # the masking is visible in the value
+
+    def make(mask=True):
+        loss_fn = InfoNCELoss(st_model, temperature=tau, mask_false_negatives=mask)
+        return loss_fn, (MatryoshkaLoss(st_model, loss_fn, [128, 16], [1.0, 0.0]) if matryoshka else loss_fn)
+
+    inner, loss_fn = make()
+    loss = loss_fn(_features(st_model, columns), None)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+    assert inner.pop_masked_false_negatives() == 1  # one (query, document) pair, counted once per batch
+    assert inner.pop_masked_false_negatives() == 0
+    _, plain = make(mask=False)
+    torch.testing.assert_close(plain(_features(st_model, columns), None).double(), unmasked, rtol=1e-5, atol=1e-5)
+    # Texts that are not identical are not masked: the original batch has no duplicates.
+    loss_fn(_features(st_model, COLUMNS), None)
+    assert inner.pop_masked_false_negatives() == 0
+
+
+def test_false_negatives_masked_in_gradcache_and_own_candidates(st_model):
+    columns = [list(c) for c in COLUMNS]
+    columns[2][2] = columns[1][0]  # another row's positive (in-batch duplicate)
+    columns[3][1] = columns[1][1]  # row 1's own second negative equals its own positive
+    emb = _column_embeddings(st_model, columns)
+    expected = naive_info_nce(emb[0], emb[1:], 0.05, removed={(0, 1, 2), (1, 2, 1)})
+    cached = InfoNCELoss(st_model, temperature=0.05, mini_batch_size=3)
+    torch.testing.assert_close(cached(_features(st_model, columns), None).double(), expected, rtol=1e-5, atol=1e-5)
+    assert cached.pop_masked_false_negatives() == 2
+    # Classification form (own candidates only): only row 1's own duplicate is a candidate of its query.
+    own = InfoNCELoss(st_model, temperature=0.05, in_batch_negatives=False)
+    expected_own = naive_info_nce(emb[0], emb[1:], 0.05, in_batch=False, removed={(1, 2, 1)})
+    torch.testing.assert_close(own(_features(st_model, columns), None).double(), expected_own, rtol=1e-5, atol=1e-5)
+    assert own.pop_masked_false_negatives() == 1
+    # Evaluation batches (no grad) are not counted.
+    with torch.no_grad():
+        own(_features(st_model, columns), None)
+    assert own.pop_masked_false_negatives() == 0
+
+
+def test_document_groups_are_exact_and_ignore_padding():
+    from conan_hf.losses import document_groups
+
+    first = {"input_ids": torch.tensor([[5, 6, 0], [7, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])}
+    second = {"input_ids": torch.tensor([[7], [5]]), "attention_mask": torch.tensor([[1], [1]])}
+    # [5, 6] is unique; [7] appears twice (padded to other widths); [5] differs from [5, 6].
+    assert document_groups([first, second]).tolist() == [[0, 1], [1, 2]]
+    assert document_groups([{"sentence_embedding": torch.zeros(2, 3)}]) is None
 
 
 def test_cosent_is_equation_2_on_hand_made_scores(st_model):

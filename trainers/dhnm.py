@@ -64,8 +64,8 @@ __all__ = [
 
 #: File written into each Trainer checkpoint folder (``checkpoint-<step>/``) with the pool state.
 DHNM_STATE_NAME = "dhnm_state.json"
-_STATE_VERSION = 1
-_COUNT_KEYS = ("checked", "replaced", "pool_exhausted", "nan_scores", "stale")
+_STATE_VERSION = 2
+_COUNT_KEYS = ("checked", "replaced", "used", "pool_exhausted", "nan_scores", "stale")
 
 
 def dhnm_should_replace(s0: Any, s: Any, s0_min: float = 0.4, drop_ratio: float = 1.2, s_max: float = 0.7) -> Any:
@@ -113,7 +113,9 @@ class NegativePool:
 
     - ``active``: ``(num_examples, k)`` candidate rank in each slot, ``-1`` for an empty slot;
     - ``s0``: ``(num_examples, k)`` score of each active negative at its first scoring, ``NaN`` until scored;
-    - ``cursor``: ``(num_examples,)`` rank of the next unused candidate.
+    - ``cursor``: ``(num_examples,)`` rank of the next unused candidate;
+    - ``fresh``: ``(num_examples, k)`` whether the slot holds a replacement that no batch has carried yet (it
+      becomes ``False`` — counted as ``used`` — the first time the loss scores that negative).
 
     Bad input, by design:
 
@@ -176,6 +178,7 @@ class NegativePool:
         self.active = np.where(slots[None, :] < num_active[:, None], slots[None, :], -1).astype(np.int64)
         self.s0 = np.full((len(ids), k), np.nan, dtype=np.float64)
         self.cursor = num_active.copy()
+        self.fresh = np.zeros((len(ids), k), dtype=bool)
 
     # ---- construction helpers ------------------------------------------------------------------------------------
     @classmethod
@@ -333,9 +336,13 @@ class NegativePool:
         (example, negative) pair keeps its first occurrence, and a pair whose negative is no longer active (scored
         on a batch built before an earlier replacement) is skipped as ``stale``.
 
+        A scored pair whose negative is a replacement that no batch had carried before counts as ``used``: the
+        replacement has now been trained on (this is counted before the NaN filter: a NaN score was still carried).
+
         Returns:
-            counts: ``checked`` (pairs judged), ``replaced``, ``pool_exhausted`` (replacement due but no candidate
-            left: the negative stays), ``nan_scores`` (ignored NaN scores) and ``stale``.
+            counts: ``checked`` (pairs judged), ``replaced``, ``used`` (replacements carried for the first time),
+            ``pool_exhausted`` (replacement due but no candidate left: the negative stays), ``nan_scores`` (ignored
+            NaN scores) and ``stale``.
         """
         rows = np.asarray(example_rows, dtype=np.int64).reshape(-1)
         negs = np.asarray(negative_ids, dtype=np.int64)
@@ -361,6 +368,14 @@ class NegativePool:
         _, first = np.unique(keys, return_index=True)
         first.sort()
         rows, negs, vals = rows[first], negs[first], vals[first]
+
+        # A replacement carried by this batch for the first time has been used (whatever its score).
+        carried = self.active[rows] == negs[:, None]
+        carried_rows, carried_slots = np.nonzero(carried)
+        carried_rows = rows[carried_rows]
+        used = self.fresh[carried_rows, carried_slots]
+        counts["used"] = int(used.sum())
+        self.fresh[carried_rows[used], carried_slots[used]] = False
 
         nan = np.isnan(vals)
         counts["nan_scores"] = int(nan.sum())
@@ -388,6 +403,7 @@ class NegativePool:
         ok = new_rank < self.pool_sizes[r_rows]
         self.active[r_rows[ok], r_slots[ok]] = new_rank[ok]
         self.s0[r_rows[ok], r_slots[ok]] = np.nan
+        self.fresh[r_rows[ok], r_slots[ok]] = True
         np.add.at(self.cursor, r_rows[ok], 1)
         counts["replaced"] = int(ok.sum())
         counts["pool_exhausted"] = int((~ok).sum())
@@ -421,11 +437,12 @@ class NegativePool:
             "active": self.active.tolist(),
             "s0": [[None if np.isnan(v) else float(v) for v in row] for row in self.s0],
             "cursor": self.cursor.tolist(),
+            "fresh": np.flatnonzero(self.fresh).tolist(),  # flat indices of the not-yet-carried replacements
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; raises ``ValueError`` if it was saved for different pools."""
-        if state.get("version") != _STATE_VERSION:
+        if state.get("version") not in (1, _STATE_VERSION):
             raise ValueError(f"unsupported DHNM state version {state.get('version')!r} (expected {_STATE_VERSION})")
         if state["num_examples"] != len(self) or state["k"] != self.k or state["fingerprint"] != self.fingerprint():
             raise ValueError(
@@ -438,6 +455,9 @@ class NegativePool:
             [[np.nan if v is None else v for v in row] for row in state["s0"]], dtype=np.float64
         ).reshape(len(self), self.k)
         self.cursor = np.asarray(state["cursor"], dtype=np.int64)
+        # Version 1 states predate the used counter: their pending replacements are not known, none is counted.
+        self.fresh = np.zeros((len(self), self.k), dtype=bool)
+        self.fresh.reshape(-1)[np.asarray(state.get("fresh", []), dtype=np.int64)] = True
 
 
 @dataclass
@@ -544,8 +564,9 @@ class DHNMCallback(TrainerCallback):
     ``on_step_end``: reads the scores :class:`conan_hf.losses.InfoNCELoss` recorded for the step's micro-batches,
     gathers them from all ranks (``torch.distributed.all_gather_object``, rank order), and calls
     :meth:`NegativePool.apply_scores` — every rank sees the same scores in the same order, so every rank makes the
-    same decisions and the pools stay identical. The counts (``checked``, ``replaced``, ``pool_exhausted``,
-    ``nan_scores``, ``stale``) are summed since the previous log and added as ``dhnm_<name>`` to the Trainer's
+    same decisions and the pools stay identical. The counts (``checked``, ``replaced``, ``used``,
+    ``pool_exhausted``, ``nan_scores``, ``stale``) are summed since the previous log and added as ``dhnm_<name>`` to
+    the Trainer's
     training log (``logs`` and ``state.log_history``); ``logging_steps=1`` gives per-step counts. Running totals
     are in :attr:`totals`, the last step's counts in :attr:`last_step_counts`.
 
@@ -646,6 +667,14 @@ class DHNMCallback(TrainerCallback):
                 "are not supported); the DHNM state could not be saved"
             )
         self.save(checkpoint, global_step=state.global_step)
+
+    def replacement_summary(self) -> dict[str, Any]:
+        """Totals plus how many replacements were made, how many a later batch carried, and that fraction.
+
+        ``pending`` replacements were made at an example's last visit of the run: no batch carried them.
+        """
+        made, used = self.totals["replaced"], self.totals["used"]
+        return {**self.totals, "pending": made - used, "used_fraction": (used / made) if made else None}
 
     # ---- persistence ---------------------------------------------------------------------------------------------
     def state_dict(self, global_step: int | None = None) -> dict[str, Any]:
