@@ -583,3 +583,126 @@ def test_two_process_run_makes_identical_decisions_on_both_ranks(tiny_model_dir,
     scored = {i for i, row in enumerate(r0["pool"]["s0"]) if any(v is not None for v in row)}
     replaced = {i for i, c in enumerate(r0["pool"]["cursor"]) if c > 2}
     assert (scored | replaced) >= set(r0["seen_ids"]) | set(r1["seen_ids"])
+
+
+# ---- stage 4 with its default schedule ------------------------------------------------------------------------------
+def _stage4_config(model_dir, data_file, out_dir, **overrides):
+    """Stage 4 as `python -m trainers.supervised` builds it (the shipped YAML, no preset): the schedule
+    (num_train_epochs, max_steps) is the shipped default; only size, data and speed options are overridden."""
+    from trainers.common import default_config_path, load_config
+    from trainers.supervised import SupervisedConfig
+
+    values = {
+        "model": str(model_dir), "output_dir": str(out_dir / "run"), "final_dir": str(out_dir / "final"),
+        "tasks": [{"name": "qa", "type": "retrieval", "data": [{"path": str(data_file)}], "batch_size": 4,
+                   "prompt": "find where it sleeps"}],
+        "num_negatives": 2, "max_seq_length": 32, "num_threads": 1, "bf16": False, "gradient_checkpointing": False,
+        "logging_steps": 1, "save_steps": 1000, "disable_tqdm": True,
+        # S0 < 2 holds for every cosine: each negative is replaced at its first scoring, so the run makes
+        # replacements whatever the tiny random model's scores are (eq. 6 itself is tested above).
+        "dhnm_s0_min": 2.0,
+        **overrides,
+    }
+    config = load_config(SupervisedConfig, default_config_path("supervised"), preset=None, overrides=values)
+    assert config.max_steps <= 0 and config.num_train_epochs >= 2  # the shipped schedule, not the test's
+    return config
+
+
+def _stage4_rows():
+    positives = [f"the {s} sleeps on the {p}" for s, p in zip(SUBJECTS, PLACES)]
+    rows = []
+    for i, (s, p) in enumerate(zip(SUBJECTS, PLACES)):
+        # The two hardest candidates are other rows' positives: whenever such a row shares the batch, the candidate
+        # is an in-batch false negative of that row's query (the sampler only sees id/anchor/positive).
+        near = [f"the {s} sleeps on the {q}" for q in PLACES if q != p][:4]
+        rows.append({"query": f"the {s} sleeps on the", "positive": positives[i],
+                     "negatives": [positives[(i + 1) % 8], positives[(i + 2) % 8], *near]})
+    return rows
+
+
+def _weights(final_dir):
+    from safetensors.torch import load_file
+
+    files = sorted(Path(final_dir).rglob("*.safetensors"))
+    assert files, f"no weights in {final_dir}"
+    return {f"{f.name}/{k}": v for f in files for k, v in load_file(str(f)).items()}
+
+
+@pytest.mark.slow
+def test_stage4_default_schedule_uses_replacements_and_masks_false_negatives(tiny_model_dir, tmp_path):
+    from trainers import supervised
+
+    rows = _stage4_rows()
+    data_file = tmp_path / "qa.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    batches = []
+    original = supervised.MultiTaskCollator.__call__
+
+    def spy(self, features):
+        batch = original(self, features)
+        batches.append(([f["positive"] for f in features], batch["label"].numpy().copy(), self.pool))
+        return batch
+
+    histories = []
+    original_finish = supervised.finish_stage
+
+    def finish(trainer, *args, **kwargs):
+        histories.append([h for h in trainer.state.log_history if "loss" in h])
+        return original_finish(trainer, *args, **kwargs)
+
+    threads = torch.get_num_threads()
+    supervised.MultiTaskCollator.__call__ = spy
+    supervised.finish_stage = finish
+    try:
+        on = supervised.run(_stage4_config(tiny_model_dir, data_file, tmp_path / "on"))
+        on_batches, batches[:] = list(batches), []
+        off = supervised.run(_stage4_config(tiny_model_dir, data_file, tmp_path / "off", dhnm=False))
+        off_batches = list(batches)
+    finally:
+        supervised.MultiTaskCollator.__call__ = original
+        supervised.finish_stage = original_finish
+        torch.set_num_threads(threads)
+
+    # DHNM changes training: the replaced negatives are trained in the second pass, so the weights differ.
+    on_weights, off_weights = _weights(on["final_dir"]), _weights(off["final_dir"])
+    assert on_weights.keys() == off_weights.keys()
+    assert any(not torch.equal(on_weights[k], off_weights[k]) for k in on_weights)
+    assert off["dhnm"] is None and len(off_batches) == len(on_batches) == on["global_step"] == 4  # 2 epochs x 2
+
+    # Independent count of "used": distinct (example, candidate) pairs beyond the initially active ones that a
+    # trained batch carried (every collated batch was trained: the run ends with its epoch).
+    pool = on_batches[0][2]
+    initially_active = np.minimum(pool.pool_sizes, pool.k)
+    carried = {(int(label[0]), int(rank)) for _, labels, _ in on_batches for label in labels for rank in label[1:]
+               if rank >= initially_active[label[0]]}
+    dhnm = on["dhnm"]
+    assert dhnm["used"] == len(carried) == 16  # 8 examples x 2 slots replaced in epoch 1, carried in epoch 2
+    assert dhnm["replaced"] == 32 and dhnm["pending"] == 16 and dhnm["used_fraction"] == 0.5
+    # The per-step logs carry the counts: nothing used in epoch 1 (steps 1-2), all 16 in epoch 2.
+    assert [h["dhnm_used"] for h in histories[0]] == [0, 0, 8, 8]
+    assert sum(h["dhnm_replaced"] for h in histories[0]) == 32
+
+    # Independent count of masked in-batch false negatives: pairs (query i, filled negative slot of any row of the
+    # batch) whose text is query i's positive.
+    expected_masked = 0
+    for positives, labels, batch_pool in on_batches:
+        for row_positive in positives:
+            for label in labels:
+                texts = [batch_pool.candidates[int(label[0])][int(r)] for r in label[1:] if r >= 0]
+                expected_masked += sum(text == row_positive for text in texts)
+    assert expected_masked > 0  # the data makes some (rows i and i+1 or i+2 share a batch in epoch 1)
+    assert on["false_negatives_masked"] == expected_masked
+    assert sum(h["infonce_false_negatives_masked"] for h in histories[0]) == expected_masked
+
+
+def test_dhnm_passes_counts_visits_per_example():
+    from types import SimpleNamespace
+
+    from trainers.supervised import SupervisedConfig, dhnm_passes
+
+    args = SimpleNamespace(world_size=2, gradient_accumulation_steps=1)
+    rows, sizes = {"qa": 40, "sts": 64}, {"qa": 4, "sts": 32}
+    assert dhnm_passes(SupervisedConfig(num_train_epochs=2), args, rows, sizes) == 2.0
+    assert SupervisedConfig().num_train_epochs == 2  # the stage-4 default lets DHNM act
+    # (40 // 4 + 64 // 32) = 12 batches per epoch, shared by 2 ranks: 6 steps; 9 steps = 1.5 passes.
+    assert dhnm_passes(SupervisedConfig(max_steps=9), args, rows, sizes) == 1.5

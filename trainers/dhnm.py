@@ -56,14 +56,18 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DHNM_STATE_NAME",
+    "FALSE_NEGATIVES_STATE_NAME",
     "DHNMCallback",
     "DHNMDataCollator",
+    "FalseNegativeCountCallback",
     "NegativePool",
     "dhnm_should_replace",
 ]
 
 #: File written into each Trainer checkpoint folder (``checkpoint-<step>/``) with the pool state.
 DHNM_STATE_NAME = "dhnm_state.json"
+#: File written into each Trainer checkpoint folder with the running count of masked in-batch false negatives.
+FALSE_NEGATIVES_STATE_NAME = "false_negatives_state.json"
 _STATE_VERSION = 2
 _COUNT_KEYS = ("checked", "replaced", "used", "pool_exhausted", "nan_scores", "stale")
 
@@ -730,6 +734,65 @@ class DHNMCallback(TrainerCallback):
             f"training resumes at step {state.global_step} but no {DHNM_STATE_NAME} was found in {candidates}; pass "
             "resume_from_checkpoint=<checkpoint folder> to DHNMCallback"
         )
+
+
+class FalseNegativeCountCallback(TrainerCallback):
+    """Log how many in-batch false negatives :class:`conan_hf.losses.InfoNCELoss` masked.
+
+    ``on_step_end`` pops each InfoNCE loss's count (:meth:`~conan_hf.losses.InfoNCELoss.pop_masked_false_negatives`)
+    and sums it over ranks (``all_gather_object``, so every rank holds the same numbers); ``on_log`` adds the count
+    since the previous log as ``infonce_false_negatives_masked`` to the training log. :attr:`total` is the running
+    total; it is saved as ``false_negatives_state.json`` in each checkpoint and restored on resume (a checkpoint
+    without the file, e.g. from an older run, restarts the total at 0 with a warning: it is a statistic only).
+
+    Args:
+        losses: the training losses (InfoNCE losses, possibly wrapped in MatryoshkaLoss; others are ignored).
+    """
+
+    LOG_KEY = "infonce_false_negatives_masked"
+
+    def __init__(self, losses: Sequence[torch.nn.Module] | torch.nn.Module) -> None:
+        losses = [losses] if isinstance(losses, torch.nn.Module) else list(losses)
+        self.sources = [m for loss in losses for m in loss.modules() if hasattr(m, "pop_masked_false_negatives")]
+        self.total = 0
+        self._since_log = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            return
+        folder = args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else os.path.join(
+            args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        path = os.path.join(folder, FALSE_NEGATIVES_STATE_NAME)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                self.total = int(json.load(f)["total"])
+        else:
+            logger.warning("no %s in %s: the count of masked false negatives restarts at 0", FALSE_NEGATIVES_STATE_NAME,
+                           folder)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        local = sum(source.pop_masked_false_negatives() for source in self.sources)
+        (counts,) = _all_gather_arrays((np.array([local], dtype=np.int64),))
+        self.total += int(counts.sum())
+        self._since_log += int(counts.sum())
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
+        logs[self.LOG_KEY] = self._since_log
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1][self.LOG_KEY] = self._since_log
+        self._since_log = 0
+
+    def on_save(self, args, state, control, **kwargs):
+        if not args.should_save:
+            return
+        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(checkpoint):
+            path = os.path.join(checkpoint, FALSE_NEGATIVES_STATE_NAME)
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump({"global_step": state.global_step, "total": self.total}, f)
+            os.replace(path + ".tmp", path)
 
 
 def _pad(array: np.ndarray, width: int, value: float) -> np.ndarray:
