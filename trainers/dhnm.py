@@ -15,6 +15,27 @@ The pieces, in the order a training step uses them:
    counts; the next time an example is batched it carries its new negatives. The pool state is saved next to every
    Trainer checkpoint and restored on resume.
 
+**When a replacement trains (the design).** A negative is judged from the score the loss computed on the example's
+batch, so its replacement can only be trained at the example's *next* visit: with one pass over the data (each
+example batched once) DHNM changes nothing at all. The paper (§3.4, App. A) states no epoch count; eq. 6 compares a
+negative's score now with its score when it entered (``S_0``), which presumes that examples are seen repeatedly. So
+stage 4 (:mod:`trainers.supervised`) trains ``num_train_epochs: 2`` by default and warns when a run visits examples
+fewer than twice. Replacements are consumed by the ordinary schedule: the collator reads the live pool when it builds
+a batch, and every replacement made before an example's last visit is carried by that later visit. The ones made at
+the last visit are reported as ``pending``. Counted per step and in :meth:`DHNMCallback.replacement_summary`:
+``replaced`` (made) and ``used`` (a later batch carried the replacement; the loss scored it).
+
+Re-queueing replaced examples into later batches of the same epoch was rejected: the Trainer fixes the number of
+batches per epoch before training (learning-rate schedule, ``max_steps``), accelerate collates one batch ahead and
+resumes by skipping batches at the sampler level, and ranks iterate the batch sampler in lock-step, so a sampler that
+depends on decisions made during training would lose exact resume and identical ranks; a static multi-epoch schedule
+keeps both (the batch order is a function of seed and epoch only, the content a function of the checkpointed pool).
+
+**In-batch false negatives.** Pool negatives are added by the collator, after the no-duplicates batch sampler has
+chosen the rows, so a row's negative can be another row's positive. :class:`conan_hf.losses.InfoNCELoss` masks any
+document identical (same token ids) to a query's positive; :class:`FalseNegativeCountCallback` logs how many as
+``infonce_false_negatives_masked``.
+
 Example:
     ::
 
@@ -476,8 +497,8 @@ class DHNMDataCollator(SentenceTransformerDataCollator):
     :class:`conan_hf.losses.InfoNCELoss` uses to mask empty slots and to key its score record.
 
     The pool is read at batching time, so replacements made by :class:`DHNMCallback` show up the next time the
-    example is batched. This needs the collator to run in the training process: keep
-    ``dataloader_num_workers=0`` (the callback checks).
+    example is batched (train more than one epoch, see the module docstring). This needs the collator to run in the
+    training process: keep ``dataloader_num_workers=0`` (the callback checks).
 
     Args:
         preprocess_fn: ``model.preprocess`` (as for ``SentenceTransformerDataCollator``).
