@@ -347,6 +347,20 @@ GATHER_SCRIPT = textwrap.dedent(
     )
     loss.backward()
     out = {"loss": loss.item(), "grads": [e.grad.tolist() for e in emb]}
+
+    # False negatives across ranks: documents are token-id rows; row 4's first negative (on rank 1) has the token ids
+    # of row 0's positive (on rank 0), padded differently. document_groups gathers them so both ranks agree.
+    from conan_hf.losses import document_groups
+    tokens = [[[10 + 6 * c + r, 1] for r in range(6)] for c in range(3)]  # (column, row) -> unique ids
+    tokens[1][4] = [10 + 0, 1]  # negative_1 of row 4 == positive of row 0
+    columns = [{"input_ids": torch.tensor([t + [0] for t in tokens[c][local]]),
+                "attention_mask": torch.tensor([[1, 1, 0]] * 3)} for c in range(3)]
+    columns[1]["input_ids"][:, 2] = 7 if rank == 1 else 0  # padding content must not matter
+    groups = document_groups(columns, gather=True)
+    masking = InfoNCELoss(model, temperature=0.05, gather_across_devices=True)
+    masked = masking.compute_loss_from_embeddings([x[local].clone() for x in full], labels[local],
+                                                  document_groups=groups)
+    out.update(masked_loss=masked.item(), groups=groups.tolist())
     with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
     dist.destroy_process_group()
@@ -373,8 +387,14 @@ def test_cross_device_negatives_two_processes(tmp_path, tiny_model_dir):
     # Each rank's loss scores its own queries against all 6 rows' documents; the all-gather sends every rank's
     # gradient back to the documents' owner, so the local gradients are those of the sum of both losses.
     sum(per_rank).backward()
+    # Row 0's query (rank 0) loses the logit of row 4's first negative, a copy of its positive held by rank 1.
+    masked = [naive_info_nce(full[0][3 * r: 3 * r + 3].detach(), [c.detach() for c in full[1:]], 0.05, valid=valid,
+                             offset=3 * r, removed={(0, 1, 4)} if r == 0 else set()) for r in (0, 1)]
     for r in (0, 1):
         got = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert got["groups"][1][4] == got["groups"][0][0]  # identical across ranks, ignoring padding
+        assert len({g for column in got["groups"] for g in column}) == 17  # 18 documents, one duplicate
+        assert got["masked_loss"] == pytest.approx(masked[r].item(), rel=1e-9)
         assert got["loss"] == pytest.approx(per_rank[r].item(), rel=1e-9)
         for column, grad in zip(full, got["grads"]):
             torch.testing.assert_close(torch.tensor(grad, dtype=torch.float64), column.grad[3 * r : 3 * r + 3])
