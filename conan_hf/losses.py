@@ -461,22 +461,29 @@ def document_groups(columns: Sequence[dict[str, Tensor]], gather: bool = False) 
     batch in rank order (the layout of ``all_gather_with_grad``). Returns ``None`` when a column has no
     ``input_ids`` (nothing to compare exactly).
     """
-    keys: list[list[bytes]] = []
+    packed = []
     for column in columns:
         ids = column.get("input_ids")
         if not isinstance(ids, Tensor) or ids.ndim != 2:
             return None
         mask = column.get("attention_mask")
-        ids = ids.detach().cpu()
-        mask = mask.detach().cpu().bool() if isinstance(mask, Tensor) and mask.shape == ids.shape else None
-        rows = [ids[r][mask[r]] if mask is not None else ids[r] for r in range(ids.shape[0])]
-        keys.append([row.numpy().astype("<i8").tobytes() for row in rows])
+        if not (isinstance(mask, Tensor) and mask.shape == ids.shape):
+            mask = torch.ones_like(ids)
+        mask = mask.bool()
+        # Move each row's real tokens to the front (stable, so their order is kept) and fill the rest with -1: the
+        # same text then has the same row whatever the padding side and width of its column.
+        order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+        packed.append(torch.gather(ids.long(), 1, order).masked_fill(~torch.gather(mask, 1, order), -1))
+    width = max(p.shape[1] for p in packed)
+    rows = torch.stack([F.pad(p, (0, width - p.shape[1]), value=-1) for p in packed])  # (columns, batch, width)
     if gather and torch.distributed.is_available() and torch.distributed.is_initialized():
         gathered: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, keys)
-        keys = [[key for rank_keys in gathered for key in rank_keys[c]] for c in range(len(keys))]
-    index: dict[bytes, int] = {}  # dict lookups compare the bytes themselves: the grouping is exact
-    return torch.tensor([[index.setdefault(key, len(index)) for key in column] for column in keys], dtype=torch.long)
+        torch.distributed.all_gather_object(gathered, rows.cpu())
+        width = max(g.shape[2] for g in gathered)
+        rows = torch.cat([F.pad(g, (0, width - g.shape[2]), value=-1) for g in gathered], dim=1).to(rows.device)
+    # torch.unique compares whole rows: equal ids <=> identical token sequences (exact, no hashing).
+    _, inverse = torch.unique(rows.reshape(-1, rows.shape[2]), dim=0, return_inverse=True)
+    return inverse.reshape(rows.shape[0], rows.shape[1])
 
 
 # ---- Matryoshka -----------------------------------------------------------------------------------------------------

@@ -253,8 +253,12 @@ def test_document_groups_are_exact_and_ignore_padding():
 
     first = {"input_ids": torch.tensor([[5, 6, 0], [7, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])}
     second = {"input_ids": torch.tensor([[7], [5]]), "attention_mask": torch.tensor([[1], [1]])}
-    # [5, 6] is unique; [7] appears twice (padded to other widths); [5] differs from [5, 6].
-    assert document_groups([first, second]).tolist() == [[0, 1], [1, 2]]
+    left = {"input_ids": torch.tensor([[0, 5, 6], [6, 5, 0]]), "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 0]])}
+    groups = document_groups([first, second, left]).tolist()
+    # [5, 6] appears as first[0] and (left-padded) left[0]; [7] as first[1] and second[0] (other widths); [5] and
+    # [6, 5] (same tokens, other order) are documents of their own.
+    assert groups[0][0] == groups[2][0] and groups[0][1] == groups[1][0]
+    assert len({groups[0][0], groups[0][1], groups[1][1], groups[2][1]}) == 4
     assert document_groups([{"sentence_embedding": torch.zeros(2, 3)}]) is None
 
 
