@@ -111,6 +111,7 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
         record_scores: bool = True,
         max_buffered_scores: int = 4096,
         mask_false_negatives: bool = True,
+        false_negative_margin: float | None = None,
     ) -> None:
         r"""InfoNCE loss of Conan-Embedding-v2, eq. 1:
 
@@ -149,8 +150,14 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
         The number of masked (query, document) pairs of each training batch is counted; read it with
         :meth:`pop_masked_false_negatives` (``trainers.dhnm.FalseNegativeCountCallback`` logs it). The
         sentence-transformers batch samplers cannot prevent these duplicates when hard negatives are added at
-        collate time (DHNM's pools), which is why the loss handles them. No score margin is applied (GISTEmbed /
-        NV-Retriever style margins belong to mining: see ``NegativePool.from_mining``'s ``relative_margin``).
+        collate time (DHNM's pools), which is why the loss handles them.
+
+        **Optional score margin** (``false_negative_margin``, off by default): additionally mask every negative whose
+        similarity to the query exceeds the positive's minus the margin, :math:`s(q_i, n) > s(q_i, d_i^+) - m`
+        (GISTEmbed's absolute-margin rule, with the model being trained as its own guide, scored on the detached
+        similarities). It catches near-duplicate positives that identity cannot, at the price of also dropping the
+        hardest true negatives; mining-time margins are the other place for it (``NegativePool.from_mining``'s
+        ``relative_margin``, NV-Retriever's TopK-PercPos). Masked pairs are counted with the identical ones.
 
         Args:
             model: the SentenceTransformer being trained.
@@ -171,6 +178,8 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
             max_buffered_scores: the record buffer keeps at most this many micro-batches (oldest dropped), so a
                 run that records but never reads cannot grow without bound.
             mask_false_negatives: remove documents identical to a query's positive from its negatives (see above).
+            false_negative_margin: ``None`` (default) or :math:`m`: also remove negatives with similarity above the
+                positive's minus :math:`m` (in similarity units, e.g. cosine; ``0`` removes those above the positive).
 
         Example:
             ::
@@ -220,6 +229,7 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
         self.record_scores = record_scores
         self._score_buffer: deque[HardNegativeScores] = deque(maxlen=max_buffered_scores)
         self.mask_false_negatives = mask_false_negatives
+        self.false_negative_margin = None if false_negative_margin is None else float(false_negative_margin)
         # Document identity of the batch being computed (see `forward`); MatryoshkaLoss calls `forward` once per
         # dimension with the same features, so the last features object and its groups are kept to count once.
         self._document_groups: Tensor | None = None
@@ -238,16 +248,16 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
         sentence_features = list(sentence_features)
         if len(sentence_features) < 2:
             raise ValueError(f"InfoNCELoss needs at least (anchor, positive) columns, got {len(sentence_features)}")
-        groups = None
-        self._count_masked = False
-        if self.mask_false_negatives:
-            if features_object is self._last_features:
-                groups = self._last_groups  # same batch again (MatryoshkaLoss, next dimension): counted already
-            else:
+        # The same features object again is the same batch at the next MatryoshkaLoss dimension: its groups are
+        # reused and its masked pairs were counted already.
+        new_batch = features_object is not self._last_features
+        if new_batch:
+            groups = None
+            if self.mask_false_negatives:
                 groups = document_groups(sentence_features[1:], gather=self.gather_across_devices)
-                self._last_features, self._last_groups = features_object, groups
-                self._count_masked = torch.is_grad_enabled()  # count training batches only
-        self._document_groups = groups
+            self._last_features, self._last_groups = features_object, groups
+        self._count_masked = new_batch and torch.is_grad_enabled()  # count each training batch once
+        self._document_groups = self._last_groups
         try:
             if self.uses_gradient_cache:
                 return self.forward_cached(sentence_features, labels)
@@ -362,6 +372,10 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
                         duplicate &= column_valid  # empty slots are masked already: not counted twice
                     logits = logits.masked_fill(duplicate, float("-inf"))
                     masked = masked + duplicate.sum()
+                if self.false_negative_margin is not None:
+                    near = self._near_positive(logits, rows, offset + begin + rows)
+                    logits = logits.masked_fill(near, float("-inf"))
+                    masked = masked + near.sum()
                 positive = logits[rows, offset + begin + rows]
             else:
                 chunk = candidates[begin:end]
@@ -379,6 +393,10 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
                     duplicate = torch.cat([duplicate.new_zeros(end - begin, 1), duplicate], dim=1)
                     logits = logits.masked_fill(duplicate, float("-inf"))
                     masked = masked + duplicate.sum()
+                if self.false_negative_margin is not None:
+                    near = self._near_positive(logits, rows, torch.zeros_like(rows))
+                    logits = logits.masked_fill(near, float("-inf"))
+                    masked = masked + near.sum()
                 positive = logits[:, 0]
             chunk_loss = (torch.logsumexp(logits, dim=1) - positive).sum() / batch_size
             if with_backward:
@@ -390,6 +408,15 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
             self._masked_false_negatives += int(masked)
             self._count_masked = False
         return total
+
+    def _near_positive(self, logits: Tensor, rows: Tensor, positive_columns: Tensor) -> Tensor:
+        """Negatives scoring above the positive's similarity minus ``false_negative_margin`` (still unmasked ones)."""
+        with torch.no_grad():
+            similarity = logits.detach() / self.scale
+            threshold = similarity[rows, positive_columns] - self.false_negative_margin
+            near = (similarity > threshold[:, None]) & torch.isfinite(similarity)
+            near[rows, positive_columns] = False
+        return near
 
     def pop_masked_false_negatives(self) -> int:
         """Number of (query, document) pairs masked as in-batch false negatives since the last call, over this
@@ -444,6 +471,7 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
             "mini_batch_num_tokens": self.mini_batch_num_tokens,
             "record_scores": self.record_scores,
             "mask_false_negatives": self.mask_false_negatives,
+            "false_negative_margin": self.false_negative_margin,
         }
 
     @property

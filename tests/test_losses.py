@@ -248,6 +248,35 @@ def test_false_negatives_masked_in_gradcache_and_own_candidates(st_model):
     assert own.pop_masked_false_negatives() == 0
 
 
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_false_negative_margin_masks_negatives_close_to_the_positive(st_model, in_batch):
+    # Hand-made unit vectors: query e0; positives at cosine 0.8 with their query; row 0's first negative at 0.85
+    # (above its positive), row 1's at 0.75 (within a 0.1 margin of 0.8), the rest far below.
+    def unit(cos, axis):
+        v = torch.zeros(4, dtype=torch.float64)
+        v[0], v[axis] = cos, math.sqrt(1 - cos * cos)
+        return v
+
+    queries = torch.stack([unit(1.0, 1), unit(1.0, 1)])
+    positives = torch.stack([unit(0.8, 1), unit(0.8, 2)])
+    negatives = torch.stack([unit(0.85, 3), unit(0.75, 3)])
+    emb = [queries, positives, negatives]
+    margin_masked = {(0, 1, 0), (1, 1, 1)}  # (query, document column, row): the two close negatives of own rows
+    if in_batch:  # in-batch, each query also sees the other row's positive (0.8) and negative (0.75 / 0.85)
+        margin_masked |= {(0, 0, 1), (0, 1, 1), (1, 0, 0), (1, 1, 0)}
+    expected = naive_info_nce(queries, [positives, negatives], 0.05, in_batch=in_batch, removed=margin_masked)
+    loss_fn = InfoNCELoss(st_model, temperature=0.05, in_batch_negatives=in_batch, false_negative_margin=0.1)
+    loss = loss_fn.compute_loss_from_embeddings([e.clone() for e in emb], None)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
+    # Margin 0 keeps negatives below the positive: only row 0's (0.85 > 0.8) and, in-batch, row 1's (0.85 > 0.8).
+    strict = InfoNCELoss(st_model, temperature=0.05, in_batch_negatives=in_batch, false_negative_margin=0.0)
+    removed = {(0, 1, 0)} | ({(1, 1, 0)} if in_batch else set())
+    torch.testing.assert_close(strict.compute_loss_from_embeddings([e.clone() for e in emb], None),
+                               naive_info_nce(queries, [positives, negatives], 0.05, in_batch=in_batch,
+                                              removed=removed), rtol=1e-10, atol=1e-10)
+    assert InfoNCELoss(st_model).get_config_dict()["false_negative_margin"] is None  # off by default
+
+
 def test_document_groups_are_exact_and_ignore_padding():
     from conan_hf.losses import document_groups
 

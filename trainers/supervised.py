@@ -122,6 +122,8 @@ class SupervisedConfig(StageConfig):
         num_train_epochs: 2 by default (the paper states none): the second pass trains the first pass's
             replacements.
         mask_false_negatives: InfoNCE leaves documents identical to a query's positive out of its negatives.
+        false_negative_margin: ``None`` (default) or a margin m: InfoNCE also leaves out negatives scoring above the
+            positive's score minus m (:class:`conan_hf.losses.InfoNCELoss`).
         teacher: SentenceTransformer used to mine negative pools for retrieval/clr tasks whose data has none.
         pool_size: candidates mined per example.
         lora: ``None`` (full fine-tuning) or LoRA settings, e.g. ``{r: 16, lora_alpha: 32, lora_dropout: 0.05}``.
@@ -142,6 +144,7 @@ class SupervisedConfig(StageConfig):
     dhnm_s_max: float = 0.7
     num_train_epochs: float = 2.0
     mask_false_negatives: bool = True
+    false_negative_margin: float | None = None
     teacher: str | None = None
     pool_size: int = 32
     lora: dict | None = None
@@ -378,7 +381,8 @@ def run(config: SupervisedConfig) -> dict[str, Any]:
             pool_sizes[task.name] = sum(map(len, candidates))
             loss = InfoNCELoss(model, temperature=config.temperature,
                                in_batch_negatives=task.type != "classification",
-                               mask_false_negatives=config.mask_false_negatives)
+                               mask_false_negatives=config.mask_false_negatives,
+                               false_negative_margin=config.false_negative_margin)
         losses[task.name] = MatryoshkaLoss(model, loss, config.matryoshka_dims) if config.matryoshka else loss
 
     pool = NegativePool(pool_ids, pool_candidates, k=config.num_negatives) if pool_ids else None
