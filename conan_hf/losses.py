@@ -48,6 +48,7 @@ __all__ = [
     "MatryoshkaLoss",
     "PAPER_MATRYOSHKA_DIMS",
     "default_matryoshka_dims",
+    "document_groups",
 ]
 
 CONAN_CITATION = """
@@ -109,6 +110,8 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
         show_progress_bar: bool = False,
         record_scores: bool = True,
         max_buffered_scores: int = 4096,
+        mask_false_negatives: bool = True,
+        false_negative_margin: float | None = None,
     ) -> None:
         r"""InfoNCE loss of Conan-Embedding-v2, eq. 1:
 
@@ -138,6 +141,24 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
         already has (no extra forward pass). Empty slots are masked out of the softmax (their logit is
         :math:`-\infty`), so an example with fewer negatives than columns is trained on the ones it has.
 
+        **In-batch false negatives.** A document of the batch whose model input is identical to query :math:`i`'s
+        positive — the same token ids, e.g. another row's hard negative that is this row's positive text — is a
+        copy of the positive, not a negative: with ``mask_false_negatives=True`` (default) it is removed from query
+        :math:`i`'s denominator (logit :math:`-\infty`), so :math:`\mathcal{N}_i` holds only documents that differ from
+        :math:`d_i^+`. Nothing else changes: without such duplicates the loss is exactly eq. 1. Identity is exact:
+        the unpadded ``input_ids`` of every document are compared (across devices with ``gather_across_devices``).
+        The number of masked (query, document) pairs of each training batch is counted; read it with
+        :meth:`pop_masked_false_negatives` (``trainers.dhnm.FalseNegativeCountCallback`` logs it). The
+        sentence-transformers batch samplers cannot prevent these duplicates when hard negatives are added at
+        collate time (DHNM's pools), which is why the loss handles them.
+
+        **Optional score margin** (``false_negative_margin``, off by default): additionally mask every negative whose
+        similarity to the query exceeds the positive's minus the margin, :math:`s(q_i, n) > s(q_i, d_i^+) - m`
+        (GISTEmbed's absolute-margin rule, with the model being trained as its own guide, scored on the detached
+        similarities). It catches near-duplicate positives that identity cannot, at the price of also dropping the
+        hardest true negatives; mining-time margins are the other place for it (``NegativePool.from_mining``'s
+        ``relative_margin``, NV-Retriever's TopK-PercPos). Masked pairs are counted with the identical ones.
+
         Args:
             model: the SentenceTransformer being trained.
             temperature: :math:`\tau` in eq. 1; ``scale = 1 / temperature``.
@@ -156,6 +177,9 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
             record_scores: keep the DHNM score record (only used when labels carry ids).
             max_buffered_scores: the record buffer keeps at most this many micro-batches (oldest dropped), so a
                 run that records but never reads cannot grow without bound.
+            mask_false_negatives: remove documents identical to a query's positive from its negatives (see above).
+            false_negative_margin: ``None`` (default) or :math:`m`: also remove negatives with similarity above the
+                positive's minus :math:`m` (in similarity units, e.g. cosine; ``0`` removes those above the positive).
 
         Example:
             ::
@@ -204,6 +228,15 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
             self.mini_batch_size = 32
         self.record_scores = record_scores
         self._score_buffer: deque[HardNegativeScores] = deque(maxlen=max_buffered_scores)
+        self.mask_false_negatives = mask_false_negatives
+        self.false_negative_margin = None if false_negative_margin is None else float(false_negative_margin)
+        # Document identity of the batch being computed (see `forward`); MatryoshkaLoss calls `forward` once per
+        # dimension with the same features, so the last features object and its groups are kept to count once.
+        self._document_groups: Tensor | None = None
+        self._count_masked = False
+        self._last_features: Any = None
+        self._last_groups: Tensor | None = None
+        self._masked_false_negatives = 0
 
     @property
     def temperature(self) -> float:
@@ -211,19 +244,41 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
 
     # ---- forward paths -------------------------------------------------------------------------------------------
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        features_object = sentence_features
         sentence_features = list(sentence_features)
         if len(sentence_features) < 2:
             raise ValueError(f"InfoNCELoss needs at least (anchor, positive) columns, got {len(sentence_features)}")
-        if self.uses_gradient_cache:
-            return self.forward_cached(sentence_features, labels)
-        embeddings = embed_columns(self.model, sentence_features)
-        return self.compute_loss_from_embeddings(embeddings, labels)
+        # The same features object again is the same batch at the next MatryoshkaLoss dimension: its groups are
+        # reused and its masked pairs were counted already.
+        new_batch = features_object is not self._last_features
+        if new_batch:
+            groups = None
+            if self.mask_false_negatives:
+                groups = document_groups(sentence_features[1:], gather=self.gather_across_devices)
+            self._last_features, self._last_groups = features_object, groups
+        self._count_masked = new_batch and torch.is_grad_enabled()  # count each training batch once
+        self._document_groups = self._last_groups
+        try:
+            if self.uses_gradient_cache:
+                return self.forward_cached(sentence_features, labels)
+            embeddings = embed_columns(self.model, sentence_features)
+            return self.compute_loss_from_embeddings(embeddings, labels)
+        finally:
+            self._document_groups = None
+            self._count_masked = False
 
-    def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
-        """Eq. 1 from already computed column embeddings ``[anchor, positive, negative_1, ...]``."""
+    def compute_loss_from_embeddings(
+        self, embeddings: list[Tensor], labels: Tensor | None = None, document_groups: Tensor | None = None
+    ) -> Tensor:
+        """Eq. 1 from already computed column embeddings ``[anchor, positive, negative_1, ...]``.
+
+        ``document_groups``: ``(num_documents_columns, batch)`` integer ids, equal iff two documents are identical
+        (as :func:`document_groups` computes them); ``None`` inside :meth:`forward` uses the batch's own.
+        """
         valid = self._parse_labels(labels, embeddings)
         self._record(embeddings, labels)
-        return self._info_nce(embeddings, valid, chunk_size=None, with_backward=False)
+        groups = self._document_groups if document_groups is None else document_groups
+        return self._info_nce(embeddings, valid, chunk_size=None, with_backward=False, groups=groups)
 
     def calculate_loss(
         self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False
@@ -232,7 +287,8 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
         embeddings = [torch.cat(column) for column in reps]
         valid = self._parse_labels(labels, embeddings)
         self._record(embeddings, labels)
-        return self._info_nce(embeddings, valid, chunk_size=self.mini_batch_size, with_backward=with_backward)
+        return self._info_nce(embeddings, valid, chunk_size=self.mini_batch_size, with_backward=with_backward,
+                              groups=self._document_groups)
 
     # ---- eq. 1 ---------------------------------------------------------------------------------------------------
     def _parse_labels(self, labels: Tensor | None, embeddings: list[Tensor]) -> Tensor | None:
@@ -256,9 +312,18 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
         return None if bool(valid.all()) else valid.to(embeddings[0].device)
 
     def _info_nce(
-        self, embeddings: list[Tensor], valid: Tensor | None, chunk_size: int | None, with_backward: bool
+        self,
+        embeddings: list[Tensor],
+        valid: Tensor | None,
+        chunk_size: int | None,
+        with_backward: bool,
+        groups: Tensor | None = None,
     ) -> Tensor:
         queries, docs = embeddings[0], embeddings[1:]
+        if groups is not None:
+            groups = groups.to(queries.device)
+            if groups.shape[0] != len(docs):
+                raise ValueError(f"document_groups has {groups.shape[0]} columns for {len(docs)} document columns")
         batch_size = queries.size(0)
         num_negatives = len(docs) - 1
         chunk_size = chunk_size or batch_size
@@ -282,11 +347,16 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
                 column_valid = torch.cat(
                     [valid.new_ones(world_batch_size), valid.T.reshape(-1)]
                 )  # same column order as docs_all
+            if groups is not None:
+                if groups.shape[1] != world_batch_size:
+                    raise ValueError(f"document_groups covers {groups.shape[1]} rows, the batch has {world_batch_size}")
+                groups_all = groups.reshape(-1)  # same column order as docs_all
         else:
             candidates = torch.stack(docs, dim=1)  # (batch, 1 + k, dim): own positive, then own negatives
             pairwise = _PAIRWISE[self.similarity_fct]
 
         total = queries.new_zeros(())
+        masked = queries.new_zeros((), dtype=torch.long)
         for begin in range(0, batch_size, chunk_size):
             end = min(begin + chunk_size, batch_size)
             rows = torch.arange(end - begin, device=queries.device)
@@ -294,6 +364,18 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
                 logits = self.similarity_fct(queries[begin:end], docs_all) * self.scale
                 if column_valid is not None:
                     logits = logits.masked_fill(~column_valid, float("-inf"))
+                if groups is not None:
+                    own = offset + begin + rows  # column of each query's positive in docs_all
+                    duplicate = groups_all[None, :] == groups_all[own][:, None]
+                    duplicate[rows, own] = False  # the positive itself stays
+                    if column_valid is not None:
+                        duplicate &= column_valid  # empty slots are masked already: not counted twice
+                    logits = logits.masked_fill(duplicate, float("-inf"))
+                    masked = masked + duplicate.sum()
+                if self.false_negative_margin is not None:
+                    near = self._near_positive(logits, rows, offset + begin + rows)
+                    logits = logits.masked_fill(near, float("-inf"))
+                    masked = masked + near.sum()
                 positive = logits[rows, offset + begin + rows]
             else:
                 chunk = candidates[begin:end]
@@ -303,13 +385,44 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
                 if valid is not None:
                     slot_valid = torch.cat([valid.new_ones(end - begin, 1), valid[begin:end]], dim=1)
                     logits = logits.masked_fill(~slot_valid, float("-inf"))
+                if groups is not None and num_negatives:
+                    own_groups = groups[:, begin:end].T  # (chunk, 1 + k): own positive, then own negatives
+                    duplicate = own_groups[:, 1:] == own_groups[:, :1]
+                    if valid is not None:
+                        duplicate &= valid[begin:end]
+                    duplicate = torch.cat([duplicate.new_zeros(end - begin, 1), duplicate], dim=1)
+                    logits = logits.masked_fill(duplicate, float("-inf"))
+                    masked = masked + duplicate.sum()
+                if self.false_negative_margin is not None:
+                    near = self._near_positive(logits, rows, torch.zeros_like(rows))
+                    logits = logits.masked_fill(near, float("-inf"))
+                    masked = masked + near.sum()
                 positive = logits[:, 0]
             chunk_loss = (torch.logsumexp(logits, dim=1) - positive).sum() / batch_size
             if with_backward:
                 chunk_loss.backward()
                 chunk_loss = chunk_loss.detach()
             total = total + chunk_loss
+        if self._count_masked:
+            # Once per batch: MatryoshkaLoss (GradCache mode) calls this again per dimension on the same batch.
+            self._masked_false_negatives += int(masked)
+            self._count_masked = False
         return total
+
+    def _near_positive(self, logits: Tensor, rows: Tensor, positive_columns: Tensor) -> Tensor:
+        """Negatives scoring above the positive's similarity minus ``false_negative_margin`` (still unmasked ones)."""
+        with torch.no_grad():
+            similarity = logits.detach() / self.scale
+            threshold = similarity[rows, positive_columns] - self.false_negative_margin
+            near = (similarity > threshold[:, None]) & torch.isfinite(similarity)
+            near[rows, positive_columns] = False
+        return near
+
+    def pop_masked_false_negatives(self) -> int:
+        """Number of (query, document) pairs masked as in-batch false negatives since the last call, over this
+        process's training batches (each batch counted once, also under MatryoshkaLoss)."""
+        count, self._masked_false_negatives = self._masked_false_negatives, 0
+        return count
 
     # ---- DHNM score record ---------------------------------------------------------------------------------------
     def _record(self, embeddings: list[Tensor], labels: Tensor | None) -> None:
@@ -357,11 +470,48 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
             "mini_batch_size": self.mini_batch_size if self.uses_gradient_cache else None,
             "mini_batch_num_tokens": self.mini_batch_num_tokens,
             "record_scores": self.record_scores,
+            "mask_false_negatives": self.mask_false_negatives,
+            "false_negative_margin": self.false_negative_margin,
         }
 
     @property
     def citation(self) -> str:
         return CONAN_CITATION
+
+
+def document_groups(columns: Sequence[dict[str, Tensor]], gather: bool = False) -> Tensor | None:
+    """Exact identity of the documents of a batch: ``(len(columns), batch)`` int64 ids, equal iff the two documents
+    have the same unpadded ``input_ids`` (the same model input, so the same embedding).
+
+    ``columns`` are the tokenised document columns ``[positive, negative_1, ...]``. Padding is left out through
+    ``attention_mask`` (columns are padded to different widths). With ``gather=True`` in a distributed run, the
+    token sequences of every rank are all-gathered so that ids agree across ranks; the result then covers the world
+    batch in rank order (the layout of ``all_gather_with_grad``). Returns ``None`` when a column has no
+    ``input_ids`` (nothing to compare exactly).
+    """
+    packed = []
+    for column in columns:
+        ids = column.get("input_ids")
+        if not isinstance(ids, Tensor) or ids.ndim != 2:
+            return None
+        mask = column.get("attention_mask")
+        if not (isinstance(mask, Tensor) and mask.shape == ids.shape):
+            mask = torch.ones_like(ids)
+        mask = mask.bool()
+        # Move each row's real tokens to the front (stable, so their order is kept) and fill the rest with -1: the
+        # same text then has the same row whatever the padding side and width of its column.
+        order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+        packed.append(torch.gather(ids.long(), 1, order).masked_fill(~torch.gather(mask, 1, order), -1))
+    width = max(p.shape[1] for p in packed)
+    rows = torch.stack([F.pad(p, (0, width - p.shape[1]), value=-1) for p in packed])  # (columns, batch, width)
+    if gather and torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, rows.cpu())
+        width = max(g.shape[2] for g in gathered)
+        rows = torch.cat([F.pad(g, (0, width - g.shape[2]), value=-1) for g in gathered], dim=1).to(rows.device)
+    # torch.unique compares whole rows: equal ids <=> identical token sequences (exact, no hashing).
+    _, inverse = torch.unique(rows.reshape(-1, rows.shape[2]), dim=0, return_inverse=True)
+    return inverse.reshape(rows.shape[0], rows.shape[1])
 
 
 # ---- Matryoshka -----------------------------------------------------------------------------------------------------

@@ -59,15 +59,22 @@ def test_rule_thresholds_are_configurable_and_nan_keeps():
 
 
 # ---- NegativePool ---------------------------------------------------------------------------------------------------
-def naive_apply(active, s0, cursor, pool_sizes, rows, negs, scores, s0_min=0.4, drop_ratio=1.2, s_max=0.7):
-    """Loop reference for NegativePool.apply_scores (mutates its arguments, returns counts)."""
-    counts = dict(checked=0, replaced=0, pool_exhausted=0, nan_scores=0, stale=0)
+def naive_apply(active, s0, cursor, pool_sizes, rows, negs, scores, s0_min=0.4, drop_ratio=1.2, s_max=0.7,
+                fresh=None):
+    """Loop reference for NegativePool.apply_scores (mutates its arguments, returns counts). ``fresh`` (same shape
+    as ``active``) marks replacements not carried yet; None keeps its own all-False array."""
+    counts = dict(checked=0, replaced=0, used=0, pool_exhausted=0, nan_scores=0, stale=0)
+    fresh = np.zeros(active.shape, dtype=bool) if fresh is None else fresh
     seen = set()
     for row, row_negs, row_scores in zip(rows, negs, scores):
         for neg, score in zip(row_negs, row_scores):
             if neg < 0 or (row, neg) in seen:
                 continue
             seen.add((row, neg))
+            carried = [j for j in range(active.shape[1]) if active[row, j] == neg]
+            if carried and fresh[row, carried[0]]:
+                counts["used"] += 1  # a replacement carried by a batch for the first time
+                fresh[row, carried[0]] = False
             if math.isnan(score):
                 counts["nan_scores"] += 1
                 continue
@@ -84,6 +91,7 @@ def naive_apply(active, s0, cursor, pool_sizes, rows, negs, scores, s0_min=0.4, 
                 if cursor[row] < pool_sizes[row]:
                     active[row, slot] = cursor[row]
                     s0[row, slot] = float("nan")
+                    fresh[row, slot] = True
                     cursor[row] += 1
                     counts["replaced"] += 1
                 else:
@@ -106,7 +114,7 @@ def test_apply_scores_matches_loop_reference(seed):
     n, k = 30, 4
     sizes = rng.integers(0, 9, size=n)
     pool = NegativePool(list(range(n)), [[f"c{i}-{j}" for j in range(s)] for i, s in enumerate(sizes)], k=k)
-    active, s0, cursor = pool.active.copy(), pool.s0.copy(), pool.cursor.copy()
+    active, s0, cursor, fresh = pool.active.copy(), pool.s0.copy(), pool.cursor.copy(), pool.fresh.copy()
     for _ in range(6):
         rows = rng.choice(n, size=12, replace=True)  # repeated examples: the first occurrence wins
         negs = pool.active[rows].copy()
@@ -114,8 +122,9 @@ def test_apply_scores_matches_loop_reference(seed):
         scores = rng.uniform(-0.2, 1.0, size=negs.shape)
         scores[rng.random(scores.shape) < 0.05] = np.nan
         counts = pool.apply_scores(rows, negs, scores)
-        expected = naive_apply(active, s0, cursor, pool.pool_sizes, rows, negs, scores)
+        expected = naive_apply(active, s0, cursor, pool.pool_sizes, rows, negs, scores, fresh=fresh)
         assert counts == expected
+        np.testing.assert_array_equal(pool.fresh, fresh)
         np.testing.assert_array_equal(pool.active, active)
         np.testing.assert_array_equal(pool.cursor, cursor)
         np.testing.assert_array_equal(pool.s0, s0)  # NaN == NaN for assert_array_equal
@@ -130,7 +139,7 @@ def test_apply_scores_replacement_and_exhaustion():
     assert np.isnan(pool.s0[0, 0]) and pool.s0[0, 1] == 0.8
     # Candidate 1 drops to 0.6 (1.2 * 0.6 < 0.8, 0.6 < 0.7): replace, but the pool is used up -> it stays.
     counts = pool.apply_scores([0], [[2, 1]], [[0.9, 0.6]])
-    assert counts == dict(checked=2, replaced=0, pool_exhausted=1, nan_scores=0, stale=0)
+    assert counts == dict(checked=2, replaced=0, used=1, pool_exhausted=1, nan_scores=0, stale=0)
     assert pool.active.tolist() == [[2, 1]] and pool.s0[0].tolist() == [0.9, 0.8]
     # A NaN score is ignored: no S0, no decision.
     fresh = NegativePool(["y"], [["a", "b"]], k=1)
@@ -165,6 +174,8 @@ def test_pool_state_roundtrip_and_mismatch():
     np.testing.assert_array_equal(other.active, pool.active)
     np.testing.assert_array_equal(other.s0, pool.s0)
     np.testing.assert_array_equal(other.cursor, pool.cursor)
+    assert pool.fresh.tolist() == [[True, False], [False, False]]  # slot 0 of "a" was replaced, not carried yet
+    np.testing.assert_array_equal(other.fresh, pool.fresh)
     with pytest.raises(ValueError, match="belongs to other pools"):
         NegativePool(["a", "b"], [["n0", "n1", "CHANGED"], ["m0"]], k=2).load_state_dict(state)
     with pytest.raises(ValueError, match="belongs to other pools"):
@@ -301,7 +312,8 @@ def snapshot_callback(events):
                     for r in loss.peek_hard_negative_scores()
                 ]
                 events.append(
-                    ("step_end", state.global_step, pool.active.copy(), pool.s0.copy(), pool.cursor.copy(), records)
+                    ("step_end", state.global_step, pool.active.copy(), pool.s0.copy(), pool.cursor.copy(), records,
+                     pool.fresh.copy())
                 )
 
         return Snapshot()
@@ -386,13 +398,13 @@ def run_and_replay(model_dir, out_dir, max_steps=10, **overrides):
     posts = [(s[2], s[3], s[4]) for s in steps[1:]] + [(pool.active, pool.s0, pool.cursor)]
     drop_replacements = 0
     new_negative_checks = 0
-    for (_, step, active, s0, cursor, records), (post_active, post_s0, post_cursor) in zip(steps, posts):
+    for (_, step, active, s0, cursor, records, fresh), (post_active, post_s0, post_cursor) in zip(steps, posts):
         # The decisions follow eq. 6 on exactly the scores the loss recorded for this step.
         pre_active, pre_s0 = active.copy(), s0.copy()
-        active, s0, cursor = active.copy(), s0.copy(), cursor.copy()
-        counts = {"checked": 0, "replaced": 0, "pool_exhausted": 0, "nan_scores": 0, "stale": 0}
+        active, s0, cursor, fresh = active.copy(), s0.copy(), cursor.copy(), fresh.copy()
+        counts = {"checked": 0, "replaced": 0, "used": 0, "pool_exhausted": 0, "nan_scores": 0, "stale": 0}
         for rows, negs, scores in records:
-            step_counts = naive_apply(active, s0, cursor, pool.pool_sizes, rows, negs, scores)
+            step_counts = naive_apply(active, s0, cursor, pool.pool_sizes, rows, negs, scores, fresh=fresh)
             counts = {k: counts[k] + step_counts[k] for k in counts}
         np.testing.assert_array_equal(post_active, active)
         np.testing.assert_array_equal(post_cursor, cursor)
@@ -571,3 +583,126 @@ def test_two_process_run_makes_identical_decisions_on_both_ranks(tiny_model_dir,
     scored = {i for i, row in enumerate(r0["pool"]["s0"]) if any(v is not None for v in row)}
     replaced = {i for i, c in enumerate(r0["pool"]["cursor"]) if c > 2}
     assert (scored | replaced) >= set(r0["seen_ids"]) | set(r1["seen_ids"])
+
+
+# ---- stage 4 with its default schedule ------------------------------------------------------------------------------
+def _stage4_config(model_dir, data_file, out_dir, **overrides):
+    """Stage 4 as `python -m trainers.supervised` builds it (the shipped YAML, no preset): the schedule
+    (num_train_epochs, max_steps) is the shipped default; only size, data and speed options are overridden."""
+    from trainers.common import default_config_path, load_config
+    from trainers.supervised import SupervisedConfig
+
+    values = {
+        "model": str(model_dir), "output_dir": str(out_dir / "run"), "final_dir": str(out_dir / "final"),
+        "tasks": [{"name": "qa", "type": "retrieval", "data": [{"path": str(data_file)}], "batch_size": 4,
+                   "prompt": "find where it sleeps"}],
+        "num_negatives": 2, "max_seq_length": 32, "num_threads": 1, "bf16": False, "gradient_checkpointing": False,
+        "logging_steps": 1, "save_steps": 1000, "disable_tqdm": True,
+        # S0 < 2 holds for every cosine: each negative is replaced at its first scoring, so the run makes
+        # replacements whatever the tiny random model's scores are (eq. 6 itself is tested above).
+        "dhnm_s0_min": 2.0,
+        **overrides,
+    }
+    config = load_config(SupervisedConfig, default_config_path("supervised"), preset=None, overrides=values)
+    assert config.max_steps <= 0 and config.num_train_epochs >= 2  # the shipped schedule, not the test's
+    return config
+
+
+def _stage4_rows():
+    positives = [f"the {s} sleeps on the {p}" for s, p in zip(SUBJECTS, PLACES)]
+    rows = []
+    for i, (s, p) in enumerate(zip(SUBJECTS, PLACES)):
+        # The two hardest candidates are other rows' positives: whenever such a row shares the batch, the candidate
+        # is an in-batch false negative of that row's query (the sampler only sees id/anchor/positive).
+        near = [f"the {s} sleeps on the {q}" for q in PLACES if q != p][:4]
+        rows.append({"query": f"the {s} sleeps on the", "positive": positives[i],
+                     "negatives": [positives[(i + 1) % 8], positives[(i + 2) % 8], *near]})
+    return rows
+
+
+def _weights(final_dir):
+    from safetensors.torch import load_file
+
+    files = sorted(Path(final_dir).rglob("*.safetensors"))
+    assert files, f"no weights in {final_dir}"
+    return {f"{f.name}/{k}": v for f in files for k, v in load_file(str(f)).items()}
+
+
+@pytest.mark.slow
+def test_stage4_default_schedule_uses_replacements_and_masks_false_negatives(tiny_model_dir, tmp_path):
+    from trainers import supervised
+
+    rows = _stage4_rows()
+    data_file = tmp_path / "qa.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    batches = []
+    original = supervised.MultiTaskCollator.__call__
+
+    def spy(self, features):
+        batch = original(self, features)
+        batches.append(([f["positive"] for f in features], batch["label"].numpy().copy(), self.pool))
+        return batch
+
+    histories = []
+    original_finish = supervised.finish_stage
+
+    def finish(trainer, *args, **kwargs):
+        histories.append([h for h in trainer.state.log_history if "loss" in h])
+        return original_finish(trainer, *args, **kwargs)
+
+    threads = torch.get_num_threads()
+    supervised.MultiTaskCollator.__call__ = spy
+    supervised.finish_stage = finish
+    try:
+        on = supervised.run(_stage4_config(tiny_model_dir, data_file, tmp_path / "on"))
+        on_batches, batches[:] = list(batches), []
+        off = supervised.run(_stage4_config(tiny_model_dir, data_file, tmp_path / "off", dhnm=False))
+        off_batches = list(batches)
+    finally:
+        supervised.MultiTaskCollator.__call__ = original
+        supervised.finish_stage = original_finish
+        torch.set_num_threads(threads)
+
+    # DHNM changes training: the replaced negatives are trained in the second pass, so the weights differ.
+    on_weights, off_weights = _weights(on["final_dir"]), _weights(off["final_dir"])
+    assert on_weights.keys() == off_weights.keys()
+    assert any(not torch.equal(on_weights[k], off_weights[k]) for k in on_weights)
+    assert off["dhnm"] is None and len(off_batches) == len(on_batches) == on["global_step"] == 4  # 2 epochs x 2
+
+    # Independent count of "used": distinct (example, candidate) pairs beyond the initially active ones that a
+    # trained batch carried (every collated batch was trained: the run ends with its epoch).
+    pool = on_batches[0][2]
+    initially_active = np.minimum(pool.pool_sizes, pool.k)
+    carried = {(int(label[0]), int(rank)) for _, labels, _ in on_batches for label in labels for rank in label[1:]
+               if rank >= initially_active[label[0]]}
+    dhnm = on["dhnm"]
+    assert dhnm["used"] == len(carried) == 16  # 8 examples x 2 slots replaced in epoch 1, carried in epoch 2
+    assert dhnm["replaced"] == 32 and dhnm["pending"] == 16 and dhnm["used_fraction"] == 0.5
+    # The per-step logs carry the counts: nothing used in epoch 1 (steps 1-2), all 16 in epoch 2.
+    assert [h["dhnm_used"] for h in histories[0]] == [0, 0, 8, 8]
+    assert sum(h["dhnm_replaced"] for h in histories[0]) == 32
+
+    # Independent count of masked in-batch false negatives: pairs (query i, filled negative slot of any row of the
+    # batch) whose text is query i's positive.
+    expected_masked = 0
+    for positives, labels, batch_pool in on_batches:
+        for row_positive in positives:
+            for label in labels:
+                texts = [batch_pool.candidates[int(label[0])][int(r)] for r in label[1:] if r >= 0]
+                expected_masked += sum(text == row_positive for text in texts)
+    assert expected_masked > 0  # the data makes some (rows i and i+1 or i+2 share a batch in epoch 1)
+    assert on["false_negatives_masked"] == expected_masked
+    assert sum(h["infonce_false_negatives_masked"] for h in histories[0]) == expected_masked
+
+
+def test_dhnm_passes_counts_visits_per_example():
+    from types import SimpleNamespace
+
+    from trainers.supervised import SupervisedConfig, dhnm_passes
+
+    args = SimpleNamespace(world_size=2, gradient_accumulation_steps=1)
+    rows, sizes = {"qa": 40, "sts": 64}, {"qa": 4, "sts": 32}
+    assert dhnm_passes(SupervisedConfig(num_train_epochs=2), args, rows, sizes) == 2.0
+    assert SupervisedConfig().num_train_epochs == 2  # the stage-4 default lets DHNM act
+    # (40 // 4 + 64 // 32) = 12 batches per epoch, shared by 2 ranks: 6 steps; 9 steps = 1.5 passes.
+    assert dhnm_passes(SupervisedConfig(max_steps=9), args, rows, sizes) == 1.5

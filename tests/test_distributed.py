@@ -57,6 +57,7 @@ def test_deepspeed_zero1_two_processes_match_one_process(tiny_model_dir, tmp_pat
     for (step_a, loss_a), (step_b, loss_b) in zip(two["losses"], single["losses"], strict=True):
         assert step_a == step_b and loss_a == pytest.approx(loss_b, abs=1e-5)
     assert two["dhnm"] == single["dhnm"] and two["dhnm"]["checked"] > 0  # identical pool decisions
+    assert two["false_negatives_masked"] == single["false_negatives_masked"]  # summed over both ranks
 
     a = load_file(tmp_path / "ds2" / "final" / "model.safetensors")
     b = load_file(Path(single["final_dir"]) / "model.safetensors")

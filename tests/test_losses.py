@@ -38,9 +38,10 @@ def naive_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum() / (a.norm() * b.norm())
 
 
-def naive_info_nce(q, docs, tau, valid=None, in_batch=True, offset=0):
+def naive_info_nce(q, docs, tau, valid=None, in_batch=True, offset=0, removed=()):
     """Eq. 1 with explicit loops. ``docs`` = [positives, negatives_1, ...] (each (N, d)); ``q`` holds the queries of
-    rows offset..offset+len(q); ``valid`` (N, k) marks filled negative slots."""
+    rows offset..offset+len(q); ``valid`` (N, k) marks filled negative slots; ``removed`` lists (query, column, row)
+    logits left out of the denominator."""
     losses = []
     for i in range(q.shape[0]):
         me = offset + i
@@ -50,6 +51,8 @@ def naive_info_nce(q, docs, tau, valid=None, in_batch=True, offset=0):
                 if not in_batch and j != me:
                     continue
                 if c > 0 and valid is not None and not valid[j, c - 1]:
+                    continue
+                if (i, c, j) in removed:
                     continue
                 logit = naive_cos(q[i], column[j]) / tau
                 if c == 0 and j == me:
@@ -192,6 +195,102 @@ def test_real_model_forward_equals_sentence_transformers_mnrl_and_gradcache(st_m
     assert record.scores.shape == (4, 2)
 
 
+def _column_embeddings(model, columns):
+    with torch.no_grad():
+        return [model(features)["sentence_embedding"].double() for features in _features(model, columns)]
+
+
+@pytest.mark.parametrize("matryoshka", [False, True])
+def test_in_batch_false_negative_is_masked(st_model, matryoshka):
+    # Row 2's hard negative is row 0's positive (as DHNM's pool negatives can be: the batch sampler cannot see them).
+    columns = [list(c) for c in COLUMNS]
+    columns[2][2] = columns[1][0]
+    emb = _column_embeddings(st_model, columns)
+    tau = 0.05
+    # Naive eq. 1 without that logit for query 0: document column 1 (negative_1), row 2. No other query is affected.
+    expected = naive_info_nce(emb[0], emb[1:], tau, removed={(0, 1, 2)})
+    unmasked = naive_info_nce(emb[0], emb[1:], tau)
+    assert abs(float(expected - unmasked)) > 1e-3  # the masking is visible in the value
+
+    def make(mask=True):
+        loss_fn = InfoNCELoss(st_model, temperature=tau, mask_false_negatives=mask)
+        return loss_fn, (MatryoshkaLoss(st_model, loss_fn, [128, 16], [1.0, 0.0]) if matryoshka else loss_fn)
+
+    inner, loss_fn = make()
+    loss = loss_fn(_features(st_model, columns), None)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+    assert inner.pop_masked_false_negatives() == 1  # one (query, document) pair, counted once per batch
+    assert inner.pop_masked_false_negatives() == 0
+    _, plain = make(mask=False)
+    torch.testing.assert_close(plain(_features(st_model, columns), None).double(), unmasked, rtol=1e-5, atol=1e-5)
+    # Texts that are not identical are not masked: the original batch has no duplicates.
+    loss_fn(_features(st_model, COLUMNS), None)
+    assert inner.pop_masked_false_negatives() == 0
+
+
+def test_false_negatives_masked_in_gradcache_and_own_candidates(st_model):
+    columns = [list(c) for c in COLUMNS]
+    columns[2][2] = columns[1][0]  # another row's positive (in-batch duplicate)
+    columns[3][1] = columns[1][1]  # row 1's own second negative equals its own positive
+    emb = _column_embeddings(st_model, columns)
+    expected = naive_info_nce(emb[0], emb[1:], 0.05, removed={(0, 1, 2), (1, 2, 1)})
+    cached = InfoNCELoss(st_model, temperature=0.05, mini_batch_size=3)
+    torch.testing.assert_close(cached(_features(st_model, columns), None).double(), expected, rtol=1e-5, atol=1e-5)
+    assert cached.pop_masked_false_negatives() == 2
+    # Classification form (own candidates only): only row 1's own duplicate is a candidate of its query.
+    own = InfoNCELoss(st_model, temperature=0.05, in_batch_negatives=False)
+    expected_own = naive_info_nce(emb[0], emb[1:], 0.05, in_batch=False, removed={(1, 2, 1)})
+    torch.testing.assert_close(own(_features(st_model, columns), None).double(), expected_own, rtol=1e-5, atol=1e-5)
+    assert own.pop_masked_false_negatives() == 1
+    # Evaluation batches (no grad) are not counted.
+    with torch.no_grad():
+        own(_features(st_model, columns), None)
+    assert own.pop_masked_false_negatives() == 0
+
+
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_false_negative_margin_masks_negatives_close_to_the_positive(st_model, in_batch):
+    # Hand-made unit vectors: query e0; positives at cosine 0.8 with their query; row 0's first negative at 0.85
+    # (above its positive), row 1's at 0.75 (within a 0.1 margin of 0.8), the rest far below.
+    def unit(cos, axis):
+        v = torch.zeros(4, dtype=torch.float64)
+        v[0], v[axis] = cos, math.sqrt(1 - cos * cos)
+        return v
+
+    queries = torch.stack([unit(1.0, 1), unit(1.0, 1)])
+    positives = torch.stack([unit(0.8, 1), unit(0.8, 2)])
+    negatives = torch.stack([unit(0.85, 3), unit(0.75, 3)])
+    emb = [queries, positives, negatives]
+    margin_masked = {(0, 1, 0), (1, 1, 1)}  # (query, document column, row): the two close negatives of own rows
+    if in_batch:  # in-batch, each query also sees the other row's positive (0.8) and negative (0.75 / 0.85)
+        margin_masked |= {(0, 0, 1), (0, 1, 1), (1, 0, 0), (1, 1, 0)}
+    expected = naive_info_nce(queries, [positives, negatives], 0.05, in_batch=in_batch, removed=margin_masked)
+    loss_fn = InfoNCELoss(st_model, temperature=0.05, in_batch_negatives=in_batch, false_negative_margin=0.1)
+    loss = loss_fn.compute_loss_from_embeddings([e.clone() for e in emb], None)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
+    # Margin 0 keeps negatives below the positive: only row 0's (0.85 > 0.8) and, in-batch, row 1's (0.85 > 0.8).
+    strict = InfoNCELoss(st_model, temperature=0.05, in_batch_negatives=in_batch, false_negative_margin=0.0)
+    removed = {(0, 1, 0)} | ({(1, 1, 0)} if in_batch else set())
+    torch.testing.assert_close(strict.compute_loss_from_embeddings([e.clone() for e in emb], None),
+                               naive_info_nce(queries, [positives, negatives], 0.05, in_batch=in_batch,
+                                              removed=removed), rtol=1e-10, atol=1e-10)
+    assert InfoNCELoss(st_model).get_config_dict()["false_negative_margin"] is None  # off by default
+
+
+def test_document_groups_are_exact_and_ignore_padding():
+    from conan_hf.losses import document_groups
+
+    first = {"input_ids": torch.tensor([[5, 6, 0], [7, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])}
+    second = {"input_ids": torch.tensor([[7], [5]]), "attention_mask": torch.tensor([[1], [1]])}
+    left = {"input_ids": torch.tensor([[0, 5, 6], [6, 5, 0]]), "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 0]])}
+    groups = document_groups([first, second, left]).tolist()
+    # [5, 6] appears as first[0] and (left-padded) left[0]; [7] as first[1] and second[0] (other widths); [5] and
+    # [6, 5] (same tokens, other order) are documents of their own.
+    assert groups[0][0] == groups[2][0] and groups[0][1] == groups[1][0]
+    assert len({groups[0][0], groups[0][1], groups[1][1], groups[2][1]}) == 4
+    assert document_groups([{"sentence_embedding": torch.zeros(2, 3)}]) is None
+
+
 def test_cosent_is_equation_2_on_hand_made_scores(st_model):
     # Pairs of 2-D unit vectors at chosen angles, so cos(x_i, y_i) is exactly the hand-made score.
     cosines = [0.9, 0.2, 0.5, -0.3, 0.2]
@@ -281,6 +380,20 @@ GATHER_SCRIPT = textwrap.dedent(
     )
     loss.backward()
     out = {"loss": loss.item(), "grads": [e.grad.tolist() for e in emb]}
+
+    # False negatives across ranks: documents are token-id rows; row 4's first negative (on rank 1) has the token ids
+    # of row 0's positive (on rank 0), padded differently. document_groups gathers them so both ranks agree.
+    from conan_hf.losses import document_groups
+    tokens = [[[10 + 6 * c + r, 1] for r in range(6)] for c in range(3)]  # (column, row) -> unique ids
+    tokens[1][4] = [10 + 0, 1]  # negative_1 of row 4 == positive of row 0
+    columns = [{"input_ids": torch.tensor([t + [0] for t in tokens[c][local]]),
+                "attention_mask": torch.tensor([[1, 1, 0]] * 3)} for c in range(3)]
+    columns[1]["input_ids"][:, 2] = 7 if rank == 1 else 0  # padding content must not matter
+    groups = document_groups(columns, gather=True)
+    masking = InfoNCELoss(model, temperature=0.05, gather_across_devices=True)
+    masked = masking.compute_loss_from_embeddings([x[local].clone() for x in full], labels[local],
+                                                  document_groups=groups)
+    out.update(masked_loss=masked.item(), groups=groups.tolist())
     with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
     dist.destroy_process_group()
@@ -307,8 +420,14 @@ def test_cross_device_negatives_two_processes(tmp_path, tiny_model_dir):
     # Each rank's loss scores its own queries against all 6 rows' documents; the all-gather sends every rank's
     # gradient back to the documents' owner, so the local gradients are those of the sum of both losses.
     sum(per_rank).backward()
+    # Row 0's query (rank 0) loses the logit of row 4's first negative, a copy of its positive held by rank 1.
+    masked = [naive_info_nce(full[0][3 * r: 3 * r + 3].detach(), [c.detach() for c in full[1:]], 0.05, valid=valid,
+                             offset=3 * r, removed={(0, 1, 4)} if r == 0 else set()) for r in (0, 1)]
     for r in (0, 1):
         got = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert got["groups"][1][4] == got["groups"][0][0]  # identical across ranks, ignoring padding
+        assert len({g for column in got["groups"] for g in column}) == 17  # 18 documents, one duplicate
+        assert got["masked_loss"] == pytest.approx(masked[r].item(), rel=1e-9)
         assert got["loss"] == pytest.approx(per_rank[r].item(), rel=1e-9)
         for column, grad in zip(full, got["grads"]):
             torch.testing.assert_close(torch.tensor(grad, dtype=torch.float64), column.grad[3 * r : 3 * r + 3])

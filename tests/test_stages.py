@@ -354,6 +354,7 @@ def test_kill_9_mid_stage_then_resume_matches_uninterrupted_run(tiny_model_dir, 
         assert loss == pytest.approx(ref_losses[step], abs=1e-6), step
     assert resumed["losses"][-1] == pytest.approx(reference["losses"][-1], abs=1e-6)
     assert resumed["dhnm"] == reference["dhnm"]
+    assert resumed["false_negatives_masked"] == reference["false_negatives_masked"]  # restored from the checkpoint
     ref_weights = load_file(Path(reference["final_dir"]) / "model.safetensors")
     new_weights = load_file(out / "final" / "model.safetensors")
     for name, tensor in ref_weights.items():

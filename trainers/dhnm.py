@@ -15,6 +15,27 @@ The pieces, in the order a training step uses them:
    counts; the next time an example is batched it carries its new negatives. The pool state is saved next to every
    Trainer checkpoint and restored on resume.
 
+**When a replacement trains (the design).** A negative is judged from the score the loss computed on the example's
+batch, so its replacement can only be trained at the example's *next* visit: with one pass over the data (each
+example batched once) DHNM changes nothing at all. The paper (§3.4, App. A) states no epoch count; eq. 6 compares a
+negative's score now with its score when it entered (``S_0``), which presumes that examples are seen repeatedly. So
+stage 4 (:mod:`trainers.supervised`) trains ``num_train_epochs: 2`` by default and warns when a run visits examples
+fewer than twice. Replacements are consumed by the ordinary schedule: the collator reads the live pool when it builds
+a batch, and every replacement made before an example's last visit is carried by that later visit. The ones made at
+the last visit are reported as ``pending``. Counted per step and in :meth:`DHNMCallback.replacement_summary`:
+``replaced`` (made) and ``used`` (a later batch carried the replacement; the loss scored it).
+
+Re-queueing replaced examples into later batches of the same epoch was rejected: the Trainer fixes the number of
+batches per epoch before training (learning-rate schedule, ``max_steps``), accelerate collates one batch ahead and
+resumes by skipping batches at the sampler level, and ranks iterate the batch sampler in lock-step, so a sampler that
+depends on decisions made during training would lose exact resume and identical ranks; a static multi-epoch schedule
+keeps both (the batch order is a function of seed and epoch only, the content a function of the checkpointed pool).
+
+**In-batch false negatives.** Pool negatives are added by the collator, after the no-duplicates batch sampler has
+chosen the rows, so a row's negative can be another row's positive. :class:`conan_hf.losses.InfoNCELoss` masks any
+document identical (same token ids) to a query's positive; :class:`FalseNegativeCountCallback` logs how many as
+``infonce_false_negatives_masked``.
+
 Example:
     ::
 
@@ -56,16 +77,20 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DHNM_STATE_NAME",
+    "FALSE_NEGATIVES_STATE_NAME",
     "DHNMCallback",
     "DHNMDataCollator",
+    "FalseNegativeCountCallback",
     "NegativePool",
     "dhnm_should_replace",
 ]
 
 #: File written into each Trainer checkpoint folder (``checkpoint-<step>/``) with the pool state.
 DHNM_STATE_NAME = "dhnm_state.json"
-_STATE_VERSION = 1
-_COUNT_KEYS = ("checked", "replaced", "pool_exhausted", "nan_scores", "stale")
+#: File written into each Trainer checkpoint folder with the running count of masked in-batch false negatives.
+FALSE_NEGATIVES_STATE_NAME = "false_negatives_state.json"
+_STATE_VERSION = 2
+_COUNT_KEYS = ("checked", "replaced", "used", "pool_exhausted", "nan_scores", "stale")
 
 
 def dhnm_should_replace(s0: Any, s: Any, s0_min: float = 0.4, drop_ratio: float = 1.2, s_max: float = 0.7) -> Any:
@@ -113,7 +138,9 @@ class NegativePool:
 
     - ``active``: ``(num_examples, k)`` candidate rank in each slot, ``-1`` for an empty slot;
     - ``s0``: ``(num_examples, k)`` score of each active negative at its first scoring, ``NaN`` until scored;
-    - ``cursor``: ``(num_examples,)`` rank of the next unused candidate.
+    - ``cursor``: ``(num_examples,)`` rank of the next unused candidate;
+    - ``fresh``: ``(num_examples, k)`` whether the slot holds a replacement that no batch has carried yet (it
+      becomes ``False`` — counted as ``used`` — the first time the loss scores that negative).
 
     Bad input, by design:
 
@@ -176,6 +203,7 @@ class NegativePool:
         self.active = np.where(slots[None, :] < num_active[:, None], slots[None, :], -1).astype(np.int64)
         self.s0 = np.full((len(ids), k), np.nan, dtype=np.float64)
         self.cursor = num_active.copy()
+        self.fresh = np.zeros((len(ids), k), dtype=bool)
 
     # ---- construction helpers ------------------------------------------------------------------------------------
     @classmethod
@@ -333,9 +361,13 @@ class NegativePool:
         (example, negative) pair keeps its first occurrence, and a pair whose negative is no longer active (scored
         on a batch built before an earlier replacement) is skipped as ``stale``.
 
+        A scored pair whose negative is a replacement that no batch had carried before counts as ``used``: the
+        replacement has now been trained on (this is counted before the NaN filter: a NaN score was still carried).
+
         Returns:
-            counts: ``checked`` (pairs judged), ``replaced``, ``pool_exhausted`` (replacement due but no candidate
-            left: the negative stays), ``nan_scores`` (ignored NaN scores) and ``stale``.
+            counts: ``checked`` (pairs judged), ``replaced``, ``used`` (replacements carried for the first time),
+            ``pool_exhausted`` (replacement due but no candidate left: the negative stays), ``nan_scores`` (ignored
+            NaN scores) and ``stale``.
         """
         rows = np.asarray(example_rows, dtype=np.int64).reshape(-1)
         negs = np.asarray(negative_ids, dtype=np.int64)
@@ -361,6 +393,14 @@ class NegativePool:
         _, first = np.unique(keys, return_index=True)
         first.sort()
         rows, negs, vals = rows[first], negs[first], vals[first]
+
+        # A replacement carried by this batch for the first time has been used (whatever its score).
+        carried = self.active[rows] == negs[:, None]
+        carried_rows, carried_slots = np.nonzero(carried)
+        carried_rows = rows[carried_rows]
+        used = self.fresh[carried_rows, carried_slots]
+        counts["used"] = int(used.sum())
+        self.fresh[carried_rows[used], carried_slots[used]] = False
 
         nan = np.isnan(vals)
         counts["nan_scores"] = int(nan.sum())
@@ -388,6 +428,7 @@ class NegativePool:
         ok = new_rank < self.pool_sizes[r_rows]
         self.active[r_rows[ok], r_slots[ok]] = new_rank[ok]
         self.s0[r_rows[ok], r_slots[ok]] = np.nan
+        self.fresh[r_rows[ok], r_slots[ok]] = True
         np.add.at(self.cursor, r_rows[ok], 1)
         counts["replaced"] = int(ok.sum())
         counts["pool_exhausted"] = int((~ok).sum())
@@ -421,11 +462,12 @@ class NegativePool:
             "active": self.active.tolist(),
             "s0": [[None if np.isnan(v) else float(v) for v in row] for row in self.s0],
             "cursor": self.cursor.tolist(),
+            "fresh": np.flatnonzero(self.fresh).tolist(),  # flat indices of the not-yet-carried replacements
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; raises ``ValueError`` if it was saved for different pools."""
-        if state.get("version") != _STATE_VERSION:
+        if state.get("version") not in (1, _STATE_VERSION):
             raise ValueError(f"unsupported DHNM state version {state.get('version')!r} (expected {_STATE_VERSION})")
         if state["num_examples"] != len(self) or state["k"] != self.k or state["fingerprint"] != self.fingerprint():
             raise ValueError(
@@ -438,6 +480,9 @@ class NegativePool:
             [[np.nan if v is None else v for v in row] for row in state["s0"]], dtype=np.float64
         ).reshape(len(self), self.k)
         self.cursor = np.asarray(state["cursor"], dtype=np.int64)
+        # Version 1 states predate the used counter: their pending replacements are not known, none is counted.
+        self.fresh = np.zeros((len(self), self.k), dtype=bool)
+        self.fresh.reshape(-1)[np.asarray(state.get("fresh", []), dtype=np.int64)] = True
 
 
 @dataclass
@@ -452,8 +497,8 @@ class DHNMDataCollator(SentenceTransformerDataCollator):
     :class:`conan_hf.losses.InfoNCELoss` uses to mask empty slots and to key its score record.
 
     The pool is read at batching time, so replacements made by :class:`DHNMCallback` show up the next time the
-    example is batched. This needs the collator to run in the training process: keep
-    ``dataloader_num_workers=0`` (the callback checks).
+    example is batched (train more than one epoch, see the module docstring). This needs the collator to run in the
+    training process: keep ``dataloader_num_workers=0`` (the callback checks).
 
     Args:
         preprocess_fn: ``model.preprocess`` (as for ``SentenceTransformerDataCollator``).
@@ -544,8 +589,9 @@ class DHNMCallback(TrainerCallback):
     ``on_step_end``: reads the scores :class:`conan_hf.losses.InfoNCELoss` recorded for the step's micro-batches,
     gathers them from all ranks (``torch.distributed.all_gather_object``, rank order), and calls
     :meth:`NegativePool.apply_scores` — every rank sees the same scores in the same order, so every rank makes the
-    same decisions and the pools stay identical. The counts (``checked``, ``replaced``, ``pool_exhausted``,
-    ``nan_scores``, ``stale``) are summed since the previous log and added as ``dhnm_<name>`` to the Trainer's
+    same decisions and the pools stay identical. The counts (``checked``, ``replaced``, ``used``,
+    ``pool_exhausted``, ``nan_scores``, ``stale``) are summed since the previous log and added as ``dhnm_<name>`` to
+    the Trainer's
     training log (``logs`` and ``state.log_history``); ``logging_steps=1`` gives per-step counts. Running totals
     are in :attr:`totals`, the last step's counts in :attr:`last_step_counts`.
 
@@ -647,6 +693,14 @@ class DHNMCallback(TrainerCallback):
             )
         self.save(checkpoint, global_step=state.global_step)
 
+    def replacement_summary(self) -> dict[str, Any]:
+        """Totals plus how many replacements were made, how many a later batch carried, and that fraction.
+
+        ``pending`` replacements were made at an example's last visit of the run: no batch carried them.
+        """
+        made, used = self.totals["replaced"], self.totals["used"]
+        return {**self.totals, "pending": made - used, "used_fraction": (used / made) if made else None}
+
     # ---- persistence ---------------------------------------------------------------------------------------------
     def state_dict(self, global_step: int | None = None) -> dict[str, Any]:
         return {
@@ -701,6 +755,65 @@ class DHNMCallback(TrainerCallback):
             f"training resumes at step {state.global_step} but no {DHNM_STATE_NAME} was found in {candidates}; pass "
             "resume_from_checkpoint=<checkpoint folder> to DHNMCallback"
         )
+
+
+class FalseNegativeCountCallback(TrainerCallback):
+    """Log how many in-batch false negatives :class:`conan_hf.losses.InfoNCELoss` masked.
+
+    ``on_step_end`` pops each InfoNCE loss's count (:meth:`~conan_hf.losses.InfoNCELoss.pop_masked_false_negatives`)
+    and sums it over ranks (``all_gather_object``, so every rank holds the same numbers); ``on_log`` adds the count
+    since the previous log as ``infonce_false_negatives_masked`` to the training log. :attr:`total` is the running
+    total; it is saved as ``false_negatives_state.json`` in each checkpoint and restored on resume (a checkpoint
+    without the file, e.g. from an older run, restarts the total at 0 with a warning: it is a statistic only).
+
+    Args:
+        losses: the training losses (InfoNCE losses, possibly wrapped in MatryoshkaLoss; others are ignored).
+    """
+
+    LOG_KEY = "infonce_false_negatives_masked"
+
+    def __init__(self, losses: Sequence[torch.nn.Module] | torch.nn.Module) -> None:
+        losses = [losses] if isinstance(losses, torch.nn.Module) else list(losses)
+        self.sources = [m for loss in losses for m in loss.modules() if hasattr(m, "pop_masked_false_negatives")]
+        self.total = 0
+        self._since_log = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            return
+        folder = args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else os.path.join(
+            args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        path = os.path.join(folder, FALSE_NEGATIVES_STATE_NAME)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                self.total = int(json.load(f)["total"])
+        else:
+            logger.warning("no %s in %s: the count of masked false negatives restarts at 0", FALSE_NEGATIVES_STATE_NAME,
+                           folder)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        local = sum(source.pop_masked_false_negatives() for source in self.sources)
+        (counts,) = _all_gather_arrays((np.array([local], dtype=np.int64),))
+        self.total += int(counts.sum())
+        self._since_log += int(counts.sum())
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
+        logs[self.LOG_KEY] = self._since_log
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1][self.LOG_KEY] = self._since_log
+        self._since_log = 0
+
+    def on_save(self, args, state, control, **kwargs):
+        if not args.should_save:
+            return
+        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(checkpoint):
+            path = os.path.join(checkpoint, FALSE_NEGATIVES_STATE_NAME)
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump({"global_step": state.global_step, "total": self.total}, f)
+            os.replace(path + ".tmp", path)
 
 
 def _pad(array: np.ndarray, width: int, value: float) -> np.ndarray:

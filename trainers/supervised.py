@@ -10,7 +10,12 @@ Tasks and their losses:
 - ``sts``: (sentence1, sentence2, score) with CoSENT (eq. 2).
 
 Every loss is wrapped in Matryoshka representation learning (App. A). Hard negatives come from a ranked pool per
-example; Dynamic Hard Negative Mining (§3.4, eq. 6, :mod:`trainers.dhnm`) replaces the ones that became easy.
+example; Dynamic Hard Negative Mining (§3.4, eq. 6, :mod:`trainers.dhnm`) replaces the ones that became easy. A
+replacement is decided after the example's batch and trained at the example's next visit, so stage 4 trains
+``num_train_epochs: 2`` by default (App. A gives no epoch count): every replacement made in the first pass is carried
+by a batch of the second (``dhnm_used`` in the logs and the summary). InfoNCE masks in-batch false negatives:
+documents identical to a query's positive, which the batch sampler cannot exclude when pool negatives are added at
+collate time (``infonce_false_negatives_masked``).
 Each task has its own batch size (paper: 4 for retrieval, 32 for STS) and its own instruction prompt; batches are
 drawn from one task at a time, in proportion to the tasks' sizes. ``lora`` trains LoRA adapters instead of all
 weights (Table 6's comparison) and merges them into the saved model.
@@ -52,7 +57,7 @@ from trainers.common import (
     setup_runtime,
     train_with_resume,
 )
-from trainers.dhnm import DHNMDataCollator
+from trainers.dhnm import DHNMDataCollator, FalseNegativeCountCallback
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +117,13 @@ class SupervisedConfig(StageConfig):
         temperature: InfoNCE τ; cosent_scale: CoSENT's scale (1/τ of eq. 2).
         matryoshka_dims: ``None`` derives them from the embedding size (the paper's dims for 3584).
         dhnm: replace hard negatives that became easy (eq. 6 with thresholds ``dhnm_s0_min``, ``dhnm_drop_ratio``,
-            ``dhnm_s_max``); ``false`` keeps each example's first ``num_negatives`` candidates.
+            ``dhnm_s_max``); ``false`` keeps each example's first ``num_negatives`` candidates. A replacement trains
+            at the example's next visit: with fewer than 2 passes over the data DHNM cannot act (a warning says so).
+        num_train_epochs: 2 by default (the paper states none): the second pass trains the first pass's
+            replacements.
+        mask_false_negatives: InfoNCE leaves documents identical to a query's positive out of its negatives.
+        false_negative_margin: ``None`` (default) or a margin m: InfoNCE also leaves out negatives scoring above the
+            positive's score minus m (:class:`conan_hf.losses.InfoNCELoss`).
         teacher: SentenceTransformer used to mine negative pools for retrieval/clr tasks whose data has none.
         pool_size: candidates mined per example.
         lora: ``None`` (full fine-tuning) or LoRA settings, e.g. ``{r: 16, lora_alpha: 32, lora_dropout: 0.05}``.
@@ -131,6 +142,9 @@ class SupervisedConfig(StageConfig):
     dhnm_s0_min: float = 0.4
     dhnm_drop_ratio: float = 1.2
     dhnm_s_max: float = 0.7
+    num_train_epochs: float = 2.0
+    mask_false_negatives: bool = True
+    false_negative_margin: float | None = None
     teacher: str | None = None
     pool_size: int = 32
     lora: dict | None = None
@@ -272,6 +286,16 @@ class _ScoreRecords:
         return [record for source in self.sources for record in source.pop_hard_negative_scores()]
 
 
+def dhnm_passes(config: SupervisedConfig, args: Any, rows: dict[str, int], batch_sizes: dict[str, int]) -> float:
+    """How many times the planned run batches each example: ``num_train_epochs``, or ``max_steps`` worth of batches
+    over the batches of one epoch (per-task ``rows // batch_size``, batches dropped at the end, shared by ranks)."""
+    if config.max_steps is None or config.max_steps <= 0:
+        return float(config.num_train_epochs)
+    per_epoch = sum(rows[name] // batch_sizes[name] for name in rows) / max(args.world_size, 1)
+    trained = config.max_steps * args.gradient_accumulation_steps
+    return trained / per_epoch if per_epoch else 0.0
+
+
 # ---- LoRA ------------------------------------------------------------------------------------------------------------
 #: peft's "every linear layer of the backbone": q/k/v/o and gate/up/down for Llama-shaped decoders, the attention
 #: and feed-forward projections for BERT-like encoders.
@@ -356,7 +380,9 @@ def run(config: SupervisedConfig) -> dict[str, Any]:
             pool_candidates += candidates
             pool_sizes[task.name] = sum(map(len, candidates))
             loss = InfoNCELoss(model, temperature=config.temperature,
-                               in_batch_negatives=task.type != "classification")
+                               in_batch_negatives=task.type != "classification",
+                               mask_false_negatives=config.mask_false_negatives,
+                               false_negative_margin=config.false_negative_margin)
         losses[task.name] = MatryoshkaLoss(model, loss, config.matryoshka_dims) if config.matryoshka else loss
 
     pool = NegativePool(pool_ids, pool_candidates, k=config.num_negatives) if pool_ids else None
@@ -375,6 +401,15 @@ def run(config: SupervisedConfig) -> dict[str, Any]:
     if pool is not None and config.dhnm:
         callbacks.append(DHNMCallback(pool, _ScoreRecords(losses.values()), s0_min=config.dhnm_s0_min,
                                       drop_ratio=config.dhnm_drop_ratio, s_max=config.dhnm_s_max))
+        passes = dhnm_passes(config, args, {t.name: len(datasets[t.name]) for t in tasks},
+                             {t.name: t.batch_size for t in tasks})
+        if passes < 2:
+            logger.warning("DHNM cannot act: the run visits each example %.2f times, and a replaced negative is only "
+                           "trained at the example's next visit; train at least 2 epochs (num_train_epochs: 2, the "
+                           "stage-4 default) or set dhnm: false", passes)
+    false_negatives = FalseNegativeCountCallback(list(losses.values())) if pool is not None else None
+    if false_negatives is not None:
+        callbacks.append(false_negatives)
     trainer = MultiTaskTrainer(
         model=model, args=args, train_dataset=DatasetDict(datasets), loss=losses, data_collator=collator,
         callbacks=callbacks, task_batch_sizes={t.name: t.batch_size for t in tasks},
@@ -382,17 +417,28 @@ def run(config: SupervisedConfig) -> dict[str, Any]:
     )
     sizes = ", ".join(f"{t.name}: {len(datasets[t.name])} rows x {t.batch_size}" for t in tasks)
     print_main(f"[stage 4] supervised multi-task training of {config.model} ({sizes}); "
-               f"{'LoRA' if config.lora else 'full'} fine-tuning, DHNM {'on' if callbacks else 'off'}")
+               f"{'LoRA' if config.lora else 'full'} fine-tuning, "
+               f"DHNM {'on' if any(isinstance(c, DHNMCallback) for c in callbacks) else 'off'}")
     result = train_with_resume(trainer, config)
     if config.lora:
         merge_lora(model)
     dims = getattr(next(iter(losses.values())), "matryoshka_dims", None)
-    dhnm_totals = callbacks[0].totals if callbacks else None
+    dhnm_callback = next((c for c in callbacks if isinstance(c, DHNMCallback)), None)
+    dhnm_totals = dhnm_callback.replacement_summary() if dhnm_callback is not None else None
+    note = ""
+    if dhnm_totals is not None:
+        fraction = dhnm_totals["used_fraction"]
+        note = (f"DHNM: {dhnm_totals['replaced']} replacements made, {dhnm_totals['used']} used by a later batch"
+                f"{f' ({fraction:.0%})' if fraction is not None else ''}, {dhnm_totals['pool_exhausted']} due with "
+                "the pool used up; ")
+    if false_negatives is not None:
+        note += f"{false_negatives.total} in-batch false negatives masked; "
     return finish_stage(
-        trainer, config, "supervised", 4, result, note=f"DHNM {dhnm_totals}; ",
+        trainer, config, "supervised", 4, result, note=note,
         tasks={t.name: {"type": t.type, "rows": len(datasets[t.name]), "batch_size": t.batch_size,
                         "negative_candidates": pool_sizes.get(t.name, 0)} for t in tasks},
         matryoshka_dims=sorted(dims) if dims else None, prompts=dict(model.prompts), dhnm=dhnm_totals,
+        false_negatives_masked=false_negatives.total if false_negatives is not None else None,
     )
 
 
