@@ -412,15 +412,29 @@ def clean_output_dir(config: StageConfig) -> None:
     wait_for_everyone()
 
 
-def save_final(trainer, config: StageConfig, stage: str, summary: dict[str, Any] | None = None) -> Path:
+def save_final(trainer, config: StageConfig, stage: str, summary: dict[str, Any] | None = None,
+               write_model: Callable[[Path], Any] | None = None) -> Path:
     """Save the trained model (and tokenizer) into ``config.final_path`` atomically: a staging folder renamed
-    into place, with the stage record written last. All ranks must call this (DeepSpeed gathers weights)."""
+    into place, with the stage record written last. All ranks must call this (DeepSpeed gathers weights).
+
+    ``write_model(folder)``, if given, writes the model instead of ``trainer.save_model`` (stage 4's export without
+    custom code); it runs on the main process only, from the in-memory model, which holds every weight under
+    DDP and DeepSpeed ZeRO-1/2 (ZeRO-3 shards the parameters themselves and is refused)."""
     final = config.final_path
     staging = final.with_name(f".{final.name}.staging")
     if trainer.is_world_process_zero() and staging.exists():
         shutil.rmtree(staging)
     wait_for_everyone()
-    trainer.save_model(str(staging))
+    if write_model is None:
+        trainer.save_model(str(staging))
+    else:
+        plugin = getattr(getattr(trainer, "accelerator", None), "state", None)
+        plugin = getattr(plugin, "deepspeed_plugin", None)
+        if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
+            raise ValueError("the final export reads the in-memory weights, which ZeRO-3 shards across ranks; use "
+                             "ZeRO stage 1 or 2 (the paper's set-up is ZeRO-1), or export_format: remote_code")
+        if trainer.is_world_process_zero():
+            write_model(staging)
     wait_for_everyone()
     if trainer.is_world_process_zero():
         record = {"stage": stage, "config": dataclasses.asdict(config), "summary": summary or {}}
@@ -443,12 +457,20 @@ def train_with_resume(trainer, config: StageConfig):
 
 
 def finish_stage(trainer, config: StageConfig, stage: str, number: int, result, note: str = "",
-                 **summary: Any) -> dict[str, Any]:
-    """Write the stage's final directory (with its record) and print its loss line; returns the summary."""
+                 write_model: Callable[[Path], dict[str, Any] | None] | None = None, **summary: Any) -> dict[str, Any]:
+    """Write the stage's final directory (with its record) and print its loss line; returns the summary.
+
+    ``write_model``: see `save_final`; a dict it returns is recorded in the summary as ``"export"``."""
     losses = loss_history(trainer)
     summary = {"train_loss": result.training_loss, "losses": losses, "global_step": trainer.state.global_step,
                **summary}
-    final = save_final(trainer, config, stage, summary)
+
+    def write_and_record(folder: Path) -> None:
+        report = write_model(folder)
+        if report is not None:
+            summary["export"] = report  # written into the record, which save_final writes after the model
+
+    final = save_final(trainer, config, stage, summary, write_and_record if write_model else None)
     span = f"{losses[0][1]:.3f} -> {losses[-1][1]:.3f}" if losses else "n/a"
     print_main(f"[stage {number}] loss {span} over {trainer.state.global_step} steps; {note}saved {final}")
     return {**summary, "final_dir": str(final)}
@@ -611,31 +633,104 @@ def split_holdout(rows: list[Any], fraction: float, seed: int = 0) -> tuple[list
 def load_sentence_model(
     path: str,
     attention_mode: str = "bidirectional",
-    pooling: str = "mean",
+    pooling: str | None = "mean",
     max_seq_length: int = 512,
     prompts: dict[str, str] | None = None,
 ):
-    """The embedding model a stage starts from.
+    """The embedding model a stage starts from, with its backbone in ``attention_mode``.
 
-    ``path`` is a SentenceTransformer folder (stage 3/4 output: loaded as saved, with its pooling) or a decoder folder
-    (stage 2 output, a `ConanForCausalLM`: its backbone is wrapped as Transformer → Pooling → Normalize). The backbone
-    is put in ``attention_mode``; ``max_seq_length`` and ``prompts`` (added to any saved ones) are applied.
+    ``path`` (a local folder or a Hub id) is either
+
+    - a SentenceTransformer folder (a stage 3/4 output, or any sentence-transformers model such as all-MiniLM-L6-v2):
+      loaded as saved, with its pooling (``pooling``, if given, must agree with it); or
+    - a transformers model folder: a Conan decoder (stage 2 output), a stock decoder (Llama, Qwen2, Qwen3, Mistral,
+      ... — its ``*ForCausalLM`` checkpoint works, the LM head is dropped) or an encoder (BERT-like). Its backbone is
+      wrapped as Transformer → Pooling → Normalize with ``pooling`` (``None``: ``lasttoken`` for causal attention,
+      else ``mean``).
+
+    The backbone is put in ``attention_mode`` (see `conan_hf.backbones.set_attention_mode`: ``soft`` applies the soft
+    mask to a stock decoder; encoders are bidirectional only). Stock backbones get right padding, the side on which
+    their position numbering matches the unpadded sequence (last-token pooling handles either side).
+    ``max_seq_length`` and ``prompts`` (added to any saved ones) are applied.
     """
+    from sentence_transformers import SentenceTransformer
+
+    from conan_hf.backbones import padding_side_for
     from conan_hf.sentence import build_sentence_transformer
 
-    if (Path(path) / "modules.json").is_file():
-        from sentence_transformers import SentenceTransformer
-
+    if _is_sentence_transformer_folder(path):
         # The installed conan_hf classes (registered with the Auto classes on import) rather than the folder's copy of
         # the remote code, so isinstance checks (soft-mask helpers) and fixes in the package apply.
         model = SentenceTransformer(path, trust_remote_code=False)
-        set_attention_mode(model, attention_mode)
+        saved = pooling_mode(model)
+        if pooling is not None and saved is not None and saved != pooling:
+            raise ValueError(f"{path} is a SentenceTransformer with {saved!r} pooling, but pooling={pooling!r} was "
+                             f"asked for; set pooling: {saved} (or null) to keep the saved one")
         model.max_seq_length = max_seq_length
         if prompts:
             model.prompts = {**model.prompts, **prompts}
-        return model
-    return build_sentence_transformer(path, pooling=pooling, prompts=prompts, max_seq_length=max_seq_length,
-                                      attention_mode=attention_mode)
+    else:
+        if pooling is None:
+            pooling = "lasttoken" if attention_mode == "causal" else "mean"
+        # attention_mode=None: a stock config must not receive Conan's `attention_mode` key (it would be saved).
+        model = build_sentence_transformer(path, pooling=pooling, prompts=prompts, max_seq_length=max_seq_length,
+                                           attention_mode=None)
+    set_attention_mode(model, attention_mode)
+    decoder = backbone(model)
+    side = padding_side_for(decoder)
+    if side is not None and model.tokenizer is not None and model.tokenizer.padding_side != side:
+        logger.info("%s: padding side %s -> %s (stock position numbering)", path, model.tokenizer.padding_side, side)
+        model.tokenizer.padding_side = side
+    logger.info("%s: %s", path, describe_attention(model)["line"])
+    return model
+
+
+def _is_sentence_transformer_folder(path: str) -> bool:
+    """A local folder with ``modules.json``, or a Hub repository that has one."""
+    if Path(path).is_dir():
+        return (Path(path) / "modules.json").is_file()
+    if Path(path).exists():
+        return False
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        from transformers.utils import cached_file
+
+        if isinstance(try_to_load_from_cache(path, "modules.json"), str):
+            return True
+        return cached_file(path, "modules.json", _raise_exceptions_for_missing_entries=False) is not None
+    except Exception:  # not a Hub id, or offline without a cached copy: treat it as a transformers model
+        return False
+
+
+def pooling_mode(model) -> str | None:
+    """The pooling mode of a SentenceTransformer's Pooling module (None without one)."""
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    for module in model:
+        if isinstance(module, Pooling):
+            mode = module.pooling_mode
+            return mode if isinstance(mode, str) else "+".join(mode)
+    return None
+
+
+def describe_attention(model) -> dict[str, Any]:
+    """The backbone, its attention mode (and how it is set), pooling and padding side, with a one-line summary."""
+    from conan_hf.backbones import backbone_kind, get_attention_mode
+
+    decoder = backbone(model)
+    kind, mode = backbone_kind(decoder), get_attention_mode(decoder)
+    how = {"conan": f"ConanConfig.attention_mode={mode!r}",
+           "decoder": f"transformers' config.is_causal={mode == 'causal'}",
+           "encoder": "encoder, always bidirectional"}[kind]
+    if mode == "soft":
+        how = (f"eq.4 soft mask through {'ConanConfig' if kind == 'conan' else 'conan_hf.apply_soft_mask'}, "
+               "α from 0 = causal to 1 = bidirectional")
+    info = {"backbone": type(decoder).__name__, "kind": kind, "model_type": getattr(decoder.config, "model_type", None),
+            "attention_mode": mode, "pooling": pooling_mode(model),
+            "padding_side": model.tokenizer.padding_side if model.tokenizer is not None else None}
+    info["line"] = (f"backbone {info['backbone']} ({kind}, model_type={info['model_type']!r}): {mode} attention "
+                    f"({how}), {info['pooling']} pooling, padding {info['padding_side']}")
+    return info
 
 
 def backbone(model):
@@ -644,15 +739,9 @@ def backbone(model):
 
 
 def set_attention_mode(model, mode: str) -> None:
-    """Switch the Conan backbone of a SentenceTransformer between causal / bidirectional / soft attention."""
-    from conan_hf.configuration_conan import ATTENTION_MODES
-    from conan_hf.modeling_conan import restore_attention_implementation
+    """Switch the backbone of a SentenceTransformer between causal / bidirectional / soft attention: a Conan backbone
+    through its ``attention_mode``, a stock decoder through transformers' ``config.is_causal`` (and the soft-mask
+    wrapper for ``soft``); an encoder is bidirectional only (see `conan_hf.backbones.set_attention_mode`)."""
+    from conan_hf.backbones import set_attention_mode as set_backbone_attention_mode
 
-    if mode not in ATTENTION_MODES:
-        raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {mode!r}")
-    decoder = backbone(model)
-    if getattr(decoder.config, "model_type", None) != "conan":
-        raise ValueError(f"expected a Conan backbone, got model_type={getattr(decoder.config, 'model_type', None)!r}")
-    if decoder.config.attention_mode == "soft" and mode != "soft":
-        restore_attention_implementation(decoder)
-    decoder.config.attention_mode = mode
+    set_backbone_attention_mode(backbone(model), mode)

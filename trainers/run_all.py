@@ -4,7 +4,8 @@
 
 Hand-off: ``work_dir/tokenizer`` → ``work_dir/pretrain/final`` (ConanForCausalLM) → ``work_dir/sft/final`` →
 ``work_dir/weak/final`` (SentenceTransformer, soft mask ended bidirectional) → ``output_dir`` (final
-SentenceTransformer with remote code, prompts and MRL dims).
+SentenceTransformer with prompts and MRL dims, exported with stock transformers classes: it loads without
+``trust_remote_code``). ``--stages 3,4 --set weak.model=<your decoder>`` starts from your own model instead.
 
 With the demo data (the default), a held-out part of the demo CLR pairs and STS pairs is written aside before training
 and used to evaluate the embedding model before stage 3 (the SFT decoder, mean-pooled and bidirectional), after stage 3
@@ -295,11 +296,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "supervised" in report["stages"] and is_main_process():
         from sentence_transformers import SentenceTransformer
 
-        model = SentenceTransformer(args.output_dir, trust_remote_code=True)
-        embeddings = model.encode(["What do pandas eat?", "熊猫吃什么？"], prompt_name="retrieval")
-        print_main(f"\n{args.output_dir}: loads with SentenceTransformer(..., trust_remote_code=True); "
-                   f"embedding dim {embeddings.shape[1]}, prompts {sorted(model.prompts)}")
+        export = report["stages"]["supervised"].get("export") or {}
+        stock = export.get("export_format") == "stock"
+        model = SentenceTransformer(args.output_dir, trust_remote_code=not stock)
+        embeddings = model.encode(["What do pandas eat?", "熊猫吃什么？"], prompt_name=_first_prompt(model))
+        how = (f"SentenceTransformer({args.output_dir!r}) with stock transformers classes (no remote code: "
+               f"{export.get('backbone')}, model_type {export.get('model_type')!r}, is_causal "
+               f"{export.get('is_causal')})" if stock else
+               f"SentenceTransformer({args.output_dir!r}, trust_remote_code=True)")
+        print_main(f"\n{args.output_dir}: loads with {how}; embedding dim {embeddings.shape[1]}, "
+                   f"prompts {sorted(model.prompts)}")
     return report
+
+
+def _first_prompt(model) -> str | None:
+    """The ``retrieval`` prompt of the demo tasks, else ``query``, else none (your own task names)."""
+    return next((name for name in ("retrieval", "query") if (model.prompts or {}).get(name)), None)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,13 @@ Each task has its own batch size (paper: 4 for retrieval, 32 for STS) and its ow
 drawn from one task at a time, in proportion to the tasks' sizes. ``lora`` trains LoRA adapters instead of all
 weights (Table 6's comparison) and merges them into the saved model.
 
-Output: ``final_dir``, the finished SentenceTransformer (remote code, prompts per task; MRL dims in
-``conan_stage.json`` and the model card).
+``model`` is the stage-3 output or your own model: a decoder (Llama, Qwen2, Qwen3, Mistral, ...; bidirectional by
+default, or ``attention_mode: causal`` with last-token pooling) or an encoder (BERT-like, e.g. all-MiniLM-L6-v2).
+The attention in use is printed at the start.
+
+Output: ``final_dir``, the finished SentenceTransformer (prompts per task; MRL dims in ``conan_stage.json`` and the
+model card), by default exported with stock transformers classes so that it loads without ``trust_remote_code``
+(``export_format``, see :mod:`conan_hf.export`).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from trainers.common import (
     StageConfig,
     backbone,
     config_from_dict,
+    describe_attention,
     finish_stage,
     load_sentence_model,
     parse_config,
@@ -62,6 +68,7 @@ from trainers.dhnm import DHNMDataCollator, FalseNegativeCountCallback
 logger = logging.getLogger(__name__)
 
 TASK_TYPES = ("retrieval", "clr", "classification", "sts")
+STAGE4_ATTENTION_MODES = ("bidirectional", "causal")
 #: Paper App. A: batch size 4 for retrieval (with 7 hard negatives each), 32 for STS. Classification rows carry as
 #: many texts as retrieval rows, so they get the retrieval size.
 DEFAULT_BATCH_SIZES = {"retrieval": 4, "clr": 4, "classification": 4, "sts": 32}
@@ -127,7 +134,15 @@ class SupervisedConfig(StageConfig):
         teacher: SentenceTransformer used to mine negative pools for retrieval/clr tasks whose data has none.
         pool_size: candidates mined per example.
         lora: ``None`` (full fine-tuning) or LoRA settings, e.g. ``{r: 16, lora_alpha: 32, lora_dropout: 0.05}``.
+        pooling: ``mean`` or ``lasttoken`` for a model folder that is not yet a SentenceTransformer; ``None``:
+            ``lasttoken`` with causal attention, else ``mean`` (a SentenceTransformer keeps its saved pooling).
+        attention_mode: ``bidirectional`` (default; a stock decoder gets transformers' ``is_causal=False``) or
+            ``causal`` (the e5-mistral / gte-Qwen2 style, with last-token pooling and right padding). Encoders
+            (BERT-like) are bidirectional only.
         multi_dataset_sampler: ``proportional`` (tasks sampled in proportion to their size) or ``round_robin``.
+        export_format: ``stock`` (default) writes the final embedder with stock transformers classes, loadable
+            without ``trust_remote_code`` (a Conan backbone becomes a ``LlamaModel`` with ``is_causal: false``, see
+            :mod:`conan_hf.export`); ``remote_code`` saves a Conan backbone with its own code files, as stages 1-3 do.
     """
 
     output_dir: str = "runs/supervised"
@@ -148,14 +163,27 @@ class SupervisedConfig(StageConfig):
     teacher: str | None = None
     pool_size: int = 32
     lora: dict | None = None
-    pooling: str = "mean"
+    pooling: str | None = None
+    attention_mode: str = "bidirectional"
     max_seq_length: int = 512
     multi_dataset_sampler: str = "proportional"
+    export_format: str = "stock"
     # App. A: stages 3 and 4 use "the same optimizer parameters and learning rate as in the pre-training phase".
     learning_rate: float = 1e-4
     warmup_ratio: float = 0.05
     weight_decay: float = 0.001
     bf16: bool = True
+
+    def __post_init__(self) -> None:
+        from conan_hf.export import EXPORT_FORMATS
+
+        if self.attention_mode not in STAGE4_ATTENTION_MODES:
+            raise ValueError(f"attention_mode must be one of {STAGE4_ATTENTION_MODES} in stage 4 (the soft mask is "
+                             f"stage 3's), got {self.attention_mode!r}")
+        if self.pooling not in (None, "mean", "lasttoken"):
+            raise ValueError(f"pooling must be mean, lasttoken or null, got {self.pooling!r}")
+        if self.export_format not in EXPORT_FORMATS:
+            raise ValueError(f"export_format must be one of {EXPORT_FORMATS}, got {self.export_format!r}")
 
     def task_configs(self) -> list[TaskConfig]:
         tasks = [t if isinstance(t, TaskConfig) else config_from_dict(TaskConfig, dict(t), f"tasks[{i}]")
@@ -340,8 +368,12 @@ def run(config: SupervisedConfig) -> dict[str, Any]:
     setup_runtime(config)
     tasks = config.task_configs()
     prompts = {t.name: format_query_prompt(t.prompt) for t in tasks if t.prompt}
-    model = load_sentence_model(config.model, attention_mode="bidirectional", pooling=config.pooling,
+    model = load_sentence_model(config.model, attention_mode=config.attention_mode, pooling=config.pooling,
                                 max_seq_length=config.max_seq_length, prompts=prompts)
+    attention = describe_attention(model)
+    if config.attention_mode == "causal" and attention["pooling"] != "lasttoken":
+        logger.warning("stage 4: causal attention with %s pooling: only the last token sees the whole text; "
+                       "last-token pooling (pooling: lasttoken) is the usual choice", attention["pooling"])
     for name, prompt in prompts.items():
         if not model[1].include_prompt:  # the pooled tokens must be exactly the text's
             check_prompt_boundary(model.tokenizer, prompt, name=name)
@@ -419,6 +451,7 @@ def run(config: SupervisedConfig) -> dict[str, Any]:
     print_main(f"[stage 4] supervised multi-task training of {config.model} ({sizes}); "
                f"{'LoRA' if config.lora else 'full'} fine-tuning, "
                f"DHNM {'on' if any(isinstance(c, DHNMCallback) for c in callbacks) else 'off'}")
+    print_main(f"[stage 4] {attention['line']}")
     result = train_with_resume(trainer, config)
     if config.lora:
         merge_lora(model)
@@ -433,8 +466,19 @@ def run(config: SupervisedConfig) -> dict[str, Any]:
                 "the pool used up; ")
     if false_negatives is not None:
         note += f"{false_negatives.total} in-batch false negatives masked; "
+
+    def export(folder):
+        from conan_hf.export import export_embedder
+
+        report = export_embedder(model, folder, export_format=config.export_format).to_dict()
+        report.pop("path")  # the staging folder; the record's final_dir is where it ends up
+        # A few dimensions of the trained model's probe embeddings, for checks in processes without conan_hf.
+        report["probe"] = {name: [vector[:16] for vector in vectors] for name, vectors in report["probe"].items()}
+        return report
+
     return finish_stage(
-        trainer, config, "supervised", 4, result, note=note,
+        trainer, config, "supervised", 4, result, note=note, write_model=export,
+        attention={k: v for k, v in attention.items() if k != "line"},
         tasks={t.name: {"type": t.type, "rows": len(datasets[t.name]), "batch_size": t.batch_size,
                         "negative_candidates": pool_sizes.get(t.name, 0)} for t in tasks},
         matryoshka_dims=sorted(dims) if dims else None, prompts=dict(model.prompts), dhnm=dhnm_totals,

@@ -30,6 +30,7 @@ from trainers.common import (
     MainProcessSaveMixin,
     StageConfig,
     backbone,
+    describe_attention,
     finish_stage,
     load_sentence_model,
     parse_config,
@@ -49,7 +50,9 @@ class WeakConfig(StageConfig):
     """Options of stage 3 (see :class:`trainers.common.StageConfig` for the shared ones).
 
     Args:
-        model: the stage-2 output folder (or any Conan decoder / SentenceTransformer folder).
+        model: the stage-2 output folder, or your own decoder (a local folder or Hub id of Llama, Qwen2, Qwen3,
+            Mistral, ... — any decoder `conan_hf.apply_soft_mask` supports; the stage applies the soft mask), or a
+            SentenceTransformer folder built on one.
         data: sources with ``instruction``/``input``/``output`` columns, or ``query``/``positive`` columns (an
             optional ``instruction`` column too).
         prompt_format: how a row's instruction becomes the query prompt (``{instruction}``); rows without an
@@ -151,6 +154,7 @@ def run(config: WeakConfig) -> dict[str, Any]:
     from sentence_transformers import SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
 
+    from conan_hf.backbones import backbone_kind, get_attention_mode
     from conan_hf.demo import demo_instructions
     from conan_hf.losses import InfoNCELoss
     from conan_hf.sentence import check_prompt_boundary
@@ -167,6 +171,8 @@ def run(config: WeakConfig) -> dict[str, Any]:
         if len(dataset) == 0:
             raise ValueError(f"the teacher filter (threshold {config.teacher_threshold}) dropped every pair")
 
+    # The stage applies the soft mask itself: a Conan backbone switches to attention_mode="soft", a stock decoder
+    # (Llama, Qwen2, Qwen3, Mistral, ...) gets conan_hf.apply_soft_mask; an encoder is refused (it has no causal start).
     model = load_sentence_model(config.model, attention_mode="soft", pooling=config.pooling,
                                 max_seq_length=config.max_seq_length)
     # "max_seq_length" becomes this stage's fixed max_seq_length, so l does not depend on how the collator pads.
@@ -195,10 +201,16 @@ def run(config: WeakConfig) -> dict[str, Any]:
     print_main(f"[stage 3] weakly-supervised training of {config.model} on {len(dataset)} pairs in {len(groups)} "
                f"instruction group(s), soft mask ({config.soft_mask_schedule} α(t), τ = "
                f"{config.soft_mask_steps or 'all steps'})")
+    print_main(f"[stage 3] {describe_attention(model)['line']}")
     result = train_with_resume(trainer, config)
     alpha = get_soft_mask_alpha(model)
     if alpha >= 1.0:
         set_attention_mode(model, "bidirectional")
+    elif backbone_kind(backbone(model)) != "conan":
+        # A Conan config stores attention_mode="soft" and α; a stock config has only is_causal.
+        logger.warning("stage 3 ended at α = %.3f < 1: a stock decoder cannot store a partial soft mask, so it is "
+                       "saved causal (stage 4 sets its own attention_mode)", alpha)
+        set_attention_mode(model, "causal")
     teacher_summary = teacher_report.to_dict() if teacher_report else None
     if teacher_summary:
         teacher_summary.pop("scores", None)
@@ -209,7 +221,7 @@ def run(config: WeakConfig) -> dict[str, Any]:
                             for name, d in groups.items()}, soft_mask_total_steps=callback.total_steps,
         soft_mask_alphas=[(e["step"], e["soft_mask_alpha"]) for e in trainer.state.log_history
                           if "loss" in e and "soft_mask_alpha" in e],
-        attention_mode=backbone(model).config.attention_mode, teacher_filter=teacher_summary,
+        attention_mode=get_attention_mode(backbone(model)), teacher_filter=teacher_summary,
     )
 
 
