@@ -4,16 +4,18 @@
 
 runs stage 0 (tokenizer) → 1 (pre-training) → 2 (SFT) → 3 (weakly-supervised, soft mask) → 4 (supervised multi-task,
 DHNM, Matryoshka), prints each stage's losses and a held-out evaluation (CLR accuracy, STS Spearman) before and after
-the embedding stages, and writes ``./conan-v2``:
+the embedding stages, and writes ``./conan-v2`` (stock transformers classes: no ``trust_remote_code`` needed):
 
     >>> from sentence_transformers import SentenceTransformer
-    >>> model = SentenceTransformer("conan-v2", trust_remote_code=True)
+    >>> model = SentenceTransformer("conan-v2")
     >>> model.encode_query(["What do pandas eat?"]).shape
     (1, 128)
 
 Options (see ``--help``):
 
     --stages 3,4                     run only some stages (the others' outputs must exist in --work-dir)
+    --stages 3,4 --set weak.model=Qwen/Qwen2.5-0.5B     stages 3-4 on your own decoder (or --stages 4 with
+                                     --set supervised.model=<encoder or decoder>)
     --preset none                    the paper's full-size defaults (1.4B model) instead of the tiny preset
     --config-dir my_configs/         your own <stage>.yaml files (real data: see trainers/configs/*.yaml)
     --set pretrain.data='[{path: corpus.jsonl}]' --set supervised.lora='{r: 16}'   override single options

@@ -398,16 +398,30 @@ def test_main_job_runs_every_stage_and_hands_off(tmp_path):
     supervised = json.loads((output / STAGE_RECORD).read_text())
     assert supervised["config"]["model"] == str(work / "weak" / "final")  # stage 3 → 4
     assert supervised["summary"]["matryoshka_dims"] == [16, 32, 64, 128]
-    # A fresh process that never imports conan_hf: the folder's own remote code must be enough.
-    probe = ("import sys; from sentence_transformers import SentenceTransformer; "
-             "m = SentenceTransformer(sys.argv[1], trust_remote_code=True); "
-             "print(type(m[0].auto_model).__module__, m.encode(['hello', '你好']).shape); "
-             "assert 'conan_hf' not in sys.modules")
-    fresh = subprocess.run([sys.executable, "-c", probe, str(output)], env={**_env(), "PYTHONPATH": ""},
-                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    # A fresh process where conan_hf cannot be imported loads the exported folder with stock classes and no remote
+    # code, and reproduces the embeddings the trained model gave in training (recorded by the export).
+    export = supervised["summary"]["export"]
+    assert (export["export_format"], export["backbone"], export["is_causal"]) == ("stock", "LlamaModel", False)
+    probe = ("import json, sys; sys.modules['conan_hf'] = None\n"
+             "from sentence_transformers import SentenceTransformer\n"
+             "from transformers import AutoModel, AutoTokenizer\n"
+             "m = SentenceTransformer(sys.argv[1]); AutoTokenizer.from_pretrained(sys.argv[1])\n"
+             "texts = json.loads(sys.argv[2])\n"
+             "out = {'plain': m.encode(texts).tolist(), 'query': m.encode(texts, prompt_name='query').tolist(),\n"
+             "       'class': type(AutoModel.from_pretrained(sys.argv[1])).__module__}\n"
+             "print(json.dumps(out))")
+    from conan_hf.export import PROBE_TEXTS
+
+    fresh = subprocess.run([sys.executable, "-c", probe, str(output), json.dumps(list(PROBE_TEXTS))],
+                           env={**_env(), "PYTHONPATH": ""}, cwd=tmp_path, stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=120)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
-    assert fresh.stdout.split()[0].startswith("transformers_modules") and "(2, 128)" in fresh.stdout
-    model = SentenceTransformer(str(output), trust_remote_code=True)
+    loaded = json.loads(fresh.stdout.strip().splitlines()[-1])
+    assert loaded["class"] == "transformers.models.llama.modeling_llama"
+    for name in ("plain", "query"):  # the record keeps the first 16 dimensions of each embedding
+        torch.testing.assert_close(torch.tensor(loaded[name])[:, :16], torch.tensor(export["probe"][name]),
+                                   atol=1e-5, rtol=0)
+    model = SentenceTransformer(str(output))
     assert {"retrieval", "clr", "classification", "sts", "query"} <= set(model.prompts)
     embeddings = model.encode(["What do pandas eat?", "熊猫吃什么？"], prompt_name="retrieval")
     assert embeddings.shape == (2, 128)
