@@ -16,7 +16,7 @@ import torch
 from conan_hf import ConanConfig, build_sentence_transformer
 from conan_hf.export import export_embedder
 
-QUERY_PROMPT = "Instruct: Given a question, retrieve passages that answer it\nQuery: "
+QUERY_PROMPT = "Instruct: Given a question, retrieve passages that answer it\nQuery:\n"
 # Mixed lengths, so every batch below is padded.
 TEXTS = ["hi", "What do pandas eat? Giant pandas eat mostly bamboo.", "大熊猫主要吃竹子。", "a b c d e f g h i j k"]
 

@@ -197,10 +197,7 @@ def test_stage4_options_are_checked(tiny_model_dir, tmp_path):
         load_sentence_model(str(tiny_model_dir), pooling="lasttoken")
 
 
-# ---- LoRA on a stock decoder --------------------------------------------------------------------------------------
-@pytest.mark.xfail(raises=ValueError, strict=False,
-                   reason="today's add_lora uses transformers' add_adapter, which needs peft >= 0.22 (0.21.2 is "
-                          "installed); the lead's rewrite on peft's get_peft_model + merge_and_unload fixes it")
+# ---- LoRA on a stock decoder and an encoder -----------------------------------------------------------------------
 def test_lora_on_a_stock_decoder_merges_into_a_stock_export(decoder_dirs, tmp_path):
     from safetensors.torch import load_file
 
@@ -217,6 +214,21 @@ def test_lora_on_a_stock_decoder_merges_into_a_stock_export(decoder_dirs, tmp_pa
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.endswith("_proj.weight") for k in changed), changed
     assert json.loads((final / "config.json").read_text())["is_causal"] is False
+    assert first_token_change(final) > 1e-4
+
+
+def test_lora_on_an_encoder_changes_only_its_linear_layers(minilm_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from trainers import supervised
+
+    summary = supervised.run(supervised_config(str(minilm_dir), tmp_path / "lora", lora={"r": 4, "lora_alpha": 8}))
+    final = Path(summary["final_dir"])
+    before, after = load_file(minilm_dir / "model.safetensors"), load_file(final / "model.safetensors")
+    assert set(after) == set(before) - {"embeddings.position_ids"}
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    linear = ("query.weight", "key.weight", "value.weight", "dense.weight")
+    assert changed and all(k.endswith(linear) for k in changed), changed
 
 
 # ---- the command line ------------------------------------------------------------------------------------------------
