@@ -186,8 +186,15 @@ def test_stage4_fine_tunes_an_encoder(minilm_dir, tmp_path, capsys):
         supervised.run(supervised_config(str(minilm_dir), tmp_path / "causal", attention_mode="causal"))
 
 
-def test_stage4_options_are_checked(tiny_model_dir, tmp_path):
-    from trainers.common import load_sentence_model
+def test_stage4_options_are_checked(tiny_model_dir, decoder_dirs, tmp_path):
+    from trainers.common import load_sentence_model, parse_config, pooling_mode
+    from trainers.supervised import SupervisedConfig
+
+    # The shipped YAML leaves pooling to the attention: --attention_mode causal alone gives last-token pooling.
+    causal = parse_config(SupervisedConfig, "supervised", ["--attention_mode", "causal"])
+    model = load_sentence_model(str(decoder_dirs["qwen2"]), attention_mode=causal.attention_mode, pooling=causal.pooling)
+    assert pooling_mode(model) == "lasttoken"
+    assert pooling_mode(load_sentence_model(str(decoder_dirs["qwen2"]), pooling=causal.pooling)) == "mean"
 
     with pytest.raises(ValueError, match="attention_mode must be one of .* in stage 4"):
         supervised_config("x", tmp_path, attention_mode="soft")

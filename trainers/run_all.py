@@ -8,8 +8,8 @@ SentenceTransformer with prompts and MRL dims, exported with stock transformers 
 ``trust_remote_code``). ``--stages 3,4 --set weak.model=<your decoder>`` starts from your own model instead.
 
 With the demo data (the default), a held-out part of the demo CLR pairs and STS pairs is written aside before training
-and used to evaluate the embedding model before stage 3 (the SFT decoder, mean-pooled and bidirectional), after stage 3
-and after stage 4.
+and used to evaluate the embedding model before stage 3 (stage 3's input, e.g. the SFT decoder, mean-pooled and
+bidirectional), after stage 3 and after stage 4.
 """
 
 from __future__ import annotations
@@ -215,7 +215,9 @@ def run_pipeline(
     seconds: dict[str, float] = {}
     for stage in stages:
         if stage == "weak":
-            evaluate("before stage 3 (SFT decoder as embedder)", configs["weak"].model)
+            start_model = configs["weak"].model
+            own = Path(start_model) != Path(work_dir) / "sft" / "final"
+            evaluate(f"before stage 3 ({Path(start_model).name if own else 'SFT decoder'} as embedder)", start_model)
         start = time.perf_counter()
         print_main(f"\n=== stage {STAGE_NUMBERS[stage]}: {stage} ===")
         module = _stage_module(stage)
