@@ -153,6 +153,12 @@ def test_stage4_causal_mode_pools_the_last_token_with_right_padding(tokenizer, t
     assert json.loads((final / "config.json").read_text())["is_causal"] is True
     assert json.loads((final / "1_Pooling" / "config.json").read_text())["pooling_mode"] == "lasttoken"
     assert first_token_change(final) == 0
+    # Evaluating the finished model (the main job does it after stage 4) keeps its saved attention and pooling.
+    from conan_hf.backbones import get_attention_mode
+    from trainers.common import backbone, load_sentence_model, pooling_mode
+
+    reloaded = load_sentence_model(str(final), attention_mode=None)
+    assert (get_attention_mode(backbone(reloaded)), pooling_mode(reloaded)) == ("causal", "lasttoken")
     model = SentenceTransformer(str(final))
     assert model.tokenizer.padding_side == "right"
     embeddings = model.encode(TEXTS, convert_to_tensor=True)  # one padded batch

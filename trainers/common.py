@@ -632,8 +632,8 @@ def split_holdout(rows: list[Any], fraction: float, seed: int = 0) -> tuple[list
 # ---- embedding models -----------------------------------------------------------------------------------------------
 def load_sentence_model(
     path: str,
-    attention_mode: str = "bidirectional",
-    pooling: str | None = "mean",
+    attention_mode: str | None = "bidirectional",
+    pooling: str | None = None,
     max_seq_length: int = 512,
     prompts: dict[str, str] | None = None,
 ):
@@ -649,7 +649,8 @@ def load_sentence_model(
       else ``mean``).
 
     The backbone is put in ``attention_mode`` (see `conan_hf.backbones.set_attention_mode`: ``soft`` applies the soft
-    mask to a stock decoder; encoders are bidirectional only). Stock backbones get right padding, the side on which
+    mask to a stock decoder; encoders are bidirectional only); ``None`` keeps a SentenceTransformer's saved attention
+    (evaluation of a finished model) and makes a bare model folder bidirectional. Stock backbones get right padding, the side on which
     their position numbering matches the unpadded sequence (last-token pooling handles either side).
     ``max_seq_length`` and ``prompts`` (added to any saved ones) are applied.
     """
@@ -670,12 +671,14 @@ def load_sentence_model(
         if prompts:
             model.prompts = {**model.prompts, **prompts}
     else:
+        attention_mode = attention_mode or "bidirectional"
         if pooling is None:
             pooling = "lasttoken" if attention_mode == "causal" else "mean"
         # attention_mode=None: a stock config must not receive Conan's `attention_mode` key (it would be saved).
         model = build_sentence_transformer(path, pooling=pooling, prompts=prompts, max_seq_length=max_seq_length,
                                            attention_mode=None)
-    set_attention_mode(model, attention_mode)
+    if attention_mode is not None:
+        set_attention_mode(model, attention_mode)
     decoder = backbone(model)
     side = padding_side_for(decoder)
     if side is not None and model.tokenizer is not None and model.tokenizer.padding_side != side:

@@ -207,7 +207,9 @@ def run_pipeline(
             return
         from trainers.common import load_sentence_model
 
-        model = load_sentence_model(path, attention_mode="bidirectional", max_seq_length=128)
+        # A stage output keeps its saved attention and pooling (stage 4 may be causal with last-token pooling); stage
+        # 3's input, a bare decoder, is evaluated bidirectional and mean-pooled.
+        model = load_sentence_model(path, attention_mode=None, max_seq_length=128)
         evaluation[label] = evaluate_embedder(model, demo_data["clr_eval"], demo_data["sts_eval"])
         print_main(f"[eval] {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in evaluation[label].items()))
 
