@@ -45,9 +45,8 @@ from .modeling_conan import ConanModel
 
 EXPORT_FORMATS = ("stock", "remote_code")
 
-#: ConanConfig keys that a stock LlamaConfig does not have (the attention mode is carried by ``is_causal``).
-CONAN_ONLY_CONFIG_KEYS = ("model_type", "attention_mode", "soft_mask_alpha", "soft_mask_backend", "auto_map",
-                          "architectures", "transformers_version", "_name_or_path", "is_causal")
+#: Keys of a saved config that describe the checkpoint rather than the architecture; the export writes its own.
+CHECKPOINT_KEYS = ("model_type", "auto_map", "architectures", "transformers_version", "_name_or_path", "is_causal")
 
 #: Texts of mixed lengths (so the probe batch is padded) used to check an export against the trained model.
 PROBE_TEXTS = ("a", "What do pandas eat? Giant pandas eat mostly bamboo shoots and leaves.", "大熊猫主要吃竹子。",
@@ -67,8 +66,10 @@ def conan_to_llama(model: ConanModel) -> LlamaModel:
             "causal or bidirectional. Switch it to 'bidirectional' (the end of the soft mask, alpha >= 1) first, or "
             "save it with export_format='remote_code'."
         )
-    values = {k: v for k, v in model.config.to_dict().items() if k not in CONAN_ONLY_CONFIG_KEYS}
-    config = LlamaConfig.from_dict(values)
+    # Every LlamaConfig key is carried over; Conan's own keys (attention_mode, soft_mask_*) are left out, since
+    # LlamaModel does not read them and is_causal carries the attention.
+    llama_keys = set(LlamaConfig().to_dict()) - set(CHECKPOINT_KEYS)
+    config = LlamaConfig.from_dict({k: v for k, v in model.config.to_dict().items() if k in llama_keys})
     config.is_causal = mode == "causal"
     config._attn_implementation = model.config._attn_implementation
     with torch.device("meta"):

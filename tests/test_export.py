@@ -123,7 +123,7 @@ def test_export_loads_without_conan_hf_and_reproduces_training_embeddings(tmp_pa
     folder = tmp_path / "conan-v2"
     config = json.loads((folder / "config.json").read_text())
     assert (config["model_type"], config["architectures"], config["is_causal"]) == ("llama", ["LlamaModel"], False)
-    assert not {"auto_map", "attention_mode", "soft_mask_alpha"} & set(config)
+    assert "auto_map" not in config and not [k for k in config if k.startswith(("attention_mode", "soft_mask"))]
     assert not list(folder.glob("*.py"))
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     assert tokenizer_config["padding_side"] == "right" and "auto_map" not in tokenizer_config
