@@ -101,8 +101,8 @@ def test_stage3_applies_the_soft_mask_to_a_stock_decoder(model_type, decoder_dir
 
     summary = weak.run(weak_config(str(decoder_dirs[model_type]), tmp_path / "weak"))
     assert "conan_hf.apply_soft_mask" in capsys.readouterr().out  # the mode in use is printed at the start
-    # α(t) = t/τ was set on the patched decoder every step (the step logged as s ran with s - 1 steps done) ...
-    assert [tuple(pair) for pair in summary["soft_mask_alphas"]] == [(1, 0.0), (2, 0.5)]
+    # α = s/τ was set on the patched decoder at every step s (τ = 2 steps) ...
+    assert [tuple(pair) for pair in summary["soft_mask_alphas"]] == [(1, 0.5), (2, 1.0)]
     # ... and reached 1, so the decoder is saved bidirectional, as a stock model of its own type.
     assert summary["final_alpha"] == 1.0 and summary["attention_mode"] == "bidirectional"
     final = Path(summary["final_dir"])
