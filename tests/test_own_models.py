@@ -198,7 +198,8 @@ def test_stage4_options_are_checked(tiny_model_dir, decoder_dirs, tmp_path):
 
     # The shipped YAML leaves pooling to the attention: --attention_mode causal alone gives last-token pooling.
     causal = parse_config(SupervisedConfig, "supervised", ["--attention_mode", "causal"])
-    model = load_sentence_model(str(decoder_dirs["qwen2"]), attention_mode=causal.attention_mode, pooling=causal.pooling)
+    model = load_sentence_model(str(decoder_dirs["qwen2"]), attention_mode=causal.attention_mode,
+                                pooling=causal.pooling)
     assert pooling_mode(model) == "lasttoken"
     assert pooling_mode(load_sentence_model(str(decoder_dirs["qwen2"]), pooling=causal.pooling)) == "mean"
 
@@ -261,8 +262,8 @@ def test_main_job_stages_3_and_4_on_your_own_decoder(decoder_dirs, tmp_path):
     assert f"SentenceTransformer({str(output)!r}) with stock transformers classes" in result.stdout
     probe = ("import sys; sys.modules['conan_hf'] = None\n"
              "from sentence_transformers import SentenceTransformer\n"
-             "m = SentenceTransformer(sys.argv[1]); print(type(m[0].auto_model).__name__, m[0].auto_model.config.is_causal,"
-             " m.encode(['hello']).shape)")
+             "m = SentenceTransformer(sys.argv[1])\n"
+             "print(type(m[0].auto_model).__name__, m[0].auto_model.config.is_causal, m.encode(['hello']).shape)")
     fresh = subprocess.run([sys.executable, "-c", probe, str(output)], env={**env, "PYTHONPATH": ""}, cwd=tmp_path,
                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
     assert fresh.returncode == 0, fresh.stderr[-3000:]

@@ -650,9 +650,9 @@ def load_sentence_model(
 
     The backbone is put in ``attention_mode`` (see `conan_hf.backbones.set_attention_mode`: ``soft`` applies the soft
     mask to a stock decoder; encoders are bidirectional only); ``None`` keeps a SentenceTransformer's saved attention
-    (evaluation of a finished model) and makes a bare model folder bidirectional. Stock backbones get right padding, the side on which
-    their position numbering matches the unpadded sequence (last-token pooling handles either side).
-    ``max_seq_length`` and ``prompts`` (added to any saved ones) are applied.
+    (evaluation of a finished model) and makes a bare model folder bidirectional. Stock backbones get right padding,
+    the side on which their position numbering matches the unpadded sequence (last-token pooling handles either
+    side). ``max_seq_length`` and ``prompts`` (added to any saved ones) are applied.
     """
     from sentence_transformers import SentenceTransformer
 
