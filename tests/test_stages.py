@@ -230,11 +230,11 @@ def test_weak_stage_teacher_filter_drops_low_scored_pairs(tiny_model_dir, tmp_pa
     torch.set_num_threads(1)
     pairs = weak.to_pairs(demo_instructions())
     teacher = SentenceTransformer(str(tiny_model_dir))
-    # The teacher sees each query with its row's instruction as the prompt (one instruction, as the student).
-    queries = [weak.WeakConfig.prompt_format.format(instruction=p["instruction"]) + p["anchor"]
-               if p["instruction"] else p["anchor"] for p in pairs]
-    scores = np.sum(teacher.encode(queries, normalize_embeddings=True)
-                    * teacher.encode([p["positive"] for p in pairs], normalize_embeddings=True), axis=1)
+    # The teacher sees each query with its row's instruction as its prompt (one instruction, as the student).
+    queries = np.stack([teacher.encode(p["anchor"], normalize_embeddings=True,
+                                       prompt=weak.WeakConfig.prompt_format.format(instruction=p["instruction"]))
+                        for p in pairs])
+    scores = np.sum(queries * teacher.encode([p["positive"] for p in pairs], normalize_embeddings=True), axis=1)
     threshold = float(np.quantile(scores, 0.3))
     config = config_from_dict(weak.WeakConfig, {
         "model": str(tiny_model_dir), "output_dir": str(tmp_path / "weak"), "teacher": str(tiny_model_dir),
