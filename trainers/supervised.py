@@ -50,6 +50,8 @@ from trainers.common import (
     read_sources,
     row_text,
     setup_runtime,
+    stage_exits,
+    start_stage,
     train_with_resume,
 )
 from trainers.dhnm import DHNMDataCollator
@@ -110,11 +112,18 @@ class SupervisedConfig(StageConfig):
         tasks: list of :class:`TaskConfig` mappings.
         num_negatives: active hard negatives per example (7 in the paper).
         temperature: InfoNCE τ; cosent_scale: CoSENT's scale (1/τ of eq. 2).
+        matryoshka: wrap every loss in Matryoshka representation learning (App. A).
         matryoshka_dims: ``None`` derives them from the embedding size (the paper's dims for 3584).
         dhnm: replace hard negatives that became easy (eq. 6 with thresholds ``dhnm_s0_min``, ``dhnm_drop_ratio``,
             ``dhnm_s_max``); ``false`` keeps each example's first ``num_negatives`` candidates.
+        dhnm_s0_min: a negative is replaced when its score S0 at activation is below this (0.4, eq. 6).
+        dhnm_drop_ratio: a negative is also replaced when ``dhnm_drop_ratio`` · S < S0 and S < ``dhnm_s_max``
+            (S its current score; 1.2, eq. 6).
+        dhnm_s_max: the upper bound on S of that second rule (0.7, eq. 6).
         teacher: SentenceTransformer used to mine negative pools for retrieval/clr tasks whose data has none.
         pool_size: candidates mined per example.
+        pooling: ``mean`` or ``lasttoken`` when ``model`` is a decoder folder (a SentenceTransformer keeps its own).
+        max_seq_length: texts are truncated to this many tokens.
         lora: ``None`` (full fine-tuning) or LoRA settings, e.g. ``{r: 16, lora_alpha: 32, lora_dropout: 0.05}``.
         multi_dataset_sampler: ``proportional`` (tasks sampled in proportion to their size) or ``round_robin``.
     """
@@ -306,6 +315,9 @@ def merge_lora(model) -> int:
 # ---- the stage -------------------------------------------------------------------------------------------------------
 def run(config: SupervisedConfig) -> dict[str, Any]:
     """Train stage 4; returns a summary with the final directory and the logged losses."""
+    done = start_stage(config, "supervised", 4)
+    if done is not None:
+        return done
     from datasets import Dataset, DatasetDict
     from sentence_transformers import SentenceTransformerTrainingArguments
 
@@ -398,7 +410,9 @@ def run(config: SupervisedConfig) -> dict[str, Any]:
 
 @cli_errors("python -m trainers.supervised")
 def main(argv: list[str] | None = None) -> None:
-    run(parse_config(SupervisedConfig, "supervised", argv, description=__doc__))
+    config = parse_config(SupervisedConfig, "supervised", argv, description=__doc__)
+    with stage_exits(config):
+        run(config)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from conan_hf.errors import cli_errors
-from trainers.common import STAGE_RECORD, parse_config, print_main, read_sources, write_json_atomic
+from trainers.common import (
+    STAGE_RECORD,
+    parse_config,
+    print_main,
+    read_sources,
+    stage_exits,
+    write_json_atomic,
+)
 
 
 @dataclasses.dataclass
@@ -59,7 +66,9 @@ def run(config: TokenizerConfig):
 
 @cli_errors("python -m trainers.tokenizer_stage")
 def main(argv: list[str] | None = None) -> None:
-    run(parse_config(TokenizerConfig, "tokenizer", argv, description=__doc__))
+    config = parse_config(TokenizerConfig, "tokenizer", argv, description=__doc__)
+    with stage_exits(config):
+        run(config)
 
 
 if __name__ == "__main__":
