@@ -355,7 +355,8 @@ def _field_default(field: dataclasses.Field) -> Any:
 
 
 def _show(value: Any) -> str:
-    if isinstance(value, (dict, list)):
+    """A value as YAML/JSON would write it on the command line (lists, mappings and multi-line strings quoted)."""
+    if isinstance(value, (dict, list)) or (isinstance(value, str) and "\n" in value):
         return json.dumps(value, ensure_ascii=False, default=str)
     return str(value)
 
