@@ -403,7 +403,7 @@ def _stock_llama_sentence_model(tiny_model_dir: Path, folder: Path) -> Path:
 
 
 def _run_card_snippets(card: str, cwd: Path, model_name: str, remote_code: bool) -> list[str]:
-    """Execute every ```python block of ``card`` in a fresh interpreter (stdin closed: a y/N prompt fails); checks
+    """Execute every ```python block of ``card`` in a fresh interpreter (stdin closed, no y/N prompt allowed); checks
     each ``print(...)  # expected`` comment against the output. Returns the blocks."""
     blocks = re.findall(r"```python\n(.*?)```", card, re.S)
     for block in blocks:
@@ -415,6 +415,8 @@ def _run_card_snippets(card: str, cwd: Path, model_name: str, remote_code: bool)
         result = subprocess.run([sys.executable, "-c", code], env=_env(), cwd=cwd,
                                 stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, f"snippet failed:\n{block}\n{result.stderr[-3000:]}"
+        # transformers asks "Do you wish to run the custom code? [y/N]" (and, with stdin closed, goes on without it)
+        assert "[y/N]" not in result.stdout + result.stderr, f"snippet prompts:\n{block}\n{result.stdout[-2000:]}"
         for expected in re.findall(r"^print\(.*\)  # (.+)$", block, re.M):
             assert expected in result.stdout, (block, result.stdout)
     return blocks
