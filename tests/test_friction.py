@@ -209,19 +209,27 @@ def test_finished_stage_says_already_done(tiny_model_dir, tmp_path, capsys, rest
     from trainers import supervised
     from trainers.common import completed_stage
 
-    config = _tiny_supervised_config(tiny_model_dir, tmp_path / "sup")
+    upstream = tmp_path / "weak" / "final"  # stands for the stage-3 output, with its stage record
+    shutil.copytree(tiny_model_dir, upstream)
+    (upstream / "conan_stage.json").write_text("{}", encoding="utf-8")
+    config = _tiny_supervised_config(upstream, tmp_path / "sup")
     first = supervised.run(config)
     capsys.readouterr()
-    stamp = (Path(first["final_dir"]) / "model.safetensors").stat().st_mtime_ns
-    again = supervised.run(_tiny_supervised_config(tiny_model_dir, tmp_path / "sup", logging_steps=5))
-    out = capsys.readouterr().out
     final = tmp_path / "sup" / "final"
+    stamp = (final / "model.safetensors").stat().st_mtime_ns
+    again = supervised.run(_tiny_supervised_config(upstream, tmp_path / "sup", logging_steps=5))
+    out = capsys.readouterr().out
     assert out.strip() == f"[stage 4] already done: {final} (delete it or pass --resume no to retrain)"
     assert again == json.loads(json.dumps(first))  # the recorded summary (as JSON), final_dir included
     assert (final / "model.safetensors").stat().st_mtime_ns == stamp  # nothing retrained or rewritten
     # other options, resume: no, or an explicit checkpoint: the stage trains
-    assert completed_stage(_tiny_supervised_config(tiny_model_dir, tmp_path / "sup", max_steps=3), 4) is None
-    assert completed_stage(_tiny_supervised_config(tiny_model_dir, tmp_path / "sup", resume="no"), 4) is None
+    assert completed_stage(_tiny_supervised_config(upstream, tmp_path / "sup", max_steps=3), 4, "supervised") is None
+    assert completed_stage(_tiny_supervised_config(upstream, tmp_path / "sup", resume="no"), 4, "supervised") is None
+    # the input written again after this stage finished (stage 3 re-run): trained again
+    assert completed_stage(config, 4, "supervised") is not None
+    later = (final / "conan_stage.json").stat().st_mtime + 10
+    os.utime(upstream / "conan_stage.json", (later, later))
+    assert completed_stage(config, 4, "supervised") is None
 
 
 def test_interrupt_before_a_checkpoint_says_start_over(tmp_path, capsys):

@@ -640,9 +640,10 @@ def check_stage_input(config: Any, stage: str) -> None:
     raise StageInputError(f"{value} not found: {make}, or pass --{option} PATH{hint}")
 
 
-def completed_stage(config: StageConfig, number: int) -> dict[str, Any] | None:
+def completed_stage(config: StageConfig, number: int, stage: str | None = None) -> dict[str, Any] | None:
     """The recorded summary if ``final_dir`` already holds this stage's result for the same options (the config
-    fingerprint of its stage record), else None. ``resume: no`` or an explicit checkpoint always trains."""
+    fingerprint of its stage record) and its input (``stage``'s entry of `STAGE_INPUTS`) has not been written again
+    since, else None. ``resume: no`` or an explicit checkpoint always trains."""
     if config.resume != "auto":
         return None
     final = config.final_path
@@ -657,6 +658,11 @@ def completed_stage(config: StageConfig, number: int) -> dict[str, Any] | None:
     if saved != config.fingerprint():
         logger.warning("%s holds a result trained with other options; training again (it will be replaced)", final)
         return None
+    option = STAGE_INPUTS.get(stage or "", (None,))[0]
+    source = Path(str(getattr(config, option, ""))) / STAGE_RECORD if option else None
+    if source is not None and source.is_file() and source.stat().st_mtime > record_path.stat().st_mtime:
+        logger.warning("%s was trained from an older %s; training again (it will be replaced)", final, source.parent)
+        return None
     print_main(f"[stage {number}] already done: {final} (delete it or pass --resume no to retrain)")
     return {**(record.get("summary") or {}), "final_dir": str(final)}
 
@@ -665,7 +671,7 @@ def start_stage(config: Any, stage: str, number: int) -> dict[str, Any] | None:
     """What every stage's ``run`` does first: return the recorded summary when the stage is already done (see
     `completed_stage`), else check that its input exists (see `check_stage_input`) and return None."""
     if isinstance(config, StageConfig):
-        done = completed_stage(config, number)
+        done = completed_stage(config, number, stage)
         if done is not None:
             return done
     check_stage_input(config, stage)
