@@ -232,6 +232,31 @@ def test_finished_stage_says_already_done(tiny_model_dir, tmp_path, capsys, rest
     assert completed_stage(config, 4, "supervised") is None
 
 
+def test_tokenizer_stage_is_not_retrained_on_the_same_texts(tmp_path, capsys):
+    """Stage 0 is skipped when options and texts are unchanged, so a re-run of the main job does not rewrite it and
+    make every later stage see a newer input."""
+    from trainers.common import STAGE_RECORD, config_from_dict
+    from trainers.tokenizer_stage import TokenizerConfig, run
+
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"sentence number {i} about pandas"}) + "\n" for i in range(50)),
+                     encoding="utf-8")
+    config = config_from_dict(TokenizerConfig, {"output_dir": str(tmp_path / "tok"), "vocab_size": 300,
+                                                "data": [{"path": str(texts)}]})
+    first = run(config)
+    record = tmp_path / "tok" / STAGE_RECORD
+    stamp = record.stat().st_mtime_ns
+    capsys.readouterr()
+    again = run(config)
+    assert capsys.readouterr().out.strip() == (
+        f"[stage 0] already done: {tmp_path / 'tok'} (same options and texts; delete it to retrain)")
+    assert record.stat().st_mtime_ns == stamp and again.get_vocab() == first.get_vocab()
+    with texts.open("a", encoding="utf-8") as handle:  # other texts: trained again
+        handle.write(json.dumps({"text": "one more sentence"}) + "\n")
+    run(config)
+    assert "tokenizer:" in capsys.readouterr().out and record.stat().st_mtime_ns != stamp
+
+
 def test_interrupt_before_a_checkpoint_says_start_over(tmp_path, capsys):
     from trainers.common import stage_exits
 
