@@ -154,14 +154,16 @@ def test_missing_stage_inputs_say_how_to_make_them(tmp_path, monkeypatch):
                               env=_env(), cwd=cwd, capture_output=True, text=True, timeout=120)
     assert pretrain.returncode == 2, pretrain.stderr[-2000:]
     assert pretrain.stderr.strip().splitlines()[-1] == (
-        "error: runs/tokenizer not found: run `python -m trainers.tokenizer_stage --preset tiny` first "
+        "python -m trainers.pretrain: error: runs/tokenizer not found: run `python -m trainers.tokenizer_stage "
+        "--preset tiny` first "
         "(it writes runs/tokenizer), or pass --tokenizer PATH")
     assert "Traceback" not in pretrain.stderr and "Repo id" not in pretrain.stderr
     supervised = subprocess.run([sys.executable, "-m", "trainers.supervised"], env=_env(), cwd=cwd,
                                 capture_output=True, text=True, timeout=120)
     assert supervised.returncode == 2, supervised.stderr[-2000:]
     assert supervised.stderr.strip().splitlines()[-1] == (
-        "error: runs/weak/final not found: run `python -m trainers.weak --preset tiny` first (it writes "
+        "python -m trainers.supervised: error: runs/weak/final not found: run `python -m trainers.weak --preset tiny` "
+        "first (it writes "
         "runs/weak/final), or pass --model PATH")
 
     # in-process: the other stages, other local-looking paths, the main job's copy, and Hub ids left alone
