@@ -667,14 +667,16 @@ def completed_stage(config: StageConfig, number: int, stage: str | None = None) 
     return {**(record.get("summary") or {}), "final_dir": str(final)}
 
 
-def start_stage(config: Any, stage: str, number: int) -> dict[str, Any] | None:
+def start_stage(config: Any, stage: str, number: int, check_input: bool = True) -> dict[str, Any] | None:
     """What every stage's ``run`` does first: return the recorded summary when the stage is already done (see
-    `completed_stage`), else check that its input exists (see `check_stage_input`) and return None."""
+    `completed_stage`), else check that its input exists (see `check_stage_input`; ``check_input=False`` for a stage
+    that reads its data first, so a bad data file is reported before a missing model) and return None."""
     if isinstance(config, StageConfig):
         done = completed_stage(config, number, stage)
         if done is not None:
             return done
-    check_stage_input(config, stage)
+    if check_input:
+        check_stage_input(config, stage)
     return None
 
 

@@ -30,6 +30,7 @@ from trainers.common import (
     MainProcessSaveMixin,
     StageConfig,
     backbone,
+    check_stage_input,
     finish_stage,
     load_sentence_model,
     parse_config,
@@ -150,7 +151,7 @@ def filter_pairs_by_teacher(dataset, teacher, threshold: float, prompt_format: s
 
 def run(config: WeakConfig) -> dict[str, Any]:
     """Train stage 3; returns a summary with the final directory, the logged losses and the final α."""
-    done = start_stage(config, "weak", 3)
+    done = start_stage(config, "weak", 3, check_input=False)
     if done is not None:
         return done
     from datasets import Dataset, DatasetDict
@@ -166,6 +167,7 @@ def run(config: WeakConfig) -> dict[str, Any]:
     setup_runtime(config)
     rows = read_sources(config.data, demo_instructions, required=[], what="stage 3 (weakly-supervised) data")
     dataset = Dataset.from_list(to_pairs(rows))
+    check_stage_input(config, "weak")  # after the data checks, before the (slow) teacher filter
     teacher_report = None
     if config.teacher:
         dataset, teacher_report = filter_pairs_by_teacher(dataset, config.teacher, config.teacher_threshold,
