@@ -11,6 +11,9 @@ from __future__ import annotations
 import itertools
 import random
 
+#: Languages of the demo corpus (the model card lists them for models trained on it).
+LANGUAGES = ("en", "zh")
+
 SUBJECTS = [
     ("My sister", "我的姐姐"), ("The teacher", "老师"), ("A young doctor", "一位年轻的医生"),
     ("The old farmer", "那位老农民"), ("Our neighbour", "我们的邻居"), ("The little boy", "那个小男孩"),

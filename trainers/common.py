@@ -7,7 +7,9 @@ A stage is ``config → datasets → Trainer → output_dir/final``. Each stage 
 
     accelerate launch -m trainers.pretrain --config trainers/configs/pretrain.yaml --preset tiny --max_steps 50
 
-Every dataclass field is also a command-line flag (``--max_steps 50``), applied after the YAML file and its preset.
+Every dataclass field is also a command-line flag (``--max_steps 50``); ``--help`` lists them with their defaults and
+meanings. Precedence (later wins): dataclass defaults ← the stage's shipped YAML ← ``--preset`` ← the values your own
+YAML changes ← command-line flags (see :func:`load_config`).
 
 Checkpoints are the Trainer's ``output_dir/checkpoint-N`` folders. The Trainer writes them in place, so a process killed
 mid-save leaves a half-written folder; :class:`CheckpointCommitCallback` therefore writes a commit marker once every
@@ -17,7 +19,9 @@ rank has finished saving, and :func:`latest_checkpoint` only ever resumes from c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -26,13 +30,13 @@ import sys
 import time
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from transformers import TrainerCallback
 
-from conan_hf.errors import DataError, OneLineArgumentParser
+from conan_hf.errors import DataError, DataFileNotFoundError, OneLineArgumentParser
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,8 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 COMMIT_MARKER = "checkpoint_complete.json"
 #: Written last into each stage's final directory: the stage name, its config and its training summary.
 STAGE_RECORD = "conan_stage.json"
+#: ``resume`` values that start over.
+NO_RESUME = ("no", "never", "false", "False", "", None)
 
 C = TypeVar("C", bound="StageConfig")
 
@@ -52,12 +58,29 @@ class StageConfig:
     Args:
         output_dir: checkpoints go to ``output_dir/checkpoint-N``, the finished model to ``final_dir``.
         final_dir: where the finished model is written (default ``output_dir/final``); the next stage reads it.
-        resume: ``"auto"`` resumes from the latest complete checkpoint in ``output_dir`` if there is one, ``"no"``
-            starts over, or a path to a checkpoint folder.
+        resume: ``"auto"`` resumes from the latest complete checkpoint in ``output_dir`` if there is one (and skips
+            the stage when ``final_dir`` already holds its result for the same options), ``"no"`` starts over, or a
+            path to a checkpoint folder.
+        seed: seed of every random number generator (python, numpy, torch) and of the data order.
+        max_steps: stop after this many optimizer steps (``-1``: run ``num_train_epochs`` epochs).
+        num_train_epochs: passes over the training data (when ``max_steps`` is ``-1``).
+        per_device_train_batch_size: examples per batch on each device.
+        gradient_accumulation_steps: batches accumulated per optimizer step.
+        learning_rate: peak AdamW learning rate.
+        warmup_ratio: linear warm-up over this fraction of the total optimizer steps.
+        weight_decay: AdamW weight decay.
+        lr_scheduler_type: learning-rate schedule after warm-up (transformers' names: ``linear``, ``cosine``, ...).
+        max_grad_norm: gradient clipping norm.
+        bf16: bfloat16 mixed precision (the paper's setting on GPU/NPU).
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
         deepspeed: a DeepSpeed config (path to a JSON file, or a dict) for the HF Trainer; ``None`` leaves the choice
             to ``accelerate launch --config_file ...`` (see ``trainers/configs/accelerate/``).
-        warmup_ratio: linear warm-up over this fraction of the total optimizer steps.
-        bf16: bfloat16 mixed precision (the paper's setting on GPU/NPU).
+        save_steps: write a checkpoint every this many steps.
+        save_total_limit: checkpoints kept (at least 2, so a crash while saving leaves an intact one).
+        logging_steps: log the loss every this many steps.
+        dataloader_num_workers: data-loading worker processes (0: in the main process).
+        report_to: experiment tracker of the Trainer (``none``, ``tensorboard``, ``wandb``, ...).
+        disable_tqdm: hide the progress bar.
         num_threads: CPU threads for torch (``None``: torch's default). The tiny presets use 1: a model of a few
             million parameters gains nothing from more, and multi-threaded kernels slow down sharply (30x measured)
             when other processes share the cores.
@@ -93,10 +116,7 @@ class StageConfig:
 
     def fingerprint(self) -> str:
         """Hash of the options that define the training run (all but `RUN_ONLY_OPTIONS`)."""
-        import hashlib
-
-        values = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUN_ONLY_OPTIONS}
-        return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return config_fingerprint(dataclasses.asdict(self), self.RUN_ONLY_OPTIONS)
 
     @property
     def final_path(self) -> Path:
@@ -138,9 +158,33 @@ class StageConfig:
         return kwargs
 
 
+def config_fingerprint(values: dict[str, Any], run_only: Sequence[str] = StageConfig.RUN_ONLY_OPTIONS) -> str:
+    """`StageConfig.fingerprint` of a config given as a dict (e.g. the ``config`` of a stage record read back)."""
+    import hashlib
+
+    kept = {k: v for k, v in values.items() if k not in run_only}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 # ---- configs ---------------------------------------------------------------------------------------------------------
 def default_config_path(stage: str) -> Path:
     return CONFIG_DIR / f"{stage}.yaml"
+
+
+def _read_yaml_config(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(top-level values, presets) of a stage YAML file."""
+    import yaml
+
+    with open(path, encoding="utf-8") as handle:
+        loaded = yaml.safe_load(handle) or {}
+    if not isinstance(loaded, dict):
+        raise DataError(f"a stage config must be a YAML mapping, got {type(loaded).__name__}", where=str(path),
+                        hint="write `key: value` lines")
+    presets = loaded.pop("presets", None) or {}
+    if not isinstance(presets, dict):
+        raise DataError("`presets` must map preset names to option mappings", where=str(path),
+                        hint="write `presets: {tiny: {key: value}}`")
+    return loaded, presets
 
 
 def load_config(
@@ -148,10 +192,29 @@ def load_config(
     path: str | os.PathLike | None = None,
     preset: str | None = None,
     overrides: dict[str, Any] | None = None,
+    stage: str | None = None,
 ) -> C:
-    """Build a stage config: dataclass defaults ← YAML file ← its ``presets[preset]`` ← ``overrides``.
+    """Build a stage config from its dataclass, the stage's YAML files, a preset and ``overrides``.
 
-    Raises a `ValueError` naming the file and the key for unknown keys or presets, so a typo never goes unnoticed.
+    Precedence, later wins::
+
+        dataclass defaults ← shipped YAML (trainers/configs/<stage>.yaml) ← presets[preset] ← your YAML ← overrides
+
+    The shipped YAML's top-level values are the paper's defaults and a preset (``tiny``) shrinks them, so the preset
+    must win over them; but a value *you* wrote must win over the preset. "Your" values are the top-level keys of
+    ``path`` whose value differs from the shipped file's (or that the shipped file does not have). Hence:
+
+    - the shipped file itself (or a verbatim copy) + ``--preset tiny`` gives the tiny values;
+    - a YAML of your own with ``max_steps: 7`` (or a copy of the shipped file where you changed ``learning_rate``)
+      + ``--preset tiny`` keeps your 7 (your learning rate) and takes the rest of the preset;
+    - a value equal to the shipped file's counts as the paper default, so the preset still replaces it.
+
+    The preset comes from ``path`` when that file defines it, else from the shipped file. ``stage`` names the shipped
+    file; without it, it is the one in ``trainers/configs`` with the same file name as ``path``, if any (a file with
+    no shipped counterpart is its own base: its preset overrides its top-level values). ``overrides`` (command-line
+    flags, the main job's hand-off paths) win over everything. Preset values that lose to yours are logged.
+
+    Raises a `DataError` naming the file and the key for unknown keys or presets, so a typo never goes unnoticed.
 
     Example:
 
@@ -161,24 +224,36 @@ def load_config(
     >>> cfg = load_config(PretrainConfig, "trainers/configs/pretrain.yaml", preset="tiny", overrides={"max_steps": 5})
     ```
     """
-    import yaml
-
     values: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
         source = str(path)
-        with open(path, encoding="utf-8") as handle:
-            loaded = yaml.safe_load(handle) or {}
-        if not isinstance(loaded, dict):
-            raise DataError(f"a stage config must be a YAML mapping, got {type(loaded).__name__}", where=str(path),
-                            hint="write `key: value` lines")
-        presets = loaded.pop("presets", {}) or {}
-        values.update(loaded)
+        user_values, user_presets = _read_yaml_config(path)
+        shipped_path = default_config_path(stage) if stage else CONFIG_DIR / Path(path).name
+        shipped_values: dict[str, Any] = {}
+        shipped_presets: dict[str, Any] = {}
+        if shipped_path.is_file() and shipped_path.resolve() != Path(path).resolve():
+            shipped_values, shipped_presets = _read_yaml_config(shipped_path)
+            mine = {k for k, v in user_values.items() if k not in shipped_values or shipped_values[k] != v}
+        else:
+            mine = set()  # the shipped file itself, or a file with no shipped counterpart: the preset refines it
+        values.update(shipped_values)
+        values.update(user_values)
         if preset is not None:
+            presets = user_presets if preset in user_presets else shipped_presets
             if preset not in presets:
+                available = sorted(set(user_presets) | set(shipped_presets))
                 raise DataError(f"no preset {preset!r}", where=str(path),
-                                hint=f"choose one of {sorted(presets) or 'none'}")
-            values.update(presets[preset])
+                                hint=f"choose one of {available or 'none'}")
+            kept = {}
+            for key, value in (presets[preset] or {}).items():
+                if key in mine:
+                    kept[key] = (user_values[key], value)
+                else:
+                    values[key] = value
+            if kept:
+                logger.warning("%s: your values win over preset %r: %s", path, preset,
+                               ", ".join(f"{k}={mine_value!r} (preset: {p!r})" for k, (mine_value, p) in kept.items()))
     elif preset is not None:
         raise DataError(f"preset {preset!r} needs a config file", hint="pass --config FILE")
     values.update(overrides or {})
@@ -233,19 +308,91 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     raise DataError(f"cannot read {value!r} as {hint}", where=where, hint="fix the value")
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: meaning}`` from the ``Args:`` sections of the docstrings of ``cls`` and its bases (a subclass's entry
+    wins). An entry is ``name: text`` with continuation lines indented deeper; ``a: ...; b: ...`` on one line documents
+    two fields."""
+    import re
+
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        lines = inspect.cleandoc(klass.__dict__.get("__doc__") or "").splitlines()
+        if "Args:" not in [line.strip() for line in lines]:
+            continue
+        start = [line.strip() for line in lines].index("Args:") + 1
+        entry_indent: int | None = None
+        current: str | None = None
+        for line in lines[start:]:
+            if not line.strip():
+                current = None
+                continue
+            indent = len(line) - len(line.lstrip())
+            if entry_indent is None:
+                entry_indent = indent
+            if indent < entry_indent:
+                break
+            match = re.match(r"(\w+):\s*(.*)", line.strip())
+            if indent == entry_indent and match:
+                current = match.group(1)
+                docs[current] = match.group(2)
+            elif current is not None:
+                docs[current] += " " + line.strip()
+    for name, text in list(docs.items()):  # "temperature: InfoNCE τ; cosent_scale: CoSENT's scale"
+        parts = re.split(r";\s+(\w+):\s+", text)
+        if len(parts) > 1 and all(p in names for p in parts[1::2]):
+            docs[name] = parts[0]
+            docs.update(dict(zip(parts[1::2], parts[2::2])))
+    return docs
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+def _show(value: Any) -> str:
+    """A value as YAML/JSON would write it on the command line (lists, mappings and multi-line strings quoted)."""
+    if isinstance(value, (dict, list)) or (isinstance(value, str) and "\n" in value):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return str(value)
+
+
 def parse_config(cls: type[C], stage: str, argv: list[str] | None = None, description: str | None = None) -> C:
-    """Command line of a stage: ``--config FILE --preset NAME`` plus one ``--<field> VALUE`` flag per option."""
-    parser = OneLineArgumentParser(prog=f"python -m trainers.{stage}", description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(default_config_path(stage)),
-                        help="stage YAML (default: %(default)s)")
-    parser.add_argument("--preset", default=None, help="a preset of the YAML file, e.g. 'tiny'")
+    """Command line of a stage: ``--config FILE --preset NAME`` plus one ``--<field> VALUE`` flag per option.
+
+    ``--help`` lists every option with its meaning (from the dataclass docstrings), the value the shipped YAML gives
+    it and what the ``tiny`` preset changes. Values are read as the field's type (YAML syntax for lists and mappings:
+    ``--lora '{r: 8}'``).
+    """
+    shipped = default_config_path(stage)
+    shipped_values, shipped_presets = _read_yaml_config(shipped) if shipped.is_file() else ({}, {})
+    tiny = shipped_presets.get("tiny") or {}
+    parser = OneLineArgumentParser(
+        prog=f"python -m trainers.{stage}", description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Precedence (later wins): dataclass defaults <- the shipped YAML <- --preset <- the values your own "
+               "--config file changes <- these flags.")
+    parser.add_argument("--config", default=str(shipped), help="stage YAML (default: %(default)s)")
+    parser.add_argument("--preset", default=None,
+                        help=f"a preset of the YAML file: {', '.join(sorted(shipped_presets)) or 'none shipped'}")
+    docs = field_docs(cls)
+    options = parser.add_argument_group("options (config keys; defaults are the shipped YAML's values)")
     for field in dataclasses.fields(cls):
-        parser.add_argument(f"--{field.name}", dest=f"field__{field.name}", default=argparse.SUPPRESS,
-                            metavar=field.name.upper(), help=argparse.SUPPRESS)
+        default = shipped_values.get(field.name, _field_default(field))
+        text = docs.get(field.name, "").strip() or "(undocumented)"
+        text += f" (default: {_show(default)}"
+        if field.name in tiny:
+            text += f"; --preset tiny: {_show(tiny[field.name])}"
+        text += ")"
+        options.add_argument(f"--{field.name}", dest=f"field__{field.name}", default=argparse.SUPPRESS,
+                             metavar=field.name.upper(), help=text.replace("%", "%%"))
     args = parser.parse_args(argv)
     overrides = {k[len("field__"):]: v for k, v in vars(args).items() if k.startswith("field__")}
-    return load_config(cls, args.config, args.preset, overrides)
+    return load_config(cls, args.config, args.preset, overrides, stage=stage)
 
 
 # ---- distributed set-up -------------------------------------------------------------------------------------------
@@ -380,7 +527,7 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 def resolve_resume(config: StageConfig) -> str | None:
     """The checkpoint to resume from according to ``config.resume``, as a string for `Trainer.train`."""
-    if config.resume in ("no", "never", "false", "False", "", None):
+    if config.resume in NO_RESUME:
         return None
     if config.resume == "auto":
         found = latest_checkpoint(config.output_dir)
@@ -437,7 +584,8 @@ def save_final(trainer, config: StageConfig, stage: str, summary: dict[str, Any]
             write_model(staging)
     wait_for_everyone()
     if trainer.is_world_process_zero():
-        record = {"stage": stage, "config": dataclasses.asdict(config), "summary": summary or {}}
+        record = {"stage": stage, "config": dataclasses.asdict(config), "config_fingerprint": config.fingerprint(),
+                  "summary": summary or {}}
         write_json_atomic(staging / STAGE_RECORD, record)
         if final.exists():
             old = final.with_name(f".{final.name}.old")
@@ -454,6 +602,116 @@ def train_with_resume(trainer, config: StageConfig):
     clean_output_dir(config)
     trainer.add_callback(CheckpointCommitCallback(config.fingerprint()))
     return trainer.train(resume_from_checkpoint=resolve_resume(config))
+
+
+#: What each stage reads from an earlier one: (its option, the module that writes it, that module's default output).
+STAGE_INPUTS = {
+    "pretrain": ("tokenizer", "tokenizer_stage", "runs/tokenizer"),
+    "sft": ("model", "pretrain", "runs/pretrain/final"),
+    "weak": ("model", "sft", "runs/sft/final"),
+    "supervised": ("model", "weak", "runs/weak/final"),
+}
+#: Where the main job (examples/finetune.py, default --work-dir) writes the same folders.
+MAIN_JOB_OUTPUTS = {"tokenizer_stage": "runs/finetune/tokenizer", "pretrain": "runs/finetune/pretrain/final",
+                    "sft": "runs/finetune/sft/final", "weak": "runs/finetune/weak/final"}
+
+
+class StageInputError(DataFileNotFoundError):
+    """A stage's input folder (an earlier stage's output) does not exist; the message says how to make it. A
+    `DataError`, so the stage command lines report it as one line with exit status 2 (`conan_hf.errors.cli_errors`)."""
+
+
+def looks_local(value: str) -> bool:
+    """Whether ``value`` is meant as a local path rather than a Hub id (``name`` or ``org/name``): it starts with
+    ``.``, ``/`` or ``~``, has a backslash or more than one ``/``, or its first component is an existing folder."""
+    text = str(value)
+    if text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1:
+        return True
+    return "/" in text and Path(text.split("/", 1)[0]).is_dir()
+
+
+def check_stage_input(config: Any, stage: str) -> None:
+    """Raise `StageInputError` when the stage's input (an earlier stage's output) is a missing local folder, saying
+    which command makes it, instead of letting transformers try the Hub with a local path."""
+    if stage not in STAGE_INPUTS:
+        return
+    option, producer, default_output = STAGE_INPUTS[stage]
+    value = getattr(config, option, None)
+    if not isinstance(value, (str, os.PathLike)) or Path(value).exists():
+        return
+    value = str(value)
+    if not (looks_local(value) or value == default_output):
+        return  # a Hub id: transformers / sentence-transformers resolve it
+    command = f"python -m trainers.{producer} --preset tiny"
+    if Path(value) == Path(default_output):
+        make = f"run `{command}` first (it writes {default_output})"
+    else:
+        make = f"make it with `{command} --output_dir ...`"
+    hint = ""
+    alternative = MAIN_JOB_OUTPUTS.get(producer)
+    if alternative and Path(alternative).exists():
+        hint = f"; the main job wrote one to {alternative}: --{option} {alternative}"
+    raise StageInputError(f"{value} not found: {make}, or pass --{option} PATH{hint}")
+
+
+def completed_stage(config: StageConfig, number: int, stage: str | None = None) -> dict[str, Any] | None:
+    """The recorded summary if ``final_dir`` already holds this stage's result for the same options (the config
+    fingerprint of its stage record) and its input (``stage``'s entry of `STAGE_INPUTS`) has not been written again
+    since, else None. ``resume: no`` or an explicit checkpoint always trains."""
+    if config.resume != "auto":
+        return None
+    final = config.final_path
+    record_path = final / STAGE_RECORD
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    saved = record.get("config_fingerprint") or config_fingerprint(record.get("config") or {}, config.RUN_ONLY_OPTIONS)
+    if saved != config.fingerprint():
+        logger.warning("%s holds a result trained with other options; training again (it will be replaced)", final)
+        return None
+    option = STAGE_INPUTS.get(stage or "", (None,))[0]
+    source = Path(str(getattr(config, option, ""))) / STAGE_RECORD if option else None
+    if source is not None and source.is_file() and source.stat().st_mtime > record_path.stat().st_mtime:
+        logger.warning("%s was trained from an older %s; training again (it will be replaced)", final, source.parent)
+        return None
+    print_main(f"[stage {number}] already done: {final} (delete it or pass --resume no to retrain)")
+    return {**(record.get("summary") or {}), "final_dir": str(final)}
+
+
+def start_stage(config: Any, stage: str, number: int, check_input: bool = True) -> dict[str, Any] | None:
+    """What every stage's ``run`` does first: return the recorded summary when the stage is already done (see
+    `completed_stage`), else check that its input exists (see `check_stage_input`; ``check_input=False`` for a stage
+    that reads its data first, so a bad data file is reported before a missing model) and return None."""
+    if isinstance(config, StageConfig):
+        done = completed_stage(config, number, stage)
+        if done is not None:
+            return done
+    if check_input:
+        check_stage_input(config, stage)
+    return None
+
+
+@contextlib.contextmanager
+def stage_exits(config: Any) -> Iterator[None]:
+    """Around a stage's ``run`` on the command line: Ctrl-C ends with one line saying where the same command resumes
+    (the latest committed checkpoint) and exit code 130, not a traceback. It composes with
+    `conan_hf.errors.cli_errors` (one line and exit code 2 for a `DataError`, e.g. a missing input)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        output_dir = getattr(config, "output_dir", None)
+        found = latest_checkpoint(output_dir) if isinstance(config, StageConfig) and output_dir else None
+        if found is None:
+            message = "interrupted; run the same command again to train from the start (no complete checkpoint yet)"
+        elif getattr(config, "resume", "auto") in NO_RESUME:
+            message = f"interrupted; run the same command with --resume auto to resume from {found}"
+        else:
+            message = f"interrupted; run the same command again to resume from {found}"
+        print_main(message, file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def finish_stage(trainer, config: StageConfig, stage: str, number: int, result, note: str = "",

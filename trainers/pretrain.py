@@ -26,6 +26,8 @@ from trainers.common import (
     print_main,
     read_sources,
     setup_runtime,
+    stage_exits,
+    start_stage,
     train_with_resume,
 )
 
@@ -42,6 +44,7 @@ class PretrainConfig(StageConfig):
             to a ``config.json``, or a mapping of `ConanConfig` arguments.
         model_overrides: `ConanConfig` arguments applied on top (e.g. ``{num_hidden_layers: 4}``).
         data: text sources (see :mod:`trainers.common`).
+        text_column: the column holding the text in file/Hub sources.
         seq_length: tokens per packed block.
     """
 
@@ -168,6 +171,9 @@ def tokenize_documents(tokenizer, texts: Iterable[str]) -> list[list[int]]:
 
 def run(config: PretrainConfig) -> dict[str, Any]:
     """Train stage 1; returns a summary with the final directory and the logged losses."""
+    done = start_stage(config, "pretrain", 1)
+    if done is not None:
+        return done
     from datasets import Dataset
     from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
@@ -195,7 +201,9 @@ def run(config: PretrainConfig) -> dict[str, Any]:
 
 @cli_errors("python -m trainers.pretrain")
 def main(argv: list[str] | None = None) -> None:
-    run(parse_config(PretrainConfig, "pretrain", argv, description=__doc__))
+    config = parse_config(PretrainConfig, "pretrain", argv, description=__doc__)
+    with stage_exits(config):
+        run(config)
 
 
 if __name__ == "__main__":

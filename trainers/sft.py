@@ -23,6 +23,8 @@ from trainers.common import (
     print_main,
     read_sources,
     setup_runtime,
+    stage_exits,
+    start_stage,
     train_with_resume,
 )
 
@@ -81,6 +83,9 @@ def build_sft_example(tokenizer, instruction: str, input: str, output: str, max_
 
 def run(config: SFTConfig) -> dict[str, Any]:
     """Train stage 2; returns a summary with the final directory and the logged losses."""
+    done = start_stage(config, "sft", 2)
+    if done is not None:
+        return done
     from datasets import Dataset
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
@@ -115,7 +120,9 @@ def run(config: SFTConfig) -> dict[str, Any]:
 
 @cli_errors("python -m trainers.sft")
 def main(argv: list[str] | None = None) -> None:
-    run(parse_config(SFTConfig, "sft", argv, description=__doc__))
+    config = parse_config(SFTConfig, "sft", argv, description=__doc__)
+    with stage_exits(config):
+        run(config)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,8 @@ from trainers.common import (
     read_sources,
     row_text,
     setup_runtime,
+    stage_exits,
+    start_stage,
     train_with_resume,
 )
 from trainers.dhnm import DHNMDataCollator, FalseNegativeCountCallback
@@ -122,6 +124,7 @@ class SupervisedConfig(StageConfig):
         tasks: list of :class:`TaskConfig` mappings.
         num_negatives: active hard negatives per example (7 in the paper).
         temperature: InfoNCE τ; cosent_scale: CoSENT's scale (1/τ of eq. 2).
+        matryoshka: wrap every loss in Matryoshka representation learning (App. A).
         matryoshka_dims: ``None`` derives them from the embedding size (the paper's dims for 3584).
         dhnm: replace hard negatives that became easy (eq. 6 with thresholds ``dhnm_s0_min``, ``dhnm_drop_ratio``,
             ``dhnm_s_max``); ``false`` keeps each example's first ``num_negatives`` candidates. A replacement trains
@@ -131,8 +134,13 @@ class SupervisedConfig(StageConfig):
         mask_false_negatives: InfoNCE leaves documents identical to a query's positive out of its negatives.
         false_negative_margin: ``None`` (default) or a margin m: InfoNCE also leaves out negatives scoring above the
             positive's score minus m (:class:`conan_hf.losses.InfoNCELoss`).
+        dhnm_s0_min: a negative is replaced when its score S0 at activation is below this (0.4, eq. 6).
+        dhnm_drop_ratio: a negative is also replaced when ``dhnm_drop_ratio`` · S < S0 and S < ``dhnm_s_max``
+            (S its current score; 1.2, eq. 6).
+        dhnm_s_max: the upper bound on S of that second rule (0.7, eq. 6).
         teacher: SentenceTransformer used to mine negative pools for retrieval/clr tasks whose data has none.
         pool_size: candidates mined per example.
+        max_seq_length: texts are truncated to this many tokens.
         lora: ``None`` (full fine-tuning) or LoRA settings, e.g. ``{r: 16, lora_alpha: 32, lora_dropout: 0.05}``.
         pooling: ``mean`` or ``lasttoken`` for a model folder that is not yet a SentenceTransformer; ``None``:
             ``lasttoken`` with causal attention, else ``mean`` (a SentenceTransformer keeps its saved pooling).
@@ -358,6 +366,9 @@ def merge_lora(model) -> int:
 # ---- the stage -------------------------------------------------------------------------------------------------------
 def run(config: SupervisedConfig) -> dict[str, Any]:
     """Train stage 4; returns a summary with the final directory and the logged losses."""
+    done = start_stage(config, "supervised", 4)
+    if done is not None:
+        return done
     from datasets import Dataset, DatasetDict
     from sentence_transformers import SentenceTransformerTrainingArguments
 
@@ -488,7 +499,9 @@ def run(config: SupervisedConfig) -> dict[str, Any]:
 
 @cli_errors("python -m trainers.supervised")
 def main(argv: list[str] | None = None) -> None:
-    run(parse_config(SupervisedConfig, "supervised", argv, description=__doc__))
+    config = parse_config(SupervisedConfig, "supervised", argv, description=__doc__)
+    with stage_exits(config):
+        run(config)
 
 
 if __name__ == "__main__":

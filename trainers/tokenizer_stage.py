@@ -10,11 +10,20 @@ that stage 1 saves next to the model.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 from conan_hf.errors import cli_errors
-from trainers.common import STAGE_RECORD, parse_config, print_main, read_sources, write_json_atomic
+from trainers.common import (
+    STAGE_RECORD,
+    parse_config,
+    print_main,
+    read_sources,
+    stage_exits,
+    write_json_atomic,
+)
 
 
 @dataclasses.dataclass
@@ -38,6 +47,19 @@ class TokenizerConfig:
     model_max_length: int = 32_768
 
 
+def _already_trained(out: Path, config: TokenizerConfig, digest: str) -> bool:
+    """Whether ``out`` holds a tokenizer trained with these options on exactly these texts (its stage record)."""
+    record_path = out / STAGE_RECORD
+    if not record_path.is_file():
+        return False
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return False
+    options = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    return record.get("config") == options and (record.get("summary") or {}).get("texts_sha256") == digest
+
+
 def run(config: TokenizerConfig):
     """Train and save the tokenizer; returns it."""
     from conan_hf.demo import demo_texts
@@ -46,20 +68,30 @@ def run(config: TokenizerConfig):
     rows = read_sources(config.data, lambda: [{"text": t} for t in demo_texts()], required=[config.text_column],
                         text=[config.text_column], what="stage 0 (tokenizer) data")
     texts = [row[config.text_column] for row in rows]
+    out = Path(config.output_dir)
+    digest = hashlib.sha256("\0".join(texts).encode("utf-8")).hexdigest()
+    if _already_trained(out, config, digest):
+        # Rewriting an identical tokenizer would make every later stage see a newer input and train again.
+        print_main(f"[stage 0] already done: {out} (same options and texts; delete it to retrain)")
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(out))
     tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size, min_frequency=config.min_frequency,
                                 model_max_length=config.model_max_length)
-    out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out))
     write_json_atomic(out / STAGE_RECORD, {"stage": "tokenizer", "config": dataclasses.asdict(config),
-                                           "summary": {"vocab_size": len(tokenizer), "num_texts": len(texts)}})
+                                           "summary": {"vocab_size": len(tokenizer), "num_texts": len(texts),
+                                                       "texts_sha256": digest}})
     print_main(f"[stage 0] tokenizer: {len(tokenizer)} tokens from {len(texts)} texts -> {out}")
     return tokenizer
 
 
 @cli_errors("python -m trainers.tokenizer_stage")
 def main(argv: list[str] | None = None) -> None:
-    run(parse_config(TokenizerConfig, "tokenizer", argv, description=__doc__))
+    config = parse_config(TokenizerConfig, "tokenizer", argv, description=__doc__)
+    with stage_exits(config):
+        run(config)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from trainers.common import (
     MainProcessSaveMixin,
     StageConfig,
     backbone,
+    check_stage_input,
     describe_attention,
     finish_stage,
     load_sentence_model,
@@ -39,6 +40,8 @@ from trainers.common import (
     row_text,
     set_attention_mode,
     setup_runtime,
+    stage_exits,
+    start_stage,
     train_with_resume,
 )
 
@@ -58,6 +61,7 @@ class WeakConfig(StageConfig):
         prompt_format: how a row's instruction becomes the query prompt (``{instruction}``); rows without an
             instruction get no prompt. It must end on a token boundary (checked at start).
         pooling: ``mean`` or ``lasttoken``.
+        max_seq_length: texts are truncated to this many tokens.
         temperature: τ of InfoNCE (eq. 1).
         soft_mask_schedule: ``linear`` (α = t/τ, the paper), ``accelerating`` or ``decelerating`` (App. C).
         soft_mask_steps: τ of the schedule; ``None`` = the number of training steps, so the last step trains at α = 1.
@@ -150,6 +154,9 @@ def filter_pairs_by_teacher(dataset, teacher, threshold: float, prompt_format: s
 
 def run(config: WeakConfig) -> dict[str, Any]:
     """Train stage 3; returns a summary with the final directory, the logged losses and the final α."""
+    done = start_stage(config, "weak", 3, check_input=False)
+    if done is not None:
+        return done
     from datasets import Dataset, DatasetDict
     from sentence_transformers import SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
@@ -164,6 +171,7 @@ def run(config: WeakConfig) -> dict[str, Any]:
     setup_runtime(config)
     rows = read_sources(config.data, demo_instructions, required=[], what="stage 3 (weakly-supervised) data")
     dataset = Dataset.from_list(to_pairs(rows))
+    check_stage_input(config, "weak")  # after the data checks, before the (slow) teacher filter
     teacher_report = None
     if config.teacher:
         dataset, teacher_report = filter_pairs_by_teacher(dataset, config.teacher, config.teacher_threshold,
@@ -227,7 +235,9 @@ def run(config: WeakConfig) -> dict[str, Any]:
 
 @cli_errors("python -m trainers.weak")
 def main(argv: list[str] | None = None) -> None:
-    run(parse_config(WeakConfig, "weak", argv, description=__doc__))
+    config = parse_config(WeakConfig, "weak", argv, description=__doc__)
+    with stage_exits(config):
+        run(config)
 
 
 if __name__ == "__main__":

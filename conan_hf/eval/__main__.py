@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--language", help="language of a local data file (default: guessed)")
     parser.add_argument("--name", help="task name for results (default: from the file name)")
     parser.add_argument("--split", help="qrels split of a BEIR folder")
+    parser.add_argument("--columns", nargs="+", metavar="NAME=COLUMN",
+                        help="STS: the file's columns, as training's `columns:` (e.g. sentence1=text_a "
+                             "sentence2=text_b score=label; an integer is a header-less CSV/TSV column index)")
     parser.add_argument("--limit", type=int, help="use only the first N rows / queries / sentences")
     parser.add_argument("--limit-corpus", type=int, help="BEIR: the relevant documents plus the first N documents")
     parser.add_argument("--dim", type=int, help="Matryoshka dimension to evaluate")
@@ -90,6 +93,19 @@ def _texts_by_language(path: Path, languages: list[str], limit: int | None) -> d
             raise DataFileNotFoundError(f"neither stsb-{language}-dev.csv nor xquad.{language}.json exists",
                                         where=str(path), hint="choose --languages that the folder has")
     return texts
+
+
+def _columns(items: list[str] | None) -> dict[str, str | int] | None:
+    """``["sentence1=text_a", "score=2"]`` → ``{"sentence1": "text_a", "score": 2}``."""
+    if not items:
+        return None
+    mapping: dict[str, str | int] = {}
+    for item in items:
+        name, sep, column = item.partition("=")
+        if not sep or not name or not column:
+            raise SystemExit(f"conan-eval: --columns takes NAME=COLUMN, got {item!r}")
+        mapping[name] = int(column) if column.isdigit() else column
+    return mapping
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -143,7 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             options = {"fmt": args.format if kind == "sts" else None, "name": args.name, "language": args.language,
                        "split": args.split, "limit": args.limit, "limit_queries": args.limit,
-                       "limit_corpus": args.limit_corpus}
+                       "limit_corpus": args.limit_corpus, "columns": _columns(args.columns)}
             task = task_from_path(kind, args.data, **options)
             instructions = {task.metadata.name: args.instruction} if args.instruction else None
             report = evaluate(model(), [task], dim=args.dim, batch_size=args.batch_size,

@@ -17,6 +17,13 @@ Prompts come, in this order, from
 
 Retrieval instructions go to queries only; symmetric tasks (STS, classification, clustering, ...) prefix every text.
 
+A model's saved prompt names that mteb does not know (stage 4 saves one per training task: ``retrieval``, ``clr``,
+``classification``, ``sts``) are mapped to mteb keys by the task's type (see :func:`mteb_model_prompts`); the
+others are left out, so mteb sees only keys it accepts.
+
+Results are filed under the model's name: ``local/<folder>`` for a local folder (``local/<parent>-final`` for a
+stage's ``final`` folder), the Hub id otherwise; ``summary.json`` records the model's path and never mixes two models.
+
 Example::
 
     >>> from sentence_transformers import SentenceTransformer
@@ -76,6 +83,96 @@ def load_model(model: str | Path | SentenceTransformer, *, device: str | None = 
     if isinstance(model, SentenceTransformer):
         return model
     return SentenceTransformer(str(model), device=device, trust_remote_code=trust_remote_code)
+
+
+#: Stage-4 task types (``trainers.supervised.TASK_TYPES``) → the mteb prompt key their prompt serves: the
+#: retrieval instruction goes to queries, the classification and STS prompts to every text of those task types.
+#: CLR (cross-lingual retrieval) serves ``Retrieval-query`` only when there is no retrieval prompt.
+TRAINING_TASK_PROMPT_KEYS = {"retrieval": "Retrieval-query", "classification": "Classification", "sts": "STS",
+                             "clr": "Retrieval-query"}
+
+
+def _is_mteb_prompt_key(key: str) -> bool:
+    """Whether mteb accepts ``key`` (a prompt type, a task type, ``<type>-<prompt type>``, or a registry task name,
+    optionally with ``-<prompt type>``) — the rule of ``AbsEncoder.validate_task_to_prompt_name``, without its
+    warnings."""
+    from typing import get_args
+
+    from mteb.abstasks.task_metadata import TaskType
+    from mteb.types import PromptType
+
+    prompt_types = [e.value for e in PromptType]
+    base = key.rsplit("-", 1)[0] if key.endswith(tuple(f"-{p}" for p in prompt_types)) else key
+    if base in prompt_types or base in get_args(TaskType):
+        return True
+    import mteb
+
+    try:
+        mteb.get_task(base)
+    except KeyError:
+        return False
+    return True
+
+
+def mteb_model_prompts(
+    prompts: Mapping[str, str | None] | None,
+    task_types: Mapping[str, str] | None = None,
+) -> tuple[dict[str, str], list[str]]:
+    """The model's prompts under keys mteb accepts, and the names left out.
+
+    Keys mteb already accepts are kept. Another name is mapped through its training task type (``task_types``, from
+    the model's ``conan_stage.json``; a name that is itself a type, as in the demo, is its own type) with
+    :data:`TRAINING_TASK_PROMPT_KEYS`, unless the model already has a prompt for that key. ``None`` prompts are
+    dropped.
+
+    >>> mteb_model_prompts({"query": "q: ", "qa": "Instruct: find\\nQuery: ", "sts": "s: ", "misc": "m: "},
+    ...                    {"qa": "retrieval"})
+    ({'query': 'q: ', 'Retrieval-query': 'Instruct: find\\nQuery: ', 'STS': 's: '}, ['misc'])
+    """
+    task_types = dict(task_types or {})
+    mapped: dict[str, str] = {}
+    dropped: list[str] = []
+    pending: list[tuple[str, str]] = []
+    for name, text in (prompts or {}).items():
+        if text is None:
+            continue
+        if _is_mteb_prompt_key(name):
+            mapped[name] = text
+        else:
+            pending.append((name, text))
+    # retrieval before clr, so a clr prompt serves Retrieval-query only without a retrieval one
+    order = {"retrieval": 0, "classification": 1, "sts": 2, "clr": 3}
+    pending.sort(key=lambda item: order.get(task_types.get(item[0], item[0]), 9))
+    for name, text in pending:
+        key = TRAINING_TASK_PROMPT_KEYS.get(task_types.get(name, name))
+        if key is not None and key not in mapped:
+            mapped[key] = text
+        else:
+            dropped.append(name)
+    return mapped, dropped
+
+
+def _model_path(model: Any, st_model: SentenceTransformer) -> Path | None:
+    """The local folder the model was loaded from, if any."""
+    if isinstance(model, (str, Path)):
+        return Path(model) if Path(model).exists() else None
+    try:
+        source = st_model[0].auto_model.config._name_or_path
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+    return Path(source) if source and Path(source).exists() else None
+
+
+def _training_task_types(path: Path | None) -> dict[str, str]:
+    """``{task name: type}`` of the stage-4 record in the model folder (empty when there is none)."""
+    record = path / "conan_stage.json" if path is not None else None
+    if record is None or not record.is_file():
+        return {}
+    try:
+        tasks = (json.loads(record.read_text(encoding="utf-8")).get("summary") or {}).get("tasks") or {}
+    except json.JSONDecodeError:
+        return {}
+    return {name: info.get("type") for name, info in tasks.items() if isinstance(info, dict) and info.get("type")}
 
 
 def get_tasks(
@@ -265,7 +362,16 @@ def evaluate(
         if not 0 < dim <= (full or dim):
             raise ValueError(f"dim must be in 1..{full}, got {dim}")
 
-    wrapper = SentenceTransformerEncoderWrapper(st_model)
+    model_path = _model_path(model, st_model)
+    own_prompts, dropped = mteb_model_prompts(st_model.prompts, _training_task_types(model_path))
+    if dropped:
+        logger.info("prompts %s have no mteb task type; not used by mteb", dropped)
+    saved_prompts = st_model.prompts
+    st_model.prompts = own_prompts  # mteb validates (and warns about) the model's prompt names when wrapping it
+    try:
+        wrapper = SentenceTransformerEncoderWrapper(st_model)
+    finally:
+        st_model.prompts = saved_prompts
     extra_prompts = task_prompts(task_list, wrapper.model_prompts, instructions=instructions,
                                  instruction_template=instruction_template)
     # mteb validates prompt keys against its task registry, which local tasks are not in; its lookup by task name
@@ -273,7 +379,7 @@ def evaluate(
     prompts = {**(wrapper.model_prompts or {}), **extra_prompts}
     wrapper.model_prompts = prompts or None
 
-    name = model_name or _default_model_name(model, st_model)
+    name = model_name or _default_model_name(model, st_model, model_path)
     meta_update: dict[str, Any] = {"name": name, "revision": revision or "local"}
     if dim is not None:
         meta_update["embed_dim"] = dim
@@ -300,7 +406,8 @@ def evaluate(
 
     by_name = {task.metadata.name: task for task in task_list}
     summary = [summarize_task_result(by_name.get(res.task_name), res) for res in model_result.task_results]
-    settings = {"model_name": name, "revision": meta_update["revision"], "dim": dim, "batch_size": batch_size,
+    settings = {"model_name": name, "model_path": str(model_path.resolve()) if model_path else None,
+                "revision": meta_update["revision"], "dim": dim, "batch_size": batch_size,
                 "instruction_template": instruction_template, "prompts": prompts,
                 "mteb_version": mteb.__version__}
     results_dir = None
@@ -313,10 +420,17 @@ def evaluate(
     return EvalReport(model_result=model_result, summary=summary, settings=settings, results_dir=results_dir)
 
 
-def _default_model_name(model: Any, st_model: SentenceTransformer) -> str:
+def _default_model_name(model: Any, st_model: SentenceTransformer, path: Path | None = None) -> str:
+    """``local/<folder>`` for a local model (``local/<parent>-<folder>`` for a stage's ``final`` or a
+    ``checkpoint-N``), the Hub id for a Hub model, else the model card's name."""
+    if path is not None:
+        path = path.resolve()
+        label = path.name
+        if label == "final" or label.startswith("checkpoint-"):
+            label = f"{path.parent.name}-{label}"
+        return "local/" + re.sub(r"[^\w.-]+", "_", label)
     if isinstance(model, (str, Path)):
-        path = Path(model)
-        return f"local/{path.name}" if path.exists() else str(model)
+        return str(model)
     card_name = getattr(getattr(st_model, "model_card_data", None), "model_name", None)
     return card_name if card_name and "/" in card_name else f"local/{card_name or 'model'}"
 
@@ -326,7 +440,12 @@ def _merge_summary(path: Path, settings: dict[str, Any], summary: list[dict[str,
     rows: dict[str, dict[str, Any]] = {}
     if path.exists():
         previous = json.loads(path.read_text(encoding="utf-8"))
-        rows = {row["task"]: row for row in previous.get("tasks", [])}
+        other = (previous.get("settings") or {}).get("model_path")
+        if other and settings.get("model_path") and other != settings["model_path"]:
+            logger.warning("%s held results of another model (%s); replacing them with %s's", path, other,
+                           settings["model_path"])
+        else:
+            rows = {row["task"]: row for row in previous.get("tasks", [])}
     rows.update({row["task"]: row for row in summary})
     path.write_text(json.dumps({"settings": settings, "tasks": list(rows.values())}, indent=2, ensure_ascii=False),
                     encoding="utf-8")
@@ -349,6 +468,6 @@ def load_summary(path: str | Path) -> dict[str, Any]:
 
 
 __all__ = [
-    "CONAN_INSTRUCTION_TEMPLATE", "EvalReport", "detect_instruction_template", "evaluate", "get_tasks",
-    "load_model", "load_summary", "summarize_task_result", "task_prompts",
+    "CONAN_INSTRUCTION_TEMPLATE", "TRAINING_TASK_PROMPT_KEYS", "EvalReport", "detect_instruction_template", "evaluate",
+    "get_tasks", "load_model", "load_summary", "mteb_model_prompts", "summarize_task_result", "task_prompts",
 ]

@@ -16,6 +16,8 @@ builder                     format                                              
                             SICK TSV with header (``sentence_A``, ``sentence_B``,           ``"sick"``
                             ``relatedness_score``)
                             Chinese STS TSV ``s1\\ts2\\tscore``                             ``"tsv"``
+                            JSONL rows ``sentence1``, ``sentence2``, ``score`` (the files   ``"jsonl"``
+                            stage 4 trains on), or any table with ``columns=``
 :func:`pair_task`           ``s1\\ts2\\tlabel`` (AFQMC, LCQMC, ...), or a header TSV with     ``"pair"``
                             ``sentence1``, ``sentence2``, ``label`` (PAWS-X)
 :func:`retrieval_task`      BEIR folder (``corpus.jsonl``, ``queries.jsonl``,               ``"beir"``
@@ -172,9 +174,16 @@ class PairData:
         self.score.append(score)
 
 
+#: The columns of an STS row, as stage 4 reads them (``trainers.supervised.task_rows``).
+STS_COLUMNS = ("sentence1", "sentence2", "score")
+
+
 def infer_sts_format(path: str | Path) -> str:
-    """``"stsb"`` for ``.csv``; ``"sick"`` for a TSV whose header names ``relatedness_score``; ``"tsv"`` otherwise."""
+    """``"jsonl"`` for ``.jsonl`` / ``.ndjson``; ``"stsb"`` for ``.csv``; ``"sick"`` for a TSV whose header names
+    ``relatedness_score``; ``"tsv"`` otherwise."""
     path = _check_file(path)
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        return "jsonl"
     if path.suffix.lower() == ".csv":
         return "stsb"
     with path.open(encoding="utf-8") as handle:
@@ -184,17 +193,43 @@ def infer_sts_format(path: str | Path) -> str:
     return "tsv"
 
 
-def read_sts(path: str | Path, fmt: str | None = None, limit: int | None = None) -> PairData:
-    """Read an STS file (STS-B CSV, SICK TSV or ``s1\\ts2\\tscore`` TSV) into :class:`PairData`.
+def read_sts(
+    path: str | Path,
+    fmt: str | None = None,
+    limit: int | None = None,
+    columns: dict[str, str | int] | None = None,
+) -> PairData:
+    """Read an STS file (STS-B CSV, SICK TSV, ``s1\\ts2\\tscore`` TSV, or the JSONL / table files training reads)
+    into :class:`PairData`.
 
     Args:
         path: The file.
-        fmt: ``"stsb"``, ``"sick"`` or ``"tsv"``; inferred from the file when None.
+        fmt: ``"stsb"``, ``"sick"``, ``"tsv"`` or ``"jsonl"``; inferred from the file when None.
         limit: Keep only the first ``limit`` pairs (in file order).
+        columns: ``{"sentence1": ..., "sentence2": ..., "score": ...}`` naming the file's columns (names, or indices
+            of a header-less CSV/TSV), exactly as a stage-4 ``sts`` task's ``columns:``. With a mapping, or for
+            JSONL, the file is read by the training reader (:func:`conan_hf.data.readers.read_table`), so whatever
+            training accepts evaluates too.
     """
     path = _check_file(path)
     fmt = fmt or infer_sts_format(path)
     data = PairData()
+    if columns is not None or fmt == "jsonl":
+        from conan_hf.data.readers import read_table
+
+        mapping = dict(columns) if columns is not None else {c: c for c in STS_COLUMNS}
+        missing = [c for c in STS_COLUMNS if c not in mapping]
+        if missing:
+            raise ValueError(f"{path}: columns= must map {list(STS_COLUMNS)}; missing {missing}")
+        table_format = "jsonl" if fmt == "jsonl" else None
+        for row in read_table(path, {c: mapping[c] for c in STS_COLUMNS}, format=table_format,
+                              types={"score": float}):
+            data.add(str(row["sentence1"]), str(row["sentence2"]), row["score"])
+            if limit is not None and len(data) >= limit:
+                break
+        if not len(data):
+            raise _fail(path, None, "no sentence pairs found")
+        return data
     with path.open(encoding="utf-8", newline="") as handle:
         if fmt == "stsb":
             reader = csv.reader(handle)
@@ -236,7 +271,7 @@ def read_sts(path: str | Path, fmt: str | None = None, limit: int | None = None)
                 if limit is not None and len(data) >= limit:
                     break
         else:
-            raise ValueError(f"Unknown STS format {fmt!r}; expected 'stsb', 'sick' or 'tsv'.")
+            raise ValueError(f"Unknown STS format {fmt!r}; expected 'stsb', 'sick', 'tsv' or 'jsonl'.")
     if not len(data):
         raise _fail(path, None, "no sentence pairs found")
     return data
@@ -591,13 +626,15 @@ def sts_task(
     limit: int | None = None,
     split: str = "test",
     prompt: str | None = None,
+    columns: dict[str, str | int] | None = None,
 ) -> AbsTask:
-    """An mteb STS task (main score: Spearman of cosine similarity) from an STS-B CSV, SICK TSV or ``s1\\ts2\\tscore``
-    file. See :func:`read_sts`."""
+    """An mteb STS task (main score: Spearman of cosine similarity) from an STS-B CSV, SICK TSV, ``s1\\ts2\\tscore``
+    file, or a JSONL / table file with ``sentence1``, ``sentence2``, ``score`` columns (or a ``columns`` mapping, as
+    training takes it). See :func:`read_sts`."""
     from mteb.abstasks.sts import AbsTaskSTS
 
     fmt = fmt or infer_sts_format(path)
-    data = read_sts(path, fmt=fmt, limit=limit)
+    data = read_sts(path, fmt=fmt, limit=limit, columns=columns)
     lang = to_langscript(language) if language else guess_language(path, data.sentence1)
     metadata = _metadata(name or task_name_from_path("LocalSTS", path), "STS", "cosine_spearman", [lang], split,
                          str(path), f"STS pairs from {Path(path).name} ({fmt} format).", prompt)
@@ -845,11 +882,24 @@ def infer_task_kind(path: str | Path) -> str:
                         hint="point --data at such a folder or at a data file")
     if path.suffix == ".json":
         return "squad"
-    if path.suffix == ".jsonl":
-        return "xling"  # MKQA
+    if path.suffix in (".jsonl", ".ndjson"):
+        return "sts" if _first_record_has(path, STS_COLUMNS[:2]) else "xling"  # STS pairs or MKQA
     if re.search(r"[a-z]{3}-[a-z]{3}(\.[a-z]{3})?$", path.name):
         return "bitext"
     return "sts"
+
+
+def _first_record_has(path: Path, keys: Sequence[str]) -> bool:
+    """Whether the first JSON line of ``path`` is an object with all ``keys``."""
+    with path.open(encoding="utf-8") as handle:
+        for raw in handle:
+            if raw.strip():
+                try:
+                    record = json.loads(raw)
+                except json.JSONDecodeError:
+                    return False
+                return isinstance(record, dict) and all(k in record for k in keys)
+    return False
 
 
 def task_from_path(kind: str, paths: Sequence[str | Path], **options: Any) -> AbsTask:
@@ -885,6 +935,7 @@ __all__ = [
     "DataFormatError",
     "PairData",
     "RetrievalData",
+    "STS_COLUMNS",
     "bitext_task",
     "classification_task",
     "clustering_task",
