@@ -350,12 +350,14 @@ def remove_soft_mask(model: torch.nn.Module) -> None:
 
 
 def _soft_targets(model: torch.nn.Module) -> list[PreTrainedModel]:
-    targets = []
-    for decoder in _decoders(model):
-        if isinstance(decoder, ConanModel):
-            targets.append(decoder)
-        elif _is_soft_forward(decoder.__dict__.get("forward")):
-            targets.append(decoder)
+    """The soft-masked decoders inside `model`; raises a `ValueError` if there are none."""
+    targets = [decoder for decoder in _decoders(model)
+               if isinstance(decoder, ConanModel) or _is_soft_forward(decoder.__dict__.get("forward"))]
+    if not targets:
+        raise ValueError(
+            f"{type(model).__name__} has no soft-masked decoder: use a ConanModel with attention_mode='soft' or call "
+            "conan_hf.apply_soft_mask(model) first."
+        )
     return targets
 
 
@@ -369,11 +371,6 @@ def set_soft_mask_alpha(model: torch.nn.Module, alpha: float) -> int:
     if not alpha >= 0:
         raise ValueError(f"alpha must be >= 0, got {alpha!r}.")
     targets = _soft_targets(model)
-    if not targets:
-        raise ValueError(
-            f"{type(model).__name__} has no soft-masked decoder: use a ConanModel with attention_mode='soft' or call "
-            "conan_hf.apply_soft_mask(model) first."
-        )
     for decoder in targets:
         if isinstance(decoder, ConanModel):
             set_conan_soft_mask_alpha(decoder, alpha)
@@ -389,11 +386,6 @@ def set_soft_mask_length(model: torch.nn.Module, length: int | str) -> int:
     """
     check_soft_mask_length(length)
     targets = _soft_targets(model)
-    if not targets:
-        raise ValueError(
-            f"{type(model).__name__} has no soft-masked decoder: use a ConanModel with attention_mode='soft' or call "
-            "conan_hf.apply_soft_mask(model) first."
-        )
     for decoder in targets:
         if isinstance(decoder, ConanModel):
             decoder.config.soft_mask_length = length
@@ -404,10 +396,7 @@ def set_soft_mask_length(model: torch.nn.Module, length: int | str) -> int:
 
 def get_soft_mask_alpha(model: torch.nn.Module) -> float:
     """The α in effect on the (first) soft-masked decoder inside `model` (0.0 for a patched model with none set)."""
-    targets = _soft_targets(model)
-    if not targets:
-        raise ValueError(f"{type(model).__name__} has no soft-masked decoder.")
-    decoder = targets[0]
+    decoder = _soft_targets(model)[0]
     if isinstance(decoder, ConanModel):
         return float(decoder.config.soft_mask_alpha)
     return float(soft_mask_state(decoder).alpha or 0.0)

@@ -654,6 +654,17 @@ def check_stage_input(config: Any, stage: str) -> None:
     raise StageInputError(f"{value} not found: {make}, or pass --{option} PATH{hint}")
 
 
+def read_stage_record(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The stage record (`STAGE_RECORD`) in ``folder``, or None if there is none or it is not valid JSON."""
+    path = Path(folder) / STAGE_RECORD
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+
+
 def completed_stage(config: StageConfig, number: int, stage: str | None = None) -> dict[str, Any] | None:
     """The recorded summary if ``final_dir`` already holds this stage's result for the same options (the config
     fingerprint of its stage record) and its input (``stage``'s entry of `STAGE_INPUTS`) has not been written again
@@ -661,12 +672,8 @@ def completed_stage(config: StageConfig, number: int, stage: str | None = None) 
     if config.resume != "auto":
         return None
     final = config.final_path
-    record_path = final / STAGE_RECORD
-    if not record_path.is_file():
-        return None
-    try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+    record = read_stage_record(final)
+    if record is None:
         return None
     saved = record.get("config_fingerprint") or config_fingerprint(record.get("config") or {}, config.RUN_ONLY_OPTIONS)
     if saved != config.fingerprint():
@@ -674,7 +681,7 @@ def completed_stage(config: StageConfig, number: int, stage: str | None = None) 
         return None
     option = STAGE_INPUTS.get(stage or "", (None,))[0]
     source = Path(str(getattr(config, option, ""))) / STAGE_RECORD if option else None
-    if source is not None and source.is_file() and source.stat().st_mtime > record_path.stat().st_mtime:
+    if source is not None and source.is_file() and source.stat().st_mtime > (final / STAGE_RECORD).stat().st_mtime:
         logger.warning("%s was trained from an older %s; training again (it will be replaced)", final, source.parent)
         return None
     print_main(f"[stage {number}] already done: {final} (delete it or pass --resume no to retrain)")

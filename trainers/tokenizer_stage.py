@@ -21,6 +21,7 @@ from trainers.common import (
     parse_config,
     print_main,
     read_sources,
+    read_stage_record,
     stage_exits,
     write_json_atomic,
 )
@@ -49,12 +50,8 @@ class TokenizerConfig:
 
 def _already_trained(out: Path, config: TokenizerConfig, digest: str) -> bool:
     """Whether ``out`` holds a tokenizer trained with these options on exactly these texts (its stage record)."""
-    record_path = out / STAGE_RECORD
-    if not record_path.is_file():
-        return False
-    try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+    record = read_stage_record(out)
+    if record is None:
         return False
     options = json.loads(json.dumps(dataclasses.asdict(config), default=str))
     return record.get("config") == options and (record.get("summary") or {}).get("texts_sha256") == digest
