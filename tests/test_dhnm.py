@@ -605,7 +605,7 @@ def test_kill_and_resume_gives_same_state_and_losses(tiny_model_dir, tmp_path):
     bare = tmp_path / "bare" / "checkpoint-3"
     shutil.copytree(checkpoint, bare)
     (bare / DHNM_STATE_NAME).unlink()
-    with pytest.raises(FileNotFoundError, match="no dhnm_state.npz was found"):
+    with pytest.raises(FileNotFoundError, match=r"no dhnm_state.npz \(or dhnm_state.json\) was found"):
         train(tiny_model_dir, tmp_path / "bare", make_pool(k=2), max_steps=6, resume=str(bare))
 
 
@@ -626,9 +626,12 @@ DDP_SCRIPT = textwrap.dedent(
     seen = []
     trainer, dhnm = train_with(sys.argv[1], out, pool, seen)
     rank = dist.get_rank()
+    arrays = pool.state_dict()
     state = {
         "world_size": dist.get_world_size(),
-        "pool": pool.state_dict(),
+        "pool": {"fingerprint": arrays["fingerprint"], "active": arrays["active"].tolist(),
+                 "cursor": arrays["cursor"].tolist(), "fresh_bits": arrays["fresh_bits"].tolist(),
+                 "s0": [[None if v != v else v for v in row] for row in arrays["s0"].tolist()]},
         "totals": dhnm.totals,
         "logs": [{k: v for k, v in h.items() if k.startswith("dhnm_") or k == "step"}
                  for h in trainer.state.log_history if "loss" in h],
