@@ -283,6 +283,41 @@ def test_pool_state_is_compact():
     assert big.active[0].tolist() == list(range(9, 18))
 
 
+class _FixedHash:
+    """An id whose hash collides with every other _FixedHash (and with the int 7)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __hash__(self):
+        return 7
+
+    def __eq__(self, other):
+        return isinstance(other, _FixedHash) and other.name == self.name
+
+    def __repr__(self):
+        return f"_FixedHash({self.name!r})"
+
+
+def test_pool_id_index_is_compact_and_handles_hash_collisions():
+    n = 1000
+    pool = NegativePool([f"task/{i}" for i in range(n)], [["t"] * 9] * n, k=7)
+    assert pool.memory_nbytes() == (75 + 12) * n  # state arrays + sorted 64-bit hashes + int32 rows
+    assert [pool.row(f"task/{i}") for i in (0, 517, 999)] == [0, 517, 999]
+    # In CPython hash(-1) == hash(-2) == -2; _FixedHash ids all hash to 7, as does the int 7.
+    ids = [-1, _FixedHash("a"), 5, -2, _FixedHash("b"), 7]
+    pool = NegativePool(ids, [["x"]] * len(ids), k=1)
+    assert [pool.row(i) for i in ids] == list(range(len(ids)))
+    for missing in (-3, _FixedHash("c"), 6, "5", ["unhashable"]):
+        with pytest.raises(KeyError, match="is not in the NegativePool"):
+            pool.row(missing)
+    duplicated = r"2 duplicated id\(s\): _FixedHash\('a'\) at rows \[1, 3\]; -2 at rows \[2, 4\]"
+    with pytest.raises(ValueError, match=duplicated):
+        NegativePool([_FixedHash("b"), _FixedHash("a"), -2, _FixedHash("a"), -2], [[]] * 5)
+    with pytest.raises(TypeError, match=r"row 1 has id \['unhashable'\]"):
+        NegativePool(["a", ["unhashable"]], [[], []])
+
+
 class _NoFullScan(np.ndarray):
     """An array whose whole-array reductions fail: per-step updates must index the rows they were given only."""
 

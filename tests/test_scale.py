@@ -132,5 +132,6 @@ def test_encode_to_memmap_rejects_quantised_output(st_model, tmp_path):
     with pytest.raises(ValueError, match="precision='int8'"):
         encoder.encode(["a"], precision="int8", output_path=tmp_path / "e.npy")
     empty = encoder.encode([], output_path=tmp_path / "empty.npy")
-    assert empty.shape == (0, st_model.get_embedding_dimension()) and np.load(tmp_path / "empty.npy").shape == empty.shape
+    assert empty.shape == (0, st_model.get_embedding_dimension())
+    assert np.load(tmp_path / "empty.npy").shape == empty.shape
     assert torch.is_tensor(encoder.encode(["a"], convert_to_tensor=True))

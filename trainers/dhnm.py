@@ -152,8 +152,9 @@ class NegativePool:
       (``fresh_bits``, ``(num_examples, ceil(k / 8))`` ``uint8``); ``fresh`` unpacks a copy for inspection.
 
     With ``k = 7`` that is 14 + 56 + 2 + 2 + 1 = 75 bytes per example (93 with ``int32`` ranks), and one update
-    (:meth:`apply_scores`) touches only the rows it was given. Besides these arrays the pool holds the ids (a list,
-    plus a dict id → row) and the candidate lists it was given (kept by reference, not copied).
+    (:meth:`apply_scores`) touches only the rows it was given. Besides these arrays the pool holds an id index (the
+    ids' sorted hashes and their rows: 12 bytes per example) and references to the ids and candidate lists it was
+    given (lists are kept, not copied: do not change them afterwards).
 
     **At the paper's scale** (10.6M rows × 32 candidates) the candidate *texts* dominate memory as Python strings.
     The plan (issue 11, not done here): candidates become row ids into a memory-mapped table (an Arrow
@@ -186,38 +187,25 @@ class NegativePool:
     def __init__(self, ids: Sequence[Hashable], candidates: Sequence[Sequence[str]], k: int = 7) -> None:
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k (active negatives per example) must be a positive integer, got {k!r}")
-        ids = list(ids)
+        ids = ids if type(ids) is list else list(ids)  # a list is kept by reference (not copied)
         if len(ids) != len(candidates):
             raise ValueError(f"NegativePool got {len(ids)} ids but {len(candidates)} candidate lists")
         self.ids = ids
-        self._row: dict[Hashable, int] = {}
-        duplicates: dict[Hashable, list[int]] = {}
-        for row, example_id in enumerate(ids):
-            try:
-                first = self._row.setdefault(example_id, row)
-            except TypeError as exc:
-                raise TypeError(f"example ids must be hashable; row {row} has id {example_id!r}") from exc
-            if first != row:
-                duplicates.setdefault(example_id, [first]).append(row)
-        if duplicates:
-            shown = "; ".join(f"{i!r} at rows {rows}" for i, rows in list(duplicates.items())[:5])
-            raise ValueError(
-                f"example ids must be unique, found {len(duplicates)} duplicated id(s): {shown}. DHNM keeps one pool "
-                "per id, so duplicated rows would share (and fight over) one set of negatives; give each row its "
-                "own id or deduplicate the data."
-            )
-        self.candidates: list[list[str]] = []
+        self._build_id_index()
+        converted: dict[int, list[str]] = {}
         for row, pool in enumerate(candidates):
             if isinstance(pool, str):
                 raise TypeError(f"candidates[{row}] (id {ids[row]!r}) must be a list of texts, got a single string")
-            if type(pool) is not list:  # lists are kept by reference: at 10M examples a copy costs ~1 GB
-                pool = list(pool)
+            if type(pool) is not list:
+                pool = converted[row] = list(pool)
             for rank, text in enumerate(pool):
                 if not isinstance(text, str):
                     raise TypeError(
                         f"candidate {rank} of example {ids[row]!r} is {type(text).__name__}, expected str: {text!r:.80}"
                     )
-            self.candidates.append(pool)
+        # A list of lists is kept by reference: at 10M examples a copy costs ~1 GB (the pools never change).
+        self.candidates: list[list[str]] = candidates if type(candidates) is list and not converted else [
+            converted.get(row, pool) for row, pool in enumerate(candidates)]
         self.k = k
         sizes = np.fromiter((len(pool) for pool in self.candidates), dtype=np.int64, count=len(self.candidates))
         self.max_pool_size = int(sizes.max(initial=0))  # cached: apply_scores must not scan all pools per step
@@ -347,15 +335,73 @@ class NegativePool:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def _build_id_index(self) -> None:
+        """Index id -> row as sorted hashes (8 B) and their rows (4 B) per example instead of a dict (~100 B).
+
+        ``hash()`` is per process (string hashing is salted), which is all an in-memory index needs. Equal ids have
+        equal hashes, so duplicates are found among equal hashes; distinct ids whose hashes collide (rare) are kept
+        in the small dict ``_collided``.
+        """
+        ids = self.ids
+        try:
+            keys = np.fromiter((hash(i) for i in ids), dtype=np.int64, count=len(ids))
+        except TypeError:
+            row = next(r for r, i in enumerate(ids) if not _is_hashable(i))
+            raise TypeError(f"example ids must be hashable; row {row} has id {ids[row]!r}") from None
+        order = np.argsort(keys, kind="stable")
+        self._sorted_keys = keys[order]
+        del keys
+        self._key_rows = order.astype(np.int32 if len(ids) < np.iinfo(np.int32).max else np.int64)
+        del order
+        self._collided: dict[Hashable, int] = {}
+        duplicates: dict[Hashable, list[int]] = {}
+        same = np.flatnonzero(self._sorted_keys[1:] == self._sorted_keys[:-1])
+        if same.size:
+            group_starts = same[np.r_[True, np.diff(same) != 1]]  # first index of each run of equal keys
+            for start in group_starts:
+                stop = start + 1
+                while stop < len(self._sorted_keys) and self._sorted_keys[stop] == self._sorted_keys[start]:
+                    stop += 1
+                seen: dict[Hashable, int] = {}
+                for row in sorted(int(r) for r in self._key_rows[start:stop]):
+                    first = seen.setdefault(ids[row], row)
+                    if first != row:
+                        duplicates.setdefault(ids[row], [first]).append(row)
+                if len(seen) > 1:  # a hash collision between different ids
+                    self._collided.update(seen)
+        if duplicates:
+            ordered = sorted(duplicates.items(), key=lambda item: item[1][0])
+            shown = "; ".join(f"{i!r} at rows {rows}" for i, rows in ordered[:5])
+            raise ValueError(
+                f"example ids must be unique, found {len(duplicates)} duplicated id(s): {shown}. DHNM keeps one pool "
+                "per id, so duplicated rows would share (and fight over) one set of negatives; give each row its "
+                "own id or deduplicate the data."
+            )
+
+    def _lookup(self, example_id: Hashable) -> int:
+        """Row of ``example_id`` or -1."""
+        try:
+            key = hash(example_id)
+        except TypeError:
+            return -1
+        if self._collided and example_id in self._collided:
+            return self._collided[example_id]
+        position = int(np.searchsorted(self._sorted_keys, key))
+        if position < len(self._sorted_keys) and self._sorted_keys[position] == key:
+            row = int(self._key_rows[position])
+            if self.ids[row] == example_id:
+                return row
+        return -1
+
     def row(self, example_id: Hashable) -> int:
         """Row of ``example_id`` in the state arrays."""
-        try:
-            return self._row[example_id]
-        except (KeyError, TypeError):
+        row = self._lookup(example_id)
+        if row < 0:
             raise KeyError(
                 f"example id {example_id!r} is not in the NegativePool ({len(self)} examples); build the pool from the "
                 "same dataset that is trained on"
-            ) from None
+            )
+        return row
 
     @property
     def fresh(self) -> np.ndarray:
@@ -365,6 +411,11 @@ class NegativePool:
     def state_nbytes(self) -> int:
         """Bytes held by the per-example state arrays (``active``, ``s0``, ``cursor``, ``pool_sizes``, flags)."""
         return sum(a.nbytes for a in (self.active, self.s0, self.cursor, self.pool_sizes, self.fresh_bits))
+
+    def memory_nbytes(self) -> int:
+        """Bytes held per pool beyond the ids and candidate lists it references: the state arrays plus the id index
+        (``_sorted_keys`` int64 and ``_key_rows`` int32; 75 + 12 = 87 bytes per example at ``k = 7``)."""
+        return self.state_nbytes() + self._sorted_keys.nbytes + self._key_rows.nbytes
 
     def _fresh_at(self, rows: np.ndarray, slots: np.ndarray) -> np.ndarray:
         return ((self.fresh_bits[rows, slots >> 3] >> (slots & 7).astype(np.uint8)) & 1).astype(bool)
@@ -919,6 +970,14 @@ class FalseNegativeCountCallback(TrainerCallback):
             with open(path + ".tmp", "w", encoding="utf-8") as f:
                 json.dump({"global_step": state.global_step, "total": self.total}, f)
             os.replace(path + ".tmp", path)
+
+
+def _is_hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _pad(array: np.ndarray, width: int, value: float) -> np.ndarray:
