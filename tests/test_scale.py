@@ -64,13 +64,24 @@ def plain_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>")
 
 
-@pytest.mark.parametrize("which", ["trained_tokenizer", "plain_tokenizer"])
+@pytest.fixture
+def truncating_tokenizer(trained_tokenizer):
+    """The stage-0 tokenizer with truncation configured on its Rust backend (as a saved tokenizer.json may have it):
+    the batched path must not apply it (``tokenizer(...)`` without ``truncation=True`` does not)."""
+    import copy
+
+    tokenizer = copy.deepcopy(trained_tokenizer)
+    tokenizer.backend_tokenizer.enable_truncation(8)
+    return tokenizer
+
+
+@pytest.mark.parametrize("which", ["trained_tokenizer", "plain_tokenizer", "truncating_tokenizer"])
 @pytest.mark.parametrize("batch_size", [1, 3, 1024])
 def test_batched_sft_preprocessing_equals_per_row(request, which, batch_size):
     from trainers.sft import build_sft_example, build_sft_examples, sft_markers
 
     tokenizer = request.getfixturevalue(which)
-    specials = which == "trained_tokenizer"
+    specials = which != "plain_tokenizer"
     assert sft_markers(tokenizer) == (("<|instruction|>", "<|input|>", "<|response|>") if specials else
                                       ("Instruction: ", "\nInput: ", "\nResponse: "))
     max_length = 48
