@@ -120,7 +120,8 @@ def build_sft_examples(tokenizer, instructions: Sequence[str], inputs: Sequence[
                        markers: Sequence[str] | None = None) -> dict[str, list[list[int]]]:
     """:func:`build_sft_example` for many rows, as columns: the markers are looked up once and the prompts and the
     outputs are tokenised ``batch_size`` rows per tokenizer call (a fast tokenizer encodes a batch in Rust). The
-    result equals the per-row one; the signature also fits a batched ``datasets.map``.
+    result equals the per-row one. With ``datasets``: ``dataset.map(lambda b: build_sft_examples(tok,
+    b["instruction"], b["input"], b["output"], max_length), batched=True, remove_columns=dataset.column_names)``.
 
     Returns:
         ``{"input_ids": [...], "attention_mask": [...], "labels": [...]}``, one list per row.
