@@ -32,7 +32,9 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -278,6 +280,7 @@ class FastEncoder:
         calibration_embeddings: np.ndarray | None = None,
         convert_to_tensor: bool = False,
         show_progress_bar: bool | None = None,
+        output_path: str | os.PathLike | None = None,
     ) -> np.ndarray | torch.Tensor:
         """Embed ``sentences``; the result rows follow the input order.
 
@@ -293,6 +296,13 @@ class FastEncoder:
                 (default: the embeddings being quantised).
             convert_to_tensor: Return a torch tensor (on CPU) instead of a numpy array.
             show_progress_bar: Show a progress bar over the texts (default: when logging at INFO level or below).
+            output_path: Write the ``float32`` embeddings into this ``.npy`` file, batch by batch, each batch
+                normalised before it is written, and return them as a read-only memory-mapped array
+                (``np.load(output_path, mmap_mode="r")``). Memory then stays at one batch instead of the
+                ``N x dim`` result plus its normalised copy (``benchmarks/scale.py``). Rows are written with
+                ``os.pwrite`` at their offsets in the file, not through a writable mapping, whose dirty pages would
+                count in the process's resident memory until written back. Only with ``precision="float32"`` (int8
+                calibration needs all embeddings) and without ``convert_to_tensor``.
 
         Returns:
             ``(len(sentences), dim)`` embeddings (a vector for a single string); bit-packed for ``(u)binary``.
@@ -312,8 +322,13 @@ class FastEncoder:
         out_dim = dim or full_dim
         if not texts:
             empty = np.zeros((0, out_dim), dtype=np.float32)
+            if output_path is not None:
+                np.save(output_path, empty)  # (an empty file cannot be memory-mapped)
             return torch.from_numpy(empty) if convert_to_tensor else empty
 
+        if output_path is not None and (precision != "float32" or convert_to_tensor):
+            raise ValueError("output_path writes float32 embeddings to a .npy file: it cannot be combined with "
+                             f"precision={precision!r} or convert_to_tensor=True")
         prompt_text = self._resolve_prompt(prompt, prompt_name, task)
         lengths = self._apply_truncation_policy(self.token_lengths(texts, prompt_text))
         tokenless = [i for i, length in enumerate(lengths) if length == 0]
@@ -326,23 +341,40 @@ class FastEncoder:
 
         from tqdm.auto import tqdm
 
-        output = torch.empty((len(texts), out_dim), dtype=torch.float32)
         extra = {"task": task} if task is not None else {}
-        with tqdm(total=len(texts), desc="Encoding", unit="text", disable=not show_progress_bar) as progress:
+        if output_path is not None:
+            writer = _NpyRowWriter(output_path, (len(texts), out_dim))
+            store = writer.write
+        else:
+            output = torch.empty((len(texts), out_dim), dtype=torch.float32)
+
+            def store(rows: list[int], embeddings: torch.Tensor) -> None:
+                output[torch.as_tensor(rows)] = embeddings
+
+        with tqdm(total=len(texts), desc="Encoding", unit="text", disable=not show_progress_bar) as progress, \
+                (writer if output_path is not None else contextlib.nullcontext()):
             for batch in batches:
                 embeddings = self.model.encode(
                     [texts[i] for i in batch], prompt=prompt_text if prompt_text is not None else "",
                     batch_size=len(batch), convert_to_tensor=True, show_progress_bar=False,
                     truncate_dim=out_dim if out_dim != full_dim else None, **extra,
-                )
-                output[torch.as_tensor(batch)] = embeddings.float().cpu()
+                ).float().cpu()
+                if output_path is not None and normalize:  # row-wise, the same as normalising the whole result
+                    embeddings = torch.nn.functional.normalize(embeddings, p=2, dim=1)
+                store(batch, embeddings)
                 progress.update(len(batch))
             if tokenless:
-                output[torch.as_tensor(tokenless)] = self._encode_tokenless(
+                embeddings = self._encode_tokenless(
                     [texts[i] for i in tokenless], [texts[i] for i in with_tokens], lengths[with_tokens],
                     prompt_text, out_dim if out_dim != full_dim else None, extra)
+                if output_path is not None and normalize:
+                    embeddings = torch.nn.functional.normalize(embeddings, p=2, dim=1)
+                store(tokenless, embeddings)
                 progress.update(len(tokenless))
 
+        if output_path is not None:
+            result_file = np.load(output_path, mmap_mode="r")
+            return result_file[0] if single else result_file
         if normalize:
             output = torch.nn.functional.normalize(output, p=2, dim=1)
         result: np.ndarray | torch.Tensor = output
@@ -379,6 +411,40 @@ class FastEncoder:
     def encode_document(self, sentences: str | Sequence[str], **kwargs: Any) -> np.ndarray | torch.Tensor:
         """:meth:`encode` with the model's ``"document"`` prompt, if any."""
         return self.encode(sentences, task="document", **kwargs)
+
+
+class _NpyRowWriter:
+    """Writes rows of a ``float32`` ``(n, dim)`` array into a ``.npy`` file at their row offsets (any order).
+
+    The header comes from ``np.lib.format.open_memmap`` (which sizes the file); the rows go through ``os.pwrite``,
+    so no page of the result stays resident in this process.
+    """
+
+    def __init__(self, path: str | os.PathLike, shape: tuple[int, int]) -> None:
+        header = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        self.offset, self.row_bytes = header.offset, shape[1] * 4
+        del header  # unmapped: only the header and the file size were needed
+        self.fd = os.open(path, os.O_WRONLY)
+
+    def write(self, rows: list[int], embeddings: torch.Tensor) -> None:
+        values = np.ascontiguousarray(embeddings.numpy(), dtype=np.float32)
+        order = np.argsort(rows, kind="stable")
+        rows_sorted = np.asarray(rows)[order]
+        values = values[order]
+        # Runs of consecutive rows go in one call (length-sorted batches are often in input order).
+        breaks = np.flatnonzero(np.diff(rows_sorted) != 1) + 1
+        for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(rows_sorted)]):
+            data = memoryview(values[start:stop].tobytes())
+            position = self.offset + int(rows_sorted[start]) * self.row_bytes
+            while data:  # pwrite may write less than asked (e.g. interrupted by a signal)
+                written = os.pwrite(self.fd, data, position)
+                data, position = data[written:], position + written
+
+    def __enter__(self) -> _NpyRowWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        os.close(self.fd)
 
 
 def encode(model: str | SentenceTransformer, sentences: str | Sequence[str], **kwargs: Any) -> np.ndarray | torch.Tensor:

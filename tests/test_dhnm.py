@@ -165,21 +165,185 @@ def test_pool_bad_input_is_reported():
         pool.apply_scores([5], [[0]], [[0.5]])
 
 
-def test_pool_state_roundtrip_and_mismatch():
+def _played_pool():
+    """A pool after one step: "a" had slot 0 replaced (not carried yet); "b" has one candidate only."""
     pool = NegativePool(["a", "b"], [["n0", "n1", "n2"], ["m0"]], k=2)
     pool.apply_scores([0, 1], [[0, 1], [0, -1]], [[0.2, 0.9], [0.5, np.nan]])
-    state = json.loads(json.dumps(pool.state_dict()))  # must survive JSON
+    return pool
+
+
+# The state of _played_pool() as the earlier in-memory arrays (int64 ranks, float64 S0, one bool per slot) held it,
+# worked out by hand from eq. 6: a/slot 0 (S0 0.2 < 0.4) -> candidate 2, S0 reset; a/slot 1 keeps S0 0.9;
+# b/slot 0 keeps S0 0.5 (0.5 >= 0.4, no drop).
+PLAYED_ACTIVE = [[2, 1], [0, -1]]
+PLAYED_S0 = [[np.nan, 0.9], [0.5, np.nan]]
+PLAYED_CURSOR = [3, 1]
+PLAYED_FRESH = [[True, False], [False, False]]
+
+
+def assert_played_state(pool):
+    np.testing.assert_array_equal(pool.active.astype(np.int64), np.array(PLAYED_ACTIVE, dtype=np.int64))
+    np.testing.assert_array_equal(pool.s0, np.array(PLAYED_S0, dtype=np.float64))
+    np.testing.assert_array_equal(pool.cursor.astype(np.int64), np.array(PLAYED_CURSOR, dtype=np.int64))
+    assert pool.fresh.tolist() == PLAYED_FRESH
+
+
+def test_pool_state_roundtrip_and_mismatch():
+    pool = _played_pool()
+    assert_played_state(pool)
+    state = pool.state_dict()
     other = NegativePool(["a", "b"], [["n0", "n1", "n2"], ["m0"]], k=2)
     other.load_state_dict(state)
-    np.testing.assert_array_equal(other.active, pool.active)
-    np.testing.assert_array_equal(other.s0, pool.s0)
-    np.testing.assert_array_equal(other.cursor, pool.cursor)
-    assert pool.fresh.tolist() == [[True, False], [False, False]]  # slot 0 of "a" was replaced, not carried yet
-    np.testing.assert_array_equal(other.fresh, pool.fresh)
+    assert_played_state(other)
+    # load_state_dict copies by default: the two pools do not share state.
+    pool.apply_scores([1], [[0, -1]], [[0.1, np.nan]])
+    assert pool.active.tolist() == [[2, 1], [0, -1]] and pool.cursor.tolist() == [3, 1]  # "b" exhausted: stays
+    assert np.isnan(other.s0[1, 1]) and other.s0[1, 0] == 0.5
+    pool.apply_scores([0], [[2, 1]], [[0.95, 0.9]])
+    assert pool.fresh.tolist() == [[False, False], [False, False]] and other.fresh.tolist() == PLAYED_FRESH
     with pytest.raises(ValueError, match="belongs to other pools"):
         NegativePool(["a", "b"], [["n0", "n1", "CHANGED"], ["m0"]], k=2).load_state_dict(state)
     with pytest.raises(ValueError, match="belongs to other pools"):
         NegativePool(["a", "b"], [["n0", "n1", "n2"], ["m0"]], k=3).load_state_dict(state)
+
+
+def _legacy_state(version, fingerprint):
+    """A version-1/2 pool state exactly as earlier releases wrote it into dhnm_state.json (JSON lists)."""
+    state = {"version": version, "num_examples": 2, "k": 2, "fingerprint": fingerprint,
+             "active": PLAYED_ACTIVE, "s0": [[None, 0.9], [0.5, None]], "cursor": PLAYED_CURSOR}
+    if version == 2:
+        state["fresh"] = [0]  # flat index of a/slot 0
+    return state
+
+
+def test_callback_saves_binary_state_atomically_and_loads_it(st_model, tmp_path):
+    from conan_hf.losses import InfoNCELoss
+
+    pool = _played_pool()
+    callback = DHNMCallback(pool, InfoNCELoss(st_model))
+    callback.totals["replaced"] = 1
+    path = callback.save(tmp_path, global_step=7)
+    assert Path(path).name == DHNM_STATE_NAME == "dhnm_state.npz"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dhnm_state.npz"]  # no temporary file left behind
+    with np.load(path, allow_pickle=False) as saved:  # plain arrays in compact dtypes, no pickled objects
+        assert saved["active"].dtype == np.int16 and saved["cursor"].dtype == np.int16
+        assert saved["s0"].dtype == np.float64 and saved["fresh_bits"].dtype == np.uint8
+        assert saved["fresh_bits"].tolist() == [[1], [0]]  # bit 0 = slot 0 of "a"
+        meta = json.loads(str(saved["meta"]))
+    assert meta["global_step"] == 7 and meta["totals"]["replaced"] == 1 and meta["pool"]["version"] == 3
+
+    resumed = NegativePool(["a", "b"], [["n0", "n1", "n2"], ["m0"]], k=2)
+    resumed_cb = DHNMCallback(resumed, InfoNCELoss(st_model))
+    resumed_cb.load(tmp_path, expected_step=7)
+    assert_played_state(resumed)
+    assert resumed_cb.totals["replaced"] == 1
+    with pytest.raises(ValueError, match="step 7, but training resumes at step 8"):
+        resumed_cb.load(tmp_path, expected_step=8)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_callback_loads_legacy_json_state(st_model, tmp_path, version):
+    from conan_hf.losses import InfoNCELoss
+
+    pool = NegativePool(["a", "b"], [["n0", "n1", "n2"], ["m0"]], k=2)
+    legacy = {"global_step": 4, "thresholds": {"s0_min": 0.4, "drop_ratio": 1.2, "s_max": 0.7},
+              "totals": {"checked": 3, "replaced": 1}, "pool": _legacy_state(version, pool.fingerprint())}
+    (tmp_path / "dhnm_state.json").write_text(json.dumps(legacy))
+    callback = DHNMCallback(pool, InfoNCELoss(st_model))
+    callback.load(tmp_path, expected_step=4)
+    np.testing.assert_array_equal(pool.active, PLAYED_ACTIVE)
+    np.testing.assert_array_equal(pool.s0, np.array(PLAYED_S0))
+    np.testing.assert_array_equal(pool.cursor, PLAYED_CURSOR)
+    # Version 1 predates the "fresh" flags: no replacement is known to be pending.
+    assert pool.fresh.tolist() == (PLAYED_FRESH if version == 2 else [[False, False], [False, False]])
+    assert callback.totals["checked"] == 3 and callback.totals["replaced"] == 1 and callback.totals["used"] == 0
+    assert pool.active.dtype == np.int16  # converted to the compact dtypes
+    # It then trains on exactly like a pool that made those decisions itself.
+    reference = _played_pool()
+    if version == 1:
+        reference.fresh_bits[:] = 0
+    for p in (pool, reference):
+        p.apply_scores([0, 1], [[2, 1], [0, -1]], [[0.3, 0.6], [0.45, np.nan]])
+    for name in ("active", "s0", "cursor", "fresh_bits"):
+        np.testing.assert_array_equal(getattr(pool, name), getattr(reference, name))
+
+
+def test_pool_state_is_compact():
+    n, k = 1000, 7
+    pool = NegativePool(list(range(n)), [["t"] * 9] * n, k=k)
+    # int16 ranks (active, cursor, pool_sizes), float64 S0, one bit per "fresh" flag: 14 + 56 + 2 + 2 + 1 bytes.
+    assert pool.state_nbytes() == n * (2 * k + 8 * k + 2 + 2 + 1) == 75 * n
+    assert pool.active.dtype == pool.cursor.dtype == pool.pool_sizes.dtype == np.int16
+    assert pool.fresh_bits.shape == (n, 1)
+    big = NegativePool(["x", "y"], [["t"] * 40_000, ["u"]], k=9)  # ranks past int16: int32, 2 flag bytes
+    assert big.active.dtype == np.int32 and big.fresh_bits.shape == (2, 2)
+    assert big.state_nbytes() == 2 * (4 * 9 + 8 * 9 + 4 + 4 + 2)
+    big.apply_scores([0], [[0, 1, 2, 3, 4, 5, 6, 7, 8]], [[0.1] * 9])  # all nine slots: flags across two bytes
+    assert big.fresh.tolist() == [[True] * 9, [False] * 9] and big.cursor.tolist() == [18, 1]
+    assert big.active[0].tolist() == list(range(9, 18))
+
+
+class _FixedHash:
+    """An id whose hash collides with every other _FixedHash (and with the int 7)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __hash__(self):
+        return 7
+
+    def __eq__(self, other):
+        return isinstance(other, _FixedHash) and other.name == self.name
+
+    def __repr__(self):
+        return f"_FixedHash({self.name!r})"
+
+
+def test_pool_id_index_is_compact_and_handles_hash_collisions():
+    n = 1000
+    pool = NegativePool([f"task/{i}" for i in range(n)], [["t"] * 9] * n, k=7)
+    assert pool.memory_nbytes() == (75 + 12) * n  # state arrays + sorted 64-bit hashes + int32 rows
+    assert [pool.row(f"task/{i}") for i in (0, 517, 999)] == [0, 517, 999]
+    # In CPython hash(-1) == hash(-2) == -2; _FixedHash ids all hash to 7, as does the int 7.
+    ids = [-1, _FixedHash("a"), 5, -2, _FixedHash("b"), 7]
+    pool = NegativePool(ids, [["x"]] * len(ids), k=1)
+    assert [pool.row(i) for i in ids] == list(range(len(ids)))
+    for missing in (-3, _FixedHash("c"), 6, "5", ["unhashable"]):
+        with pytest.raises(KeyError, match="is not in the NegativePool"):
+            pool.row(missing)
+    duplicated = r"2 duplicated id\(s\): _FixedHash\('a'\) at rows \[1, 3\]; -2 at rows \[2, 4\]"
+    with pytest.raises(ValueError, match=duplicated):
+        NegativePool([_FixedHash("b"), _FixedHash("a"), -2, _FixedHash("a"), -2], [[]] * 5)
+    with pytest.raises(TypeError, match=r"row 1 has id \['unhashable'\]"):
+        NegativePool(["a", ["unhashable"]], [[], []])
+
+
+class _NoFullScan(np.ndarray):
+    """An array whose whole-array reductions fail: per-step updates must index the rows they were given only."""
+
+    num_examples = 50
+
+    def _guard(name):
+        def reduction(self, *args, **kwargs):
+            if self.ndim and self.shape[0] == _NoFullScan.num_examples:  # a whole array, not the rows of a step
+                raise AssertionError(f"apply_scores computed .{name}() over a whole per-example array")
+            return getattr(np.asarray(self), name)(*args, **kwargs)
+        return reduction
+
+    max, min, sum, any, all = _guard("max"), _guard("min"), _guard("sum"), _guard("any"), _guard("all")
+
+
+def test_apply_scores_does_not_scan_the_whole_pool():
+    pool = NegativePool(list(range(50)), [[f"c{i}-{j}" for j in range(6)] for i in range(50)], k=2)
+    reference = NegativePool(list(range(50)), [[f"c{i}-{j}" for j in range(6)] for i in range(50)], k=2)
+    for name in ("pool_sizes", "cursor", "active", "s0", "fresh_bits"):
+        setattr(pool, name, getattr(pool, name).view(_NoFullScan))
+    rows = np.array([3, 7, 3])
+    negs = np.array([[0, 1], [0, 1], [0, 1]])
+    scores = np.array([[0.2, 0.8], [0.9, 0.3], [0.5, 0.5]])
+    assert pool.apply_scores(rows, negs, scores) == reference.apply_scores(rows, negs, scores)
+    for name in ("pool_sizes", "cursor", "active", "s0", "fresh_bits"):
+        np.testing.assert_array_equal(np.asarray(getattr(pool, name)), getattr(reference, name))
 
 
 def test_pool_from_columns():
@@ -446,9 +610,9 @@ def test_kill_and_resume_gives_same_state_and_losses(tiny_model_dir, tmp_path):
     first_pool = make_pool(k=2)
     train(tiny_model_dir, tmp_path / "cut", first_pool, max_steps=6, save_steps=3, stop_at=3)
     checkpoint = tmp_path / "cut" / "checkpoint-3"
-    saved = json.loads((checkpoint / DHNM_STATE_NAME).read_text())
-    assert saved["global_step"] == 3
-    assert any(v is not None for row in saved["pool"]["s0"] for v in row)  # a non-trivial state was saved
+    with np.load(checkpoint / DHNM_STATE_NAME) as saved:
+        assert json.loads(str(saved["meta"]))["global_step"] == 3
+        assert not np.isnan(saved["s0"]).all()  # a non-trivial state was saved
     assert not (tmp_path / "cut" / "checkpoint-6").exists()
 
     resumed_pool = make_pool(k=2)  # a fresh process would rebuild the pools from the data
@@ -467,15 +631,16 @@ def test_kill_and_resume_gives_same_state_and_losses(tiny_model_dir, tmp_path):
             k: v for k, v in full_logs[step].items() if k.startswith("dhnm_")
         }
     # The state files of the final checkpoints agree too.
-    a = json.loads((tmp_path / "full" / "checkpoint-6" / DHNM_STATE_NAME).read_text())
-    b = json.loads((tmp_path / "cut" / "checkpoint-6" / DHNM_STATE_NAME).read_text())
-    assert a["pool"]["active"] == b["pool"]["active"] and a["pool"]["cursor"] == b["pool"]["cursor"]
+    with np.load(tmp_path / "full" / "checkpoint-6" / DHNM_STATE_NAME) as a, \
+            np.load(tmp_path / "cut" / "checkpoint-6" / DHNM_STATE_NAME) as b:
+        for name in ("active", "cursor", "fresh_bits"):
+            np.testing.assert_array_equal(a[name], b[name])
 
     # Resuming without the DHNM state is an error, not a silent restart of the pools.
     bare = tmp_path / "bare" / "checkpoint-3"
     shutil.copytree(checkpoint, bare)
     (bare / DHNM_STATE_NAME).unlink()
-    with pytest.raises(FileNotFoundError, match="no dhnm_state.json was found"):
+    with pytest.raises(FileNotFoundError, match=r"no dhnm_state.npz \(or dhnm_state.json\) was found"):
         train(tiny_model_dir, tmp_path / "bare", make_pool(k=2), max_steps=6, resume=str(bare))
 
 
@@ -496,9 +661,12 @@ DDP_SCRIPT = textwrap.dedent(
     seen = []
     trainer, dhnm = train_with(sys.argv[1], out, pool, seen)
     rank = dist.get_rank()
+    arrays = pool.state_dict()
     state = {
         "world_size": dist.get_world_size(),
-        "pool": pool.state_dict(),
+        "pool": {"fingerprint": arrays["fingerprint"], "active": arrays["active"].tolist(),
+                 "cursor": arrays["cursor"].tolist(), "fresh_bits": arrays["fresh_bits"].tolist(),
+                 "s0": [[None if v != v else v for v in row] for row in arrays["s0"].tolist()]},
         "totals": dhnm.totals,
         "logs": [{k: v for k, v in h.items() if k.startswith("dhnm_") or k == "step"}
                  for h in trainer.state.log_history if "loss" in h],
