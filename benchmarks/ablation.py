@@ -58,6 +58,7 @@ class Scale:
     vocab_size: int
     texts_per_source: int            # pre-training texts taken from each source
     pretrain_epochs: float
+    pretrain_max_steps: int          # cap on pre-training steps (-1: the epochs)
     seq_length: int
     sft_rows_per_source: int
     sft_epochs: float
@@ -72,43 +73,44 @@ class Scale:
     eval_sts: int | None             # dev pairs per STS task (None: all 1,500)
     eval_scifact_corpus: int | None  # SciFact distractor documents (None: all 5,183)
     eval_tatoeba: int                # held-out Tatoeba pairs per language
+    eval_queries: int | None         # held-out SciFact queries and XQuAD questions evaluated (None: all)
     seeds: tuple[int, ...]
     variants: tuple[str, ...]
     num_threads: int | None = 1
 
 
 #: Variants: name → (stage-3 schedule or "hard", LoRA rank or None, CLR, DHNM).
-VARIANTS: dict[str, tuple[str, int | None, bool, bool]] = {
+VARIANTS: dict[str, tuple[str, int | None, bool, bool]] = {  # in the order a run takes them (most telling first)
     "SM+CLR+DHNM": ("linear", None, True, True),     # the full recipe: Table 4 last row, Table 6 soft/full, Table 12 linear
+    "SM": ("linear", None, False, False),
     "hard": ("hard", None, True, True),
+    "SM+CLR": ("linear", None, True, False),
+    "SM+DHNM": ("linear", None, False, True),
+    "decelerating": ("decelerating", None, True, True),
+    "accelerating": ("accelerating", None, True, True),
     "soft-lora16": ("linear", 16, True, True),
     "hard-lora16": ("hard", 16, True, True),
     "soft-lora64": ("linear", 64, True, True),
     "hard-lora64": ("hard", 64, True, True),
-    "accelerating": ("accelerating", None, True, True),
-    "decelerating": ("decelerating", None, True, True),
-    "SM": ("linear", None, False, False),
-    "SM+CLR": ("linear", None, True, False),
-    "SM+DHNM": ("linear", None, False, True),
 }
 
 SCALES: dict[str, Scale] = {
     "smoke": Scale(model={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1},
-                   vocab_size=1500, texts_per_source=40, pretrain_epochs=1, seq_length=64, sft_rows_per_source=20,
+                   vocab_size=1500, texts_per_source=40, pretrain_epochs=1, pretrain_max_steps=40, seq_length=64, sft_rows_per_source=20,
                    sft_epochs=1, weak_rows_per_source=32, weak_epochs=1, weak_batch=16, retrieval_rows=32,
                    sts_rows=32, clr_rows=32, supervised_epochs=2, max_seq_length=64, eval_sts=40,
-                   eval_scifact_corpus=60, eval_tatoeba=30, seeds=(0, 1), variants=("SM", "SM+CLR+DHNM")),
-    "cpu": Scale(model={}, vocab_size=4096, texts_per_source=400, pretrain_epochs=2, seq_length=128,
+                   eval_scifact_corpus=60, eval_tatoeba=30, eval_queries=40, seeds=(0, 1), variants=("SM", "SM+CLR+DHNM")),
+    "cpu": Scale(model={}, vocab_size=4096, texts_per_source=400, pretrain_epochs=2, pretrain_max_steps=1500, seq_length=128,
                  sft_rows_per_source=200, sft_epochs=1, weak_rows_per_source=300, weak_epochs=1, weak_batch=32,
                  retrieval_rows=400, sts_rows=400, clr_rows=300, supervised_epochs=2, max_seq_length=96,
-                 eval_sts=None, eval_scifact_corpus=1500, eval_tatoeba=500, seeds=(0, 1, 2),
+                 eval_sts=None, eval_scifact_corpus=1500, eval_tatoeba=500, eval_queries=None, seeds=(0, 1, 2),
                  variants=tuple(VARIANTS)),
     "gpu": Scale(model={"hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 4,
                         "num_attention_heads": 6, "num_key_value_heads": 2},
-                 vocab_size=8192, texts_per_source=3000, pretrain_epochs=3, seq_length=256,
+                 vocab_size=8192, texts_per_source=3000, pretrain_epochs=3, pretrain_max_steps=-1, seq_length=256,
                  sft_rows_per_source=1000, sft_epochs=1, weak_rows_per_source=1500, weak_epochs=1, weak_batch=64,
                  retrieval_rows=700, sts_rows=2000, clr_rows=900, supervised_epochs=2, max_seq_length=128,
-                 eval_sts=None, eval_scifact_corpus=None, eval_tatoeba=500, seeds=(0, 1, 2),
+                 eval_sts=None, eval_scifact_corpus=None, eval_tatoeba=500, eval_queries=None, seeds=(0, 1, 2),
                  variants=tuple(VARIANTS), num_threads=None),
 }
 
@@ -161,6 +163,7 @@ def prepare_data(data: Path, out: Path, scale: Scale) -> dict[str, Any]:
     qids = sorted(q for q in scifact.queries if any(s > 0 for s in scifact.qrels.get(q, {}).values()))
     rng.shuffle(qids)
     held_q = set(qids[: len(qids) // 5])
+    evaluated_q = sorted(held_q)[: scale.eval_queries]
     train_qids = [q for q in qids if q not in held_q]
     scifact_train = [{"query": scifact.queries[q], "positive": docs[next(d for d, s in scifact.qrels[q].items()
                                                                        if s > 0)]}
@@ -172,6 +175,7 @@ def prepare_data(data: Path, out: Path, scale: Scale) -> dict[str, Any]:
     rng.shuffle(paragraphs)
     held_paragraphs = set(paragraphs[: len(paragraphs) // 5])
     held_ids = {r["id"] for r in xquad["en"] if r["positive"] in held_paragraphs}
+    evaluated_ids = sorted(held_ids)[: scale.eval_queries]
     xquad_train = {lang: [r for r in rows if r["id"] not in held_ids] for lang, rows in xquad.items()}
 
     # Tatoeba: the last eval_tatoeba lines of each file are held out.
@@ -277,10 +281,10 @@ def prepare_data(data: Path, out: Path, scale: Scale) -> dict[str, Any]:
         (out / "eval" / f"tatoeba.{code}-eng.{code}").write_text("\n".join(a for a, _ in pairs) + "\n", "utf-8")
         (out / "eval" / f"tatoeba.{code}-eng.eng").write_text("\n".join(b for _, b in pairs) + "\n", "utf-8")
     evaluation["tatoeba"] = {code: str(out / "eval" / f"tatoeba.{code}-eng") for code in TATOEBA}
-    evaluation["scifact_queries"] = sorted(held_q)
-    evaluation["xquad_ids"] = sorted(held_ids)
+    evaluation["scifact_queries"] = evaluated_q
+    evaluation["xquad_ids"] = evaluated_ids
     sizes = {name: sum(1 for _ in open(path, encoding="utf-8")) for name, path in files.items()}
-    sizes.update(scifact_eval_queries=len(held_q), xquad_eval_questions=len(held_ids),
+    sizes.update(scifact_eval_queries=len(evaluated_q), xquad_eval_questions=len(evaluated_ids),
                  tatoeba_eval_pairs=scale.eval_tatoeba, sts_dev_pairs=limit)
     return {"files": files, "eval": evaluation, "sizes": sizes}
 
@@ -317,7 +321,8 @@ def run_shared_stages(work: Path, files: dict[str, str], scale: Scale) -> str:
                             overrides={
         "tokenizer": {"data": [{"path": files["texts"]}], "vocab_size": scale.vocab_size},
         "pretrain": {"data": [{"path": files["texts"]}], "model_overrides": dict(scale.model),
-                     "seq_length": scale.seq_length, "num_train_epochs": scale.pretrain_epochs, **common},
+                     "seq_length": scale.seq_length, "num_train_epochs": scale.pretrain_epochs,
+                     "max_steps": scale.pretrain_max_steps, **common},
         "sft": {"data": [{"path": files["sft"], "allow_empty": ["input"]}], "max_length": scale.seq_length,
                 "num_train_epochs": scale.sft_epochs, **common},
     })
@@ -575,13 +580,16 @@ def main(argv: list[str] | None = None) -> int:
             final = run_supervised(work, weak_dirs[schedule, seed], prepared["files"], scale, variant, seed)
             scores = evaluate_model(final, data, prepared["eval"], scale)
             result["runs"].setdefault(variant, {})[str(seed)] = scores
+            result.setdefault("models", {}).setdefault(variant, {})[str(seed)] = final
             result["seconds"][f"{variant}/{seed}"] = time.perf_counter() - t0
             print(f"[ablation] {variant} seed {seed}: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in scores.items())
                   + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
             # Written after every run, so a stopped run keeps what it measured.
             result["meta"] = _meta(args.scale, scale, sft_dir, prepared["sizes"], time.perf_counter() - start)
+            result["meta"]["evaluation"] = prepared["eval"]
             write_outputs(result, results_dir, args.scale)
     result["meta"] = _meta(args.scale, scale, sft_dir, prepared["sizes"], time.perf_counter() - start)
+    result["meta"]["evaluation"] = prepared["eval"]  # the exact held-out ids and files, so a score can be re-measured
     paths = write_outputs(result, results_dir, args.scale)
     print(markdown(result))
     print(f"[ablation] wrote {paths['md']}, {paths['png']}, {paths['json']}")
@@ -589,19 +597,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _meta(scale_name: str, scale: Scale, sft_dir: str, sizes: dict[str, int], seconds: float) -> dict[str, Any]:
+    """What the tables' header states: the model's size (counted on a fresh ConanModel of the SFT config)."""
     from transformers import AutoConfig
 
-    import conan_hf  # noqa: F401  (registers the "conan" model type)
-    from conan_hf import ConanConfig
+    from conan_hf import ConanModel
 
     config = AutoConfig.from_pretrained(sft_dir)
-    sizes_text = {k: v for k, v in sizes.items()}
-    tiny = ConanConfig.tiny(**scale.model)
-    h, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    kv = config.num_key_value_heads * (h // config.num_attention_heads)
-    parameters = config.vocab_size * h + layers * (2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h) + h
-    return {"scale": scale_name, "model": f"hidden {h}, {layers} layer(s), FFN {inter}", "parameters": parameters,
-            "vocab": config.vocab_size, "sizes": sizes_text, "seconds": seconds, "tiny_defaults": tiny.hidden_size}
+    parameters = sum(p.numel() for p in ConanModel(config).parameters())
+    return {"scale": scale_name, "parameters": parameters, "vocab": config.vocab_size, "sizes": dict(sizes),
+            "model": f"hidden {config.hidden_size}, {config.num_hidden_layers} layer(s), FFN "
+                     f"{config.intermediate_size}, {config.num_attention_heads} heads", "seconds": seconds}
 
 
 if __name__ == "__main__":
