@@ -497,7 +497,8 @@ def markdown(result: dict[str, Any]) -> str:
                   + ", ".join(f"{m} {100 * v:.2f}" for m, v in result["baseline"].items())]
     missing = [v for v in VARIANTS if v not in stats]
     if missing:
-        lines += ["", f"Not run at this scale: {', '.join(missing)}."]
+        lines += ["", f"Not in this results file (not run, or the run was stopped before them): {', '.join(missing)}; "
+                  "run them with `--variants` (results merge into the JSON)."]
     return "\n".join(lines) + "\n"
 
 
@@ -542,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default=None, help="stage outputs (default runs/ablation-<scale>)")
     parser.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--fresh", action="store_true", help="ignore earlier runs in the JSON (default: merge)")
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite the .md and .png from the scale's JSON (no training)")
     args = parser.parse_args(argv)
 
     data_dir = os.environ.get("CONAN_DATA_DIR")
@@ -560,6 +563,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir or ROOT / "runs" / f"ablation-{args.scale}")
     results_dir = Path(args.results_dir)
     json_path = results_dir / f"ablation_{args.scale}.json"
+    if args.render:
+        paths = write_outputs(json.loads(json_path.read_text(encoding="utf-8")), results_dir, args.scale)
+        print(f"[ablation] rewrote {paths['md']} and {paths['png']} from {json_path}")
+        return 0
 
     start = time.perf_counter()
     prepared = prepare_data(data, work / "data", scale)
