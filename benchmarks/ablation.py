@@ -446,6 +446,8 @@ def _delta(a, b) -> str:
     if a is None or b is None:
         return "—"
     delta, significant = difference(a, b)
+    if a[2] < 2 or b[2] < 2:
+        return f"{delta:+.2f} (one seed: no noise estimate)"
     return f"{delta:+.2f} ({'significant' if significant else 'within seed noise'})"
 
 
