@@ -1,0 +1,622 @@
+"""The paper's ablations (Tables 4, 6 and 12 of arXiv 2509.12892) on real data, at a scale that runs here.
+
+    CONAN_DATA_DIR=../shared/data python benchmarks/ablation.py --scale cpu       # <= 60 min on 2 CPU cores
+    CONAN_DATA_DIR=../shared/data python benchmarks/ablation.py --scale gpu       # larger, one H100/H200
+    CONAN_DATA_DIR=../shared/data python benchmarks/ablation.py --scale smoke     # seconds (the test)
+    ... --variants SM,SM+CLR --seeds 0,1     # run a part; results merge into the same JSON
+
+Shared, once (stages 0-2): a byte-level BPE tokenizer and a small Conan (``ConanConfig.tiny`` sizes, see ``SCALES``)
+pre-trained on real text of ``CONAN_DATA_DIR`` (SciFact / MS MARCO / DBpedia passages, XQuAD paragraphs en/zh/de/es,
+CMRC, CSL abstracts, THUCNews titles, SimCLUE, STS-B train sentences, Tatoeba, AG News), then SFT on
+title→content and question→answer pairs.
+
+Per variant and seed (stages 3-4, from that checkpoint): stage 3 (weak supervision, soft mask with the variant's α
+schedule, or the hard switch: bidirectional from step 1) and stage 4 (SciFact train queries with negatives mined by
+the stage-3 model itself, STS-B en+zh train, optionally CLR; full fine-tuning or LoRA; DHNM on or off = static mined
+negatives). Variants:
+
+- Table 6: {hard switch, soft mask} × {full, LoRA r=16, LoRA r=64} (each with CLR + DHNM: the full recipe);
+- Table 12: linear / accelerating / decelerating α (full recipe);
+- Table 4: SM; SM+CLR; SM+DHNM; SM+CLR+DHNM (CLR = XQuAD de/es/zh questions → English paragraphs through
+  ``ParallelCorpusTranslator`` + Tatoeba deu/spa/cmn → eng).
+
+Evaluation on dev data only, through ``conan_hf.eval`` (mteb): STS-B dev en and zh, cross-lingual STS-B dev (de and
+es sentence 1 against en sentence 2), SciFact nDCG@10 on train queries held out from training (only train qrels
+exist), XQuAD cross-lingual Recall@20 (de/es/zh → en) on the questions of held-out paragraphs, Tatoeba accuracy on
+the held-out half of each pair file. Aggregates in the paper's columns: Eng = mean(STS-B en, SciFact), Zh = STS-B
+zh, Multi = mean(cross-lingual STS, XQuAD R@20, Tatoeba). A difference is called significant only when |Δ| > 2 ×
+the pooled standard deviation of the two rows (sqrt((s1² + s2²)/2)); nothing here is tuned on these numbers.
+
+Output: ``<results-dir>/ablation_<scale>.json`` (every run's scores), ``.md`` (tables) and ``.png`` (bars with
+standard-deviation error bars). Without ``CONAN_DATA_DIR`` the script prints why and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """Sizes of one scale of the ablation (model, data per stage, steps, evaluation limits)."""
+
+    model: dict[str, int]           # ConanConfig.tiny overrides
+    vocab_size: int
+    texts_per_source: int            # pre-training texts taken from each source
+    pretrain_epochs: float
+    pretrain_max_steps: int          # cap on pre-training steps (-1: the epochs)
+    seq_length: int
+    sft_rows_per_source: int
+    sft_epochs: float
+    weak_rows_per_source: int
+    weak_epochs: float
+    weak_batch: int
+    retrieval_rows: int              # SciFact train queries used in stage 4
+    sts_rows: int                    # STS-B train rows per language (en, zh)
+    clr_rows: int                    # XQuAD questions (+ as many Tatoeba pairs) for CLR
+    supervised_epochs: float
+    max_seq_length: int
+    eval_sts: int | None             # dev pairs per STS task (None: all 1,500)
+    eval_scifact_corpus: int | None  # SciFact distractor documents (None: all 5,183)
+    eval_tatoeba: int                # held-out Tatoeba pairs per language
+    eval_queries: int | None         # held-out SciFact queries and XQuAD questions evaluated (None: all)
+    seeds: tuple[int, ...]
+    variants: tuple[str, ...]
+    num_threads: int | None = 1
+
+
+#: Variants: name → (stage-3 schedule or "hard", LoRA rank or None, CLR, DHNM).
+VARIANTS: dict[str, tuple[str, int | None, bool, bool]] = {  # in the order a run takes them (most telling first)
+    "SM+CLR+DHNM": ("linear", None, True, True),     # the full recipe: Table 4 last row, Table 6 soft/full, Table 12 linear
+    "SM": ("linear", None, False, False),
+    "hard": ("hard", None, True, True),
+    "SM+CLR": ("linear", None, True, False),
+    "SM+DHNM": ("linear", None, False, True),
+    "decelerating": ("decelerating", None, True, True),
+    "accelerating": ("accelerating", None, True, True),
+    "soft-lora16": ("linear", 16, True, True),
+    "hard-lora16": ("hard", 16, True, True),
+    "soft-lora64": ("linear", 64, True, True),
+    "hard-lora64": ("hard", 64, True, True),
+}
+
+SCALES: dict[str, Scale] = {
+    "smoke": Scale(model={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1},
+                   vocab_size=1500, texts_per_source=40, pretrain_epochs=1, pretrain_max_steps=40, seq_length=64, sft_rows_per_source=20,
+                   sft_epochs=1, weak_rows_per_source=32, weak_epochs=1, weak_batch=16, retrieval_rows=32,
+                   sts_rows=32, clr_rows=32, supervised_epochs=2, max_seq_length=64, eval_sts=40,
+                   eval_scifact_corpus=60, eval_tatoeba=30, eval_queries=40, seeds=(0, 1), variants=("SM", "SM+CLR+DHNM")),
+    "cpu": Scale(model={}, vocab_size=4096, texts_per_source=400, pretrain_epochs=2, pretrain_max_steps=1500, seq_length=128,
+                 sft_rows_per_source=200, sft_epochs=1, weak_rows_per_source=300, weak_epochs=1, weak_batch=32,
+                 retrieval_rows=400, sts_rows=400, clr_rows=300, supervised_epochs=2, max_seq_length=96,
+                 eval_sts=None, eval_scifact_corpus=1500, eval_tatoeba=500, eval_queries=None, seeds=(0, 1, 2),
+                 variants=tuple(VARIANTS)),
+    "gpu": Scale(model={"hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 4,
+                        "num_attention_heads": 6, "num_key_value_heads": 2},
+                 vocab_size=8192, texts_per_source=3000, pretrain_epochs=3, pretrain_max_steps=-1, seq_length=256,
+                 sft_rows_per_source=1000, sft_epochs=1, weak_rows_per_source=1500, weak_epochs=1, weak_batch=64,
+                 retrieval_rows=700, sts_rows=2000, clr_rows=900, supervised_epochs=2, max_seq_length=128,
+                 eval_sts=None, eval_scifact_corpus=None, eval_tatoeba=500, eval_queries=None, seeds=(0, 1, 2),
+                 variants=tuple(VARIANTS), num_threads=None),
+}
+
+#: The paper's numbers (Multi / Eng / Zh averages of MTEB) where the issue quotes them; None: not recorded here.
+PAPER_TABLE4 = {"SM": (61.73, 70.41, 70.99), "SM+CLR": (None, None, None), "SM+DHNM": (None, None, None),
+                "SM+CLR+DHNM": (65.17, 73.52, 74.24)}
+PAPER_TABLE6_ENG = {("hard", "full"): 71.50, ("soft", "full"): 73.52}
+TABLE6_ROWS = {"full": ("hard", "SM+CLR+DHNM"), "LoRA r=16": ("hard-lora16", "soft-lora16"),
+               "LoRA r=64": ("hard-lora64", "soft-lora64")}
+TABLE12_ROWS = {"linear": "SM+CLR+DHNM", "accelerating": "accelerating", "decelerating": "decelerating"}
+TABLE4_ROWS = ("SM", "SM+CLR", "SM+DHNM", "SM+CLR+DHNM")
+METRICS = ("sts_en", "sts_zh", "xsts", "scifact_ndcg10", "xquad_r20", "tatoeba_acc")
+AGGREGATES = {"Multi": ("xsts", "xquad_r20", "tatoeba_acc"), "Eng": ("sts_en", "scifact_ndcg10"), "Zh": ("sts_zh",)}
+XQUAD_LANGS = ("de", "es", "zh")
+TATOEBA = {"deu": "de", "spa": "es", "cmn": "zh"}
+
+
+# ---- data ------------------------------------------------------------------------------------------------------------
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return str(path)
+
+
+def _read_lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def _stsb(data: Path, lang: str, split: str) -> list[dict[str, Any]]:
+    from conan_hf.data.readers import read_stsb_multi_mt
+
+    return [dict(r) for r in read_stsb_multi_mt(data / "sts" / "stsb-multi-mt", lang, split)]
+
+
+def prepare_data(data: Path, out: Path, scale: Scale) -> dict[str, Any]:
+    """Training files for every stage under ``out`` and the held-out evaluation splits (nothing evaluated is
+    trained on: SciFact queries, XQuAD paragraphs and Tatoeba lines are split; STS-B dev is never read for training)."""
+    import csv
+
+    from conan_hf.data.readers import read_squad
+    from conan_hf.eval.tasks import read_beir  # the evaluation's reader: msmarco-mini's qrels have no header line
+
+    rng = random.Random(0)
+    n_text, n_sft, n_weak = scale.texts_per_source, scale.sft_rows_per_source, scale.weak_rows_per_source
+
+    # SciFact: train queries split 80/20 by a fixed shuffle; the 20 % are the evaluation queries.
+    scifact, _ = read_beir(data / "retrieval" / "scifact", split="train")
+    docs = {d: (v.get("title", "") + " " + v["text"]).strip() for d, v in scifact.corpus.items()}
+    qids = sorted(q for q in scifact.queries if any(s > 0 for s in scifact.qrels.get(q, {}).values()))
+    rng.shuffle(qids)
+    held_q = set(qids[: len(qids) // 5])
+    evaluated_q = sorted(held_q)[: scale.eval_queries]
+    train_qids = [q for q in qids if q not in held_q]
+    scifact_train = [{"query": scifact.queries[q], "positive": docs[next(d for d, s in scifact.qrels[q].items()
+                                                                       if s > 0)]}
+                     for q in train_qids]
+
+    # XQuAD: paragraphs split 80/20; questions of held-out paragraphs are the evaluation queries.
+    xquad = {lang: read_squad(data / "xling" / "xquad" / f"xquad.{lang}.json") for lang in ("en", *XQUAD_LANGS)}
+    paragraphs = sorted({r["positive"] for r in xquad["en"]})
+    rng.shuffle(paragraphs)
+    held_paragraphs = set(paragraphs[: len(paragraphs) // 5])
+    held_ids = {r["id"] for r in xquad["en"] if r["positive"] in held_paragraphs}
+    evaluated_ids = sorted(held_ids)[: scale.eval_queries]
+    xquad_train = {lang: [r for r in rows if r["id"] not in held_ids] for lang, rows in xquad.items()}
+
+    # Tatoeba: the last eval_tatoeba lines of each file are held out.
+    tatoeba = {}
+    for code in TATOEBA:
+        base = data / "xling" / "tatoeba" / f"tatoeba.{code}-eng"
+        tatoeba[code] = list(zip(_read_lines(base.with_name(base.name + f".{code}")),
+                                 _read_lines(base.with_name(base.name + ".eng"))))
+    tatoeba_train = {c: pairs[: -scale.eval_tatoeba] for c, pairs in tatoeba.items()}
+    tatoeba_eval = {c: pairs[-scale.eval_tatoeba:] for c, pairs in tatoeba.items()}
+
+    def csv_rows(path: Path, delimiter: str = ",") -> list[list[str]]:
+        with path.open(encoding="utf-8", newline="") as handle:
+            return list(csv.reader(handle, delimiter=delimiter))
+
+    agnews = [(r[1], r[2]) for r in csv_rows(data / "pairs" / "en" / "agnews_test.csv") if len(r) >= 3]
+    csl = [(r[2], r[1]) for r in csv_rows(data / "pairs" / "zh" / "csl_title_abstract_dev.tsv", "\t") if len(r) >= 3]
+    simclue = [json.loads(line) for line in _read_lines(data / "pairs" / "zh" / "simclue_train_pair_positive_1w.json")
+               if line.strip()]
+    thucnews = [line.split("\t")[0] for line in _read_lines(data / "classification" / "thucnews" / "dev.txt")]
+    cmrc = read_squad(data / "retrieval" / "cmrc2018" / "cmrc2018_trial.json", on_error="skip")  # a few empty questions
+    beir_pairs = {}
+    for name in ("msmarco-mini", "dbpedia-mini"):
+        beir, _ = read_beir(data / "retrieval" / name, split="test")
+        beir_pairs[name] = [(beir.queries[q], (beir.corpus[d].get("title", "") + " " + beir.corpus[d]["text"]).strip())
+                            for q in beir.qrels for d, s in beir.qrels[q].items() if s > 0 and d in beir.corpus]
+        beir_pairs[name + "/corpus"] = [(v.get("title", "") + " " + v["text"]).strip() for v in beir.corpus.values()]
+    sts_train = {lang: _stsb(data, lang, "train") for lang in ("en", "zh", "de", "es")}
+
+    # Stage 0-1: raw text of every source.
+    texts: list[str] = []
+    texts += list(docs.values())[:n_text]
+    texts += beir_pairs["msmarco-mini/corpus"][:n_text] + beir_pairs["dbpedia-mini/corpus"][:n_text]
+    for lang in ("en", *XQUAD_LANGS):
+        texts += sorted({r["positive"] for r in xquad_train[lang]})[:n_text]
+    texts += sorted({r["positive"] for r in cmrc})[:n_text]
+    texts += [abstract for _, abstract in csl[:n_text]] + thucnews[:n_text]
+    texts += [r["query"] + " " + r["title"] for r in simclue[:n_text]]
+    for lang, rows in sts_train.items():
+        texts += [r["sentence1"] + " " + r["sentence2"] for r in rows[:n_text]]
+    for code, pairs in tatoeba_train.items():
+        texts += [f"{a} {b}" for a, b in pairs[:n_text]]
+    texts += [f"{t}. {d}" for t, d in agnews[:n_text]]
+    texts = [t for t in texts if t.strip()]
+
+    # Stage 2: title → content and question → answer.
+    sft = [{"instruction": "Write the news article for this headline.", "input": t, "output": d}
+           for t, d in agnews[n_text:n_text + n_sft]]
+    sft += [{"instruction": "为这个论文标题写摘要。", "input": t, "output": a} for t, a in csl[:n_sft]]
+    sft += [{"instruction": "Answer the question.", "input": r["query"], "output": r["answers"][0]}
+            for r in xquad_train["en"][:n_sft] if r["answers"]]
+    sft += [{"instruction": "回答问题。", "input": r["query"], "output": r["answers"][0]} for r in cmrc[:n_sft] if r["answers"]]
+    sft += [{"instruction": "Answer the question.", "input": q, "output": p} for q, p in beir_pairs["msmarco-mini"][:n_sft]]
+
+    # Stage 3: weakly-supervised (query, positive) pairs with an instruction per source.
+    weak = []
+    sources = [
+        ("Given a news headline, retrieve the article", agnews[-n_weak:]),
+        ("给定论文标题，检索其摘要", csl[-n_weak:]),
+        ("检索语义相似的文本", [(r["query"], r["title"]) for r in simclue[-n_weak:]]),
+        ("Given a question, retrieve passages that answer it", beir_pairs["msmarco-mini"][:n_weak]),
+        ("Given a query, retrieve the Wikipedia entity it describes", beir_pairs["dbpedia-mini"][:n_weak]),
+        ("给定问题，检索回答它的段落", [(r["query"], r["positive"]) for r in cmrc[:n_weak]]),
+        ("Given a question, retrieve passages that answer it",
+         [(r["query"], r["positive"]) for r in xquad_train["en"][:n_weak]]),
+    ]
+    for instruction, pairs in sources:
+        seen: set[str] = set()  # one pair per text: a repeated text would be a false in-batch negative
+        for q, p in pairs:
+            if q.strip() and p.strip() and q not in seen and p not in seen:
+                seen.update((q, p))
+                weak.append({"instruction": instruction, "query": q, "positive": p})
+
+    # Stage 4 tasks.
+    retrieval = scifact_train[: scale.retrieval_rows]
+    sts = [r for lang in ("en", "zh") for r in sts_train[lang][: scale.sts_rows]]
+    sts = [{"sentence1": r["sentence1"], "sentence2": r["sentence2"], "score": float(r["score"])} for r in sts]
+    clr_source = [{"id": r["id"], "query": r["query"], "positive": r["positive"]}
+                  for r in xquad_train["en"][: scale.clr_rows]]
+
+    files = {
+        "texts": _write_jsonl(out / "texts.jsonl", [{"text": t} for t in texts]),
+        "sft": _write_jsonl(out / "sft.jsonl", sft),
+        "weak": _write_jsonl(out / "weak.jsonl", weak),
+        "retrieval": _write_jsonl(out / "scifact_train.jsonl", retrieval),
+        "sts": _write_jsonl(out / "sts_train.jsonl", sts),
+        "clr": _write_jsonl(out / "clr.jsonl", build_clr_rows(data, clr_source, tatoeba_train, scale.clr_rows)),
+    }
+    # Evaluation splits.
+    sts_dev = {lang: _stsb(data, lang, "dev") for lang in ("en", "zh", "de", "es")}
+    limit = scale.eval_sts or len(sts_dev["en"])
+    evaluation = {}
+    for lang in ("en", "zh"):
+        evaluation[f"sts_{lang}"] = _write_jsonl(out / "eval" / f"stsb_{lang}_dev.jsonl", [
+            {"sentence1": r["sentence1"], "sentence2": r["sentence2"], "score": float(r["score"])}
+            for r in sts_dev[lang][:limit]])
+    for lang in ("de", "es"):  # sentence 1 in lang, sentence 2 in English (rows are aligned across languages)
+        evaluation[f"xsts_{lang}"] = _write_jsonl(out / "eval" / f"stsb_{lang}-en_dev.jsonl", [
+            {"sentence1": a["sentence1"], "sentence2": b["sentence2"], "score": float(b["score"])}
+            for a, b in zip(sts_dev[lang][:limit], sts_dev["en"][:limit])])
+    for code, pairs in tatoeba_eval.items():
+        (out / "eval").mkdir(parents=True, exist_ok=True)
+        (out / "eval" / f"tatoeba.{code}-eng.{code}").write_text("\n".join(a for a, _ in pairs) + "\n", "utf-8")
+        (out / "eval" / f"tatoeba.{code}-eng.eng").write_text("\n".join(b for _, b in pairs) + "\n", "utf-8")
+    evaluation["tatoeba"] = {code: str(out / "eval" / f"tatoeba.{code}-eng") for code in TATOEBA}
+    evaluation["scifact_queries"] = evaluated_q
+    evaluation["xquad_ids"] = evaluated_ids
+    sizes = {name: sum(1 for _ in open(path, encoding="utf-8")) for name, path in files.items()}
+    sizes.update(scifact_eval_queries=len(evaluated_q), xquad_eval_questions=len(evaluated_ids),
+                 tatoeba_eval_pairs=scale.eval_tatoeba, sts_dev_pairs=limit)
+    return {"files": files, "eval": evaluation, "sizes": sizes}
+
+
+def build_clr_rows(data: Path, source: list[dict[str, Any]], tatoeba_train: dict[str, list[tuple[str, str]]],
+                   n: int) -> list[dict[str, Any]]:
+    """CLR rows (§3.3): XQuAD English questions replaced by their human de/es/zh versions (parallel-corpus mode of
+    ``build_clr_dataset``), positives the English paragraphs; plus Tatoeba deu/spa/cmn → eng sentence pairs."""
+    from conan_hf.data.clr import build_clr_dataset
+    from conan_hf.data.translate import ParallelCorpusTranslator
+
+    folder = data / "xling" / "xquad"
+    translator = ParallelCorpusTranslator.from_squad({lang: folder / f"xquad.{lang}.json" for lang in XQUAD_LANGS})
+    dataset, report = build_clr_dataset(source, list(XQUAD_LANGS), translator, seed=0, show_progress_bar=False)
+    rows = [{"query": r["query"], "positive": r["positive"]} for r in dataset]
+    per_language = max(1, n // len(tatoeba_train))
+    for pairs in tatoeba_train.values():
+        rows += [{"query": a, "positive": b} for a, b in pairs[:per_language]]
+    return rows
+
+
+# ---- stages ----------------------------------------------------------------------------------------------------------
+def _threads(scale: Scale) -> dict[str, Any]:
+    return {"num_threads": scale.num_threads} if scale.num_threads else {}
+
+
+def run_shared_stages(work: Path, files: dict[str, str], scale: Scale) -> str:
+    """Stages 0-2 once: tokenizer, pre-training, SFT. Returns the SFT decoder folder."""
+    from trainers import pretrain, sft, tokenizer_stage
+    from trainers.run_all import build_configs
+
+    common = {"save_steps": 100000, "logging_steps": 50, "disable_tqdm": True, "seed": 0, **_threads(scale)}
+    configs = build_configs(["tokenizer", "pretrain", "sft"], str(work), str(work / "unused"), preset="tiny",
+                            overrides={
+        "tokenizer": {"data": [{"path": files["texts"]}], "vocab_size": scale.vocab_size},
+        "pretrain": {"data": [{"path": files["texts"]}], "model_overrides": dict(scale.model),
+                     "seq_length": scale.seq_length, "num_train_epochs": scale.pretrain_epochs,
+                     "max_steps": scale.pretrain_max_steps, **common},
+        "sft": {"data": [{"path": files["sft"], "allow_empty": ["input"]}], "max_length": scale.seq_length,
+                "num_train_epochs": scale.sft_epochs, **common},
+    })
+    if not (Path(configs["tokenizer"].output_dir) / "tokenizer.json").is_file():
+        tokenizer_stage.run(configs["tokenizer"])
+    pretrain.run(configs["pretrain"])
+    return sft.run(configs["sft"])["final_dir"]
+
+
+def run_weak(work: Path, sft_dir: str, files: dict[str, str], scale: Scale, schedule: str, seed: int) -> str:
+    """Stage 3 with the α schedule (``hard``: τ = 1, so every step trains bidirectional)."""
+    from trainers import weak
+    from trainers.run_all import build_configs
+
+    values = {"model": sft_dir, "output_dir": str(work / f"weak-{schedule}-s{seed}"),
+              "data": [{"path": files["weak"]}], "max_seq_length": scale.max_seq_length,
+              "per_device_train_batch_size": scale.weak_batch, "num_train_epochs": scale.weak_epochs,
+              "soft_mask_schedule": "linear" if schedule == "hard" else schedule,
+              "soft_mask_steps": 1 if schedule == "hard" else None, "seed": seed, "save_steps": 100000,
+              "logging_steps": 50, "disable_tqdm": True, **_threads(scale)}
+    config = build_configs(["weak"], str(work), str(work / "unused"), preset="tiny", overrides={"weak": values})["weak"]
+    return weak.run(config)["final_dir"]
+
+
+def run_supervised(work: Path, weak_dir: str, files: dict[str, str], scale: Scale, variant: str, seed: int) -> str:
+    """Stage 4 of a variant: SciFact retrieval (+ CLR) with negatives mined by the stage-3 model, STS-B (CoSENT)."""
+    from trainers import supervised
+    from trainers.run_all import build_configs
+
+    _, lora_rank, clr, dhnm = VARIANTS[variant]
+    tasks = [{"name": "retrieval", "type": "retrieval", "data": [{"path": files["retrieval"]}], "batch_size": 8,
+              "prompt": "Retrieve evidence for the claim"},
+             {"name": "sts", "type": "sts", "data": [{"path": files["sts"]}], "batch_size": 32,
+              "prompt": "Retrieve similar text"}]
+    if clr:
+        tasks.insert(1, {"name": "clr", "type": "clr", "data": [{"path": files["clr"]}], "batch_size": 8,
+                         "prompt": "Retrieve the English text"})
+    values = {"model": weak_dir, "output_dir": str(work / f"sup-{variant}-s{seed}"), "tasks": tasks,
+              "teacher": weak_dir, "dhnm": dhnm, "lora": {"r": lora_rank, "lora_alpha": 2 * lora_rank}
+              if lora_rank else None, "num_train_epochs": scale.supervised_epochs,
+              "max_seq_length": scale.max_seq_length, "num_negatives": 3, "pool_size": 12, "seed": seed,
+              "save_steps": 100000, "logging_steps": 50, "disable_tqdm": True, **_threads(scale)}
+    config = build_configs(["supervised"], str(work), str(work / f"model-{variant}-s{seed}"), preset="tiny",
+                           overrides={"supervised": values})["supervised"]
+    return supervised.run(config)["final_dir"]
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------------------
+def evaluate_model(path: str, data: Path, evaluation: dict[str, Any], scale: Scale) -> dict[str, float]:
+    """Every dev score of one model, through conan_hf.eval (mteb). Values in [0, 1] (×100 in the tables)."""
+    from conan_hf.eval import bitext_task, evaluate, evaluate_cross_lingual, load_xquad, sts_task
+    from conan_hf.eval.tasks import make_retrieval_task, read_beir
+    from conan_hf.eval.xling import CrossLingualData
+    from trainers.common import load_sentence_model
+
+    model = load_sentence_model(path, attention_mode=None, max_seq_length=scale.max_seq_length)
+    tasks = [sts_task(evaluation[f"sts_{lang}"], name=f"AblationSTSB-{lang}", language=lang) for lang in ("en", "zh")]
+    tasks += [sts_task(evaluation[f"xsts_{lang}"], name=f"AblationSTSB-{lang}-en", language=lang)
+              for lang in ("de", "es")]
+    held = set(evaluation["scifact_queries"])
+    scifact, _ = read_beir(data / "retrieval" / "scifact", split="train")
+    queries = {q: t for q, t in scifact.queries.items() if q in held}
+    relevant = {d for q in queries for d, s in scifact.qrels[q].items() if s > 0}
+    keep = list(relevant) + [d for d in scifact.corpus if d not in relevant]
+    keep = keep[: max(len(relevant), scale.eval_scifact_corpus or len(keep))]
+    scifact.corpus = {d: scifact.corpus[d] for d in keep}
+    scifact.queries, scifact.qrels = queries, {q: scifact.qrels[q] for q in queries}
+    tasks.append(make_retrieval_task("AblationSciFactHeldOut", {"default": scifact}, ["eng-Latn"], split="dev",
+                                     description="SciFact train queries held out from training"))
+    tasks += [bitext_task(prefix, name=f"AblationTatoeba-{code}") for code, prefix in evaluation["tatoeba"].items()]
+    report = evaluate(model, tasks, batch_size=64)
+    by_task = {row["task"]: row for row in report.summary}
+    scores = {"sts_en": by_task["AblationSTSB-en"]["main_score"], "sts_zh": by_task["AblationSTSB-zh"]["main_score"],
+              "xsts": statistics.mean(by_task[f"AblationSTSB-{lang}-en"]["main_score"] for lang in ("de", "es")),
+              "scifact_ndcg10": by_task["AblationSciFactHeldOut"]["main_score"],
+              "tatoeba_acc": statistics.mean(next(iter(by_task[f"AblationTatoeba-{code}"]["subsets"].values()))
+                                             ["accuracy"] for code in TATOEBA)}
+    xquad = load_xquad(data / "xling" / "xquad", languages=XQUAD_LANGS)
+    ids = set(evaluation["xquad_ids"])
+    xquad = CrossLingualData(corpus=xquad.corpus, queries={lang: {q: t for q, t in qs.items() if q in ids}
+                                                           for lang, qs in xquad.queries.items()},
+                             qrels={q: r for q, r in xquad.qrels.items() if q in ids}, name="AblationXQuADHeldOut")
+    scores["xquad_r20"] = evaluate_cross_lingual(model, xquad, batch_size=64).average["recall_at_20"]
+    return {k: float(v) for k, v in scores.items()}
+
+
+# ---- aggregation and output ------------------------------------------------------------------------------------------
+def aggregate(scores: dict[str, float]) -> dict[str, float]:
+    """The paper's three columns from one run's metrics (×100)."""
+    return {name: 100 * statistics.mean(scores[m] for m in metrics) for name, metrics in AGGREGATES.items()}
+
+
+def summarize(runs: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """``{variant: {column: (mean, std, n)}}`` over seeds for the metrics (×100) and the aggregates; std is the
+    sample standard deviation (0 with one seed)."""
+    out = {}
+    for variant, by_seed in runs.items():
+        rows = [{**{m: 100 * s[m] for m in METRICS}, **aggregate(s)} for s in by_seed.values()]
+        out[variant] = {c: (statistics.mean(r[c] for r in rows),
+                            statistics.stdev(r[c] for r in rows) if len(rows) > 1 else 0.0, len(rows))
+                        for c in (*METRICS, *AGGREGATES)}
+    return out
+
+
+def difference(a: tuple[float, float, int], b: tuple[float, float, int]) -> tuple[float, bool]:
+    """Δ = mean(a) − mean(b), significant when |Δ| > 2 × pooled std sqrt((s_a² + s_b²)/2) (and both have ≥ 2 seeds)."""
+    delta = a[0] - b[0]
+    pooled = math.sqrt((a[1] ** 2 + b[1] ** 2) / 2)
+    return delta, a[2] > 1 and b[2] > 1 and abs(delta) > 2 * pooled
+
+
+def _cell(stat: tuple[float, float, int] | None) -> str:
+    return "not run" if stat is None else f"{stat[0]:.2f} ± {stat[1]:.2f}"
+
+
+def _paper(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def _delta(a, b) -> str:
+    if a is None or b is None:
+        return "—"
+    delta, significant = difference(a, b)
+    if a[2] < 2 or b[2] < 2:
+        return f"{delta:+.2f} (one seed: no noise estimate)"
+    return f"{delta:+.2f} ({'significant' if significant else 'within seed noise'})"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The tables, laid out like the paper's (ours: mean ± std over seeds, ×100; the paper's beside)."""
+    stats = summarize(result["runs"])
+    get = lambda v, c: stats.get(v, {}).get(c)  # noqa: E731
+    meta = result["meta"]
+    lines = [f"# Ablations of arXiv 2509.12892 at scale `{meta['scale']}`", "",
+             f"Model: Conan {meta['model']} ({meta['parameters']:,} backbone parameters), own BPE tokenizer "
+             f"({meta['vocab']} tokens). Data sizes: {meta['sizes']}. Seeds per variant: see n. Total time "
+             f"{meta.get('seconds', 0):.0f} s. Scores ×100 on dev data (mean ± sample std over seeds); paper numbers "
+             "are MTEB averages of the 1.4B model, a different benchmark and scale: compare directions, not values. "
+             "Eng = mean(STS-B en, SciFact nDCG@10), Zh = STS-B zh, Multi = mean(cross-lingual STS-B, XQuAD R@20, "
+             "Tatoeba acc). A Δ is *significant* only when |Δ| > 2 × pooled std; otherwise it is within seed noise.",
+             "", "## Table 4: soft mask (SM), cross-lingual retrieval data (CLR), dynamic hard negatives (DHNM)", "",
+             "| Method | n | Multi | Eng | Zh | paper Multi | paper Eng | paper Zh | Δ Multi vs SM | Δ Eng vs SM | Δ Zh vs SM |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in TABLE4_ROWS:
+        n = get(row, "Eng")[2] if get(row, "Eng") else 0
+        paper = PAPER_TABLE4[row]
+        deltas = [_delta(get(row, c), get("SM", c)) if row != "SM" else "" for c in AGGREGATES]
+        lines.append(f"| {row} | {n} | " + " | ".join(_cell(get(row, c)) for c in AGGREGATES) + " | "
+                     + " | ".join(_paper(p) for p in paper) + " | " + " | ".join(deltas) + " |")
+    lines += ["", "## Table 6: hard switch vs soft mask, full fine-tuning vs LoRA (Eng column; paper: MTEB-en)", "",
+              "| Fine-tuning | hard switch | soft mask | Δ soft − hard | paper hard | paper soft |", "|---|---|---|---|---|---|"]
+    for label, (hard, soft) in TABLE6_ROWS.items():
+        key = "full" if label == "full" else label
+        lines.append(f"| {label} | {_cell(get(hard, 'Eng'))} | {_cell(get(soft, 'Eng'))} | "
+                     f"{_delta(get(soft, 'Eng'), get(hard, 'Eng'))} | {_paper(PAPER_TABLE6_ENG.get(('hard', key)))} | "
+                     f"{_paper(PAPER_TABLE6_ENG.get(('soft', key)))} |")
+    lines += ["", "## Table 12: α schedule of the soft mask (paper: linear best, decelerating worst)", "",
+              "| Schedule | Multi | Eng | Zh | Δ Eng vs linear |", "|---|---|---|---|---|"]
+    for label, variant in TABLE12_ROWS.items():
+        lines.append(f"| {label} | " + " | ".join(_cell(get(variant, c)) for c in AGGREGATES) + " | "
+                     + (_delta(get(variant, "Eng"), get("SM+CLR+DHNM", "Eng")) if label != "linear" else "") + " |")
+    lines += ["", "## Every metric per variant", "",
+              "| Variant | stage 3 α | LoRA | CLR | DHNM | n | " + " | ".join(METRICS) + " |",
+              "|---|---|---|---|---|---|" + "---|" * len(METRICS)]
+    for variant in VARIANTS:
+        if variant not in stats:
+            continue
+        schedule, rank, clr, dhnm = VARIANTS[variant]
+        lines.append(f"| {variant} | {schedule} | {rank or '—'} | {'yes' if clr else 'no'} | "
+                     f"{'yes' if dhnm else 'no'} | {stats[variant]['Eng'][2]} | "
+                     + " | ".join(_cell(stats[variant][m]) for m in METRICS) + " |")
+    if result.get("baseline"):
+        lines += ["", "Stage-2 decoder as an embedder (mean-pooled, bidirectional), before stages 3-4: "
+                  + ", ".join(f"{m} {100 * v:.2f}" for m, v in result["baseline"].items())]
+    missing = [v for v in VARIANTS if v not in stats]
+    if missing:
+        lines += ["", f"Not in this results file (not run, or the run was stopped before them): {', '.join(missing)}; "
+                  "run them with `--variants` (results merge into the JSON)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Bars of Multi / Eng / Zh per variant with sample-std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = summarize(result["runs"])
+    variants = [v for v in VARIANTS if v in stats]
+    fig, axes = plt.subplots(1, len(AGGREGATES), figsize=(4 + 1.2 * len(variants), 4), sharey=False)
+    for ax, column in zip(axes, AGGREGATES):
+        means = [stats[v][column][0] for v in variants]
+        stds = [stats[v][column][1] for v in variants]
+        ax.bar(range(len(variants)), means, yerr=stds, capsize=3, color="tab:blue", alpha=0.8)
+        ax.set_xticks(range(len(variants)), variants, rotation=60, ha="right", fontsize=8)
+        ax.set_title(column)
+    fig.suptitle(f"Ablations at scale {result['meta']['scale']} (mean ± std over seeds, dev data)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(result: dict[str, Any], results_dir: Path, scale_name: str) -> dict[str, Path]:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    paths = {ext: results_dir / f"ablation_{scale_name}.{ext}" for ext in ("json", "md", "png")}
+    paths["json"].write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
+    paths["md"].write_text(markdown(result), encoding="utf-8")
+    plot(result, paths["png"])
+    return paths
+
+
+# ---- main ------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    parser.add_argument("--variants", default=None, help=f"comma-separated subset of {list(VARIANTS)} "
+                                                          "(default: the scale's)")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the scale's)")
+    parser.add_argument("--work-dir", default=None, help="stage outputs (default runs/ablation-<scale>)")
+    parser.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--fresh", action="store_true", help="ignore earlier runs in the JSON (default: merge)")
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite the .md and .png from the scale's JSON (no training)")
+    args = parser.parse_args(argv)
+
+    data_dir = os.environ.get("CONAN_DATA_DIR")
+    if not data_dir or not Path(data_dir).is_dir():
+        print("ablation: CONAN_DATA_DIR is not set to the shared data folder; nothing to do (skipped).")
+        return 0
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    data = Path(data_dir)
+    scale = SCALES[args.scale]
+    variants = args.variants.split(",") if args.variants else list(scale.variants)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(scale.seeds)
+    work = Path(args.work_dir or ROOT / "runs" / f"ablation-{args.scale}")
+    results_dir = Path(args.results_dir)
+    json_path = results_dir / f"ablation_{args.scale}.json"
+    if args.render:
+        paths = write_outputs(json.loads(json_path.read_text(encoding="utf-8")), results_dir, args.scale)
+        print(f"[ablation] rewrote {paths['md']} and {paths['png']} from {json_path}")
+        return 0
+
+    start = time.perf_counter()
+    prepared = prepare_data(data, work / "data", scale)
+    print(f"[ablation] data: {prepared['sizes']}", flush=True)
+    sft_dir = run_shared_stages(work, prepared["files"], scale)
+    result: dict[str, Any] = {"runs": {}, "seconds": {}}
+    if json_path.is_file() and not args.fresh:
+        result = json.loads(json_path.read_text(encoding="utf-8"))
+    if "baseline" not in result:
+        result["baseline"] = evaluate_model(sft_dir, data, prepared["eval"], scale)
+    weak_dirs: dict[tuple[str, int], str] = {}
+    for variant in variants:
+        schedule = VARIANTS[variant][0]
+        for seed in seeds:
+            t0 = time.perf_counter()
+            if (schedule, seed) not in weak_dirs:
+                weak_dirs[schedule, seed] = run_weak(work, sft_dir, prepared["files"], scale, schedule, seed)
+            final = run_supervised(work, weak_dirs[schedule, seed], prepared["files"], scale, variant, seed)
+            scores = evaluate_model(final, data, prepared["eval"], scale)
+            result["runs"].setdefault(variant, {})[str(seed)] = scores
+            result.setdefault("models", {}).setdefault(variant, {})[str(seed)] = final
+            result["seconds"][f"{variant}/{seed}"] = time.perf_counter() - t0
+            print(f"[ablation] {variant} seed {seed}: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in scores.items())
+                  + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+            # Written after every run, so a stopped run keeps what it measured.
+            result["meta"] = _meta(args.scale, scale, sft_dir, prepared["sizes"], time.perf_counter() - start)
+            result["meta"]["evaluation"] = prepared["eval"]
+            write_outputs(result, results_dir, args.scale)
+    result["meta"] = _meta(args.scale, scale, sft_dir, prepared["sizes"], time.perf_counter() - start)
+    result["meta"]["evaluation"] = prepared["eval"]  # the exact held-out ids and files, so a score can be re-measured
+    paths = write_outputs(result, results_dir, args.scale)
+    print(markdown(result))
+    print(f"[ablation] wrote {paths['md']}, {paths['png']}, {paths['json']}")
+    return 0
+
+
+def _meta(scale_name: str, scale: Scale, sft_dir: str, sizes: dict[str, int], seconds: float) -> dict[str, Any]:
+    """What the tables' header states: the model's size (counted on a fresh ConanModel of the SFT config)."""
+    from transformers import AutoConfig
+
+    from conan_hf import ConanModel
+
+    config = AutoConfig.from_pretrained(sft_dir)
+    parameters = sum(p.numel() for p in ConanModel(config).parameters())
+    return {"scale": scale_name, "parameters": parameters, "vocab": config.vocab_size, "sizes": dict(sizes),
+            "model": f"hidden {config.hidden_size}, {config.num_hidden_layers} layer(s), FFN "
+                     f"{config.intermediate_size}, {config.num_attention_heads} heads", "seconds": seconds}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
