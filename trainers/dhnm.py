@@ -765,7 +765,6 @@ class DHNMCallback(TrainerCallback):
         self.totals: dict[str, int] = dict.fromkeys(_COUNT_KEYS, 0)
         self.last_step_counts: dict[str, int] = dict.fromkeys(_COUNT_KEYS, 0)
         self._since_log: dict[str, int] = dict.fromkeys(_COUNT_KEYS, 0)
-        self._warned_no_scores = False
 
     # ---- training events -----------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
@@ -790,18 +789,20 @@ class DHNMCallback(TrainerCallback):
             rows, negs, scores = np.zeros(0, np.int64), np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float64)
         # Every rank takes part in the gather, also with nothing to add, so the collective always matches up.
         rows, negs, scores = _all_gather_arrays((rows, _pad(negs, self.pool.k, -1), _pad(scores, self.pool.k, np.nan)))
-        if rows.size == 0 and not self._warned_no_scores:
-            logger.warning(
-                "DHNMCallback got no hard-negative scores at step %d: batch with DHNMDataCollator and train with "
-                "InfoNCELoss(record_scores=True) on hard negatives.",
-                state.global_step,
-            )
-            self._warned_no_scores = True
         counts = self.pool.apply_scores(rows, negs, scores, **self.thresholds)
         self.last_step_counts = counts
         for key, value in counts.items():
             self.totals[key] += value
             self._since_log[key] += value
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # Per run, not per step: in multi-task training, steps on tasks without hard negatives (STS) have no scores.
+        if self.totals["checked"] == 0 and state.global_step > 0:
+            logger.warning(
+                "DHNMCallback got no hard-negative scores in %d steps: batch with DHNMDataCollator and train with "
+                "InfoNCELoss(record_scores=True) on hard negatives.",
+                state.global_step,
+            )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs:

@@ -46,13 +46,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from conan_hf.sentence import QUERY_PROMPT_FORMAT as CONAN_INSTRUCTION_TEMPLATE
+
 if TYPE_CHECKING:
     from mteb import AbsTask
     from sentence_transformers import SentenceTransformer
 
 logger = logging.getLogger(__name__)
-
-from conan_hf.sentence import QUERY_PROMPT_FORMAT as CONAN_INSTRUCTION_TEMPLATE  # noqa: E402
 
 # Also matches the older "...\nQuery:\n" prompts (a space instead of the closing line break) of earlier checkpoints.
 _TEMPLATE_PATTERN = re.compile(r"^(Instruct:\s*)(.+?)(\s*\n\s*Query:\s*)$", re.DOTALL)
