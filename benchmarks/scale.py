@@ -7,16 +7,17 @@ the previous implementation measured in the same run, and writes ``benchmarks/re
 
 Cases:
 
-- ``dhnm`` — the DHNM pool state (:class:`trainers.dhnm.NegativePool`) at 100k / 1M / 10M examples, ``k = 7``.
-  Synthetic pools: integer ids (as a dataset's ``id`` column), and every example's candidate list is *one shared*
-  list of 10 short texts, so the memory of candidate texts stays out of the measure (the real texts belong to the
-  dataset; see the NegativePool docstring for the plan to hold them as row ids into a memory-mapped table).
-  Measured: RAM of the pool beyond ids + candidate lists (``VmRSS`` growth over the constructor; the state arrays'
-  own size is ``state_nbytes``), the fingerprint (hashing ids and texts, once per process), ``DHNMCallback.save``
-  and ``.load`` of the checkpoint file, and the per-step update ``apply_scores`` for a step of 64 examples x 7
-  scored negatives (median of 300 steps, scores uniform in [0.3, 0.9] so that some negatives are replaced).
-  ``dhnm_old`` runs the same on the implementation before issue 11 (``git show <old-ref>:trainers/dhnm.py``:
-  JSON state, int64/bool arrays) at the sizes where it finishes in reasonable time.
+- ``dhnm`` — DHNM pools (:class:`trainers.dhnm.NegativePool`, ``k = 7``, 10 candidates per example) at 100k / 1M
+  / 10M examples. ``dhnm_data`` first writes, in its own process, a corpus of as many ~65-character passages as an
+  Arrow file and ``candidate_ids.npy`` (random corpus rows, as a miner returns them). Three kinds of pools:
+  ``ids`` (``NegativePool.from_ids`` keyed by row index, ``candidate_ids`` memory-mapped, the corpus a memory-mapped
+  ``datasets.Dataset``: what stage 4 builds), ``ids-ram`` (``candidate_ids`` read into RAM) and the baseline
+  ``texts`` (``--dhnm-baseline-ref``'s pool over per-example lists of fresh Python strings, the way stage 4 held
+  them; at 100k / 300k / 1M, as 10M would need ~12 GB). Measured: the anonymous RSS growth while building the pool
+  (``RssAnon``: memory-mapped pages are page cache and not counted), the state arrays' size, the fingerprint,
+  ``DHNMCallback.save`` + ``.load``, the per-step update ``apply_scores`` for 64 examples x 7 scored negatives
+  (median of 300 steps, scores uniform in [0.3, 0.9] so that some negatives are replaced) and the collator's
+  text lookup for those 64 x 7 negatives.
 - ``sft`` — stage-2 preprocessing (``trainers.sft.build_sft_examples``) rows/s with a 150k-vocabulary byte-level BPE
   tokenizer (trained here by ``conan_hf.tokenizer.train_tokenizer`` on synthetic words), one core
   (``TOKENIZERS_PARALLELISM=false``); ``sft_old`` runs the per-row ``build_sft_example`` of ``<old-ref>`` on a few
@@ -37,6 +38,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -79,6 +81,7 @@ class Phase:
         except OSError:
             pass
         self.rss_before = rss()
+        self.anon_before = _status("RssAnon")
         self.start, self.cpu_start = time.perf_counter(), time.process_time()
         return self
 
@@ -88,6 +91,7 @@ class Phase:
         self.rss_after = rss()
         self.peak_growth = _status("VmHWM") - self.rss_before
         self.growth = self.rss_after - self.rss_before
+        self.anon_growth = _status("RssAnon") - self.anon_before  # without file-backed (memory-mapped) pages
 
 
 # ---- cases (run in a subprocess) -------------------------------------------------------------------------------------
@@ -106,62 +110,6 @@ def load_module_from_ref(ref: str, path: str, name: str):
     return module
 
 
-def case_dhnm(size: int, old_ref: str | None) -> dict:
-    import numpy as np
-    import torch
-
-    dhnm = load_module_from_ref(old_ref, "trainers/dhnm.py", "dhnm_old") if old_ref else __import__(
-        "trainers.dhnm", fromlist=["NegativePool"])
-
-    class NoScores(torch.nn.Module):  # DHNMCallback only needs a loss that can hand over recorded scores
-        def pop_hard_negative_scores(self):
-            return []
-
-    out: dict = {"size": size}
-    with Phase() as data:
-        ids = list(range(size))
-        shared = [f"negative text {j}" for j in range(POOL_SIZE)]
-        candidates = [shared] * size
-    out["data_bytes"] = data.growth
-    with Phase() as build:
-        pool = dhnm.NegativePool(ids, candidates, k=K)
-    out["build_s"], out["pool_bytes"], out["pool_peak_bytes"] = build.seconds, build.growth, build.peak_growth
-    out["state_bytes"] = int(sum(a.nbytes for a in (pool.active, pool.s0, pool.cursor, pool.pool_sizes)) + (
-        pool.fresh_bits.nbytes if hasattr(pool, "fresh_bits") else pool.fresh.nbytes))
-    with Phase() as fingerprint:
-        pool.fingerprint()
-    out["fingerprint_s"] = fingerprint.seconds
-
-    rng = np.random.default_rng(0)
-    times = []
-    for _ in range(300):
-        rows = rng.choice(size, size=STEP_EXAMPLES, replace=False)
-        negs = pool.active[rows].astype(np.int64)
-        scores = rng.uniform(0.3, 0.9, size=negs.shape)
-        start = time.perf_counter()
-        pool.apply_scores(rows, negs, scores)
-        times.append(time.perf_counter() - start)
-    out["step_ms_median"] = statistics.median(times) * 1e3
-    out["step_ms_p90"] = sorted(times)[int(0.9 * len(times))] * 1e3
-
-    callback = dhnm.DHNMCallback(pool, NoScores())
-    folder = tempfile.mkdtemp(dir=os.environ.get("SCALE_TMP"))
-    with Phase() as save:
-        path = callback.save(folder, global_step=1)
-    out["save_s"], out["save_peak_bytes"] = save.seconds, save.peak_growth
-    out["file_bytes"] = os.path.getsize(path)
-    expected = (pool.active.copy(), pool.s0.copy(), pool.cursor.copy())
-    pool.active[:] = -1  # so the load visibly restores the state
-    with Phase() as load:
-        callback.load(folder, expected_step=1)
-    out["load_s"], out["load_peak_bytes"] = load.seconds, load.peak_growth
-    out["roundtrip_equal"] = bool(np.array_equal(pool.active, expected[0]) and np.array_equal(pool.cursor, expected[2])
-                                  and np.array_equal(pool.s0, expected[1], equal_nan=True))
-    os.remove(path)
-    out["peak_rss"] = _status("VmHWM")
-    return out
-
-
 def synthetic_words(count: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     letters = "abcdefghijklmnopqrstuvwxyz"
@@ -169,6 +117,129 @@ def synthetic_words(count: int, seed: int = 0) -> list[str]:
     while len(words) < count:
         words.add("".join(rng.choice(letters) for _ in range(rng.randint(5, 9))))
     return sorted(words)
+
+
+def _filler_texts(count: int = 1000, seed: int = 7) -> list[str]:
+    words = synthetic_words(3000, seed=seed)
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(7)) for _ in range(count)]
+
+
+def passage(j: int, fillers: list[str]) -> str:
+    """Text of corpus row ``j`` (~65 characters): a fresh Python string on each call, as read from a data file."""
+    return f"passage {j:09d} {fillers[j % len(fillers)]}"
+
+
+def case_dhnm_data(size: int, folder: str) -> dict:
+    """Write the synthetic DHNM data of ``size`` examples into ``folder`` (run in its own process): a corpus of
+    ``size`` passages as an Arrow file (``corpus.arrow``, what ``Dataset.save_to_disk`` holds) and
+    ``candidate_ids.npy`` (``size x POOL_SIZE`` int64 rows of that corpus, hardest first, as a miner returns)."""
+    import numpy as np
+    import pyarrow as pa
+
+    fillers = np.array(_filler_texts())
+    schema = pa.schema([("text", pa.large_string())])
+    start = time.perf_counter()
+    with pa.OSFile(os.path.join(folder, "corpus.arrow"), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for first in range(0, size, 1_000_000):
+            rows = np.arange(first, min(size, first + 1_000_000))
+            texts = [passage(j, fillers) for j in rows.tolist()]
+            writer.write_batch(pa.record_batch([pa.array(texts, type=pa.large_string())], schema=schema))
+    ids = np.lib.format.open_memmap(os.path.join(folder, "candidate_ids.npy"), mode="w+", dtype=np.int64,
+                                    shape=(size, POOL_SIZE))
+    rng = np.random.default_rng(0)
+    for first in range(0, size, 1_000_000):
+        stop = min(size, first + 1_000_000)
+        ids[first:stop] = rng.integers(0, size, size=(stop - first, POOL_SIZE))
+    ids.flush()
+    return {"size": size, "seconds": time.perf_counter() - start}
+
+
+def _step_times(pool, size: int) -> tuple[list[float], list[float]]:
+    """Per-step update (``apply_scores``, 64 examples x 7 scores) and the collator's text lookup for those rows."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    update, lookup = [], []
+    for _ in range(300):
+        rows = rng.choice(size, size=STEP_EXAMPLES, replace=False)
+        negs = pool.active[rows].astype(np.int64)
+        scores = rng.uniform(0.3, 0.9, size=negs.shape)
+        start = time.perf_counter()
+        pool.apply_scores(rows, negs, scores)
+        update.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        if hasattr(pool, "negative_texts"):
+            texts = pool.negative_texts(rows, pool.active[rows])
+        else:  # the baseline: candidates are Python lists of strings
+            texts = [[pool.candidates[r][c] for c in pool.active[r] if c >= 0] for r in rows.tolist()]
+        lookup.append(time.perf_counter() - start)
+        assert len(texts) == STEP_EXAMPLES
+    return update, lookup
+
+
+def case_dhnm(size: int, mode: str, data_dir: str, baseline_ref: str | None) -> dict:
+    """One DHNM pool of ``size`` examples, k=7, ``POOL_SIZE`` candidates each.
+
+    ``mode``: ``ids`` (the pool as stage 4 builds it: row-index ids, ``candidate_ids.npy`` memory-mapped, the corpus
+    a memory-mapped Arrow table), ``ids-ram`` (the same with ``candidate_ids`` read into RAM), ``texts`` (the
+    baseline, ``<baseline_ref>``'s NegativePool over per-example lists of Python strings, as stage 4 held them;
+    its RAM includes those lists, which is what the pool needed).
+    """
+    import numpy as np
+    import torch
+
+    class NoScores(torch.nn.Module):  # DHNMCallback only needs a loss that can hand over recorded scores
+        def pop_hard_negative_scores(self):
+            return []
+
+    out: dict = {"size": size, "mode": mode}
+    if mode == "texts":
+        dhnm = load_module_from_ref(baseline_ref, "trainers/dhnm.py", "dhnm_baseline")
+        fillers = _filler_texts()
+        ids_on_disk = np.load(os.path.join(data_dir, "candidate_ids.npy"), mmap_mode="r")
+        with Phase() as build:
+            candidates = []
+            for first in range(0, size, 1_000_000):
+                block = ids_on_disk[first:first + 1_000_000].tolist()
+                candidates += [[passage(j, fillers) for j in row] for row in block]
+            pool = dhnm.NegativePool(list(range(size)), candidates, k=K)
+    else:
+        from datasets import Dataset
+
+        from trainers.dhnm import NegativePool
+
+        with Phase() as build:
+            corpus = Dataset.from_file(os.path.join(data_dir, "corpus.arrow"))  # memory-mapped
+            candidate_ids = np.load(os.path.join(data_dir, "candidate_ids.npy"),
+                                    mmap_mode="r" if mode == "ids" else None)
+            pool = NegativePool.from_ids(None, candidate_ids, corpus, k=K)
+        dhnm = sys.modules["trainers.dhnm"]
+        out["candidate_ids_bytes"] = int(candidate_ids.nbytes)
+    out["build_s"], out["pool_bytes"], out["pool_anon_bytes"] = build.seconds, build.growth, build.anon_growth
+    out["pool_peak_bytes"], out["state_bytes"] = build.peak_growth, pool.state_nbytes()
+    with Phase() as fingerprint:
+        pool.fingerprint()
+    out["fingerprint_s"] = fingerprint.seconds
+    update, lookup = _step_times(pool, size)
+    out["step_ms_median"], out["step_ms_p90"] = statistics.median(update) * 1e3, sorted(update)[270] * 1e3
+    out["lookup_ms_median"] = statistics.median(lookup) * 1e3
+
+    callback = dhnm.DHNMCallback(pool, NoScores())
+    folder = tempfile.mkdtemp(dir=os.environ.get("SCALE_TMP"))
+    with Phase() as save:
+        path = callback.save(folder, global_step=1)
+    out["save_s"], out["file_bytes"] = save.seconds, os.path.getsize(path)
+    expected = (pool.active.copy(), pool.s0.copy(), pool.cursor.copy())
+    pool.active[:] = -1  # so the load visibly restores the state
+    with Phase() as load:
+        callback.load(folder, expected_step=1)
+    out["load_s"] = load.seconds
+    out["roundtrip_equal"] = bool(np.array_equal(pool.active, expected[0]) and np.array_equal(pool.cursor, expected[2])
+                                  and np.array_equal(pool.s0, expected[1], equal_nan=True))
+    os.remove(path)
+    out["peak_rss"] = _status("VmHWM")
+    return out
 
 
 def build_150k_tokenizer(folder: str) -> dict:
@@ -284,8 +355,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="+", choices=["dhnm", "sft", "encode"], default=["dhnm", "sft", "encode"])
     parser.add_argument("--dhnm-sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
-    parser.add_argument("--dhnm-old-sizes", type=int, nargs="+", default=[100_000, 1_000_000],
-                        help="sizes at which the old JSON implementation is measured (10M JSON takes ~5 min)")
+    parser.add_argument("--dhnm-baseline-sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000],
+                        help="sizes at which the baseline pool of Python strings is measured (~1.2 KB per example: "
+                             "10M would need ~12 GB)")
+    parser.add_argument("--dhnm-baseline-ref", default="a9bce54",
+                        help="git revision whose NegativePool held the candidates as Python strings")
     parser.add_argument("--sft-sizes", type=int, nargs="+", default=[2_000, 10_000, 40_000])
     parser.add_argument("--sft-old-rows", type=int, default=5)
     parser.add_argument("--encode-sizes", type=int, nargs="+", default=[10_000, 30_000, 90_000])
@@ -296,7 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.case:
         name, rest = args.case[0], args.case[1:]
         if name == "dhnm":
-            report = case_dhnm(int(rest[0]), rest[1] if len(rest) > 1 else None)
+            report = case_dhnm(int(rest[0]), rest[1], rest[2], rest[3])
+        elif name == "dhnm_data":
+            report = case_dhnm_data(int(rest[0]), rest[1])
         elif name == "sft":
             report = case_sft(int(rest[0]), rest[1], rest[2] if len(rest) > 2 else None)
         elif name == "tokenizer":
@@ -319,41 +395,48 @@ def main(argv: list[str] | None = None) -> None:
         print(line)
     reports: dict = {}
     if "dhnm" in args.only:
-        emit(f"## (a) DHNM pool state, k={K}, {POOL_SIZE} shared candidates per example, step = {STEP_EXAMPLES} "
-             f"examples x {K} scores")
-        emit("impl  examples   state B/ex  pool RSS B/ex  build s  fingerpr s  save s  load s  save+load s  file MB"
-             "   step ms (p90)   peak RSS  roundtrip")
-        emit("(state B/ex: the state arrays; pool RSS B/ex: RSS growth over the constructor (state + id index + "
-             "references); peak RSS: whole process)")
-        rows = [(size, None) for size in args.dhnm_sizes] + [(size, args.old_ref) for size in args.dhnm_old_sizes]
-        for size, ref in rows:
-            r = run_case("dhnm", str(size), *([ref] if ref else []), timeout=1800)
-            reports[("dhnm", size, bool(ref))] = r
-            label = "old " if ref else "new "
-            if "error" in r:
-                emit(f"{label}  {size:>9,}  ERROR {r['error']}")
-                continue
-            emit(f"{label}  {size:>9,}  {r['state_bytes'] / size:>10.1f}  {r['pool_bytes'] / size:>13.1f}  "
-                 f"{r['build_s']:>7.1f}  {r['fingerprint_s']:>10.2f}  {r['save_s']:>6.2f}  {r['load_s']:>6.2f}  "
-                 f"{r['save_s'] + r['load_s']:>11.2f}  {r['file_bytes'] / 1e6:>7.1f}  "
-                 f"{r['step_ms_median']:>7.3f} ({r['step_ms_p90']:.3f})  {mb(r['peak_rss']):>10}  "
-                 f"{r['roundtrip_equal']}")
-        sizes = [s for s in args.dhnm_sizes if "error" not in reports[("dhnm", s, False)]]
-        for a, b in zip(sizes, sizes[1:]):
-            ra, rb = reports[("dhnm", a, False)], reports[("dhnm", b, False)]
-            emit(f"growth new {a:,} -> {b:,} ({b / a:.0f}x examples): save+load "
-                 f"{ratio(rb['save_s'] + rb['load_s'], ra['save_s'] + ra['load_s'])}, pool RSS "
-                 f"{ratio(rb['pool_bytes'], ra['pool_bytes'])}, "
-                 f"step {ratio(rb['step_ms_median'], ra['step_ms_median'])}")
-        for size in args.dhnm_old_sizes:
-            new, old = reports.get(("dhnm", size, False)), reports.get(("dhnm", size, True))
-            if new and old and "error" not in new and "error" not in old:
-                old_io, new_io = old["save_s"] + old["load_s"], new["save_s"] + new["load_s"]
-                emit(f"old / new at {size:,}: save+load {ratio(old_io, new_io)}"
-                     f", state bytes {ratio(old['state_bytes'], new['state_bytes'])}, pool RSS "
-                     f"{ratio(old['pool_bytes'], new['pool_bytes'])}, "
-                     f"step {ratio(old['step_ms_median'], new['step_ms_median'])}"
-                     f", file {ratio(old['file_bytes'], new['file_bytes'])}")
+        emit(f"## (a) DHNM pools, k={K}, {POOL_SIZE} candidates per example (random rows of a corpus of as many "
+             f"~65-character passages), step = {STEP_EXAMPLES} examples x {K} scores")
+        emit(f"machine: {describe_device('cpu')}; measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+        emit("pools: ids = NegativePool.from_ids(None, candidate_ids.npy memory-mapped, corpus Arrow file "
+             "memory-mapped); ids-ram = the same with candidate_ids read into RAM; texts = baseline, "
+             f"git {args.dhnm_baseline_ref}'s pool over per-example lists of Python strings (the lists included)")
+        emit("RAM B/ex: anonymous RSS growth while building the pool (RssAnon; the memory-mapped files' pages are "
+             "page cache, shown as file MB); update: apply_scores; lookup: texts of the step's 64 x 7 negatives")
+        emit("pools    examples  RAM B/ex  state B/ex  file MB  build s  fingerpr s  save+load s  update ms (p90)"
+             "  lookup ms   peak RSS  roundtrip")
+        plan = [(size, mode) for mode in ("ids", "ids-ram") for size in args.dhnm_sizes]
+        plan += [(size, "texts") for size in args.dhnm_baseline_sizes]
+        for size in sorted({size for size, _ in plan}):
+            data_dir = tempfile.mkdtemp(dir=os.environ.get("SCALE_TMP"))
+            made = run_case("dhnm_data", str(size), data_dir, timeout=3600)
+            for mode in [m for s, m in plan if s == size]:
+                r = run_case("dhnm", str(size), mode, data_dir, args.dhnm_baseline_ref, timeout=3600)
+                reports[("dhnm", size, mode)] = r
+                if "error" in r or "error" in made:
+                    emit(f"{mode:<7} {size:>9,}  ERROR {r.get('error') or made.get('error')}")
+                    continue
+                file_mb = (r["pool_bytes"] - r["pool_anon_bytes"]) / 1e6
+                emit(f"{mode:<7} {size:>9,}  {r['pool_anon_bytes'] / size:>8.1f}  {r['state_bytes'] / size:>10.1f}  "
+                     f"{file_mb:>7.0f}  {r['build_s']:>7.1f}  {r['fingerprint_s']:>10.2f}  "
+                     f"{r['save_s'] + r['load_s']:>11.2f}  {r['step_ms_median']:>7.3f} ({r['step_ms_p90']:.3f})  "
+                     f"{r['lookup_ms_median']:>9.3f}  {mb(r['peak_rss']):>10}  {r['roundtrip_equal']}")
+            shutil.rmtree(data_dir, ignore_errors=True)
+        for mode in ("ids", "ids-ram", "texts"):
+            sizes = [s for s, m in plan if m == mode and "error" not in reports[("dhnm", s, m)]]
+            for a, b in zip(sizes, sizes[1:]):
+                ra, rb = reports[("dhnm", a, mode)], reports[("dhnm", b, mode)]
+                emit(f"growth {mode} {a:,} -> {b:,} ({b / a:.0f}x examples): RAM "
+                     f"{ratio(rb['pool_anon_bytes'], ra['pool_anon_bytes'])}, update "
+                     f"{ratio(rb['step_ms_median'], ra['step_ms_median'])}, lookup "
+                     f"{ratio(rb['lookup_ms_median'], ra['lookup_ms_median'])}, save+load "
+                     f"{ratio(rb['save_s'] + rb['load_s'], ra['save_s'] + ra['load_s'])}")
+        for size in args.dhnm_baseline_sizes:
+            ids, texts = reports.get(("dhnm", size, "ids")), reports.get(("dhnm", size, "texts"))
+            if ids and texts and "error" not in ids and "error" not in texts:
+                emit(f"texts / ids at {size:,}: RAM {ratio(texts['pool_anon_bytes'], ids['pool_anon_bytes'])}, "
+                     f"update {ratio(texts['step_ms_median'], ids['step_ms_median'])}, lookup "
+                     f"{ratio(texts['lookup_ms_median'], ids['lookup_ms_median'])}")
         emit("")
 
     if "sft" in args.only:

@@ -1074,11 +1074,18 @@ def test_stage4_default_schedule_uses_replacements_and_masks_false_negatives(tin
     assert sum(h["infonce_false_negatives_masked"] for h in histories[0]) == expected_masked
 
 
-def test_stage4_tables_are_memory_mapped_and_the_pool_matches_the_rows(tmp_path, monkeypatch):
+def test_stage4_tables_are_memory_mapped_and_the_pool_matches_the_rows(st_model, tmp_path, monkeypatch):
     from datasets.table import MemoryMappedTable
 
     from trainers import supervised
-    from trainers.supervised import TaskConfig, build_negative_pool, iter_task_examples, task_rows, write_task_table
+    from trainers.supervised import (
+        TaskConfig,
+        TaskTable,
+        build_negative_pool,
+        iter_task_examples,
+        task_rows,
+        write_task_table,
+    )
 
     monkeypatch.setattr(supervised, "_TABLE_BATCH_ROWS", 3)  # several Arrow record batches per file
     qa_rows = [{"query": f"q{i}", "positive": f"p{i}", "negatives": [f"n{i}-{j}" for j in range(i % 4)]}
@@ -1114,6 +1121,14 @@ def test_stage4_tables_are_memory_mapped_and_the_pool_matches_the_rows(tmp_path,
     assert pool.ids is None and isinstance(pool.candidate_ids, np.memmap) and len(pool) == 15
     assert pool.candidates == expected_candidates
     assert pool.active_negatives(9) == expected_candidates[9][:2]
+
+    # A task whose pools a teacher mined (stage 4 with `teacher:`): its pool's ids and in-memory table are used.
+    mined = NegativePool.from_mining(tables["qa"].dataset, st_model, k=2, num_candidates=3, verbose=False)
+    mined_table = TaskTable(tables["qa"].dataset, texts=mined.text_table, pool_sizes=mined.pool_sizes,
+                            candidate_ids=mined.candidate_ids)
+    assert sum(map(len, mined.candidates)) > 0
+    pool = build_negative_pool([mined_table, tables["cls"]], k=2, folder=tmp_path / "m")
+    assert pool.candidates == list(mined.candidates) + expected_candidates[8:]
 
 
 def test_dhnm_passes_counts_visits_per_example():

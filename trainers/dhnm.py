@@ -45,6 +45,9 @@ Example:
 
         # dataset columns: id, anchor, positive (+ optional negative columns used to build the pools)
         pool = NegativePool.from_mining(dataset, teacher, anchor_column="anchor", positive_column="positive", k=7)
+        # or, at scale: pools as row ids into a memory-mapped corpus, examples keyed by their row index (the
+        # dataset's `id` column holds 0 .. n-1); the collator looks up the texts of each batch only
+        pool = NegativePool.from_ids(None, np.load("candidate_ids.npy", mmap_mode="r"), load_from_disk("corpus"), k=7)
         loss = InfoNCELoss(model, temperature=0.05)
         trainer = SentenceTransformerTrainer(
             model=model,

@@ -16,6 +16,11 @@ replacement is decided after the example's batch and trained at the example's ne
 by a batch of the second (``dhnm_used`` in the logs and the summary). InfoNCE masks in-batch false negatives:
 documents identical to a query's positive, which the batch sampler cannot exclude when pool negatives are added at
 collate time (``infonce_false_negatives_masked``).
+The rows of every task and the candidate negatives are written, batch by batch, to memory-mapped Arrow files under
+``<output_dir>/stage4_tables/`` (:func:`write_task_table`); the pool holds row ids into them (``candidate_ids.npy``,
+also memory-mapped) and the collator looks up the texts of each batch only (:func:`build_negative_pool`). Training
+holds no rows or negatives as Python objects; while the tables are written, ``read_sources`` still returns each
+task's rows as one Python list (until the streaming data layer of issue 11 replaces it), dropped once written.
 Each task has its own batch size (paper: 4 for retrieval, 32 for STS) and its own instruction prompt; batches are
 drawn from one task at a time, in proportion to the tasks' sizes. ``lora`` trains LoRA adapters instead of all
 weights (Table 6's comparison) and merges them into the saved model.
@@ -376,6 +381,7 @@ def build_negative_pool(tables: list[TaskTable], k: int, folder: Path) -> Any:
     width = max(table.width for table in tables)
     total = sum(len(table.dataset) for table in tables)
     if width:
+        folder.mkdir(parents=True, exist_ok=True)
         path = folder / "candidate_ids.npy"
         candidate_ids = np.lib.format.open_memmap(str(path), mode="w+", dtype=np.int64, shape=(total, width))
     else:
