@@ -397,7 +397,8 @@ def main(argv: list[str] | None = None) -> None:
     if "dhnm" in args.only:
         emit(f"## (a) DHNM pools, k={K}, {POOL_SIZE} candidates per example (random rows of a corpus of as many "
              f"~65-character passages), step = {STEP_EXAMPLES} examples x {K} scores")
-        emit(f"machine: {describe_device('cpu')}; measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+        emit(f"machine: {describe_device('cpu')}; measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+             f"load average at start {os.getloadavg()[0]:.1f} (other jobs share the machine: times are upper bounds)")
         emit("pools: ids = NegativePool.from_ids(None, candidate_ids.npy memory-mapped, corpus Arrow file "
              "memory-mapped); ids-ram = the same with candidate_ids read into RAM; texts = baseline, "
              f"git {args.dhnm_baseline_ref}'s pool over per-example lists of Python strings (the lists included)")
@@ -422,6 +423,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{r['save_s'] + r['load_s']:>11.2f}  {r['step_ms_median']:>7.3f} ({r['step_ms_p90']:.3f})  "
                      f"{r['lookup_ms_median']:>9.3f}  {mb(r['peak_rss']):>10}  {r['roundtrip_equal']}")
             shutil.rmtree(data_dir, ignore_errors=True)
+        emit(f"load average at end {os.getloadavg()[0]:.1f}")
         for mode in ("ids", "ids-ram", "texts"):
             sizes = [s for s, m in plan if m == mode and "error" not in reports[("dhnm", s, m)]]
             for a, b in zip(sizes, sizes[1:]):

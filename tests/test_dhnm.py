@@ -475,8 +475,13 @@ def test_from_ids_bad_input_names_the_problem(tmp_path):
         NegativePool.from_ids(None, np.array([[0]]), pa.array([1, 2]))
     with pytest.raises(ValueError, match="no 'text' column"):
         NegativePool.from_ids(None, np.array([[0]]), Dataset.from_dict({"passage": ["a"]}))
+    with pytest.raises(TypeError, match="text table row 1 is int"):
+        NegativePool.from_ids(None, np.array([[0]]), ["a", 5])
     pool = NegativePool.from_ids(None, np.array([[2, 0], [1, -1]], dtype=np.int32), texts, k=1)
     assert pool.candidate_ids.dtype == np.int32 and pool.candidates == [["t2", "t0"], ["t1"]]
+    from_list = NegativePool.from_ids(None, np.array([[2, 0], [1, -1]]), ["t0", "t1", "t2"], k=1)
+    assert from_list.candidates == [["t2", "t0"], ["t1"]] and from_list.fingerprint() == NegativePool.from_ids(
+        None, np.array([[2, 0], [1, -1]]), texts, k=1).fingerprint()
 
 
 def test_fingerprint_follows_content_not_chunking_and_old_states_still_load(st_model, tmp_path):

@@ -260,7 +260,9 @@ class NegativePool:
                 without a copy when it is ``int64`` or ``int32`` (a ``np.load(..., mmap_mode="r")`` array stays on
                 disk); other integer dtypes are converted to ``int64``.
             texts: the text table: a ``datasets.Dataset`` (its ``text_column``; memory-mapped when loaded with
-                ``load_from_disk`` / ``Dataset.from_file``), or a ``pyarrow`` ``Array`` / ``ChunkedArray`` of strings.
+                ``load_from_disk`` / ``Dataset.from_file``), a ``pyarrow`` ``Array`` / ``ChunkedArray`` of strings,
+                or a list of str (e.g. ``conan_hf.data.teacher``'s mined texts; copied into an Arrow array once, so
+                the list can be dropped).
             k: active negatives per example.
             text_column: the column of ``texts`` holding the texts, when it is a Dataset.
 
@@ -872,8 +874,15 @@ class _TextTable:
             chunks = list(texts.chunks)
         elif isinstance(texts, pa.Array):
             chunks = [texts]
+        elif isinstance(texts, (list, tuple)):  # e.g. a miner's list of distinct texts: copied into Arrow once
+            bad = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
+            if bad is not None:
+                raise TypeError(f"text table row {bad} is {type(texts[bad]).__name__}, expected str: "
+                                f"{texts[bad]!r:.80}")
+            chunks = [pa.array(texts, type=pa.large_string())]
+            self.source = chunks[0]
         else:
-            raise TypeError(f"the text table must be a datasets.Dataset or a pyarrow string array, got "
+            raise TypeError(f"the text table must be a datasets.Dataset, a pyarrow string array or a list of str, got "
                             f"{type(texts).__name__}")
         if chunks is not None:
             for chunk in chunks:
