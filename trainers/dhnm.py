@@ -219,7 +219,7 @@ class NegativePool:
         if len(ids) != len(candidates):
             raise ValueError(f"NegativePool got {len(ids)} ids but {len(candidates)} candidate lists")
         # Distinct texts -> text table row. The dict references the caller's strings (no copies) and is dropped once
-        # the Arrow table is built: the pool keeps no Python object per example or per candidate.
+        # the Arrow table is built: the pool keeps no Python object per candidate (only the ids list, by reference).
         text_rows: dict[str, int] = {}
         flat = array("q")
         sizes = np.zeros(len(candidates), dtype=np.int64)
