@@ -54,7 +54,7 @@ __all__ = ["LOCATION", "Source", "load_sources", "parse_sources", "read_sources"
 #: The column in which every row carries where it was read (``"file:line"``, ``"demo row 3"``).
 LOCATION = "_location"
 #: Uncompressed JSONL/TSV files larger than this are cut into byte ranges when streamed, so ranks share one file.
-SPLIT_BYTES = 64 << 20
+SPLIT_BYTES = 4 << 20
 #: Options of a source mapping that are the data layer's; the others go to the file reader.
 _SOURCE_KEYS = ("path", "columns", "split", "on_error", "limit", "streaming")
 
@@ -200,7 +200,10 @@ def _source_rows(source: Source, check: RowCheck, demo: Callable[[], list[dict]]
         policy = _ErrorPolicy(source.on_error)
         table = iter_table(file, source.columns, policy=policy, byte_range=byte_range, **source.reader)
         rows = ((dict(r), r.location) for r in table)
-    else:  # BEIR folder, SQuAD file, Hub dataset: read by the readers, evaluation-sized
+    elif not Path(source.path).exists():  # a Hub dataset: streamed from the Hub (or its local cache), row by row
+        policy = None
+        rows = _hub_rows(source, check.what)
+    else:  # BEIR folder, SQuAD file: read whole by the readers (evaluation-sized)
         policy = None
         part = load_rows(source.path, source.columns, split=source.split, on_error=source.on_error, **source.reader)
         if skipped is not None:
@@ -221,6 +224,21 @@ def _source_rows(source: Source, check: RowCheck, demo: Callable[[], list[dict]]
         first = policy.skipped[0]
         logger.warning("%s: skipped %d bad row(s) of %s (on_error=skip; first: %s:%s: %s)", check.what,
                        len(policy.skipped), file, first[0], first[1], first[2])
+
+
+def _hub_rows(source: Source, what: str) -> Iterator[tuple[dict[str, Any], str]]:
+    from datasets import load_dataset
+
+    rows = load_dataset(source.path, split=source.split, streaming=True, **source.reader)
+    for index, row in enumerate(rows, 1):
+        where = f"{source.path} (Hub dataset, split {source.split}) row {index}"
+        if source.columns:
+            missing = [src for src in source.columns.values() if src not in row]
+            if missing:
+                raise DataError(f"{what}: no column(s) {missing}; the row has {sorted(row)}", where=where,
+                                hint="fix the column mapping (`columns: {wanted: source column}`)")
+            row = {name: row[src] for name, src in source.columns.items()}
+        yield row, where
 
 
 def _generate(units: list, sources: tuple[Source, ...], check: RowCheck, demo: Callable | None,
