@@ -376,7 +376,7 @@ def evaluate_model(path: str, data: Path, evaluation: dict[str, Any], scale: Sca
     from conan_hf.eval import bitext_task, evaluate, evaluate_cross_lingual, load_xquad, sts_task
     from conan_hf.eval.tasks import make_retrieval_task, read_beir
     from conan_hf.eval.xling import CrossLingualData
-    from trainers.common import load_sentence_model
+    from trainers.models import load_sentence_model
 
     model = load_sentence_model(path, attention_mode=None, max_seq_length=scale.max_seq_length)
     tasks = [sts_task(evaluation[f"sts_{lang}"], name=f"AblationSTSB-{lang}", language=lang) for lang in ("en", "zh")]

@@ -52,7 +52,8 @@ def main() -> None:
 
     from conan_hf.data.readers import read_stsb_multi_mt
     from trainers import supervised
-    from trainers.common import config_from_dict, default_config_path, load_config, load_sentence_model
+    from trainers.config import config_from_dict, default_config_path, load_config
+    from trainers.models import load_sentence_model
     from trainers.run_all import run_pipeline
 
     start = time.perf_counter()

@@ -27,6 +27,12 @@ Cases:
   so the result is large while encoding stays cheap), in memory vs ``output_path=`` (a memory-mapped ``.npy``), at
   three sizes: the peak RSS growth during the call.
 
+- ``load`` — the data layer (:mod:`conan_hf.data.sources`) reading a JSONL file of N query/positive pairs (~600 B
+  per row) with a column mapping and the row checks, then consuming every row in batches of 1,000: ``list`` is the
+  path before issue 11 (``read_sources`` → a Python list → ``Dataset.from_list``), ``mmap`` the memory-mapped
+  ``load_sources`` (Arrow cache built, then read), ``stream`` the ``IterableDataset``, ``rank0/2`` rank 0 of 2 of the
+  stream (rows it reads: about half).
+
 Usage:
     python benchmarks/scale.py                      # all cases, writes benchmarks/results/scale_cpu.txt
     python benchmarks/scale.py --only dhnm --dhnm-sizes 100000 1000000
@@ -328,6 +334,45 @@ def case_encode(size: int, mode: str) -> dict:
     return out
 
 
+def write_pairs(path: str, size: int) -> None:
+    """``size`` JSONL pairs of ~600 bytes: a 10-word query and a 70-word positive (plus an unmapped column)."""
+    words = synthetic_words(5000, seed=11)
+    rng = random.Random(5)
+    with open(path, "w", encoding="utf-8") as handle:
+        for i in range(size):
+            query = " ".join(rng.choices(words, k=10))
+            positive = " ".join(rng.choices(words, k=70))
+            handle.write(json.dumps({"id": i, "title": query, "body": positive, "source": "synthetic"}) + "\n")
+
+
+def case_load(path: str, mode: str) -> dict:
+    import datasets  # noqa: F401 - imported before the measured phase
+    from conan_hf.data.sources import load_sources, read_sources
+
+    source = [{"path": path, "columns": {"query": "title", "positive": "body"}}]
+    kwargs = {"required": ["query", "positive"], "text": ["query", "positive"], "what": "benchmark data"}
+    cache = tempfile.mkdtemp(prefix="conan-load-cache-")
+    rows, shards = 0, None
+    with Phase() as phase:
+        if mode == "list":
+            from datasets import Dataset
+
+            data = Dataset.from_list(read_sources(source, None, **kwargs))
+            batches = data.iter(batch_size=1000)
+        elif mode == "mmap":
+            data = load_sources(source, cache_dir=cache, **kwargs)
+            batches = data.iter(batch_size=1000)
+        else:
+            rank, world = (0, 2) if mode == "rank0/2" else (0, 1)
+            data = load_sources(source, streaming=True, rank=rank, world_size=world, **kwargs)
+            shards = data.n_shards  # this rank's shards (byte ranges of the file)
+            batches = data.iter(batch_size=1000)
+        for batch in batches:
+            rows += len(batch["query"])
+    return {"seconds": phase.seconds, "cpu_s": phase.cpu_seconds, "peak_bytes": phase.peak_growth,
+            "rows": rows, "file_bytes": os.path.getsize(path), "shards": shards}
+
+
 # ---- driver ----------------------------------------------------------------------------------------------------------
 def run_case(*args: str, timeout: int = 900) -> dict:
     """Run ``--case ...`` in a fresh interpreter; returns its JSON report (or the error)."""
@@ -353,7 +398,8 @@ def ratio(a: float, b: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)
-    parser.add_argument("--only", nargs="+", choices=["dhnm", "sft", "encode"], default=["dhnm", "sft", "encode"])
+    parser.add_argument("--only", nargs="+", choices=["dhnm", "sft", "encode", "load"],
+                        default=["dhnm", "sft", "encode", "load"])
     parser.add_argument("--dhnm-sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
     parser.add_argument("--dhnm-baseline-sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000],
                         help="sizes at which the baseline pool of Python strings is measured (~1.2 KB per example: "
@@ -363,6 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sft-sizes", type=int, nargs="+", default=[2_000, 10_000, 40_000])
     parser.add_argument("--sft-old-rows", type=int, default=5)
     parser.add_argument("--encode-sizes", type=int, nargs="+", default=[10_000, 30_000, 90_000])
+    parser.add_argument("--load-sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--old-ref", default="35740d4", help="git revision of the implementation before issue 11")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "scale_cpu.txt"))
     args = parser.parse_args(argv)
@@ -375,6 +422,8 @@ def main(argv: list[str] | None = None) -> None:
             report = case_dhnm_data(int(rest[0]), rest[1])
         elif name == "sft":
             report = case_sft(int(rest[0]), rest[1], rest[2] if len(rest) > 2 else None)
+        elif name == "load":
+            report = case_load(rest[0], rest[1])
         elif name == "tokenizer":
             report = build_150k_tokenizer(rest[0])
         else:
@@ -487,9 +536,60 @@ def main(argv: list[str] | None = None) -> None:
                  f", memmap peak {ratio(mmb['peak_bytes'], mma['peak_bytes'])}")
         emit("")
 
+    if "load" in args.only:
+        emit("## (d) data layer: JSONL pairs with a column mapping and row checks, every row consumed in batches of "
+             "1,000; peak RSS growth during the phase")
+        emit("rows       file MB  mode      rows read  wall s  CPU s  peak RSS growth  shards read")
+        folder = tempfile.mkdtemp(prefix="conan-load-")
+        modes = ("list", "mmap", "stream", "rank0/2")
+        for size in args.load_sizes:
+            path = os.path.join(folder, f"pairs-{size}.jsonl")
+            write_pairs(path, size)
+            for mode in modes:
+                r = run_case("load", path, mode, timeout=3600)
+                reports[("load", size, mode)] = r
+                if "error" in r:
+                    emit(f"{size:>9,}  {'':>7}  {mode:<8}  ERROR {r['error']}")
+                    continue
+                emit(f"{size:>9,}  {r['file_bytes'] / 1e6:>7.1f}  {mode:<8}  {r['rows']:>9,}  {r['seconds']:>6.1f}  "
+                     f"{r['cpu_s']:>5.1f}  {mb(r['peak_bytes']):>15}  {r['shards'] or ''}")
+            os.remove(path)
+        sizes = args.load_sizes
+        for a, b in zip(sizes, sizes[1:]):
+            parts = []
+            for mode in modes:
+                ra, rb = reports[("load", a, mode)], reports[("load", b, mode)]
+                if "error" not in ra and "error" not in rb:
+                    parts.append(f"{mode} peak {ratio(rb['peak_bytes'], ra['peak_bytes'])}, "
+                                 f"time {ratio(rb['seconds'], ra['seconds'])}")
+            emit(f"growth {a:,} -> {b:,} ({b / a:.0f}x rows): " + "; ".join(parts))
+        emit("")
+
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text("\n".join(lines) + "\n")
+    write_sections(Path(args.output), lines)
     print(f"wrote {args.output}")
+
+
+def write_sections(path: Path, lines: list[str]) -> None:
+    """Write the sections measured now into ``path``, keeping the other sections of an earlier run (each section
+    starts with a ``## (x)`` line and is replaced by the section with the same ``(x)``)."""
+
+    def split(text_lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+        head, sections, key = [], {}, None
+        for line in text_lines:
+            if line.startswith("## ("):
+                key = line.split(")", 1)[0] + ")"
+                sections[key] = []
+            (sections[key] if key else head).append(line)
+        return head, sections
+
+    head, new = split(lines)
+    old: dict[str, list[str]] = {}
+    if path.exists():
+        _, old = split(path.read_text().splitlines())
+    merged = {**old, **new}
+    text = head + [line for key in sorted(merged) for line in merged[key]]
+    path.write_text("\n".join(text).rstrip("\n") + "\n")
 
 
 if __name__ == "__main__":

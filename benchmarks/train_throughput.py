@@ -94,7 +94,8 @@ def measure(label: str, model_dir: str, data_file: str, args, recipe: bool, work
     import torch
 
     from trainers import supervised
-    from trainers.common import config_from_dict, deepspeed_zero1_config
+    from trainers.config import config_from_dict
+    from trainers.distributed import deepspeed_zero1_config
 
     gpu = torch.cuda.is_available()
     config = config_from_dict(supervised.SupervisedConfig, {

@@ -52,8 +52,12 @@ class DataFileNotFoundError(DataError, FileNotFoundError):
 
 def location_of(row: Any, fallback: str | None = None) -> str | None:
     """Where a data row was read (``"file:line"``, ``"demo row 3"``), as carried by
-    :class:`conan_hf.data.readers.Row`; ``fallback`` for rows that do not carry it."""
-    return getattr(row, "location", None) or fallback
+    :class:`conan_hf.data.readers.Row` or in the ``_location`` column of :mod:`conan_hf.data.sources` datasets;
+    ``fallback`` for rows that do not carry it."""
+    where = getattr(row, "location", None)
+    if where is None and isinstance(row, dict):
+        where = row.get("_location")
+    return where or fallback
 
 
 def finite_float(value: Any) -> float:

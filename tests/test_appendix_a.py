@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trainers.common import load_config
+from trainers.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -973,7 +973,7 @@ def test_two_process_run_makes_identical_decisions_on_both_ranks(tiny_model_dir,
 def _stage4_config(model_dir, data_file, out_dir, **overrides):
     """Stage 4 as `python -m trainers.supervised` builds it (the shipped YAML, no preset): the schedule
     (num_train_epochs, max_steps) is the shipped default; only size, data and speed options are overridden."""
-    from trainers.common import default_config_path, load_config
+    from trainers.config import default_config_path, load_config
     from trainers.supervised import SupervisedConfig
 
     values = {

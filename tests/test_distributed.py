@@ -24,7 +24,7 @@ PARAM_ATOL = 1e-5
 def test_deepspeed_zero1_two_processes_match_one_process(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from trainers.common import parse_config
+    from trainers.config import parse_config
     from trainers.supervised import SupervisedConfig, run
 
     threads = torch.get_num_threads()

@@ -62,7 +62,7 @@ def _option_entries(help_text: str) -> list[str]:
 
 
 def test_stage_help_lists_every_option_with_meaning_and_defaults(capsys, monkeypatch):
-    from trainers.common import field_docs, parse_config
+    from trainers.config import field_docs, parse_config
 
     monkeypatch.setenv("COLUMNS", "1000")  # one line per option
     for stage in STAGES:
@@ -106,7 +106,7 @@ def test_stage_help_from_the_command_line():
 
 # ---- presets ---------------------------------------------------------------------------------------------------------
 def test_user_values_win_over_the_preset_and_the_preset_shrinks_shipped_values(tmp_path):
-    from trainers.common import load_config, parse_config
+    from trainers.config import load_config, parse_config
     from trainers.pretrain import PretrainConfig
 
     shipped_path = REPO / "trainers" / "configs" / "pretrain.yaml"
@@ -145,7 +145,7 @@ def test_user_values_win_over_the_preset_and_the_preset_shrinks_shipped_values(t
 
 # ---- missing inputs --------------------------------------------------------------------------------------------------
 def test_missing_stage_inputs_say_how_to_make_them(tmp_path, monkeypatch):
-    from trainers.common import StageInputError, check_stage_input
+    from trainers.checkpoints import StageInputError, check_stage_input
 
     cwd = tmp_path / "fresh"
     cwd.mkdir()
@@ -199,7 +199,7 @@ def test_readme_one_stage_commands_run_standalone(tmp_path):
 
 # ---- already done / Ctrl-C -------------------------------------------------------------------------------------------
 def _tiny_supervised_config(model: Path, output_dir: Path, **values):
-    from trainers.common import config_from_dict
+    from trainers.config import config_from_dict
 
     return config_from_dict(_config_class("supervised"), {
         "model": str(model), "output_dir": str(output_dir), "max_seq_length": 48, "bf16": False, "num_threads": 1,
@@ -209,7 +209,7 @@ def _tiny_supervised_config(model: Path, output_dir: Path, **values):
 
 def test_finished_stage_says_already_done(tiny_model_dir, tmp_path, capsys, restore_threads):
     from trainers import supervised
-    from trainers.common import completed_stage
+    from trainers.checkpoints import completed_stage
 
     upstream = tmp_path / "weak" / "final"  # stands for the stage-3 output, with its stage record
     shutil.copytree(tiny_model_dir, upstream)
@@ -237,7 +237,8 @@ def test_finished_stage_says_already_done(tiny_model_dir, tmp_path, capsys, rest
 def test_tokenizer_stage_is_not_retrained_on_the_same_texts(tmp_path, capsys):
     """Stage 0 is skipped when options and texts are unchanged, so a re-run of the main job does not rewrite it and
     make every later stage see a newer input."""
-    from trainers.common import STAGE_RECORD, config_from_dict
+    from trainers.checkpoints import STAGE_RECORD
+    from trainers.config import config_from_dict
     from trainers.tokenizer_stage import TokenizerConfig, run
 
     texts = tmp_path / "texts.jsonl"
@@ -260,7 +261,7 @@ def test_tokenizer_stage_is_not_retrained_on_the_same_texts(tmp_path, capsys):
 
 
 def test_interrupt_before_a_checkpoint_says_start_over(tmp_path, capsys):
-    from trainers.common import stage_exits
+    from trainers.checkpoints import stage_exits
 
     config = _config_class("sft")(output_dir=str(tmp_path / "sft"))
     with pytest.raises(SystemExit) as exit_info, stage_exits(config):
@@ -272,7 +273,7 @@ def test_interrupt_before_a_checkpoint_says_start_over(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_ctrl_c_ends_with_the_checkpoint_to_resume_from(tiny_model_dir, tmp_path):
-    from trainers.common import COMMIT_MARKER, latest_checkpoint
+    from trainers.checkpoints import COMMIT_MARKER, latest_checkpoint
 
     out = tmp_path / "sup"
     cmd = [sys.executable, "-m", "trainers.supervised", "--preset", "tiny", "--model", str(tiny_model_dir),

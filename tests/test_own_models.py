@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainers.common import STAGE_RECORD, config_from_dict
+from trainers.checkpoints import STAGE_RECORD
+from trainers.config import config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -155,7 +156,7 @@ def test_stage4_causal_mode_pools_the_last_token_with_right_padding(tokenizer, t
     assert first_token_change(final) == 0
     # Evaluating the finished model (the main job does it after stage 4) keeps its saved attention and pooling.
     from conan_hf.backbones import get_attention_mode
-    from trainers.common import backbone, load_sentence_model, pooling_mode
+    from trainers.models import backbone, load_sentence_model, pooling_mode
 
     reloaded = load_sentence_model(str(final), attention_mode=None)
     assert (get_attention_mode(backbone(reloaded)), pooling_mode(reloaded)) == ("causal", "lasttoken")
@@ -193,7 +194,8 @@ def test_stage4_fine_tunes_an_encoder(minilm_dir, tmp_path, capsys):
 
 
 def test_stage4_options_are_checked(tiny_model_dir, decoder_dirs, tmp_path):
-    from trainers.common import load_sentence_model, parse_config, pooling_mode
+    from trainers.config import parse_config
+    from trainers.models import load_sentence_model, pooling_mode
     from trainers.supervised import SupervisedConfig
 
     # The shipped YAML leaves pooling to the attention: --attention_mode causal alone gives last-token pooling.

@@ -15,15 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainers.common import (
+from trainers.checkpoints import (
     COMMIT_MARKER,
     STAGE_RECORD,
     CheckpointCommitCallback,
     latest_checkpoint,
-    load_config,
-    parse_config,
     resolve_resume,
 )
+from trainers.config import load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,7 +140,7 @@ def test_sft_loss_counts_only_response_tokens(word_tokenizer):
 def test_supervised_batches_have_per_task_sizes_and_negatives(tiny_model_dir, tmp_path, restore_threads):
     """Every batch comes from one task, with that task's batch size; InfoNCE tasks carry 7 negatives from the pool."""
     from trainers import supervised
-    from trainers.common import config_from_dict
+    from trainers.config import config_from_dict
 
     config = config_from_dict(supervised.SupervisedConfig, {
         "model": str(tiny_model_dir), "output_dir": str(tmp_path), "max_seq_length": 32, "num_threads": 1,
@@ -191,7 +190,8 @@ def test_lora_trains_only_adapters_and_merges_exactly(tiny_model_dir, tmp_path, 
     from safetensors.torch import load_file
 
     from trainers import supervised
-    from trainers.common import config_from_dict, load_sentence_model
+    from trainers.config import config_from_dict
+    from trainers.models import load_sentence_model
 
     model = load_sentence_model(str(tiny_model_dir), max_seq_length=32)
     supervised.add_lora(model, {"r": 4, "lora_alpha": 8})
@@ -225,7 +225,7 @@ def test_weak_stage_teacher_filter_drops_low_scored_pairs(tiny_model_dir, tmp_pa
 
     from conan_hf.demo import demo_instructions
     from trainers import weak
-    from trainers.common import config_from_dict
+    from trainers.config import config_from_dict
 
     torch.set_num_threads(1)
     pairs = weak.to_pairs(demo_instructions())

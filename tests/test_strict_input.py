@@ -15,7 +15,7 @@ import pytest
 from conan_hf.data.readers import Row, read_beir, read_stsb_multi_mt, read_table
 from conan_hf.errors import DataError, DataFileNotFoundError, cli_errors, finite_float
 from conan_hf.eval import tasks as eval_tasks
-from trainers.common import read_sources
+from conan_hf.data.sources import read_sources
 from trainers.supervised import TaskConfig, task_rows
 from trainers.weak import to_pairs
 
@@ -122,7 +122,7 @@ def test_weak_pairs_reject_non_string_texts_and_name_the_row():
 
 def test_tokenizer_stage_rejects_non_string_texts(tmp_path):
     from trainers import tokenizer_stage
-    from trainers.common import config_from_dict
+    from trainers.config import config_from_dict
 
     data = _write(tmp_path / "texts.jsonl", '{"text": "fine"}\n{"text": 5}\n')
     config = config_from_dict(tokenizer_stage.TokenizerConfig, {"data": [str(data)], "output_dir": str(tmp_path)})
@@ -193,7 +193,7 @@ def test_cli_errors_turns_only_data_errors_into_exit_2(capsys):
 def test_usage_errors_are_one_line_too(capsys):
     from conan_hf.data.clr import main as clr_main
     from conan_hf.eval.__main__ import main as eval_main
-    from trainers.common import parse_config
+    from trainers.config import parse_config
     from trainers.weak import WeakConfig
 
     for call, prog in ((lambda: clr_main(["rows.jsonl"]), "conan-clr"),

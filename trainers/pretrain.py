@@ -19,31 +19,24 @@ from pathlib import Path
 from typing import Any
 
 from conan_hf.errors import cli_errors
-from trainers.common import (
-    StageConfig,
-    finish_stage,
-    parse_config,
-    print_main,
-    read_sources,
-    setup_runtime,
-    stage_exits,
-    start_stage,
-    train_with_resume,
-)
+from conan_hf.data.sources import read_sources
+from trainers.checkpoints import finish_stage, stage_exits, start_stage, train_with_resume
+from trainers.config import StageConfig, parse_config
+from trainers.distributed import print_main, setup_runtime
 
 IGNORE_INDEX = -100
 
 
 @dataclasses.dataclass
 class PretrainConfig(StageConfig):
-    """Options of stage 1 (see :class:`trainers.common.StageConfig` for the shared ones).
+    """Options of stage 1 (see :class:`trainers.config.StageConfig` for the shared ones).
 
     Args:
         tokenizer: the stage-0 tokenizer folder.
         model: ``"full"`` (the released 1.4B architecture), ``"tiny"`` (~3M parameters, for CPUs and tests), a path
             to a ``config.json``, or a mapping of `ConanConfig` arguments.
         model_overrides: `ConanConfig` arguments applied on top (e.g. ``{num_hidden_layers: 4}``).
-        data: text sources (see :mod:`trainers.common`).
+        data: text sources (see :mod:`conan_hf.data.sources`).
         text_column: the column holding the text in file/Hub sources.
         seq_length: tokens per packed block.
     """

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from conan_hf.errors import DataError, OneLineArgumentParser, cli_errors
-from trainers.common import default_config_path, is_main_process, load_config, print_main
+from trainers.config import default_config_path, load_config
+from trainers.distributed import is_main_process, print_main
 
 STAGES = ("tokenizer", "pretrain", "sft", "weak", "supervised")
 STAGE_NUMBERS = {name: number for number, name in enumerate(STAGES)}
@@ -109,7 +110,7 @@ def prepare_demo_data(data_dir: str | Path, holdout: float = 0.2, seed: int = 0)
     """Split the demo corpus: training files for the stages (JSONL under ``data_dir``) and held-out evaluation sets
     (CLR pairs, STS pairs). Texts of held-out pairs are removed from every training file, including pre-training."""
     from conan_hf import demo
-    from trainers.common import split_holdout
+    from conan_hf.data.sources import split_holdout
 
     data_dir = Path(data_dir)
     clr_train, clr_eval = split_holdout(demo.demo_clr(), holdout, seed)
@@ -205,7 +206,7 @@ def run_pipeline(
     def evaluate(label: str, path: str) -> None:
         if not (demo_eval and demo_data) or not state.is_main_process:
             return
-        from trainers.common import load_sentence_model
+        from trainers.models import load_sentence_model
 
         # A stage output keeps its saved attention and pooling (stage 4 may be causal with last-token pooling); stage
         # 3's input, a bare decoder, is evaluated bidirectional and mean-pooled.
@@ -243,7 +244,7 @@ def write_model_card(summaries: dict[str, Any], evaluation: dict[str, dict[str, 
     """README.md of the final model, from the stage records the stages wrote and the held-out demo scores."""
     from model_card import generate_model_card
 
-    from trainers.common import STAGE_RECORD
+    from trainers.checkpoints import STAGE_RECORD
 
     records = [Path(s["final_dir"]) / STAGE_RECORD for s in summaries.values()
                if (Path(s["final_dir"]) / STAGE_RECORD).is_file()]

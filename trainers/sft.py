@@ -17,17 +17,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from conan_hf.errors import cli_errors
-from trainers.common import (
-    StageConfig,
-    finish_stage,
-    parse_config,
-    print_main,
-    read_sources,
-    setup_runtime,
-    stage_exits,
-    start_stage,
-    train_with_resume,
-)
+from conan_hf.data.sources import read_sources
+from trainers.checkpoints import finish_stage, stage_exits, start_stage, train_with_resume
+from trainers.config import StageConfig, parse_config
+from trainers.distributed import print_main, setup_runtime
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -35,7 +28,7 @@ IGNORE_INDEX = -100
 
 @dataclasses.dataclass
 class SFTConfig(StageConfig):
-    """Options of stage 2 (see :class:`trainers.common.StageConfig` for the shared ones).
+    """Options of stage 2 (see :class:`trainers.config.StageConfig` for the shared ones).
 
     Args:
         model: the stage-1 output folder (a `ConanForCausalLM` with its tokenizer).

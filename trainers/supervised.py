@@ -60,23 +60,11 @@ from sentence_transformers.sentence_transformer.data_collator import SentenceTra
 from torch.utils.data import RandomSampler
 
 from conan_hf.errors import DataError, cli_errors, location_of
-from trainers.common import (
-    MainProcessSaveMixin,
-    StageConfig,
-    backbone,
-    config_from_dict,
-    describe_attention,
-    finish_stage,
-    load_sentence_model,
-    parse_config,
-    print_main,
-    read_sources,
-    row_text,
-    setup_runtime,
-    stage_exits,
-    start_stage,
-    train_with_resume,
-)
+from conan_hf.data.sources import read_sources, row_text
+from trainers.checkpoints import MainProcessSaveMixin, finish_stage, stage_exits, start_stage, train_with_resume
+from trainers.config import StageConfig, config_from_dict, parse_config
+from trainers.distributed import print_main, setup_runtime
+from trainers.models import describe_attention, load_sentence_model
 from trainers.dhnm import DHNMDataCollator, FalseNegativeCountCallback
 
 logger = logging.getLogger(__name__)
@@ -101,7 +89,7 @@ class TaskConfig:
     Args:
         name: the task's name (also its prompt name in the saved model).
         type: ``retrieval``, ``clr``, ``classification`` or ``sts``.
-        data: sources (see :mod:`trainers.common`). Columns: ``query, positive[, negatives]`` (retrieval, clr; a
+        data: sources (see :mod:`conan_hf.data.sources`). Columns: ``query, positive[, negatives]`` (retrieval, clr; a
             ``negatives`` list or ``negative``/``negative_*`` columns, hardest first); ``text, positive[, negatives]``
             or ``text, label`` (classification: the other labels become the negatives); ``sentence1, sentence2,
             score`` (sts).
@@ -129,7 +117,7 @@ def _demo_tasks() -> list[dict[str, Any]]:
 
 @dataclasses.dataclass
 class SupervisedConfig(StageConfig):
-    """Options of stage 4 (see :class:`trainers.common.StageConfig` for the shared ones).
+    """Options of stage 4 (see :class:`trainers.config.StageConfig` for the shared ones).
 
     Args:
         model: the stage-3 output folder (a SentenceTransformer; a stage-2 decoder folder also works).

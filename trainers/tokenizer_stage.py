@@ -16,15 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from conan_hf.errors import cli_errors
-from trainers.common import (
-    STAGE_RECORD,
-    parse_config,
-    print_main,
-    read_sources,
-    read_stage_record,
-    stage_exits,
-    write_json_atomic,
-)
+from conan_hf.data.sources import read_sources
+from trainers.checkpoints import STAGE_RECORD, read_stage_record, stage_exits, write_json_atomic
+from trainers.config import parse_config
+from trainers.distributed import print_main
 
 
 @dataclasses.dataclass
@@ -33,7 +28,7 @@ class TokenizerConfig:
 
     Args:
         output_dir: the tokenizer folder (the next stage's ``tokenizer``).
-        data: text sources (see :mod:`trainers.common`); ``"demo"`` is the embedded bilingual corpus.
+        data: text sources (see :mod:`conan_hf.data.sources`); ``"demo"`` is the embedded bilingual corpus.
         text_column: the column holding the text in file/Hub sources.
         vocab_size: target vocabulary size (150,000 in the paper).
         min_frequency: minimum pair frequency for a BPE merge.

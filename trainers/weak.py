@@ -26,31 +26,25 @@ from sentence_transformers import SentenceTransformerTrainer
 
 from conan_hf.errors import DataError, cli_errors, location_of
 from conan_hf.sentence import QUERY_PROMPT_FORMAT
-from trainers.common import (
+from conan_hf.data.sources import read_sources, row_text
+from trainers.checkpoints import (
     MainProcessSaveMixin,
-    StageConfig,
-    backbone,
     check_stage_input,
-    describe_attention,
     finish_stage,
-    load_sentence_model,
-    parse_config,
-    print_main,
-    read_sources,
-    row_text,
-    set_attention_mode,
-    setup_runtime,
     stage_exits,
     start_stage,
     train_with_resume,
 )
+from trainers.config import StageConfig, parse_config
+from trainers.distributed import print_main, setup_runtime
+from trainers.models import backbone, describe_attention, load_sentence_model, set_attention_mode
 
 logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class WeakConfig(StageConfig):
-    """Options of stage 3 (see :class:`trainers.common.StageConfig` for the shared ones).
+    """Options of stage 3 (see :class:`trainers.config.StageConfig` for the shared ones).
 
     Args:
         model: the stage-2 output folder, or your own decoder (a local folder or Hub id of Llama, Qwen2, Qwen3,
@@ -100,7 +94,7 @@ def to_pairs(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     """(instruction, anchor, positive) rows: input → anchor and output → positive, or the rows' own query/positive;
     ``instruction`` is the row's instruction ("" if it has none).
 
-    Texts must be strings; errors name the row's file and line (``row.location``, see :func:`trainers.common.
+    Texts must be strings; errors name the row's file and line (``row.location``, see :func:`conan_hf.data.sources.
     read_sources`), or its 1-based position for rows that do not carry one.
     """
     what = "stage 3 (weakly-supervised) data"

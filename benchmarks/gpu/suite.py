@@ -738,7 +738,8 @@ def run_train(ctx: "Context", budget: Budget) -> dict:
     from conan_hf import ConanConfig, ConanModel, build_sentence_transformer
     from conan_hf.tokenizer import demo_tokenizer
     from trainers import supervised
-    from trainers.common import config_from_dict, deepspeed_zero1_config
+    from trainers.config import config_from_dict
+    from trainers.distributed import deepspeed_zero1_config
 
     gpu = ctx.device.type == "cuda"
     if ctx.smoke:

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +44,7 @@ __all__ = [
     "read_beir",
     "read_squad",
     "read_stsb_multi_mt",
+    "iter_table",
     "read_table",
 ]
 
@@ -104,45 +105,121 @@ class _ErrorPolicy:
         return Rows(rows, self.skipped)
 
 
+COMPRESSED_SUFFIXES = (".gz",)
+TABLE_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet")
+
+
+def _format_suffix(path: Path) -> str:
+    """The extension that names the format: ``.jsonl`` for ``x.jsonl.gz``."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES:
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def open_text(path: Path, encoding: str = "utf-8", newline: str | None = None):
+    """Open a (possibly gzip-compressed) text file for reading."""
+    if path.suffix.lower() == ".gz":
+        import gzip
+
+        return gzip.open(path, "rt", encoding=encoding, newline=newline)
+    return path.open(encoding=encoding, newline=newline)
+
+
 def _detect_format(path: Path) -> str:
-    suffix = path.suffix.lower()
+    suffix = _format_suffix(path)
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
     if suffix == ".json":
-        # Many ".json" files are JSON lines (e.g. SimCLUE); a whole-file parse tells them apart.
-        with path.open(encoding="utf-8") as handle:
-            text = handle.read()
-        try:
-            json.loads(text)
-        except json.JSONDecodeError:
+        # Many ".json" files are JSON lines (e.g. SimCLUE). The first line tells them apart without reading the file:
+        # JSON lines start with a complete object on line one; a JSON array or a pretty-printed object does not.
+        with open_text(path) as handle:
+            first = ""
+            for first in handle:
+                if first.strip():
+                    break
+        first = first.strip()
+        if first.startswith("{"):
+            try:
+                json.loads(first)
+            except json.JSONDecodeError:
+                return "json"
             return "jsonl"
         return "json"
     if suffix == ".csv":
         return "csv"
     if suffix in (".tsv", ".txt", ".tab"):
         return "tsv"
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
     raise DataFormatError(path, None, f"cannot tell the format from the extension {suffix!r}",
-                          hint="name it .jsonl/.json/.csv/.tsv or pass format: jsonl|json|csv|tsv")
+                          hint="name it .jsonl/.json/.csv/.tsv/.parquet (optionally .gz) or pass format: "
+                               "jsonl|json|csv|tsv|parquet")
 
 
-def _iter_records(path: Path, fmt: str, header: bool, delimiter: str | None, policy: _ErrorPolicy, encoding: str):
-    """Yield ``(line, record)``; record is a dict (named columns) or a list (positional columns)."""
+def splittable(path: Path, fmt: str) -> bool:
+    """Whether byte ranges of the file can be read independently (one record per physical line, uncompressed)."""
+    return fmt in ("jsonl", "tsv") and path.suffix.lower() not in COMPRESSED_SUFFIXES
+
+
+def _lines_before(path: Path, offset: int) -> int:
+    """Line breaks in the first ``offset`` bytes (counted, not parsed), so a byte range knows its 1-based lines."""
+    count, left = 0, offset
+    with path.open("rb") as handle:
+        while left > 0:
+            chunk = handle.read(min(left, 1 << 24))
+            if not chunk:
+                break
+            count += chunk.count(b"\n")
+            left -= len(chunk)
+    return count
+
+
+def _iter_lines(path: Path, encoding: str, byte_range: tuple[int, int] | None):
+    """Yield ``(line_no, text)`` for the physical lines of the file, or of those starting inside ``byte_range``."""
+    if byte_range is None:
+        with open_text(path, encoding=encoding) as handle:
+            yield from enumerate(handle, 1)
+        return
+    start, end = byte_range
+    with path.open("rb") as handle:
+        if start > 0:
+            handle.seek(start - 1)
+            if handle.read(1) != b"\n":
+                handle.readline()  # this line started before the range: the previous range owns it
+        position = handle.tell()
+        line_no = None
+        while position < end:
+            raw = handle.readline()
+            if not raw:
+                break
+            if line_no is None:
+                line_no = _lines_before(path, position) + 1
+            else:
+                line_no += 1
+            position += len(raw)
+            yield line_no, raw.decode(encoding)
+
+
+def _iter_records(path: Path, fmt: str, header: bool, delimiter: str | None, policy: _ErrorPolicy, encoding: str,
+                  byte_range: tuple[int, int] | None = None):
+    """Yield ``(line, record)``; record is a dict (named columns) or a list (positional columns). ``byte_range``
+    (JSONL/TSV only) reads just the lines that start inside it, with their true line numbers."""
     if fmt == "jsonl":
-        with path.open(encoding=encoding) as handle:
-            for line_no, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    policy.bad(path, line_no, f"invalid JSON ({err.msg} at column {err.colno})")
-                    continue
-                if not isinstance(record, dict):
-                    policy.bad(path, line_no, f"expected a JSON object, got {type(record).__name__}")
-                    continue
-                yield line_no, record
+        for line_no, line in _iter_lines(path, encoding, byte_range):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                policy.bad(path, line_no, f"invalid JSON ({err.msg} at column {err.colno})")
+                continue
+            if not isinstance(record, dict):
+                policy.bad(path, line_no, f"expected a JSON object, got {type(record).__name__}")
+                continue
+            yield line_no, record
     elif fmt == "json":
-        with path.open(encoding=encoding) as handle:
+        with open_text(path, encoding=encoding) as handle:
             data = json.load(handle)
         if isinstance(data, dict) and "data" in data:
             raise DataFormatError(path, None, "SQuAD-format JSON, not a table of rows",
@@ -154,11 +231,36 @@ def _iter_records(path: Path, fmt: str, header: bool, delimiter: str | None, pol
                 policy.bad(path, f"[{index}]", f"expected a JSON object, got {type(record).__name__}")
                 continue
             yield f"[{index}]", record
+    elif fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        number = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                number += 1
+                yield f"row {number}", record
+    elif fmt == "tsv" and byte_range is not None:
+        delimiter = delimiter or "\t"
+        names = None
+        if header:
+            with path.open("rb") as handle:
+                names = [v.strip() for v in handle.readline().decode(encoding).rstrip("\r\n").split(delimiter)]
+        for line_no, line in _iter_lines(path, encoding, byte_range):
+            values = line.rstrip("\r\n").split(delimiter)
+            if line_no == 1 and header or not line.strip():
+                continue
+            if names is not None:
+                if len(values) != len(names):
+                    policy.bad(path, line_no, f"expected {len(names)} fields ({', '.join(names)}), got {len(values)}")
+                    continue
+                yield line_no, dict(zip(names, values))
+            else:
+                yield line_no, values
     elif fmt in ("csv", "tsv"):
         delimiter = delimiter or ("," if fmt == "csv" else "\t")
         # TSV files from NLP corpora contain stray quote characters that are text, not quoting.
         quoting = csv.QUOTE_MINIMAL if fmt == "csv" else csv.QUOTE_NONE
-        with path.open(encoding=encoding, newline="") as handle:
+        with open_text(path, encoding=encoding, newline="") as handle:
             reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
             names: list[str] | None = None
             line_no = 1
@@ -185,36 +287,25 @@ def _iter_records(path: Path, fmt: str, header: bool, delimiter: str | None, pol
                 else:
                     yield start, values
     else:
-        raise ValueError(f"unknown format {fmt!r}; expected 'jsonl', 'json', 'csv' or 'tsv'")
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(TABLE_FORMATS)}")
 
 
-def read_table(
+def iter_table(
     path: str | os.PathLike,
     columns: Mapping[str, str | int] | None = None,
     *,
-    format: Literal["jsonl", "json", "csv", "tsv"] | None = None,
+    format: Literal["jsonl", "json", "csv", "tsv", "parquet"] | None = None,
     header: bool | None = None,
     delimiter: str | None = None,
     types: Mapping[str, Callable[[Any], Any]] | None = None,
     allow_empty: Iterable[str] = (),
     on_error: OnError = "raise",
     encoding: str = "utf-8",
-) -> Rows:
-    """Read JSONL / JSON-array / CSV / TSV rows, renaming columns through ``columns``.
-
-    Args:
-        path: the file. The format comes from the extension unless ``format`` is given
-            (``.json`` holding JSON lines is recognised).
-        columns: ``{output_name: source_column}``; a source column is a name, or an int index for header-less
-            CSV/TSV. ``None`` keeps all columns under their own names (``"0"``, ``"1"``, ... without a header).
-        header: whether CSV/TSV files start with a header row; default: yes, unless ``columns`` uses int indices.
-        types: converters per output column, e.g. ``{"score": float}``; a failing conversion is a bad row.
-        allow_empty: output columns that may be empty strings / null (all mapped columns must be non-empty otherwise).
-        on_error: ``"raise"`` (default) or ``"skip"`` (bad rows are recorded in ``rows.skipped``).
-
-    Raises:
-        DataFormatError: ``file:line: reason`` for the first bad row when ``on_error="raise"``.
-    """
+    byte_range: tuple[int, int] | None = None,
+    policy: _ErrorPolicy | None = None,
+) -> Iterator[Row]:
+    """The rows of :func:`read_table`, one at a time (memory does not grow with the file). ``byte_range`` reads only
+    the lines starting inside it (JSONL/TSV; see :func:`splittable`); ``policy`` collects skipped rows."""
     path = Path(path)
     if not path.is_file():
         raise DataFileNotFoundError("no such data file", where=str(path), hint="check the path")
@@ -222,17 +313,17 @@ def read_table(
     positional = columns is not None and any(isinstance(v, int) for v in columns.values())
     if header is None:
         header = not positional
-    if positional and fmt in ("json", "jsonl"):
+    if positional and fmt in ("json", "jsonl", "parquet"):
         raise DataError("integer column indices only apply to header-less CSV/TSV files", where=str(path),
-                        hint="map JSON columns by name")
+                        hint="map JSON/Parquet columns by name")
     types = dict(types or {})
     allow_empty = set(allow_empty)
     unknown = set(types) - set(columns or types)
     if columns is not None and unknown:
         raise ValueError(f"types given for columns not in the mapping: {sorted(unknown)}")
-    policy = _ErrorPolicy(on_error)
-    rows: list[dict] = []
-    for line, record in _iter_records(path, fmt, header, delimiter, policy, encoding):
+    policy = policy or _ErrorPolicy(on_error)
+    location = f"{path}:" if fmt != "parquet" else f"{path} "
+    for line, record in _iter_records(path, fmt, header, delimiter, policy, encoding, byte_range):
         if isinstance(record, list):
             mapping = columns or {str(i): i for i in range(len(record))}
             if max(mapping.values()) >= len(record):
@@ -259,7 +350,42 @@ def read_table(
         except (TypeError, ValueError, OverflowError) as err:
             policy.bad(path, line, f"column {name!r}: cannot convert {row[name]!r} ({err})")
             continue
-        rows.append(Row(row, f"{path}:{line}"))
+        yield Row(row, f"{location}{line}")
+
+
+def read_table(
+    path: str | os.PathLike,
+    columns: Mapping[str, str | int] | None = None,
+    *,
+    format: Literal["jsonl", "json", "csv", "tsv", "parquet"] | None = None,
+    header: bool | None = None,
+    delimiter: str | None = None,
+    types: Mapping[str, Callable[[Any], Any]] | None = None,
+    allow_empty: Iterable[str] = (),
+    on_error: OnError = "raise",
+    encoding: str = "utf-8",
+) -> Rows:
+    """Read JSONL / JSON-array / CSV / TSV / Parquet rows (optionally ``.gz``), renaming columns through ``columns``.
+
+    For large files use :func:`iter_table` (one row at a time) or :func:`conan_hf.data.sources.load_source`
+    (memory-mapped or streamed ``datasets``); this returns a list.
+
+    Args:
+        path: the file. The format comes from the extension unless ``format`` is given
+            (``.json`` holding JSON lines is recognised from its first line).
+        columns: ``{output_name: source_column}``; a source column is a name, or an int index for header-less
+            CSV/TSV. ``None`` keeps all columns under their own names (``"0"``, ``"1"``, ... without a header).
+        header: whether CSV/TSV files start with a header row; default: yes, unless ``columns`` uses int indices.
+        types: converters per output column, e.g. ``{"score": float}``; a failing conversion is a bad row.
+        allow_empty: output columns that may be empty strings / null (all mapped columns must be non-empty otherwise).
+        on_error: ``"raise"`` (default) or ``"skip"`` (bad rows are recorded in ``rows.skipped``).
+
+    Raises:
+        DataFormatError: ``file:line: reason`` for the first bad row when ``on_error="raise"``.
+    """
+    policy = _ErrorPolicy(on_error)
+    rows = list(iter_table(path, columns, format=format, header=header, delimiter=delimiter, types=types,
+                           allow_empty=allow_empty, encoding=encoding, policy=policy))
     return policy.finish(rows, str(path))
 
 
@@ -453,7 +579,7 @@ def load_rows(
 
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_FILE_SUFFIXES = {".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".txt", ".tab"}
+_FILE_SUFFIXES = {".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".txt", ".tab", ".parquet", ".pq", ".gz"}
 
 
 def _is_squad(path: Path) -> bool:

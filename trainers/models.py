@@ -1,0 +1,129 @@
+"""Loading the embedding model a stage trains (a Conan checkpoint, a stock decoder, an encoder, or a saved
+SentenceTransformer) and switching its attention between causal, bidirectional and the soft mask."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+# ---- embedding models -----------------------------------------------------------------------------------------------
+def load_sentence_model(
+    path: str,
+    attention_mode: str | None = "bidirectional",
+    pooling: str | None = None,
+    max_seq_length: int = 512,
+    prompts: dict[str, str] | None = None,
+):
+    """The embedding model a stage starts from, with its backbone in ``attention_mode``.
+
+    ``path`` (a local folder or a Hub id) is either
+
+    - a SentenceTransformer folder (a stage 3/4 output, or any sentence-transformers model such as all-MiniLM-L6-v2):
+      loaded as saved, with its pooling (``pooling``, if given, must agree with it); or
+    - a transformers model folder: a Conan decoder (stage 2 output), a stock decoder (Llama, Qwen2, Qwen3, Mistral,
+      ... — its ``*ForCausalLM`` checkpoint works, the LM head is dropped) or an encoder (BERT-like). Its backbone is
+      wrapped as Transformer → Pooling → Normalize with ``pooling`` (``None``: ``lasttoken`` for causal attention,
+      else ``mean``).
+
+    The backbone is put in ``attention_mode`` (see `conan_hf.backbones.set_attention_mode`: ``soft`` applies the soft
+    mask to a stock decoder; encoders are bidirectional only); ``None`` keeps a SentenceTransformer's saved attention
+    (evaluation of a finished model) and makes a bare model folder bidirectional. Stock backbones get right padding,
+    the side on which their position numbering matches the unpadded sequence (last-token pooling handles either
+    side). ``max_seq_length`` and ``prompts`` (added to any saved ones) are applied.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    from conan_hf.backbones import padding_side_for
+    from conan_hf.sentence import build_sentence_transformer
+
+    if _is_sentence_transformer_folder(path):
+        # The installed conan_hf classes (registered with the Auto classes on import) rather than the folder's copy of
+        # the remote code, so isinstance checks (soft-mask helpers) and fixes in the package apply.
+        model = SentenceTransformer(path, trust_remote_code=False)
+        saved = pooling_mode(model)
+        if pooling is not None and saved is not None and saved != pooling:
+            raise ValueError(f"{path} is a SentenceTransformer with {saved!r} pooling, but pooling={pooling!r} was "
+                             f"asked for; set pooling: {saved} (or null) to keep the saved one")
+        model.max_seq_length = max_seq_length
+        if prompts:
+            model.prompts = {**model.prompts, **prompts}
+    else:
+        attention_mode = attention_mode or "bidirectional"
+        if pooling is None:
+            pooling = "lasttoken" if attention_mode == "causal" else "mean"
+        # attention_mode=None: a stock config must not receive Conan's `attention_mode` key (it would be saved).
+        model = build_sentence_transformer(path, pooling=pooling, prompts=prompts, max_seq_length=max_seq_length,
+                                           attention_mode=None)
+    if attention_mode is not None:
+        set_attention_mode(model, attention_mode)
+    decoder = backbone(model)
+    side = padding_side_for(decoder)
+    if side is not None and model.tokenizer is not None and model.tokenizer.padding_side != side:
+        logger.info("%s: padding side %s -> %s (stock position numbering)", path, model.tokenizer.padding_side, side)
+        model.tokenizer.padding_side = side
+    logger.info("%s: %s", path, describe_attention(model)["line"])
+    return model
+
+
+def _is_sentence_transformer_folder(path: str) -> bool:
+    """A local folder with ``modules.json``, or a Hub repository that has one."""
+    if Path(path).is_dir():
+        return (Path(path) / "modules.json").is_file()
+    if Path(path).exists():
+        return False
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        from transformers.utils import cached_file
+
+        if isinstance(try_to_load_from_cache(path, "modules.json"), str):
+            return True
+        return cached_file(path, "modules.json", _raise_exceptions_for_missing_entries=False) is not None
+    except Exception:  # not a Hub id, or offline without a cached copy: treat it as a transformers model
+        return False
+
+
+def pooling_mode(model) -> str | None:
+    """The pooling mode of a SentenceTransformer's Pooling module (None without one)."""
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    for module in model:
+        if isinstance(module, Pooling):
+            mode = module.pooling_mode
+            return mode if isinstance(mode, str) else "+".join(mode)
+    return None
+
+
+def describe_attention(model) -> dict[str, Any]:
+    """The backbone, its attention mode (and how it is set), pooling and padding side, with a one-line summary."""
+    from conan_hf.backbones import backbone_kind, get_attention_mode
+
+    decoder = backbone(model)
+    kind, mode = backbone_kind(decoder), get_attention_mode(decoder)
+    how = {"conan": f"ConanConfig.attention_mode={mode!r}",
+           "decoder": f"transformers' config.is_causal={mode == 'causal'}",
+           "encoder": "encoder, always bidirectional"}[kind]
+    if mode == "soft":
+        how = (f"eq.4 soft mask through {'ConanConfig' if kind == 'conan' else 'conan_hf.apply_soft_mask'}, "
+               "α from 0 = causal to 1 = bidirectional")
+    info = {"backbone": type(decoder).__name__, "kind": kind, "model_type": getattr(decoder.config, "model_type", None),
+            "attention_mode": mode, "pooling": pooling_mode(model),
+            "padding_side": model.tokenizer.padding_side if model.tokenizer is not None else None}
+    info["line"] = (f"backbone {info['backbone']} ({kind}, model_type={info['model_type']!r}): {mode} attention "
+                    f"({how}), {info['pooling']} pooling, padding {info['padding_side']}")
+    return info
+
+
+def backbone(model):
+    """The transformers model inside a SentenceTransformer (its first module's ``auto_model``)."""
+    return model[0].auto_model
+
+
+def set_attention_mode(model, mode: str) -> None:
+    """Switch the backbone of a SentenceTransformer between causal / bidirectional / soft attention: a Conan backbone
+    through its ``attention_mode``, a stock decoder through transformers' ``config.is_causal`` (and the soft-mask
+    wrapper for ``soft``); an encoder is bidirectional only (see `conan_hf.backbones.set_attention_mode`)."""
+    from conan_hf.backbones import set_attention_mode as set_backbone_attention_mode
+
+    set_backbone_attention_mode(backbone(model), mode)
