@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from sentence_transformers import SentenceTransformerTrainer
 from sentence_transformers.base.sampler import (
     DefaultBatchSampler,
