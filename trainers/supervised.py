@@ -20,7 +20,7 @@ The rows of every task and the candidate negatives are written, batch by batch, 
 ``<output_dir>/stage4_tables/`` (:func:`write_task_table`); the pool holds row ids into them (``candidate_ids.npy``,
 also memory-mapped) and the collator looks up the texts of each batch only (:func:`build_negative_pool`). Training
 holds no rows or negatives as Python objects; while the tables are written, ``read_sources`` still returns each
-task's rows as one Python list (until the streaming data layer of issue 11 replaces it), dropped once written.
+task's rows as one Python list (see :func:`_task_rows`), dropped once written.
 Each task has its own batch size (paper: 4 for retrieval, 32 for STS) and its own instruction prompt; batches are
 drawn from one task at a time, in proportion to the tasks' sizes. ``lora`` trains LoRA adapters instead of all
 weights (Table 6's comparison) and merges them into the saved model.
@@ -224,6 +224,18 @@ def _negatives(row: dict[str, Any], what: str = "stage 4 data") -> list[str]:
     return [v for v in values if v not in (None, "")]
 
 
+def _task_rows(task: TaskConfig, demo_fn: Any, required: list[str], what: str, text: list[str],
+               numeric: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """A task's checked rows (each knows its file:line). The one place stage 4 reads its sources.
+
+    Still ``read_sources`` (one Python list per task, dropped once :func:`write_task_table` has written it): the
+    memory-mapped ``load_sources`` cannot take rows whose optional columns differ (a row with ``negatives`` next to
+    one without fails in ``datasets``' schema inference) unless ``keep=`` names every column, and the
+    ``negative_*`` columns are not known in advance.
+    """
+    yield from read_sources(task.data, demo_fn, required, numeric=numeric, what=what, text=text)
+
+
 def iter_task_examples(task: TaskConfig, seed: int = 0) -> Iterator[tuple[dict[str, Any], list[str]]]:
     """A task's examples in its loss's column order, each with its ranked candidate negatives (``[]`` for sts).
 
@@ -233,32 +245,29 @@ def iter_task_examples(task: TaskConfig, seed: int = 0) -> Iterator[tuple[dict[s
 
     what = f"stage 4 task {task.name!r} ({task.type})"
     if task.type == "sts":
-        rows = read_sources(task.data, demo.demo_sts, ["sentence1", "sentence2", "score"], numeric=["score"],
-                            text=["sentence1", "sentence2"], what=what)
+        rows = _task_rows(task, demo.demo_sts, ["sentence1", "sentence2", "score"], what,
+                          ["sentence1", "sentence2"], numeric=("score",))
         for r in rows:
             yield {"sentence1": r["sentence1"], "sentence2": r["sentence2"], "score": r["score"]}, []
         return
     if task.type == "classification":
-        rows = read_sources(task.data, demo.demo_classification, ["text"], text=["text", "positive"], what=what)
+        # Two passes over the rows (the distinct labels first): a list for now, see _task_rows.
+        rows = list(_task_rows(task, demo.demo_classification, ["text"], what, ["text", "positive"]))
         labelled = bool(rows) and "positive" not in rows[0]
         # Every row, not only the first, needs its label text. With labels, the label text is embedded as the
         # positive: a label id (a number) would be trained as the text "3".
-        for r in rows:
-            row_text(r, "label" if labelled else "positive", what)
-        if labelled:
-            labels = sorted({r["label"] for r in rows})
-            rng = random.Random(seed)
+        labels = sorted({row_text(r, "label", what) for r in rows}) if labelled else []
+        rng = random.Random(seed)
         for r in rows:
             if labelled:  # the other labels, shuffled per row in row order (as a fixed function of the seed)
                 others = [label for label in labels if label != r["label"]]
                 rng.shuffle(others)
                 yield {"anchor": r["text"], "positive": r["label"]}, others
             else:
-                yield {"anchor": r["text"], "positive": r["positive"]}, _negatives(r, what)
+                yield {"anchor": r["text"], "positive": row_text(r, "positive", what)}, _negatives(r, what)
         return
     demo_fn = demo.demo_retrieval if task.type == "retrieval" else demo.demo_clr
-    rows = read_sources(task.data, demo_fn, ["query", "positive"], text=["query", "positive"], what=what)
-    for r in rows:
+    for r in _task_rows(task, demo_fn, ["query", "positive"], what, ["query", "positive"]):
         yield {"anchor": r["query"], "positive": r["positive"]}, _negatives(r, what)
 
 
