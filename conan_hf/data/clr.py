@@ -71,7 +71,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError, OneLineArgumentParser, cli_errors, location_of
 from .cache import RunMemo, TranslationCache
-from .translate import ParallelCorpusTranslator, Translator
+from .translate import CompletedTranslation, ParallelCorpusTranslator, Translator
 from .validate import TranslationValidator
 
 logger = logging.getLogger(__name__)
@@ -434,6 +434,10 @@ def _batches(rows: Iterable[Mapping[str, Any]], size: int) -> Iterator[list[Mapp
 # --------------------------------------------------------------------------------------------------------- build
 
 
+#: What :meth:`Translator.submit` returns for one text (a string or ``None`` is an output already known).
+_UNFINISHED = (Future, CompletedTranslation)
+
+
 @dataclass
 class _Batch:
     """One batch of source rows on its way through the translator: ``results[i]`` is row ``i``'s raw output, or the
@@ -468,7 +472,8 @@ class _StreamingBuild:
         self.translator, self.validator, self.cache, self.memo = translator, validator, cache, memo
         self.report, self.codes, self.indices = report, codes, indices
         self.source_language, self.columns, self.has_negatives = source_language, columns, has_negatives
-        self.in_flight: dict[tuple[str, str], Future] = {}  # (language, text) -> its pending translation
+        # (language, text) -> its translation, until stored in the memo and the cache
+        self.in_flight: dict[tuple[str, str], Future | CompletedTranslation] = {}
         self.kept: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         self.rejected_by_language: Counter[str] = Counter()
@@ -558,7 +563,7 @@ class _StreamingBuild:
 
     def finish(self, batch: _Batch) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Wait for a batch's translations, validate them; ``(output records, rejected rows)`` in source order."""
-        outputs = [result.result() if isinstance(result, Future) else result for result in batch.results]
+        outputs = [result.result() if isinstance(result, _UNFINISHED) else result for result in batch.results]
         self.harvest()  # the cache holds the batch's translations before the batch is written
         cols = self.columns
         records, rejects = [], []
@@ -586,7 +591,7 @@ class _StreamingBuild:
     def cancel(self, batches: Iterable[_Batch]) -> None:
         for batch in batches:
             for result in batch.results:
-                if isinstance(result, Future):
+                if isinstance(result, _UNFINISHED):
                     result.cancel()
         for future in self.in_flight.values():
             future.cancel()

@@ -49,6 +49,7 @@ from .validate import TranslationValidator
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CompletedTranslation",
     "DEFAULT_MODEL",
     "DEFAULT_PROMPT",
     "LANGUAGE_NAMES",
@@ -91,6 +92,25 @@ def prompt_fragments(template: str | None) -> list[str]:
     return [p for p in parts if p]
 
 
+class CompletedTranslation:
+    """A translation already made, with the part of ``concurrent.futures.Future``'s interface that callers of
+    :meth:`Translator.submit` use (``done``, ``result``, ``cancel``)."""
+
+    __slots__ = ("_output",)
+
+    def __init__(self, output: str | None) -> None:
+        self._output = output
+
+    def done(self) -> bool:
+        return True
+
+    def result(self, timeout: float | None = None) -> str | None:
+        return self._output
+
+    def cancel(self) -> bool:
+        return False
+
+
 class Translator(ABC):
     """Translates texts into one target language per call.
 
@@ -118,21 +138,16 @@ class Translator(ABC):
 
     def submit(
         self, texts: Sequence[str], language: str, ids: Sequence[str] | None = None
-    ) -> list[Future[str | None]]:
+    ) -> list[Future[str | None] | CompletedTranslation]:
         """Start translating ``texts``; one future per input, resolving to what :meth:`translate` would return.
 
-        The default translates now (the futures are already done). Backends that overlap requests override it to
-        return at once (:class:`OpenAITranslator`).
+        The default translates now and returns :class:`CompletedTranslation` objects (finished futures without a
+        lock each). Backends that overlap requests override it to return at once (:class:`OpenAITranslator`).
         """
         outputs = self.translate(texts, language, ids)
         if len(outputs) != len(texts):
             raise RuntimeError(f"{type(self).__name__} returned {len(outputs)} outputs for {len(texts)} texts")
-        futures: list[Future[str | None]] = []
-        for output in outputs:
-            future: Future[str | None] = Future()
-            future.set_result(output)
-            futures.append(future)
-        return futures
+        return [CompletedTranslation(output) for output in outputs]
 
     def close(self) -> None:
         """Release background resources (threads, connections); the default holds none."""
