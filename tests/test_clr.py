@@ -235,10 +235,12 @@ def test_cache_resume_after_sigkill_repeats_no_translation(tmp_path):
         f"""
         import json, sys
         sys.path.insert(0, {str(tmp_path)!r})
-        from crashing_translator import LoggingTranslator, build_clr_dataset
+        from crashing_translator import LoggingTranslator
+        from conan_hf.data.clr import write_clr_dataset
         rows = json.load(open({str(rows_path)!r}))
-        build_clr_dataset(rows, {languages!r}, LoggingTranslator({str(log)!r}, kill_after=40),
-                          seed=1, cache_dir={str(cache_dir)!r}, batch_size=10, show_progress_bar=False)
+        write_clr_dataset(rows, {str(tmp_path / "clr.jsonl")!r}, {languages!r},
+                          LoggingTranslator({str(log)!r}, kill_after=40), seed=1, cache_dir={str(cache_dir)!r},
+                          batch_size=10, prefetch_batches=0, show_progress_bar=False)
         """
     )
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -249,6 +251,11 @@ def test_cache_resume_after_sigkill_repeats_no_translation(tmp_path):
     assert 40 <= len(first_run) < 50
     with TranslationCache(cache_dir) as cache:
         assert len(cache) == len(first_run)  # every finished batch survived the SIGKILL
+    # No output under the final name; the batches written before the kill are complete lines of the partial file.
+    assert not (tmp_path / "clr.jsonl").exists()
+    partial = (tmp_path / "clr.jsonl.partial").read_text(encoding="utf-8")
+    assert partial.endswith("\n") and len(partial.splitlines()) > 0
+    assert all(json.loads(line)["id"].startswith("r") for line in partial.splitlines())
 
     sys.path.insert(0, str(tmp_path))
     try:
