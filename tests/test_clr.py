@@ -548,3 +548,29 @@ def test_cli_streams_with_batch_size_and_names_bad_lines(tmp_path, capsys):
         assert f"conan-clr: error: {bad}{message}" in err, err
         assert not target.parent.exists() or not list(target.parent.iterdir())
 
+
+
+def test_builder_takes_the_data_layers_stream(tmp_path):
+    """A streamed ``IterableDataset`` of :func:`conan_hf.data.sources.load_sources` (rows carry their place in a
+    ``_location`` column) builds the same rows as the file read directly; the location column is not copied."""
+    from conan_hf.data.clr import RowStream, write_clr_dataset
+    from conan_hf.data.sources import load_sources
+
+    rows = _source_rows(120)
+    source = tmp_path / "rows.jsonl"
+    source.write_text(_jsonl(rows), encoding="utf-8")
+    mix = {"en": 1, "de": 2}
+    stream = load_sources(str(source), required=["query", "positive"], streaming=True, rank=0, world_size=1)
+    write_clr_dataset(stream, tmp_path / "a.jsonl", mix, _Uppercase(), seed=4, batch_size=16,
+                      show_progress_bar=False)  # fmt: skip
+    write_clr_dataset(RowStream(source), tmp_path / "b.jsonl", mix, _Uppercase(), seed=4, batch_size=16,
+                      show_progress_bar=False)  # fmt: skip
+    expected, _ = _reference_build(rows, mix, 4, lambda t, lang: _Uppercase().translate([t], lang)[0])
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text() == _jsonl(expected)
+
+    # The stream's location column names a bad row: the first pass stops at it.
+    source.write_text(_jsonl([*rows[:3], {"id": "x", "query": 5, "positive": "p"}]), encoding="utf-8")
+    stream = load_sources(str(source), required=["query", "positive"], streaming=True, rank=0, world_size=1)
+    with pytest.raises(ValueError, match=rf"{source}:4: "):
+        write_clr_dataset(stream, tmp_path / "c.jsonl", mix, _Uppercase(), show_progress_bar=False)
+    assert not (tmp_path / "c.jsonl").exists()

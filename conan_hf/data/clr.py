@@ -71,6 +71,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError, OneLineArgumentParser, cli_errors, location_of
 from .cache import RunMemo, TranslationCache
+from .sources import LOCATION
 from .translate import CompletedTranslation, ParallelCorpusTranslator, Translator
 from .validate import TranslationValidator
 
@@ -236,19 +237,15 @@ class CLRReport:
 
 # --------------------------------------------------------------------------------------------------- row sources
 
-#: File suffixes streamed line by line by :class:`RowStream` (the others are whole-file formats).
-_STREAMED_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".tab": "tsv"}
-
-
 class RowStream:
     """The rows of a data file or dataset, read lazily each time it is iterated (the builder reads its source twice).
 
-    JSONL, CSV and TSV files are streamed line by line through the record parser of :mod:`conan_hf.data.readers`, with
-    :func:`~conan_hf.data.readers.read_table`'s column mapping and checks: every row carries its ``file:line`` and a bad
-    line raises :class:`~conan_hf.data.readers.DataFormatError` naming it; memory does not depend on the file's size.
-    SQuAD JSON, JSON files, BEIR folders and Hub names are read by :func:`~conan_hf.data.readers.load_rows`, which
-    holds them in memory. (A bridge: the builder only needs an iterable of row dicts, so the streaming data layer of
-    :mod:`conan_hf.data.sources` can replace this class.)
+    Data files (JSONL, JSON, CSV, TSV, Parquet, optionally ``.gz``) are read row by row by
+    :func:`conan_hf.data.readers.iter_table`, with its column mapping and checks: every row carries its ``file:line``
+    and a bad line raises :class:`~conan_hf.data.readers.DataFormatError` naming it; memory does not depend on the
+    file's size (JSON arrays excepted: they are parsed whole). SQuAD JSON files, BEIR folders and Hub names are read
+    by :func:`~conan_hf.data.readers.load_rows`, which holds them in memory (they are evaluation-sized). A streamed
+    ``datasets.IterableDataset`` from :func:`conan_hf.data.sources.load_sources` can be given to the builder directly.
 
     Args:
         source: a path or Hub dataset name.
@@ -277,41 +274,13 @@ class RowStream:
         return str(self.source)
 
     def _rows(self) -> Iterator[dict[str, Any]]:
+        from .readers import _is_squad, iter_table, load_rows
+
         path = Path(self.source)
-        fmt = _STREAMED_FORMATS.get(path.suffix.lower()) if path.is_file() else None
-        if fmt is None:
-            from .readers import load_rows
-
-            yield from load_rows(self.source, self.columns, split=self.split)
-            return
-        yield from _stream_table(path, fmt, self.columns)
-
-
-def _stream_table(path: Path, fmt: str, columns: Mapping[str, str | int] | None) -> Iterator[dict[str, Any]]:
-    """``read_table(path, columns)`` one row at a time (same mapping, same checks, same ``file:line``)."""
-    from .readers import Row, _ErrorPolicy, _iter_records
-
-    positional = columns is not None and any(isinstance(v, int) for v in columns.values())
-    if positional and fmt == "jsonl":
-        raise DataError("integer column indices only apply to header-less CSV/TSV files", where=str(path),
-                        hint="map JSON columns by name")
-    policy = _ErrorPolicy("raise")  # raises DataFormatError("file:line: ...") at the first bad row
-    for line, record in _iter_records(path, fmt, not positional, None, policy, "utf-8"):
-        if isinstance(record, list):
-            mapping = columns or {str(i): i for i in range(len(record))}
-            if max(mapping.values()) >= len(record):
-                policy.bad(path, line, f"expected at least {max(mapping.values()) + 1} fields, got {len(record)}")
-            row = {name: record[index] for name, index in mapping.items()}
+        if path.is_file() and not (path.suffix.lower() == ".json" and _is_squad(path)):
+            yield from iter_table(path, self.columns)
         else:
-            mapping = columns or {name: name for name in record}
-            missing = [src for src in mapping.values() if src not in record]
-            if missing:
-                policy.bad(path, line, f"missing column(s) {missing}; the row has {sorted(record)}")
-            row = {name: record[src] for name, src in mapping.items()}
-        empty = [name for name, value in row.items() if value is None or (isinstance(value, str) and not value.strip())]
-        if empty:
-            policy.bad(path, line, f"empty value in column(s) {empty}")
-        yield Row(row, f"{path}:{line}")
+            yield from load_rows(self.source, self.columns, split=self.split)
 
 
 class _TwoPassSource:
@@ -371,6 +340,12 @@ class _Columns:
     id: str
 
 
+def _where(row: Mapping[str, Any], fallback: str | None = None) -> str | None:
+    """Where a row was read: a reader :class:`~conan_hf.data.readers.Row`'s location, or the data layer's
+    :data:`~conan_hf.data.sources.LOCATION` column."""
+    return location_of(row) or row.get(LOCATION) or fallback
+
+
 def _row_id(row: Mapping[str, Any], index: int, columns: _Columns) -> str:
     """The row's id; rows without one get their 0-based position."""
     return str(row[columns.id]) if columns.id in row else str(index)
@@ -381,7 +356,7 @@ def _check_row(row: Mapping[str, Any], index: int, columns: _Columns) -> None:
         value = row.get(column)
         if not isinstance(value, str) or not value.strip():
             got = "nothing" if value is None or value == "" else f"{type(value).__name__} {value!r}"
-            where = location_of(row)  # file:line of rows read from a file; in-memory rows: their index
+            where = _where(row)  # file:line of rows read from a file; in-memory rows: their index
             raise DataError(f"{'' if where else f'source row {index} '}has no text in column {column!r} (got "
                             f"{got}; the row has {sorted(row)})", where=where,
                             hint="give every row a non-empty text there, or map another column")
@@ -419,7 +394,7 @@ def _scan_source(source: _TwoPassSource, columns: _Columns) -> tuple[int, bool]:
         for row_id, (count, second, row) in occurrences.items():
             if count > 1:
                 raise DataError(f"duplicate id {row_id!r} in column {columns.id!r}",
-                                where=location_of(row, f"source row {second}"),
+                                where=_where(row, f"source row {second}"),
                                 hint="ids must be unique: fix the ids or leave the column out "
                                 "(row positions become ids)")
     return num_rows, has_negatives
@@ -582,7 +557,7 @@ class _StreamingBuild:
                 record["negatives"] = list(row.get(cols.negatives) or [])
             record["language"] = language
             record["source_query"] = text
-            taken = {cols.id, cols.query, cols.positive, cols.negatives}
+            taken = {cols.id, cols.query, cols.positive, cols.negatives, LOCATION}
             record.update({k: v for k, v in row.items() if k not in taken and k not in record})
             records.append(record)
             self.kept[language] += 1
