@@ -354,6 +354,32 @@ def test_openai_window_does_not_wait_for_slow_requests_and_reuses_connections(tm
     assert elapsed < 1.35 * ideal < batch_by_batch, (elapsed, ideal, batch_by_batch)
 
 
+def test_openai_translator_reconnects_when_the_server_drops_a_kept_alive_connection():
+    """The server closes the connection after every 3rd reply without saying so (as an idle keep-alive timeout
+    does): the next request on it fails before any reply and is sent again on a new connection, not counted as a
+    retry."""
+    server = _KeepAliveChatServer(0.0, 0.0)
+    handler = server.server.RequestHandlerClass
+    served = Counter()
+
+    def do_post_then_maybe_drop(self, _post=handler.do_POST):
+        _post(self)
+        served["replies"] += 1
+        if served["replies"] % 3 == 0:
+            self.close_connection = True  # closes the socket after this reply, without "Connection: close"
+
+    handler.do_POST = do_post_then_maybe_drop
+    texts = [f"query {i}" for i in range(9)]
+    try:
+        with OpenAITranslator(server.url, max_workers=1, timeout=5, max_retries=0, show_progress_bar=False) as client:
+            assert client.translate(texts, "de") == [_expected(t) for t in texts]
+            stats = client.stats()
+    finally:
+        server.close()
+    assert stats["requests"] == 9 and stats["retries"] == 0 and stats["failures"] == 0
+    assert stats["connections"] == server.connections == 3  # a new connection after each drop
+
+
 # ------------------------------------------------------------------------------------------------------- validation
 
 
