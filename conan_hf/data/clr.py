@@ -765,7 +765,8 @@ def write_clr_dataset(
     (default: ``output`` with suffix ``.rejected.jsonl``). Both are written under a ``.partial`` name and renamed
     when the build finishes, so a file under the final name is always complete; a build that stops half-way leaves
     only ``.partial`` files, and rerunning it with the same ``cache_dir`` rewrites them without translating again
-    what the cache holds. The returned report counts every row; it does not hold the rejected rows
+    what the cache holds (a build killed outright may also leave its run memo, ``clr-run-memo-*.sqlite``, next to
+    the output: it can be deleted). The returned report counts every row; it does not hold the rejected rows
     (``report.rejected_file`` names their file).
 
     Arguments are those of :func:`build_clr_dataset`; ``allow_empty=False`` raises a
@@ -846,7 +847,8 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Build a cross-lingual retrieval (CLR) training set by translating queries into a language mix "
         "(Conan-Embedding-v2 §3.3; Table 7 mix by default, whose 106% total is normalised).",
     )
-    parser.add_argument("source", help="JSONL/CSV/TSV file, SQuAD JSON, BEIR folder or Hub dataset name")
+    parser.add_argument("source", help="JSONL/JSON/CSV/TSV/Parquet file (optionally .gz, read row by row), SQuAD JSON, "
+                        "BEIR folder or Hub dataset name")
     parser.add_argument("-o", "--output", required=True,
                         help="output JSONL file (written as OUTPUT.partial batch by batch, renamed when complete)")
     parser.add_argument("--rejected", help="rejected rows, JSONL (default: OUTPUT with suffix .rejected.jsonl)")
@@ -930,7 +932,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("batch_size", "prefetch_batches", "generate_batch_size"):
         if getattr(args, name) < (0 if name == "prefetch_batches" else 1):
             raise DataError(f"--{name.replace('_', '-')} must be >= {0 if name == 'prefetch_batches' else 1}, "
-                            f"got {getattr(args, name)}", hint=f"see conan-clr --help")
+                            f"got {getattr(args, name)}", hint="see conan-clr --help")
     source = RowStream(args.source, _parse_columns(args.columns), split=args.split, limit=args.limit)
     translator = _make_translator(args)
     output = Path(args.output)
