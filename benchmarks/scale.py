@@ -33,9 +33,18 @@ Cases:
   ``load_sources`` (Arrow cache built, then read), ``stream`` the ``IterableDataset``, ``rank0/2`` rank 0 of 2 of the
   stream (rows it reads: about half).
 
+- ``clr`` — the CLR builder (``write_clr_dataset`` over a ``RowStream``) on synthetic triplet JSONL files at 10k /
+  100k / 1M rows with the Table 7 mix and an offline prefix translator: wall time and peak RSS (whole process, and
+  growth during the build); ``old`` runs the in-memory builder of git ``CLR_OLD_REF`` at the sizes where it fits.
+- ``clr_http`` — ``OpenAITranslator`` under the CLR builder against a local keep-alive server (in-process threads)
+  where 2 % of the queries are slow: wall time against the ideal (total server time over the workers), connections
+  opened (counted by the server), and whether the outputs kept the source order; old vs new with and without
+  prefetching the next batches.
+
 Usage:
     python benchmarks/scale.py                      # all cases, writes benchmarks/results/scale_cpu.txt
     python benchmarks/scale.py --only dhnm --dhnm-sizes 100000 1000000
+    python benchmarks/scale.py --only clr clr_http   # the CLR sections only (about 10 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -78,9 +87,21 @@ def rss() -> int:
 
 
 class Phase:
-    """Wall time, RSS growth and peak RSS growth of a block (the peak counter is reset on entry)."""
+    """Wall time, RSS growth and peak RSS growth of a block (the peak counter is reset on entry), and the peak
+    growth of anonymous memory (``RssAnon``, sampled every 10 ms): pages of a memory-mapped file count in RSS but are
+    page cache the kernel can drop, so ``anon_peak_growth`` is what the process really holds."""
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.01):
+            self.anon_peak = max(self.anon_peak, _status("RssAnon"))
 
     def __enter__(self) -> Phase:
+        import threading
+
+        self.anon_before = self.anon_peak = _status("RssAnon")
+        self._done = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
@@ -93,6 +114,9 @@ class Phase:
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.start
+        self._done.set()
+        self._sampler.join()
+        self.anon_peak_growth = max(self.anon_peak, _status("RssAnon")) - self.anon_before
         self.cpu_seconds = time.process_time() - self.cpu_start  # this process only: other jobs share the machine
         self.rss_after = rss()
         self.peak_growth = _status("VmHWM") - self.rss_before
@@ -370,7 +394,178 @@ def case_load(path: str, mode: str) -> dict:
         for batch in batches:
             rows += len(batch["query"])
     return {"seconds": phase.seconds, "cpu_s": phase.cpu_seconds, "peak_bytes": phase.peak_growth,
-            "rows": rows, "file_bytes": os.path.getsize(path), "shards": shards}
+            "anon_peak_bytes": phase.anon_peak_growth, "rows": rows, "file_bytes": os.path.getsize(path), "shards": shards}
+
+
+# ---- CLR builder and HTTP translator (issue 11) ---------------------------------------------------------------------
+CLR_OLD_REF = "a9bce54"  # conan_hf/data/clr.py and translate.py before streaming
+
+
+def load_package_module_from_ref(ref: str, path: str, name: str):
+    """Like :func:`load_module_from_ref`, for a module with relative imports: it is loaded as ``conan_hf.data.<name>``
+    (so ``from .cache import ...`` finds today's siblings)."""
+    import importlib.util
+
+    import conan_hf.data  # noqa: F401  (the parent package of the module)
+
+    source = subprocess.run(["git", "-C", str(REPO), "show", f"{ref}:{path}"], check=True, capture_output=True,
+                            text=True).stdout
+    file = Path(tempfile.mkdtemp()) / f"{name}.py"
+    file.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"conan_hf.data.{name}", file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def clr_source_file(size: int) -> str:
+    """A synthetic triplet file of ``size`` rows (~780 bytes each: a query, a 200-character positive, two negatives),
+    written once per size under ``SCALE_TMP``; queries repeat (every 3rd row reuses an earlier query text)."""
+    folder = Path(os.environ.get("SCALE_TMP") or tempfile.gettempdir())
+    path = folder / f"clr_source_{size}.jsonl"
+    if path.is_file():
+        return str(path)
+    words = synthetic_words(3000, seed=7)
+    rng = random.Random(8)
+
+    def text(n):
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    partial = path.with_suffix(".partial")
+    with partial.open("w", encoding="utf-8") as handle:
+        for i in range(size):
+            query = f"query {rng.randrange(i)}" if i % 3 == 2 else f"{text(6)} {i}"
+            handle.write(json.dumps({"id": f"q{i}", "query": query, "positive": text(28),
+                                     "negatives": [text(28), text(28)]}) + "\n")
+    partial.rename(path)
+    return str(path)
+
+
+def _prefix_translator(base):
+    """A fast offline translator: ``"<lang>: <text>"``, cacheable like an LLM's (so the run memo is exercised).
+    Non-Latin target languages fail the script check, so about a third of the translated rows are rejected."""
+
+    class PrefixTranslator(base):
+        model_name = "prefix"
+
+        def translate(self, texts, language, ids=None):
+            self.num_translated += len(texts)
+            return [f"{language}: {t}" for t in texts]
+
+    return PrefixTranslator()
+
+
+def case_clr(size: int, impl: str, batch_size: int) -> dict:
+    """The CLR builder over a ``size``-row JSONL file with the Table 7 mix: ``new`` streams the file through
+    ``write_clr_dataset``; ``old`` (git ``CLR_OLD_REF``) reads every row, builds in memory and writes at the end."""
+    source = clr_source_file(size)
+    folder = tempfile.mkdtemp(dir=os.environ.get("SCALE_TMP"))
+    output = os.path.join(folder, "clr.jsonl")
+    out: dict = {"size": size, "impl": impl, "source_bytes": os.path.getsize(source)}
+    if impl == "new":
+        from conan_hf.data.clr import TABLE7, RowStream, write_clr_dataset
+        from conan_hf.data.translate import Translator
+
+        translator = _prefix_translator(Translator)
+        with Phase() as phase:
+            report = write_clr_dataset(RowStream(source), output, TABLE7, translator, seed=42, batch_size=batch_size,
+                                       show_progress_bar=False)
+    else:
+        old_translate = load_package_module_from_ref(CLR_OLD_REF, "conan_hf/data/translate.py", "translate_old")
+        old = load_package_module_from_ref(CLR_OLD_REF, "conan_hf/data/clr.py", "clr_old")
+        from conan_hf.data.readers import load_rows
+
+        translator = _prefix_translator(old_translate.Translator)
+        with Phase() as phase:  # what the old `conan-clr` main did
+            rows = list(load_rows(source))
+            dataset, report = old.build_clr_dataset(rows, old.TABLE7, translator, seed=42, show_progress_bar=False)
+            with open(output, "w", encoding="utf-8") as handle:
+                for record in dataset:
+                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    out["seconds"], out["peak_growth"] = phase.seconds, phase.peak_growth
+    out["peak_rss"] = _status("VmHWM")
+    out["output_rows"], out["rejected"] = report.num_output_rows, report.num_rejected
+    out["output_bytes"] = os.path.getsize(output)
+    for name in os.listdir(folder):
+        os.remove(os.path.join(folder, name))
+    return out
+
+
+def case_clr_http(impl: str, requests: int, slow_fraction: float, fast_s: float, slow_s: float, workers: int,
+                  batch_size: int, prefetch: int) -> dict:
+    """The HTTP translator under the CLR builder against a local keep-alive chat-completions server (threads in this
+    process) that answers in ``fast_s`` seconds, or ``slow_s`` for a ``slow_fraction`` of the queries (spread
+    evenly). ``old``: the builder and translator of ``CLR_OLD_REF`` (chunks of ``batch_size`` texts, each waiting for
+    its slowest request; a new connection per request)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    counts = {"connections": 0, "requests": 0}
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True
+
+        def log_message(self, *args):
+            pass
+
+        def setup(self):
+            super().setup()
+            with lock:
+                counts["connections"] += 1
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            query = body["messages"][-1]["content"].split("\n\n", 1)[1]
+            with lock:
+                counts["requests"] += 1
+            time.sleep(slow_s if query.startswith("slow") else fast_s)
+            data = json.dumps({"choices": [{"message": {"content": "Übersetzung: " + query}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    step = round(1 / slow_fraction)
+    rows = [{"id": str(i), "query": f"{'slow' if i % step == step // 2 else 'fast'} query {i}", "positive": "p"}
+            for i in range(requests)]
+    num_slow = sum(row["query"].startswith("slow") for row in rows)
+    out: dict = {"impl": impl, "requests": requests, "slow": num_slow, "workers": workers, "batch_size": batch_size,
+                 "prefetch": prefetch}
+    out["ideal_s"] = max(slow_s, (num_slow * slow_s + (requests - num_slow) * fast_s) / workers)
+    import datasets  # noqa: F401  (imported by build_clr_dataset: out of the timing)
+
+    if impl == "new":
+        from conan_hf.data.clr import build_clr_dataset
+        from conan_hf.data.translate import OpenAITranslator
+
+        translator = OpenAITranslator(url, model="m", max_workers=workers, timeout=60, show_progress_bar=False)
+        start = time.perf_counter()
+        dataset, report = build_clr_dataset(rows, ["de"], translator, seed=0, batch_size=batch_size,
+                                            prefetch_batches=prefetch, show_progress_bar=False)
+        out["seconds"] = time.perf_counter() - start
+        translator.close()
+    else:
+        old_translate = load_package_module_from_ref(CLR_OLD_REF, "conan_hf/data/translate.py", "translate_old")
+        old = load_package_module_from_ref(CLR_OLD_REF, "conan_hf/data/clr.py", "clr_old")
+        translator = old_translate.OpenAITranslator(url, model="m", max_workers=workers, timeout=60,
+                                                    show_progress_bar=False)
+        start = time.perf_counter()
+        dataset, report = old.build_clr_dataset(rows, ["de"], translator, seed=0, batch_size=batch_size,
+                                                show_progress_bar=False)
+        out["seconds"] = time.perf_counter() - start
+    server.shutdown()
+    out["in_order"] = dataset["query"] == ["Übersetzung: " + row["query"] for row in rows]
+    out["output_rows"] = report.num_output_rows
+    out.update(counts)
+    return out
 
 
 # ---- driver ----------------------------------------------------------------------------------------------------------
@@ -398,8 +593,8 @@ def ratio(a: float, b: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)
-    parser.add_argument("--only", nargs="+", choices=["dhnm", "sft", "encode", "load"],
-                        default=["dhnm", "sft", "encode", "load"])
+    cases = ["dhnm", "sft", "encode", "load", "clr", "clr_http"]
+    parser.add_argument("--only", nargs="+", choices=cases, default=cases)
     parser.add_argument("--dhnm-sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
     parser.add_argument("--dhnm-baseline-sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000],
                         help="sizes at which the baseline pool of Python strings is measured (~1.2 KB per example: "
@@ -410,6 +605,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sft-old-rows", type=int, default=5)
     parser.add_argument("--encode-sizes", type=int, nargs="+", default=[10_000, 30_000, 90_000])
     parser.add_argument("--load-sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--clr-sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--clr-old-sizes", type=int, nargs="+", default=[10_000, 100_000],
+                        help="sizes at which the in-memory CLR builder is measured (1M rows needs ~9 GB)")
+    parser.add_argument("--clr-batch-size", type=int, default=1024)
+    parser.add_argument("--http-requests", type=int, default=2000)
+    parser.add_argument("--http-workers", type=int, default=16)
     parser.add_argument("--old-ref", default="35740d4", help="git revision of the implementation before issue 11")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "scale_cpu.txt"))
     args = parser.parse_args(argv)
@@ -426,6 +627,11 @@ def main(argv: list[str] | None = None) -> None:
             report = case_load(rest[0], rest[1])
         elif name == "tokenizer":
             report = build_150k_tokenizer(rest[0])
+        elif name == "clr":
+            report = case_clr(int(rest[0]), rest[1], int(rest[2]))
+        elif name == "clr_http":
+            report = case_clr_http(rest[0], int(rest[1]), float(rest[2]), float(rest[3]), float(rest[4]),
+                                   int(rest[5]), int(rest[6]), int(rest[7]))
         else:
             report = case_encode(int(rest[0]), rest[1])
         print(json.dumps(report))
@@ -539,7 +745,9 @@ def main(argv: list[str] | None = None) -> None:
     if "load" in args.only:
         emit("## (d) data layer: JSONL pairs with a column mapping and row checks, every row consumed in batches of "
              "1,000; peak RSS growth during the phase")
-        emit("rows       file MB  mode      rows read  wall s  CPU s  peak RSS growth  shards read")
+        emit("(peak RSS counts the pages of memory-mapped files, which the kernel can drop; anon: the peak growth of "
+             "anonymous memory, what the process holds)")
+        emit("rows       file MB  mode      rows read  wall s  CPU s  peak RSS growth  anon peak growth  shards read")
         folder = tempfile.mkdtemp(prefix="conan-load-")
         modes = ("list", "mmap", "stream", "rank0/2")
         for size in args.load_sizes:
@@ -552,7 +760,8 @@ def main(argv: list[str] | None = None) -> None:
                     emit(f"{size:>9,}  {'':>7}  {mode:<8}  ERROR {r['error']}")
                     continue
                 emit(f"{size:>9,}  {r['file_bytes'] / 1e6:>7.1f}  {mode:<8}  {r['rows']:>9,}  {r['seconds']:>6.1f}  "
-                     f"{r['cpu_s']:>5.1f}  {mb(r['peak_bytes']):>15}  {r['shards'] or ''}")
+                     f"{r['cpu_s']:>5.1f}  {mb(r['peak_bytes']):>15}  {mb(r['anon_peak_bytes']):>16}  "
+                     f"{r['shards'] or ''}")
             os.remove(path)
         sizes = args.load_sizes
         for a, b in zip(sizes, sizes[1:]):
@@ -560,9 +769,61 @@ def main(argv: list[str] | None = None) -> None:
             for mode in modes:
                 ra, rb = reports[("load", a, mode)], reports[("load", b, mode)]
                 if "error" not in ra and "error" not in rb:
-                    parts.append(f"{mode} peak {ratio(rb['peak_bytes'], ra['peak_bytes'])}, "
+                    parts.append(f"{mode} peak {ratio(rb['peak_bytes'], ra['peak_bytes'])}, anon peak "
+                                 f"{ratio(rb['anon_peak_bytes'], ra['anon_peak_bytes'])}, "
                                  f"time {ratio(rb['seconds'], ra['seconds'])}")
             emit(f"growth {a:,} -> {b:,} ({b / a:.0f}x rows): " + "; ".join(parts))
+        emit("")
+
+    stamp = f"(measured {lines[1].replace('date: ', '')}; {lines[0]})"  # sections of other runs keep their own
+    if "clr" in args.only:
+        emit(f"## (e) CLR builder, Table 7 mix, synthetic triplets (~780 B/row JSONL), offline prefix translator "
+             f"(cacheable: the run memo is used), batch {args.clr_batch_size} rows; old = git {CLR_OLD_REF} "
+             "(reads all rows, builds in memory, writes at the end)")
+        emit(stamp)
+        emit("impl     rows   source MB   wall s   rows/s   peak RSS growth   peak RSS   output rows  rejected")
+        rows_ = [(size, "new") for size in args.clr_sizes] + [(size, "old") for size in args.clr_old_sizes]
+        for size, impl in rows_:
+            r = run_case("clr", str(size), impl, str(args.clr_batch_size), timeout=3600)
+            reports[("clr", size, impl)] = r
+            if "error" in r:
+                emit(f"{impl:<4} {size:>9,}  ERROR {r['error']}")
+                continue
+            emit(f"{impl:<4} {size:>9,}  {r['source_bytes'] / 1e6:>9.0f}  {r['seconds']:>7.1f}  "
+                 f"{size / r['seconds']:>7,.0f}  {mb(r['peak_growth']):>16}  {mb(r['peak_rss']):>9}  "
+                 f"{r['output_rows']:>11,}  {r['rejected']:>8,}")
+        for impl, sizes in (("new", args.clr_sizes), ("old", args.clr_old_sizes)):
+            sizes = [size for size in sizes if "error" not in reports[("clr", size, impl)]]
+            for a, b in zip(sizes, sizes[1:]):
+                ra, rb = reports[("clr", a, impl)], reports[("clr", b, impl)]
+                emit(f"growth {impl} {a:,} -> {b:,} ({b / a:.0f}x rows): peak RSS "
+                     f"{ratio(rb['peak_rss'], ra['peak_rss'])}, peak RSS growth "
+                     f"{ratio(rb['peak_growth'], ra['peak_growth'])}, time {ratio(rb['seconds'], ra['seconds'])}")
+        small, large = reports.get(("clr", 100_000, "new")), reports.get(("clr", 1_000_000, "new"))
+        if small and large and "error" not in small and "error" not in large:
+            growth = large["peak_rss"] / small["peak_rss"]
+            emit(f"target: peak RSS of the CLR builder grows <= 1.2x from 100k to 1M rows: {growth:.2f}x, "
+                 f"{'met' if growth <= 1.2 else 'MISSED'}")
+        emit("")
+
+    if "clr_http" in args.only:
+        fast_s, slow_s, slow_fraction, batch = 0.02, 1.0, 0.02, 256
+        emit(f"## (f) HTTP translator under the CLR builder (old = git {CLR_OLD_REF}): local keep-alive server, "
+             f"{args.http_requests} queries, {slow_fraction:.0%} slow ({slow_s} s, others {fast_s} s), "
+             f"{args.http_workers} requests in flight, batches of {batch}")
+        emit(stamp)
+        emit("impl                 wall s   ideal s   wall/ideal   connections   requests   order kept")
+        for impl, prefetch in (("old", 0), ("new", 0), ("new", 4)):
+            r = run_case("clr_http", impl, str(args.http_requests), str(slow_fraction), str(fast_s), str(slow_s),
+                         str(args.http_workers), str(batch), str(prefetch), timeout=1800)
+            label = "old" if impl == "old" else f"new, prefetch {prefetch}"
+            if "error" in r:
+                emit(f"{label:<18}  ERROR {r['error']}")
+                continue
+            emit(f"{label:<18}  {r['seconds']:>8.2f}  {r['ideal_s']:>8.2f}  {r['seconds'] / r['ideal_s']:>10.2f}x"
+                 f"  {r['connections']:>12,}  {r['requests']:>9,}   {r['in_order']}")
+        emit("(ideal: the server's total answer time over the workers; old: each batch of 256 waits for its slowest "
+             "request, one connection per request; prefetch 0: the window drains at each batch end)")
         emit("")
 
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
