@@ -108,7 +108,6 @@ class Phase:
         except OSError:
             pass
         self.rss_before = rss()
-        self.anon_before = _status("RssAnon")
         self.start, self.cpu_start = time.perf_counter(), time.process_time()
         return self
 
