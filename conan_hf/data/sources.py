@@ -247,6 +247,7 @@ def _generate(units: list, sources: tuple[Source, ...], check: RowCheck, demo: C
     modification times) only key the ``datasets`` cache."""
     del stamps
     counts: dict[int, int] = {}
+    columns: list[str] | None = None  # a table has one set of columns: the first row's, absent ones become None
     for index, file, byte_range in units:
         source = sources[index]
         left = None if source.limit is None else source.limit - counts.get(index, 0)
@@ -255,6 +256,17 @@ def _generate(units: list, sources: tuple[Source, ...], check: RowCheck, demo: C
         limited = source if left is None else Source(**{**source.__dict__, "limit": left})
         for row in _source_rows(limited, check, demo, (file, byte_range), skipped):
             counts[index] = counts.get(index, 0) + 1
+            if columns is None:
+                columns = list(row)
+            elif list(row) != columns:
+                extra = [c for c in row if c not in columns]
+                if extra:
+                    raise DataError(
+                        f"{check.what}: column(s) {extra} first appear here, after rows without them",
+                        where=row[LOCATION],
+                        hint="give the first row every column (null where empty), or read only the columns the "
+                             "stage uses (columns: {...})")
+                row = {column: row.get(column) for column in columns}
             yield row
 
 
