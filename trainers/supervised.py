@@ -59,7 +59,7 @@ from sentence_transformers.sentence_transformer.data_collator import SentenceTra
 from torch.utils.data import RandomSampler
 
 from conan_hf.errors import DataError, cli_errors, location_of
-from conan_hf.data.sources import read_sources, row_text
+from conan_hf.data.sources import iter_sources, row_text
 from trainers.checkpoints import MainProcessSaveMixin, finish_stage, stage_exits, start_stage, train_with_resume
 from trainers.config import StageConfig, config_from_dict, parse_config
 from trainers.distributed import print_main, setup_runtime
@@ -226,14 +226,10 @@ def _negatives(row: dict[str, Any], what: str = "stage 4 data") -> list[str]:
 
 def _task_rows(task: TaskConfig, demo_fn: Any, required: list[str], what: str, text: list[str],
                numeric: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
-    """A task's checked rows (each knows its file:line). The one place stage 4 reads its sources.
-
-    Still ``read_sources`` (one Python list per task, dropped once :func:`write_task_table` has written it): the
-    memory-mapped ``load_sources`` cannot take rows whose optional columns differ (a row with ``negatives`` next to
-    one without fails in ``datasets``' schema inference) unless ``keep=`` names every column, and the
-    ``negative_*`` columns are not known in advance.
-    """
-    yield from read_sources(task.data, demo_fn, required, numeric=numeric, what=what, text=text)
+    """A task's checked rows (each knows its file:line in ``_location``), read lazily one at a time through the data
+    layer (:func:`conan_hf.data.sources.iter_sources`): no list of the task's rows is built, and rows may differ in
+    their optional columns (``negatives`` on some rows only). The one place stage 4 reads its sources."""
+    yield from iter_sources(task.data, demo_fn, required, numeric=numeric, what=what, text=text)
 
 
 def iter_task_examples(task: TaskConfig, seed: int = 0) -> Iterator[tuple[dict[str, Any], list[str]]]:
