@@ -120,6 +120,9 @@ def _sharded(length: int, compute: Callable[[int, int], np.ndarray]) -> np.ndarr
     return _all_gather_rows(compute(start, stop), sizes)
 
 
+_SCORE_BLOCK = 2048  # pairs scored at once from a chunk's embeddings
+
+
 # ---- teacher scores and filter -----------------------------------------------------------------------------------
 def _pair_scores(model: Any, queries: list[str], positives: list[str], prompts: list[str | None], *,
                  batch_size: int, query_prompt_name: str | None, document_prompt_name: str | None,
@@ -142,9 +145,13 @@ def _pair_scores(model: Any, queries: list[str], positives: list[str], prompts: 
     p_emb = model.encode_document(unique_p, prompt_name=document_prompt_name, batch_size=batch_size,
                                   convert_to_tensor=True, show_progress_bar=show_progress_bar)  # fmt: skip
     p_pos = {t: i for i, t in enumerate(unique_p)}
-    q_idx = [q_pos[key] for key in zip(prompts, queries)]
-    p_idx = [p_pos[t] for t in positives]
-    return model.similarity_pairwise(q_emb[q_idx], p_emb[p_idx]).float().cpu().numpy()
+    q_idx = torch.tensor([q_pos[key] for key in zip(prompts, queries)])
+    p_idx = torch.tensor([p_pos[t] for t in positives])
+    # Scored in blocks, so the gathered (query, positive) embeddings never add two more chunk-sized copies.
+    return np.concatenate([
+        model.similarity_pairwise(q_emb[q_idx[i:i + _SCORE_BLOCK]], p_emb[p_idx[i:i + _SCORE_BLOCK]]).float().cpu()
+        .numpy() for i in range(0, len(q_idx), _SCORE_BLOCK)
+    ])
 
 
 def teacher_scores(
