@@ -26,6 +26,17 @@ Cases:
   random Conan model whose embeddings are projected to 2048 dimensions (a sentence-transformers ``Dense`` module,
   so the result is large while encoding stays cheap), in memory vs ``output_path=`` (a memory-mapped ``.npy``), at
   three sizes: the peak RSS growth during the call.
+- ``mine`` — hard-negative mining (:func:`conan_hf.data.teacher.mine_negative_ids`): ``Q`` queries, one positive
+  each, over a corpus of ``N`` synthetic passages (the positives among them), pool size 30, relative margin 0.05,
+  with the tiny random Conan model (``ConanConfig.tiny()``: 2 layers, hidden 128, the parameter count printed;
+  embedding dim 128, ``max_seq_length`` 16), one encoding thread. Time of each phase and the peak RSS growth of the
+  whole call, with the exact ``"flat"`` index (in RAM; ``--mine-indexes flat stream`` adds the exact ``"stream"``
+  index, which re-reads the corpus from disk instead).
+  ``mine_old`` runs the implementation before issue 11 (sentence-transformers' brute force ``mine_hard_negatives``)
+  at the small sizes.
+- ``teacher`` — the teacher filter (:func:`conan_hf.data.teacher.filter_by_teacher`) over a generator of pairs, the
+  tiny model + ``Dense`` to 2048 dims (as ``encode``), chunk 16384: time and peak RSS growth; ``teacher_old`` runs
+  the implementation before issue 11 (all embeddings kept) on the same rows.
 
 - ``load`` — the data layer (:mod:`conan_hf.data.sources`) reading a JSONL file of N query/positive pairs (~600 B
   per row) with a column mapping and the row checks, then consuming every row in batches of 1,000: ``list`` is the
@@ -564,6 +575,105 @@ def case_clr_http(impl: str, requests: int, slow_fraction: float, fast_s: float,
     out["in_order"] = dataset["query"] == ["Übersetzung: " + row["query"] for row in rows]
     out["output_rows"] = report.num_output_rows
     out.update(counts)
+def _tiny_model(dense_dim: int | None = None, max_seq_length: int = 16):
+    """The tiny random Conan SentenceTransformer (optionally projected to ``dense_dim``) and its parameter count."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    from conan_hf import ConanConfig, build_sentence_transformer
+
+    torch.manual_seed(0)
+    base = build_sentence_transformer(ConanConfig.tiny(), max_seq_length=max_seq_length)
+    modules = [*base]
+    if dense_dim:
+        modules.append(Dense(in_features=base.get_embedding_dimension(), out_features=dense_dim, bias=False,
+                             activation_function=torch.nn.Identity()))
+    model = SentenceTransformer(modules=modules, device="cpu")
+    return model, sum(p.numel() for p in model.parameters())
+
+
+def mining_rows(queries: int, corpus: int) -> tuple[list[dict], list[str]]:
+    """``queries`` (query, positive) rows whose positives are the first passages of a ``corpus``-passage corpus."""
+    words = synthetic_words(5000, seed=7)
+    rng = random.Random(8)
+    passages = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 10))) for _ in range(corpus)]
+    rows = [{"query": " ".join(rng.choice(words) for _ in range(rng.randint(2, 5))), "positive": passages[i]}
+            for i in range(queries)]
+    return rows, passages
+
+
+def case_mine(queries: int, corpus: int, index: str) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    model, params = _tiny_model()
+    rows, passages = mining_rows(queries, corpus)
+    out: dict = {"queries": queries, "corpus": corpus, "index": index, "params": params,
+                 "dim": model.get_embedding_dimension()}
+    folder = tempfile.mkdtemp(dir=os.environ.get("SCALE_TMP"))
+    if index == "old":
+        from datasets import Dataset
+        from sentence_transformers.util import mine_hard_negatives
+
+        model.encode(passages[:2048], batch_size=256)  # warm-up, as for the new implementation
+        with Phase() as phase:
+            mined = mine_hard_negatives(Dataset.from_list(rows), model, anchor_column_name="query",
+                                        positive_column_name="positive", corpus=passages, relative_margin=0.05,
+                                        num_negatives=30, sampling_strategy="top", output_format="labeled-list",
+                                        output_scores=True, batch_size=256, verbose=False)
+        out["mean_pool"] = sum(len(p) - 1 for p in mined["positive"]) / queries
+    else:
+        from conan_hf.data.teacher import mine_negative_ids
+        from conan_hf.encode import FastEncoder
+
+        encoder = FastEncoder(model, dtype="float32", max_batch_size=1024, truncation="ignore")
+        encoder.encode(passages[:2048])  # warm-up: one-time allocations (kernels, tokenizer caches) out of the measure
+        with Phase() as phase:
+            pools, report = mine_negative_ids(rows, encoder, pool_size=30, corpus=passages, relative_margin=0.05,
+                                              index=index, chunk_size=16384, work_dir=folder,
+                                              show_progress_bar=False, verbose=False)
+        out["mean_pool"] = report.mean_pool_size
+        out["empty"] = report.empty
+    out["seconds"], out["cpu_s"], out["peak_bytes"] = phase.seconds, phase.cpu_seconds, phase.peak_growth
+    out["peak_rss"] = _status("VmHWM")
+    shutil.rmtree(folder, ignore_errors=True)  # the embedding files (work_dir is the caller's to remove)
+    return out
+
+
+def teacher_pairs(count: int):
+    words = synthetic_words(5000, seed=9)
+    rng = random.Random(10)
+    for _ in range(count):
+        yield {"query": " ".join(rng.choice(words) for _ in range(rng.randint(2, 5))),
+               "positive": " ".join(rng.choice(words) for _ in range(rng.randint(4, 10)))}
+
+
+def case_teacher(size: int, old_ref: str | None) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    model, params = _tiny_model(dense_dim=2048)
+    out: dict = {"size": size, "params": params, "dim": 2048}
+    model.encode([row["positive"] for row in teacher_pairs(2048)], batch_size=256)  # warm-up, out of the measure
+    if old_ref:
+        old = load_module_from_ref(old_ref, "conan_hf/data/teacher.py", "teacher_old")
+        with Phase() as phase:
+            kept, report = old.filter_by_teacher(teacher_pairs(size), model, threshold=0.4, batch_size=256,
+                                                 show_progress_bar=False, verbose=False)
+    else:
+        from conan_hf.data.teacher import filter_by_teacher
+
+        folder = tempfile.mkdtemp(dir=os.environ.get("SCALE_TMP"))
+        with Phase() as phase:
+            kept, report = filter_by_teacher(teacher_pairs(size), model, threshold=0.4, batch_size=256,
+                                             chunk_size=16384, output_dir=folder, show_progress_bar=False,
+                                             verbose=False)
+        del kept
+        shutil.rmtree(folder, ignore_errors=True)
+    out["seconds"], out["cpu_s"], out["peak_bytes"] = phase.seconds, phase.cpu_seconds, phase.peak_growth
+    out["kept"], out["total"] = report.kept, report.total
+    out["embeddings_bytes"] = size * 2 * 2048 * 4
     return out
 
 
@@ -572,8 +682,11 @@ def run_case(*args: str, timeout: int = 900) -> dict:
     """Run ``--case ...`` in a fresh interpreter; returns its JSON report (or the error)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--case", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--case", *args], capture_output=True, text=True, env=env,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -592,7 +705,7 @@ def ratio(a: float, b: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)
-    cases = ["dhnm", "sft", "encode", "load", "clr", "clr_http"]
+    cases = ["dhnm", "sft", "encode", "load", "clr", "clr_http", "mine", "teacher"]
     parser.add_argument("--only", nargs="+", choices=cases, default=cases)
     parser.add_argument("--dhnm-sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
     parser.add_argument("--dhnm-baseline-sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000],
@@ -610,6 +723,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clr-batch-size", type=int, default=1024)
     parser.add_argument("--http-requests", type=int, default=2000)
     parser.add_argument("--http-workers", type=int, default=16)
+    parser.add_argument("--mine-sizes", nargs="+", default=["1000x10000", "10000x100000", "100000x1000000"],
+                        help="QUERIESxCORPUS sizes for the mining case")
+    parser.add_argument("--mine-indexes", nargs="+", default=["flat"])
+    parser.add_argument("--mine-old-sizes", nargs="+", default=["1000x10000"],
+                        help="sizes at which the old brute-force mining runs (10000x100000 needs ~4 GB of scores)")
+    parser.add_argument("--teacher-sizes", type=int, nargs="+", default=[10_000, 30_000, 100_000])
+    parser.add_argument("--teacher-old-ref", default="a9bce54", help="git revision of the teacher filter before")
     parser.add_argument("--old-ref", default="35740d4", help="git revision of the implementation before issue 11")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "scale_cpu.txt"))
     args = parser.parse_args(argv)
@@ -631,6 +751,10 @@ def main(argv: list[str] | None = None) -> None:
         elif name == "clr_http":
             report = case_clr_http(rest[0], int(rest[1]), float(rest[2]), float(rest[3]), float(rest[4]),
                                    int(rest[5]), int(rest[6]), int(rest[7]))
+        elif name == "mine":
+            report = case_mine(int(rest[0]), int(rest[1]), rest[2])
+        elif name == "teacher":
+            report = case_teacher(int(rest[0]), rest[1] if len(rest) > 1 else None)
         else:
             report = case_encode(int(rest[0]), rest[1])
         print(json.dumps(report))
@@ -823,6 +947,48 @@ def main(argv: list[str] | None = None) -> None:
                  f"  {r['connections']:>12,}  {r['requests']:>9,}   {r['in_order']}")
         emit("(ideal: the server's total answer time over the workers; old: each batch of 256 waits for its slowest "
              "request, one connection per request; prefetch 0: the window drains at each batch end)")
+    if "mine" in args.only:
+        emit("## (g) hard-negative mining, pool 30, relative margin 0.05, tiny random Conan model, 1 encoding thread")
+        emit("index   queries     corpus   wall s   CPU s   peak RSS growth   mean pool  (model)")
+        runs = [(size, index) for size in args.mine_sizes for index in args.mine_indexes]
+        runs += [(size, "old") for size in args.mine_old_sizes]
+        for size, index in runs:
+            q, n = (int(x) for x in size.split("x"))
+            r = run_case("mine", str(q), str(n), index, timeout=3600)
+            reports[("mine", size, index)] = r
+            if "error" in r:
+                emit(f"{index:<6} {q:>8,} {n:>10,}  ERROR {r['error']}")
+                continue
+            emit(f"{index:<6} {q:>8,} {n:>10,}  {r['seconds']:>7.1f}  {r['cpu_s']:>6.1f}  {mb(r['peak_bytes']):>16}"
+                 f"  {r['mean_pool']:>10.2f}  ({r['params'] / 1e6:.2f}M params, dim {r['dim']})")
+        for index in args.mine_indexes:
+            done = [s for s in args.mine_sizes if "error" not in reports[("mine", s, index)]]
+            for a, b in zip(done, done[1:]):
+                ra, rb = reports[("mine", a, index)], reports[("mine", b, index)]
+                emit(f"growth {index} {a} -> {b}: time {ratio(rb['seconds'], ra['seconds'])}, peak RSS growth "
+                     f"{ratio(rb['peak_bytes'], ra['peak_bytes'])}")
+        emit("")
+
+    if "teacher" in args.only:
+        emit("## (h) teacher filter over a generator of pairs, tiny random Conan model + Dense to 2048 dims, "
+             "chunk 16384, 1 thread")
+        emit("impl  pairs     wall s   CPU s   peak RSS growth   (all embeddings would be)   kept")
+        for size in args.teacher_sizes:
+            for ref in (None, args.teacher_old_ref):
+                r = run_case("teacher", str(size), *([ref] if ref else []), timeout=3600)
+                reports[("teacher", size, bool(ref))] = r
+                label = "old " if ref else "new "
+                if "error" in r:
+                    emit(f"{label}  {size:>7,}  ERROR {r['error']}")
+                    continue
+                emit(f"{label}  {size:>7,}  {r['seconds']:>6.1f}  {r['cpu_s']:>6.1f}  {mb(r['peak_bytes']):>16}  "
+                     f"{mb(r['embeddings_bytes']):>26}  {r['kept']:,}/{r['total']:,}")
+        for label, flag in (("new", False), ("old", True)):
+            done = [s for s in args.teacher_sizes if "error" not in reports[("teacher", s, flag)]]
+            for a, b in zip(done, done[1:]):
+                ra, rb = reports[("teacher", a, flag)], reports[("teacher", b, flag)]
+                emit(f"growth {label} {a:,} -> {b:,} ({b / a:.1f}x pairs): time {ratio(rb['seconds'], ra['seconds'])}"
+                     f", peak RSS growth {ratio(rb['peak_bytes'], ra['peak_bytes'])}")
         emit("")
 
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
