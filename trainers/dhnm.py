@@ -413,48 +413,47 @@ class NegativePool:
         verbose: bool = True,
         **mine_kwargs: Any,
     ) -> NegativePool:
-        """Build ranked pools by mining with a teacher embedder (``sentence_transformers.util.mine_hard_negatives``).
+        """Build ranked pools by mining with a teacher embedder (:func:`conan_hf.data.teacher.mine_negative_ids`:
+        FAISS search over memory-mapped embeddings, the rules of ``sentence_transformers.util.mine_hard_negatives``).
 
         Candidates are the teacher's top ``num_candidates`` documents for each query (from the positives of the
         dataset plus ``corpus``), hardest first, after the false-negative filter: with ``relative_margin=0.05`` a
         candidate scoring above 95% of the positive's score is dropped as a probable positive (NV-Retriever's
         TopK-PercPos); ``absolute_margin`` drops candidates within that distance of the positive's score. An
-        example for which nothing survives gets an empty pool (see :class:`NegativePool` for how that trains).
+        example for which nothing survives gets an empty pool (see :class:`NegativePool` for how that trains). The
+        pools are kept as row ids into the mined text table (:meth:`from_ids`).
 
         Args:
             dataset: ``datasets.Dataset`` with ``id_column``, ``anchor_column`` and ``positive_column``.
             model: the teacher SentenceTransformer.
             k: active negatives per example.
             num_candidates: pool size to mine per example.
-            relative_margin / absolute_margin: false-negative margins, passed to ``mine_hard_negatives``.
+            relative_margin / absolute_margin: false-negative margins.
             corpus: extra candidate documents.
             batch_size: teacher encoding batch size.
-            verbose: print ``mine_hard_negatives``' statistics.
-            **mine_kwargs: further :func:`conan_hf.data.teacher.mine_negative_pools` options (``range_min``,
-                ``max_score``, prompt names, ``use_faiss``).
+            verbose: print the mining statistics.
+            **mine_kwargs: further :func:`conan_hf.data.teacher.mine_negative_ids` options (``range_min``,
+                ``max_score``, prompt names, ``index``, ``chunk_size``).
         """
-        from conan_hf.data.teacher import mine_negative_pools
+        from conan_hf.data.teacher import mine_negative_ids
 
         if id_column not in dataset.column_names:
             raise ValueError(f"dataset has no {id_column!r} column (columns: {dataset.column_names})")
-        mined, _ = mine_negative_pools(
-            dataset.select_columns([id_column, anchor_column, positive_column]),
+        mine_kwargs.pop("use_faiss", None)  # always FAISS now
+        mined, _ = mine_negative_ids(
+            dataset.select_columns([anchor_column, positive_column]),
             model,
             pool_size=num_candidates,
             query_column=anchor_column,
             positive_column=positive_column,
-            negatives_column="_dhnm_candidates",
-            scores_column=None,
             corpus=corpus,
             relative_margin=relative_margin,
             absolute_margin=absolute_margin,
             batch_size=batch_size,
-            keep_empty=True,
             verbose=verbose,
             **mine_kwargs,
         )
-        ids, candidates = mined[id_column], mined["_dhnm_candidates"]
-        return cls(ids, candidates, k=k)
+        return cls.from_ids(dataset[id_column], mined.candidate_ids, mined.texts, k=k)
 
     # ---- lookups -------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
