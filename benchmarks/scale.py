@@ -51,6 +51,13 @@ Cases:
   where 2 % of the queries are slow: wall time against the ideal (total server time over the workers), connections
   opened (counted by the server), and whether the outputs kept the source order; old vs new with and without
   prefetching the next batches.
+- ``weak`` — stage 3's data path: ``trainers.weak.run`` with ``--max_steps 2`` (batch 64, ``max_seq_length`` 32) on
+  a JSONL file of N instruction/input/output rows (~650 B per row, 4 instructions) with a tiny random Conan model,
+  each run in a fresh process with an empty ``datasets`` cache: wall time and peak RSS growth of the whole
+  ``run`` (reading, pair conversion, grouping, model, 2 steps). ``mmap``: the sources memory-mapped (cache built,
+  pairs converted in a batched ``map``, groups as selections); ``stream``: the source with ``streaming: true``
+  (read lazily: only the rows of 2 steps are read); ``old``: ``trainers/weak.py`` at ``--weak-old-ref`` (the
+  list-based stage: ``read_sources`` → Python rows → ``Dataset.from_list``).
 
 Usage:
     python benchmarks/scale.py                      # all cases, writes benchmarks/results/scale_cpu.txt
@@ -677,10 +684,62 @@ def case_teacher(size: int, old_ref: str | None) -> dict:
     return out
 
 
+WEAK_INSTRUCTIONS = (("Given a web search query, retrieve relevant passages.", 0.55),
+                     ("Answer the question.", 0.25), ("回答问题。", 0.15), ("Find the duplicate question.", 0.05))
+
+
+def write_weak_pairs(path: str, size: int) -> None:
+    """``size`` JSONL stage-3 rows of ~650 bytes: an instruction (4, unevenly used), a 10-word input, a 70-word
+    output."""
+    words = synthetic_words(5000, seed=12)
+    rng = random.Random(6)
+    instructions = [i for i, _ in WEAK_INSTRUCTIONS]
+    weights = [w for _, w in WEAK_INSTRUCTIONS]
+    with open(path, "w", encoding="utf-8") as handle:
+        for _ in range(size):
+            row = {"instruction": rng.choices(instructions, weights)[0], "input": " ".join(rng.choices(words, k=10)),
+                   "output": " ".join(rng.choices(words, k=70))}
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def build_tiny_model(folder: str) -> dict:
+    """The tiny random Conan SentenceTransformer (``ConanConfig.tiny()``) stage 3 trains in the ``weak`` case."""
+    import torch
+
+    from conan_hf import ConanConfig, build_sentence_transformer
+
+    torch.manual_seed(0)
+    model = build_sentence_transformer(ConanConfig.tiny(), max_seq_length=32)
+    model.save(folder)
+    return {"params": sum(p.numel() for p in model.parameters())}
+
+
+def case_weak(path: str, model_dir: str, mode: str, old_ref: str | None = None) -> dict:
+    import datasets  # noqa: F401 - imported before the measured phase
+    import torch  # noqa: F401
+
+    from trainers.config import config_from_dict
+
+    if mode == "old":
+        weak = load_module_from_ref(old_ref, "trainers/weak.py", "weak_old")
+    else:
+        from trainers import weak
+    source = {"path": path, **({"streaming": True} if mode == "stream" else {})}
+    config = config_from_dict(weak.WeakConfig, {
+        "model": model_dir, "output_dir": tempfile.mkdtemp(dir=os.environ.get("SCALE_TMP")), "data": [source],
+        "max_steps": 2, "per_device_train_batch_size": 64, "max_seq_length": 32, "bf16": False, "num_threads": 1,
+        "disable_tqdm": True, "logging_steps": 1, "save_steps": 1000})
+    with Phase() as phase:
+        summary = weak.run(config)
+    return {"seconds": phase.seconds, "cpu_s": phase.cpu_seconds, "peak_bytes": phase.peak_growth,
+            "anon_peak_bytes": phase.anon_peak_growth, "growth": phase.growth, "pairs": summary.get("num_pairs"),
+            "steps": summary["global_step"], "file_bytes": os.path.getsize(path)}
+
+
 # ---- driver ----------------------------------------------------------------------------------------------------------
-def run_case(*args: str, timeout: int = 900) -> dict:
+def run_case(*args: str, timeout: int = 900, env: dict[str, str] | None = None) -> dict:
     """Run ``--case ...`` in a fresh interpreter; returns its JSON report (or the error)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, __file__, "--case", *args], capture_output=True, text=True, env=env,
@@ -705,7 +764,7 @@ def ratio(a: float, b: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)
-    cases = ["dhnm", "sft", "encode", "load", "clr", "clr_http", "mine", "teacher"]
+    cases = ["dhnm", "sft", "encode", "load", "clr", "clr_http", "mine", "teacher", "weak"]
     parser.add_argument("--only", nargs="+", choices=cases, default=cases)
     parser.add_argument("--dhnm-sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
     parser.add_argument("--dhnm-baseline-sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000],
@@ -730,6 +789,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="sizes at which the old brute-force mining runs (10000x100000 needs ~4 GB of scores)")
     parser.add_argument("--teacher-sizes", type=int, nargs="+", default=[10_000, 30_000, 100_000])
     parser.add_argument("--teacher-old-ref", default="a9bce54", help="git revision of the teacher filter before")
+    parser.add_argument("--weak-sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--weak-old-ref", default="1d5fb26", help="git revision of the list-based stage 3")
     parser.add_argument("--old-ref", default="35740d4", help="git revision of the implementation before issue 11")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "scale_cpu.txt"))
     args = parser.parse_args(argv)
@@ -755,6 +816,10 @@ def main(argv: list[str] | None = None) -> None:
             report = case_mine(int(rest[0]), int(rest[1]), rest[2])
         elif name == "teacher":
             report = case_teacher(int(rest[0]), rest[1] if len(rest) > 1 else None)
+        elif name == "weak":
+            report = case_weak(rest[0], rest[1], rest[2], rest[3] if len(rest) > 3 else None)
+        elif name == "tinymodel":
+            report = build_tiny_model(rest[0])
         else:
             report = case_encode(int(rest[0]), rest[1])
         print(json.dumps(report))
@@ -989,6 +1054,48 @@ def main(argv: list[str] | None = None) -> None:
                 ra, rb = reports[("teacher", a, flag)], reports[("teacher", b, flag)]
                 emit(f"growth {label} {a:,} -> {b:,} ({b / a:.1f}x pairs): time {ratio(rb['seconds'], ra['seconds'])}"
                      f", peak RSS growth {ratio(rb['peak_bytes'], ra['peak_bytes'])}")
+        emit("")
+
+    if "weak" in args.only:
+        folder = tempfile.mkdtemp(prefix="conan-weak-", dir=os.environ.get("SCALE_TMP"))
+        model_dir = os.path.join(folder, "tiny-model")
+        tiny = run_case("tinymodel", model_dir)
+        emit(f"## (weak) stage 3 data path: trainers.weak.run --max_steps 2 (batch 64, max_seq_length 32, tiny random "
+             f"Conan model, {tiny.get('params', 0):,} parameters), JSONL instruction/input/output rows, 4 "
+             "instructions; fresh process and empty datasets cache per run; peak RSS growth over the run")
+        emit(f"{stamp}; old: git {args.weak_old_ref}")
+        emit("rows       file MB  mode    pairs trained on  wall s  CPU s  peak RSS growth  peak B/row  "
+             "peak anon growth")
+        emit("(peak RSS: VmHWM, includes the pages of memory-mapped files that were read; anon: RssAnon sampled "
+             "every 10 ms, the process's own memory)")
+        modes = ("old", "mmap", "stream")
+        for size in args.weak_sizes:
+            path = os.path.join(folder, f"weak-{size}.jsonl")
+            write_weak_pairs(path, size)
+            for mode in modes:
+                cache = tempfile.mkdtemp(prefix="hf-datasets-", dir=os.environ.get("SCALE_TMP"))
+                r = run_case("weak", path, model_dir, mode, *([args.weak_old_ref] if mode == "old" else []),
+                             timeout=3600, env={"HF_DATASETS_CACHE": cache})
+                subprocess.run(["rm", "-rf", cache], check=False)
+                reports[("weak", size, mode)] = r
+                if "error" in r:
+                    emit(f"{size:>9,}  {'':>7}  {mode:<6}  ERROR {r['error']}")
+                    continue
+                pairs = f"{r['pairs']:,}" if r["pairs"] is not None else "(a stream)"
+                emit(f"{size:>9,}  {r['file_bytes'] / 1e6:>7.1f}  {mode:<6}  {pairs:>16}  {r['seconds']:>6.1f}  "
+                     f"{r['cpu_s']:>5.1f}  {mb(r['peak_bytes']):>15}  {r['peak_bytes'] / size:>10,.0f}  "
+                     f"{mb(r['anon_peak_bytes']):>16}")
+            os.remove(path)
+        sizes = args.weak_sizes
+        for a, b in zip(sizes, sizes[1:]):
+            parts = []
+            for mode in modes:
+                ra, rb = reports[("weak", a, mode)], reports[("weak", b, mode)]
+                if "error" not in ra and "error" not in rb:
+                    parts.append(f"{mode} peak {ratio(rb['peak_bytes'], ra['peak_bytes'])} (anon "
+                                 f"{ratio(rb['anon_peak_bytes'], ra['anon_peak_bytes'])}), "
+                                 f"time {ratio(rb['seconds'], ra['seconds'])}")
+            emit(f"growth {a:,} -> {b:,} ({b / a:.0f}x rows): " + "; ".join(parts))
         emit("")
 
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
