@@ -12,15 +12,17 @@ Output: ``final_dir`` with the fine-tuned `ConanForCausalLM` and tokenizer (stag
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
 
+from conan_hf.data.sources import LOCATION, load_sources, main_process_first
 from conan_hf.errors import cli_errors
-from conan_hf.data.sources import read_sources
-from trainers.checkpoints import finish_stage, stage_exits, start_stage, train_with_resume
+from trainers.checkpoints import NO_RESUME, finish_stage, stage_exits, start_stage, train_with_resume
 from trainers.config import StageConfig, parse_config
 from trainers.distributed import print_main, setup_runtime
+from trainers.streaming import ResumableStream, StreamPositionCallback, StreamTrainer, stream_training_kwargs
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -137,43 +139,103 @@ def build_sft_examples(tokenizer, instructions: Sequence[str], inputs: Sequence[
     return columns
 
 
+#: Rows per batch of the preprocessing ``map``.
+MAP_BATCH_SIZE = 1000
+#: The columns a stage-2 row is read with (``input`` may be missing: ``None``, read as "").
+SFT_COLUMNS = ("instruction", "input", "output")
+
+
+def _sft_batch(batch: dict[str, list], tokenizer, max_length: int, markers: Sequence[str]) -> dict[str, list]:
+    """A batch of rows → examples (the ``map`` function; a module-level function, so the ``datasets`` cache can hash
+    it)."""
+    return build_sft_examples(tokenizer, batch["instruction"], [value or "" for value in batch["input"]],
+                              batch["output"], max_length, batch_size=len(batch["output"]) or 1, markers=markers)
+
+
+def _has_response(batch: dict[str, list]) -> list[bool]:
+    return [any(label != IGNORE_INDEX for label in labels) for labels in batch["labels"]]
+
+
+def preprocess(rows, tokenizer, max_length: int, what: str = "stage 2 (SFT) data"):
+    """The SFT examples of a data-layer dataset (:func:`conan_hf.data.sources.load_sources`): a batched ``map`` of
+    :func:`build_sft_examples` (markers looked up once), then the examples with no response token within
+    ``max_length`` left out, with a warning saying how many.
+
+    Memory-mapped rows give a memory-mapped ``Dataset`` (computed by each node's main process first, into the
+    ``datasets`` cache); streamed rows give a lazy ``IterableDataset``.
+    """
+    from datasets import IterableDataset
+
+    markers = sft_markers(tokenizer)
+    function = functools.partial(_sft_batch, tokenizer=tokenizer, max_length=max_length, markers=markers)
+    if isinstance(rows, IterableDataset):
+        dropped = [0]
+
+        def keep(batch: dict[str, list]) -> list[bool]:
+            kept = _has_response(batch)
+            if not all(kept):
+                if not dropped[0]:
+                    logger.warning("stage 2: examples with no response token within max_length=%d are left out "
+                                   "(the first at %s)", max_length, batch[LOCATION][kept.index(False)])
+                dropped[0] += kept.count(False)
+            return kept
+
+        examples = rows.map(function, batched=True, batch_size=MAP_BATCH_SIZE, remove_columns=list(SFT_COLUMNS))
+        return examples.filter(keep, batched=True, batch_size=MAP_BATCH_SIZE).remove_columns([LOCATION])
+    with main_process_first():
+        examples = rows.map(function, batched=True, batch_size=MAP_BATCH_SIZE, remove_columns=rows.column_names,
+                            desc="SFT preprocessing")
+        kept = examples.filter(_has_response, batched=True, batch_size=MAP_BATCH_SIZE, desc="SFT: with a response")
+    if len(kept) < len(examples):
+        logger.warning("stage 2: %d of %d examples had no response token within max_length=%d and were left out",
+                       len(examples) - len(kept), len(examples), max_length)
+    if not len(kept):
+        raise ValueError(f"stage 2: no example has a response within max_length={max_length}")
+    return kept
+
+
 def run(config: SFTConfig) -> dict[str, Any]:
     """Train stage 2; returns a summary with the final directory and the logged losses."""
     done = start_stage(config, "sft", 2)
     if done is not None:
         return done
-    from datasets import Dataset
+    from datasets import IterableDataset
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from conan_hf import ConanForCausalLM
     from conan_hf.demo import demo_instructions
 
+    what = "stage 2 (SFT) data"
     setup_runtime(config)
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     tokenizer.padding_side = "right"
-    rows = read_sources(config.data, demo_instructions, required=["instruction", "output"],
-                        text=["instruction", "input", "output"], what="stage 2 (SFT) data")
-    columns = build_sft_examples(tokenizer, [r["instruction"] for r in rows], [r.get("input") or "" for r in rows],
-                                 [r["output"] for r in rows], config.max_length)
-    kept = [i for i, labels in enumerate(columns["labels"]) if any(label != IGNORE_INDEX for label in labels)]
-    if len(kept) < len(rows):
-        logger.warning("stage 2: %d of %d examples had no response token within max_length=%d and were left out",
-                       len(rows) - len(kept), len(rows), config.max_length)
-    if not kept:
-        raise ValueError(f"stage 2: no example has a response within max_length={config.max_length}")
-    if len(kept) < len(rows):
-        columns = {name: [values[i] for i in kept] for name, values in columns.items()}
-    dataset = Dataset.from_dict(columns)
+    rows = load_sources(config.data, demo_instructions, required=["instruction", "output"], text=list(SFT_COLUMNS),
+                        keep=list(SFT_COLUMNS), what=what)
+    streamed = isinstance(rows, IterableDataset)
+    args_kwargs = config.training_arguments_kwargs()
+    if streamed:
+        args_kwargs.update(stream_training_kwargs(config, what))
+    dataset = preprocess(rows, tokenizer, config.max_length, what)
 
     model = ConanForCausalLM.from_pretrained(config.model)
     model.config.use_cache = False
-    args = TrainingArguments(**config.training_arguments_kwargs())
+    args = TrainingArguments(**args_kwargs)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer)
-    print_main(f"[stage 2] SFT of {config.model} on {len(dataset)} (instruction, input, output) examples")
+    if streamed:
+        examples = ResumableStream(dataset, what)
+        explicit = None if config.resume in NO_RESUME or config.resume == "auto" else config.resume
+        trainer = StreamTrainer(model=model, args=args, train_dataset=examples, data_collator=collator,
+                                processing_class=tokenizer, callbacks=[StreamPositionCallback(examples, explicit)])
+        num_examples = None
+        print_main(f"[stage 2] SFT of {config.model} on a stream of (instruction, input, output) examples")
+    else:
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                          processing_class=tokenizer)
+        num_examples = len(dataset)
+        print_main(f"[stage 2] SFT of {config.model} on {len(dataset)} (instruction, input, output) examples")
     result = train_with_resume(trainer, config)
     model.config.use_cache = True
-    return finish_stage(trainer, config, "sft", 2, result, num_examples=len(dataset))
+    return finish_stage(trainer, config, "sft", 2, result, num_examples=num_examples, streamed=streamed)
 
 
 @cli_errors("python -m trainers.sft")
