@@ -23,7 +23,13 @@ from conan_hf.errors import cli_errors
 from trainers.checkpoints import NO_RESUME, finish_stage, stage_exits, start_stage, train_with_resume
 from trainers.config import StageConfig, parse_config
 from trainers.distributed import print_main, setup_runtime
-from trainers.streaming import ResumableStream, StreamPositionCallback, StreamTrainer, stream_training_kwargs
+from trainers.streaming import (
+    ResumableStream,
+    StreamPositionCallback,
+    StreamTrainer,
+    is_streamed,
+    stream_training_kwargs,
+)
 
 IGNORE_INDEX = -100
 
@@ -280,7 +286,6 @@ def run(config: PretrainConfig) -> dict[str, Any]:
     if done is not None:
         return done
     import pyarrow.compute
-    from datasets import IterableDataset
     from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
     from conan_hf.demo import demo_texts
@@ -288,16 +293,18 @@ def run(config: PretrainConfig) -> dict[str, Any]:
     what = "stage 1 (pre-training) data"
     setup_runtime(config)
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
-    texts = load_sources(config.data, lambda: [{"text": t} for t in demo_texts()], required=[config.text_column],
-                         text=[config.text_column], keep=[config.text_column], what=what)
-    streamed = isinstance(texts, IterableDataset)
+    streamed = is_streamed(config.data, what)
     args_kwargs = config.training_arguments_kwargs()
     if streamed:
-        args_kwargs.update(stream_training_kwargs(config, what))
+        args_kwargs = stream_training_kwargs(config, what, args_kwargs)
+    # First, so that the process group exists when the data layer splits a stream by rank or lets the main process
+    # of each node fill the datasets cache first.
+    args = TrainingArguments(**args_kwargs)
+    texts = load_sources(config.data, lambda: [{"text": t} for t in demo_texts()], required=[config.text_column],
+                         text=[config.text_column], keep=[config.text_column], what=what, streaming=streamed)
     packed = pack_dataset(texts, tokenizer, config.text_column, config.seq_length)
 
     model = new_causal_lm(config.model, tokenizer, config.model_overrides)
-    args = TrainingArguments(**args_kwargs)
     if streamed:
         explicit = None if config.resume in NO_RESUME or config.resume == "auto" else config.resume
         trainer = StreamTrainer(model=model, args=args, train_dataset=packed, data_collator=default_data_collator,

@@ -22,7 +22,13 @@ from conan_hf.errors import cli_errors
 from trainers.checkpoints import NO_RESUME, finish_stage, stage_exits, start_stage, train_with_resume
 from trainers.config import StageConfig, parse_config
 from trainers.distributed import print_main, setup_runtime
-from trainers.streaming import ResumableStream, StreamPositionCallback, StreamTrainer, stream_training_kwargs
+from trainers.streaming import (
+    ResumableStream,
+    StreamPositionCallback,
+    StreamTrainer,
+    is_streamed,
+    stream_training_kwargs,
+)
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -199,7 +205,6 @@ def run(config: SFTConfig) -> dict[str, Any]:
     done = start_stage(config, "sft", 2)
     if done is not None:
         return done
-    from datasets import IterableDataset
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from conan_hf import ConanForCausalLM
@@ -209,17 +214,19 @@ def run(config: SFTConfig) -> dict[str, Any]:
     setup_runtime(config)
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     tokenizer.padding_side = "right"
-    rows = load_sources(config.data, demo_instructions, required=["instruction", "output"], text=list(SFT_COLUMNS),
-                        keep=list(SFT_COLUMNS), what=what)
-    streamed = isinstance(rows, IterableDataset)
+    streamed = is_streamed(config.data, what)
     args_kwargs = config.training_arguments_kwargs()
     if streamed:
-        args_kwargs.update(stream_training_kwargs(config, what))
+        args_kwargs = stream_training_kwargs(config, what, args_kwargs)
+    # First, so that the process group exists when the data layer splits a stream by rank or lets the main process
+    # of each node fill the datasets cache first.
+    args = TrainingArguments(**args_kwargs)
+    rows = load_sources(config.data, demo_instructions, required=["instruction", "output"], text=list(SFT_COLUMNS),
+                        keep=list(SFT_COLUMNS), what=what, streaming=streamed)
     dataset = preprocess(rows, tokenizer, config.max_length, what)
 
     model = ConanForCausalLM.from_pretrained(config.model)
     model.config.use_cache = False
-    args = TrainingArguments(**args_kwargs)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     if streamed:
         examples = ResumableStream(dataset, what)

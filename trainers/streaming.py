@@ -156,12 +156,13 @@ class StreamPositionCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
-            from trainers.checkpoints import write_json_atomic
+        from trainers.checkpoints import write_json_atomic
 
-            position = self.stream.position_after(self._examples(args, state))
-            write_json_atomic(folder / STREAM_POSITION.format(rank=args.process_index), position)
+        # every rank writes its own file; the folder may not be there yet on this rank (rank 0 makes it)
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        position = self.stream.position_after(self._examples(args, state))
+        write_json_atomic(folder / STREAM_POSITION.format(rank=args.process_index), position)
         return control
 
 
@@ -181,12 +182,24 @@ class StreamTrainer(Trainer):
         return dataloader
 
 
-def stream_training_kwargs(config, what: str) -> dict[str, Any]:
-    """``TrainingArguments`` keyword arguments for a streamed run, refusing options a stream cannot honour."""
+def is_streamed(sources: Any, what: str = "data") -> bool:
+    """Whether :func:`conan_hf.data.sources.load_sources` streams these ``data:`` entries (any says
+    ``streaming: true``), known before reading them, so the process group can be set up first."""
+    from conan_hf.data.sources import parse_sources
+
+    return any(source.streaming for source in parse_sources(sources, what))
+
+
+def stream_training_kwargs(config, what: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` (``TrainingArguments`` keyword arguments) for a streamed run, refusing options a stream cannot
+    honour: accelerate's ``dispatch_batches`` off (merged into an ``accelerator_config`` already there) and the
+    Trainer's own data skipping off (the stream position is restored instead)."""
     if config.max_steps is None or config.max_steps <= 0:
         raise DataError(f"{what} is streamed (`streaming: true`): a stream has no length, so the number of training "
                         f"steps must be given", hint="set max_steps (e.g. --max_steps 1000)")
     if config.dataloader_num_workers:
         raise DataError(f"{what} is streamed: dataloader_num_workers must be 0 (the stream position saved in "
                         f"checkpoints is kept in the main process)", hint="set dataloader_num_workers: 0")
-    return {"ignore_data_skip": True, "accelerator_config": {"dispatch_batches": False}}
+    accelerator_config = dict(kwargs.get("accelerator_config") or {})
+    accelerator_config["dispatch_batches"] = False
+    return {**kwargs, "ignore_data_skip": True, "accelerator_config": accelerator_config}
