@@ -286,3 +286,64 @@ def test_streamed_sft_resumed_mid_stream_equals_an_uninterrupted_run(tokenizer, 
     weights = load_file(tmp_path / "ref" / "final" / "model.safetensors")
     for name, tensor in load_file(Path(fresh["final_dir"]) / "model.safetensors").items():
         assert torch.equal(weights[name], tensor), name
+
+
+_RANK_PROBE = """
+import json, os, sys
+import trainers.streaming as streaming
+from trainers import pretrain
+from trainers.config import config_from_dict
+
+seen = []
+iterate = streaming.ResumableStream.__iter__
+
+
+def record(self):  # the blocks this rank's dataloader takes from its stream
+    for block in iterate(self):
+        seen.append(list(block["input_ids"]))
+        yield block
+
+
+streaming.ResumableStream.__iter__ = record
+folder = sys.argv[1]
+config = config_from_dict(pretrain.PretrainConfig, {
+    "tokenizer": folder + "/tok", "model": "tiny", "output_dir": folder + "/out", "seq_length": 16,
+    "data": [{"path": folder + "/texts.jsonl", "streaming": True}], "per_device_train_batch_size": 2,
+    "max_steps": 3, "save_steps": 2, "bf16": False, "num_threads": 1, "disable_tqdm": True, "resume": "no"})
+pretrain.run(config)
+with open(f"{folder}/seen{os.environ['RANK']}.json", "w") as handle:
+    json.dump(seen, handle)
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_each_train_on_their_own_part_of_the_stream(tokenizer, tmp_path):
+    """Under 2 processes (gloo), each rank packs and trains on its own shard of the stream (the data layer's
+    split), which accelerate does not split again nor dispatch from rank 0; each writes its stream position."""
+    import os
+    import subprocess
+    import sys
+
+    from trainers.pretrain import pack_dataset
+    from trainers.streaming import STREAM_POSITION
+
+    repo = Path(__file__).resolve().parents[1]
+    tokenizer.save_pretrained(tmp_path / "tok")
+    path = _write_texts(tmp_path / "texts.jsonl", _texts(400))
+    (tmp_path / "probe.py").write_text(_RANK_PROBE)
+    env = {**os.environ, "PYTHONPATH": str(repo), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                             str(tmp_path / "probe.py"), str(tmp_path)], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"seen{rank}.json").read_text())
+        # 3 steps x 2 blocks, plus the one batch accelerate's dataloader reads ahead; a second split of the stream
+        # (accelerate's IterableDatasetShard keeping 1/2 of every 2 batches) would read twice as many
+        assert len(seen) == 3 * 2 + 2, rank
+        shard = iter(pack_dataset(load_sources([{"path": str(path), "streaming": True}], required=["text"],
+                                               keep=["text"], rank=rank, world_size=2), tokenizer, "text", 16))
+        assert seen == [list(next(shard)["input_ids"]) for _ in seen], rank
+        position = json.loads((tmp_path / "out" / "checkpoint-2" / STREAM_POSITION.format(rank=rank)).read_text())
+        assert position["examples"] == 2 * 2
+    assert json.loads((tmp_path / "seen0.json").read_text())[:3] != json.loads((tmp_path / "seen1.json").read_text())[:3]
