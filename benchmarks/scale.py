@@ -257,7 +257,7 @@ def case_encode(size: int, mode: str) -> dict:
     return out
 
 
-# ---- stages 0-2: the data path (stream-lm, issue 11) ------------------------------------------------------------------
+# ---- stages 0-2: the data path (stream-lm, issue 11) -----------------------------------------------------------------
 #: Tokens per packed block in the stage-1 case.
 LM_SEQ_LENGTH = 256
 

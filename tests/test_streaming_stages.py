@@ -346,4 +346,5 @@ def test_two_ranks_each_train_on_their_own_part_of_the_stream(tokenizer, tmp_pat
         assert seen == [list(next(shard)["input_ids"]) for _ in seen], rank
         position = json.loads((tmp_path / "out" / "checkpoint-2" / STREAM_POSITION.format(rank=rank)).read_text())
         assert position["examples"] == 2 * 2
-    assert json.loads((tmp_path / "seen0.json").read_text())[:3] != json.loads((tmp_path / "seen1.json").read_text())[:3]
+    first, second = (json.loads((tmp_path / f"seen{rank}.json").read_text()) for rank in (0, 1))
+    assert first[:3] != second[:3]

@@ -3,7 +3,9 @@
     accelerate launch -m trainers.pretrain --config trainers/configs/pretrain.yaml [--preset tiny]
 
 Documents are tokenised as ``<bos> text <eos>``, concatenated and cut into blocks of ``seq_length`` tokens
-(:func:`pack_documents`). Position ids restart at every document start, and the batch carries no attention mask, so
+(:func:`pack_documents`; for a dataset :func:`pack_dataset`: a batched ``map`` over the memory-mapped rows, or lazily
+over a ``streaming: true`` source, whose position each checkpoint saves, see :mod:`trainers.streaming`). Position ids
+restart at every document start, and the batch carries no attention mask, so
 transformers' packed-sequence masking (``find_packed_sequence_indices``) makes attention block-diagonal: no token sees
 another document. Paper defaults: AdamW, learning rate 1e-4, warm-up 5%, weight decay 0.001.
 
@@ -43,7 +45,8 @@ class PretrainConfig(StageConfig):
         model: ``"full"`` (the released 1.4B architecture), ``"tiny"`` (~3M parameters, for CPUs and tests), a path
             to a ``config.json``, or a mapping of `ConanConfig` arguments.
         model_overrides: `ConanConfig` arguments applied on top (e.g. ``{num_hidden_layers: 4}``).
-        data: text sources (see :mod:`conan_hf.data.sources`).
+        data: text sources (see :mod:`conan_hf.data.sources`); ``streaming: true`` on one reads them lazily (then
+            ``max_steps`` is required).
         text_column: the column holding the text in file/Hub sources.
         seq_length: tokens per packed block.
     """

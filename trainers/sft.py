@@ -40,7 +40,8 @@ class SFTConfig(StageConfig):
 
     Args:
         model: the stage-1 output folder (a `ConanForCausalLM` with its tokenizer).
-        data: sources of ``instruction``, ``input`` (may be empty) and ``output`` columns.
+        data: sources of ``instruction``, ``input`` (may be empty) and ``output`` columns; ``streaming: true`` on one
+            reads them lazily (then ``max_steps`` is required).
         max_length: examples are truncated to this many tokens.
     """
 
