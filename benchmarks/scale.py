@@ -25,10 +25,16 @@ Cases:
   random Conan model whose embeddings are projected to 2048 dimensions (a sentence-transformers ``Dense`` module,
   so the result is large while encoding stays cheap), in memory vs ``output_path=`` (a memory-mapped ``.npy``), at
   three sizes: the peak RSS growth during the call.
+- ``lm`` — stages 0-2's data path: each stage's ``run(config)`` with ``--max_steps 2`` (stage 0: vocabulary 4,096) on
+  10k / 100k / 1M synthetic rows, memory-mapped (``new``), streamed (``stream``, stages 1-2) and as at ``--old-ref``
+  (``old``, up to ``--lm-old-max`` rows): wall and CPU time and the peak RSS of the run, each in a fresh process with
+  its own ``datasets`` cache (``HF_DATASETS_CACHE``, emptied after), and the growth ratios between sizes. It writes
+  only its own section ``## (lm)`` of the results file.
 
 Usage:
     python benchmarks/scale.py                      # all cases, writes benchmarks/results/scale_cpu.txt
     python benchmarks/scale.py --only dhnm --dhnm-sizes 100000 1000000
+    python benchmarks/scale.py --only lm --old-ref e49e9fb     # stages 0-2 (about an hour on 2 busy cores)
 """
 
 from __future__ import annotations
