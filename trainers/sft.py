@@ -153,52 +153,46 @@ SFT_COLUMNS = ("instruction", "input", "output")
 
 
 def _sft_batch(batch: dict[str, list], tokenizer, max_length: int, markers: Sequence[str]) -> dict[str, list]:
-    """A batch of rows → examples (the ``map`` function; a module-level function, so the ``datasets`` cache can hash
-    it)."""
-    return build_sft_examples(tokenizer, batch["instruction"], [value or "" for value in batch["input"]],
-                              batch["output"], max_length, batch_size=len(batch["output"]) or 1, markers=markers)
-
-
-def _has_response(batch: dict[str, list]) -> list[bool]:
-    return [any(label != IGNORE_INDEX for label in labels) for labels in batch["labels"]]
+    """A batch of rows → its examples that have a response token within ``max_length`` (the ``map`` function; a
+    module-level function, so the ``datasets`` cache can hash it). Left-out rows are counted by the caller."""
+    examples = build_sft_examples(tokenizer, batch["instruction"], [value or "" for value in batch["input"]],
+                                  batch["output"], max_length, batch_size=len(batch["output"]) or 1, markers=markers)
+    kept = [i for i, labels in enumerate(examples["labels"]) if any(label != IGNORE_INDEX for label in labels)]
+    if len(kept) < len(examples["labels"]):
+        first = next(i for i in range(len(examples["labels"])) if i not in set(kept))
+        logger.warning("stage 2: %d example(s) of a batch had no response token within max_length=%d and were left "
+                       "out (the first: %s)", len(examples["labels"]) - len(kept), max_length,
+                       batch.get(LOCATION, ["?"] * (first + 1))[first])
+        examples = {name: [values[i] for i in kept] for name, values in examples.items()}
+    return examples
 
 
 def preprocess(rows, tokenizer, max_length: int, what: str = "stage 2 (SFT) data"):
     """The SFT examples of a data-layer dataset (:func:`conan_hf.data.sources.load_sources`): a batched ``map`` of
-    :func:`build_sft_examples` (markers looked up once), then the examples with no response token within
-    ``max_length`` left out, with a warning saying how many.
+    :func:`build_sft_examples` (markers looked up once) that leaves out the examples with no response token within
+    ``max_length``, with a warning saying how many.
 
     Memory-mapped rows give a memory-mapped ``Dataset`` (computed by each node's main process first, into the
-    ``datasets`` cache); streamed rows give a lazy ``IterableDataset``.
+    ``datasets`` cache; token ids stored as int32); streamed rows give a lazy ``IterableDataset``.
     """
-    from datasets import IterableDataset
+    from datasets import Features, IterableDataset, Sequence as ArrowList, Value
 
     markers = sft_markers(tokenizer)
     function = functools.partial(_sft_batch, tokenizer=tokenizer, max_length=max_length, markers=markers)
     if isinstance(rows, IterableDataset):
-        dropped = [0]
-
-        def keep(batch: dict[str, list]) -> list[bool]:
-            kept = _has_response(batch)
-            if not all(kept):
-                if not dropped[0]:
-                    logger.warning("stage 2: examples with no response token within max_length=%d are left out "
-                                   "(the first at %s)", max_length, batch[LOCATION][kept.index(False)])
-                dropped[0] += kept.count(False)
-            return kept
-
-        examples = rows.map(function, batched=True, batch_size=MAP_BATCH_SIZE, remove_columns=list(SFT_COLUMNS))
-        return examples.filter(keep, batched=True, batch_size=MAP_BATCH_SIZE).remove_columns([LOCATION])
+        return rows.map(function, batched=True, batch_size=MAP_BATCH_SIZE,
+                        remove_columns=[*SFT_COLUMNS, LOCATION])
+    features = Features({"input_ids": ArrowList(Value("int32")), "attention_mask": ArrowList(Value("int8")),
+                         "labels": ArrowList(Value("int32"))})
     with main_process_first():
         examples = rows.map(function, batched=True, batch_size=MAP_BATCH_SIZE, remove_columns=rows.column_names,
-                            desc="SFT preprocessing")
-        kept = examples.filter(_has_response, batched=True, batch_size=MAP_BATCH_SIZE, desc="SFT: with a response")
-    if len(kept) < len(examples):
+                            features=features, desc="SFT preprocessing")
+    if len(examples) < len(rows):
         logger.warning("stage 2: %d of %d examples had no response token within max_length=%d and were left out",
-                       len(examples) - len(kept), len(examples), max_length)
-    if not len(kept):
+                       len(rows) - len(examples), len(rows), max_length)
+    if not len(examples):
         raise ValueError(f"stage 2: no example has a response within max_length={max_length}")
-    return kept
+    return examples
 
 
 def run(config: SFTConfig) -> dict[str, Any]:
