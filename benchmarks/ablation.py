@@ -152,13 +152,13 @@ def prepare_data(data: Path, out: Path, scale: Scale) -> dict[str, Any]:
     import csv
 
     from conan_hf.data.readers import read_squad
-    from conan_hf.eval.tasks import read_beir  # the evaluation's reader: msmarco-mini's qrels have no header line
+    from conan_hf.eval.tasks import beir_retrieval_data  # the collection the evaluation reads
 
     rng = random.Random(0)
     n_text, n_sft, n_weak = scale.texts_per_source, scale.sft_rows_per_source, scale.weak_rows_per_source
 
     # SciFact: train queries split 80/20 by a fixed shuffle; the 20 % are the evaluation queries.
-    scifact, _ = read_beir(data / "retrieval" / "scifact", split="train")
+    scifact, _ = beir_retrieval_data(data / "retrieval" / "scifact", split="train")
     docs = {d: (v.get("title", "") + " " + v["text"]).strip() for d, v in scifact.corpus.items()}
     qids = sorted(q for q in scifact.queries if any(s > 0 for s in scifact.qrels.get(q, {}).values()))
     rng.shuffle(qids)
@@ -199,7 +199,7 @@ def prepare_data(data: Path, out: Path, scale: Scale) -> dict[str, Any]:
     cmrc = read_squad(data / "retrieval" / "cmrc2018" / "cmrc2018_trial.json", on_error="skip")  # a few empty questions
     beir_pairs = {}
     for name in ("msmarco-mini", "dbpedia-mini"):
-        beir, _ = read_beir(data / "retrieval" / name, split="test")
+        beir, _ = beir_retrieval_data(data / "retrieval" / name, split="test")
         beir_pairs[name] = [(beir.queries[q], (beir.corpus[d].get("title", "") + " " + beir.corpus[d]["text"]).strip())
                             for q in beir.qrels for d, s in beir.qrels[q].items() if s > 0 and d in beir.corpus]
         beir_pairs[name + "/corpus"] = [(v.get("title", "") + " " + v["text"]).strip() for v in beir.corpus.values()]
@@ -374,7 +374,7 @@ def run_supervised(work: Path, weak_dir: str, files: dict[str, str], scale: Scal
 def evaluate_model(path: str, data: Path, evaluation: dict[str, Any], scale: Scale) -> dict[str, float]:
     """Every dev score of one model, through conan_hf.eval (mteb). Values in [0, 1] (×100 in the tables)."""
     from conan_hf.eval import bitext_task, evaluate, evaluate_cross_lingual, load_xquad, sts_task
-    from conan_hf.eval.tasks import make_retrieval_task, read_beir
+    from conan_hf.eval.tasks import beir_retrieval_data, make_retrieval_task
     from conan_hf.eval.xling import CrossLingualData
     from trainers.models import load_sentence_model
 
@@ -383,7 +383,7 @@ def evaluate_model(path: str, data: Path, evaluation: dict[str, Any], scale: Sca
     tasks += [sts_task(evaluation[f"xsts_{lang}"], name=f"AblationSTSB-{lang}-en", language=lang)
               for lang in ("de", "es")]
     held = set(evaluation["scifact_queries"])
-    scifact, _ = read_beir(data / "retrieval" / "scifact", split="train")
+    scifact, _ = beir_retrieval_data(data / "retrieval" / "scifact", split="train")
     queries = {q: t for q, t in scifact.queries.items() if q in held}
     relevant = {d for q in queries for d, s in scifact.qrels[q].items() if s > 0}
     keep = list(relevant) + [d for d in scifact.corpus if d not in relevant]

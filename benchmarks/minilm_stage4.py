@@ -27,9 +27,9 @@ if str(ROOT) not in sys.path:
 
 def scifact_split(data: Path) -> tuple[list[str], list[str]]:
     """(train query ids, held-out query ids): the ablation's fixed 80/20 split of SciFact's train queries."""
-    from conan_hf.eval.tasks import read_beir
+    from conan_hf.eval.tasks import beir_retrieval_data
 
-    scifact, _ = read_beir(data / "retrieval" / "scifact", split="train")
+    scifact, _ = beir_retrieval_data(data / "retrieval" / "scifact", split="train")
     qids = sorted(q for q in scifact.queries if any(s > 0 for s in scifact.qrels.get(q, {}).values()))
     random.Random(0).shuffle(qids)
     held = qids[: len(qids) // 5]
@@ -39,9 +39,9 @@ def scifact_split(data: Path) -> tuple[list[str], list[str]]:
 def prepare(data: Path, out: Path) -> dict[str, int]:
     """``scifact_train.jsonl`` (query, positive: title + text of a relevant document) and ``stsb_en_train.jsonl``."""
     from conan_hf.data.readers import read_stsb_multi_mt
-    from conan_hf.eval.tasks import read_beir
+    from conan_hf.eval.tasks import beir_retrieval_data
 
-    scifact, _ = read_beir(data / "retrieval" / "scifact", split="train")
+    scifact, _ = beir_retrieval_data(data / "retrieval" / "scifact", split="train")
     train, held = scifact_split(data)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -72,10 +72,10 @@ def evaluate(model_dir: str, data: Path) -> dict[str, float]:
 
     from conan_hf.eval import evaluate as run_mteb
     from conan_hf.eval import sts_task
-    from conan_hf.eval.tasks import make_retrieval_task, read_beir
+    from conan_hf.eval.tasks import beir_retrieval_data, make_retrieval_task
 
     _, held = scifact_split(data)
-    scifact, _ = read_beir(data / "retrieval" / "scifact", split="train")
+    scifact, _ = beir_retrieval_data(data / "retrieval" / "scifact", split="train")
     scifact.queries = {q: scifact.queries[q] for q in held}
     scifact.qrels = {q: scifact.qrels[q] for q in held}
     relevant = {d for q in held for d, s in scifact.qrels[q].items() if s > 0}

@@ -184,6 +184,8 @@ def test_cli_help_runs_as_module():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "conan-clr" in result.stdout and "--backend" in result.stdout
+    for option in ("--batch-size", "--prefetch-batches", "--rejected", "--generate-batch-size"):  # streaming options
+        assert option in result.stdout
     assert "RuntimeWarning" not in result.stderr
 
 
@@ -233,10 +235,12 @@ def test_cache_resume_after_sigkill_repeats_no_translation(tmp_path):
         f"""
         import json, sys
         sys.path.insert(0, {str(tmp_path)!r})
-        from crashing_translator import LoggingTranslator, build_clr_dataset
+        from crashing_translator import LoggingTranslator
+        from conan_hf.data.clr import write_clr_dataset
         rows = json.load(open({str(rows_path)!r}))
-        build_clr_dataset(rows, {languages!r}, LoggingTranslator({str(log)!r}, kill_after=40),
-                          seed=1, cache_dir={str(cache_dir)!r}, batch_size=10, show_progress_bar=False)
+        write_clr_dataset(rows, {str(tmp_path / "clr.jsonl")!r}, {languages!r},
+                          LoggingTranslator({str(log)!r}, kill_after=40), seed=1, cache_dir={str(cache_dir)!r},
+                          batch_size=10, prefetch_batches=0, show_progress_bar=False)
         """
     )
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -247,6 +251,11 @@ def test_cache_resume_after_sigkill_repeats_no_translation(tmp_path):
     assert 40 <= len(first_run) < 50
     with TranslationCache(cache_dir) as cache:
         assert len(cache) == len(first_run)  # every finished batch survived the SIGKILL
+    # No output under the final name; the batches written before the kill are complete lines of the partial file.
+    assert not (tmp_path / "clr.jsonl").exists()
+    partial = (tmp_path / "clr.jsonl.partial").read_text(encoding="utf-8")
+    assert partial.endswith("\n") and len(partial.splitlines()) > 0
+    assert all(json.loads(line)["id"].startswith("r") for line in partial.splitlines())
 
     sys.path.insert(0, str(tmp_path))
     try:
@@ -329,3 +338,239 @@ def test_builder_rejects_bad_source_rows():
         build_clr_dataset([{"query": "a", "positive": "b"}, {"query": "c", "positive": " "}], ["de"], translator)
     with pytest.raises(ValueError, match="duplicate id 'x'"):
         build_clr_dataset([{"id": "x", "query": "a", "positive": "b"}] * 2, ["de"], translator)
+
+
+# ------------------------------------------------------------------------------------------------------ streaming
+
+
+class _Uppercase(Translator):
+    """Deterministic and cheap: ``"<LANG>: <TEXT UPPERCASED>"``; texts containing "7" fail (``None``), texts containing
+    "3" come back unchanged (rejected as identical). Logs every call's size, and what the output file held then."""
+
+    model_name = "upper-v2"
+
+    def __init__(self, watch=None):
+        super().__init__()
+        self.calls, self.watch, self.lines_seen = [], watch, []
+
+    def translate(self, texts, language, ids=None):
+        self.calls.append((language, list(texts)))
+        if self.watch is not None:
+            self.lines_seen.append(len(self.watch.read_text().splitlines()) if self.watch.exists() else 0)
+        self.num_translated += len(texts)
+        return [None if "7" in t else (t if "3" in t else f"{language.upper()}: {t.upper()}") for t in texts]
+
+
+def _reference_build(rows, languages, seed, translate):
+    """What the builder must produce, computed naively over the whole list: the assignment of `assign_languages`,
+    one translation per row, the validator's decision, records in source order."""
+    from conan_hf.data.validate import TranslationValidator
+
+    validator = TranslationValidator(prompt_fragments=[])
+    assignment = assign_languages(len(rows), seed=seed, languages=languages)
+    has_negatives = any("negatives" in row for row in rows)
+    records, rejected = [], []
+    for index, (row, language) in enumerate(zip(rows, assignment)):
+        row_id = str(row.get("id", index))
+        output = row["query"] if language == "en" else translate(row["query"], language)
+        if language != "en":
+            reason = validator.check(row["query"], output, language)
+            if reason is not None:
+                rejected.append({"id": row_id, "language": language, "source": row["query"], "output": output,
+                                 "reason": reason})
+                continue
+        record = {"id": row_id, "query": output, "positive": row["positive"]}
+        if has_negatives:
+            negatives = row.get("negatives") or []
+            record["negatives"] = [negatives] if isinstance(negatives, str) else list(negatives)
+        record["language"] = language
+        record["source_query"] = row["query"]
+        record.update({k: v for k, v in row.items() if k not in ("id", "query", "positive", "negatives")})
+        records.append(record)
+    return records, rejected
+
+
+def _source_rows(n, seed=0):
+    import random
+
+    rng = random.Random(seed)  # ~1/3 of the query texts recur in other rows (and other batches)
+    return [{"id": f"r{i}", "query": f"query {rng.randint(0, 2 * n // 3)}", "positive": f"passage {i}",
+             "negatives": f"neg {i}" if i % 3 else [f"neg {i}a", f"neg {i}b"], "score": i % 5}
+            for i in range(n)]  # fmt: skip
+
+
+def _jsonl(records):
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+@pytest.mark.parametrize(("batch_size", "prefetch"), [(1, 0), (7, 2), (64, 4), (10_000, 1)])
+def test_streamed_output_equals_the_whole_list_reference(tmp_path, batch_size, prefetch):
+    from conan_hf.data.clr import write_clr_dataset
+
+    rows = _source_rows(300)
+    mix = {"en": 2, "de": 1, "fr": 1, "it": 3}
+    expected, expected_rejects = _reference_build(rows, mix, 9, lambda t, lang: _Uppercase().translate([t], lang)[0])
+    assert expected and expected_rejects  # both paths are exercised
+
+    out = tmp_path / "clr.jsonl"
+    translator = _Uppercase()
+    report = write_clr_dataset(rows, out, mix, translator, seed=9, batch_size=batch_size, prefetch_batches=prefetch,
+                               show_progress_bar=False)  # fmt: skip
+    assert out.read_text(encoding="utf-8") == _jsonl(expected)  # byte-identical file
+    assert (tmp_path / "clr.rejected.jsonl").read_text(encoding="utf-8") == _jsonl(expected_rejects)
+    assert not list(tmp_path.glob("*.partial"))
+    assert report.num_source_rows == 300 == report.num_output_rows + report.num_rejected
+    assert report.rejected == dict(Counter(r["reason"] for r in expected_rejects))
+    assert report.kept == {lang: sum(r["language"] == lang for r in expected) for lang in mix}
+    # Each distinct (text, language) pair is translated once per run, even across batches and without a cache.
+    pairs = {(r["language"], r["source_query"]) for r in expected if r["language"] != "en"}
+    pairs |= {(r["language"], r["source"]) for r in expected_rejects}
+    sent = [(language, text) for language, texts in translator.calls for text in texts]
+    assert len(sent) == len(set(sent)) == len(pairs) == report.translated
+
+    # The in-memory builder and a one-shot generator source (spooled) give the same rows.
+    dataset, memory_report = build_clr_dataset((row for row in rows), mix, _Uppercase(), seed=9,
+                                               batch_size=batch_size, show_progress_bar=False)  # fmt: skip
+    assert dataset.to_list() == expected and memory_report.rejected_examples == expected_rejects
+
+
+def test_assignment_is_the_list_shuffle_in_one_byte_per_row():
+    import random
+
+    from conan_hf.data.clr import _shuffled_language_indices
+
+    for n, seed, mix in ((0, 1, TABLE7), (1, 2, TABLE7), (10_007, 3, TABLE7), (5_000, 4, {"de": 1, "zh": 2})):
+        counts = language_counts(n, mix)
+        naive = [code for code, count in counts.items() for _ in range(count)]
+        random.Random(seed).shuffle(naive)  # the list-based shuffle, as before streaming
+        codes, indices = _shuffled_language_indices(n, seed, mix)
+        assert indices.itemsize == 1
+        assert [codes[i] for i in indices] == naive == assign_languages(n, seed, mix)
+
+
+def test_output_is_appended_batch_by_batch_and_renamed_when_complete(tmp_path):
+    from conan_hf.data.clr import write_clr_dataset
+
+    out = tmp_path / "clr.jsonl"
+    rows = [{"id": str(i), "query": f"question {i}", "positive": f"p {i}"} for i in range(60)]
+    translator = _Uppercase(watch=tmp_path / "clr.jsonl.partial")
+    write_clr_dataset(rows, out, ["de"], translator, seed=0, batch_size=10, prefetch_batches=0,
+                      show_progress_bar=False)  # fmt: skip
+    # One call per batch; when batch k is translated, the k earlier batches (10 rows each) are already in the file.
+    assert [len(texts) for _, texts in translator.calls] == [10] * 6
+    kept_before = [sum(1 for i in range(10 * k) if "7" not in str(i) and "3" not in str(i)) for k in range(6)]
+    assert translator.lines_seen == kept_before
+    assert len(out.read_text().splitlines()) == sum(1 for i in range(60) if "7" not in str(i) and "3" not in str(i))
+
+
+class _LazyRows:
+    """`n` rows made on the fly each time it is iterated (nothing held), like a streamed dataset."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        for i in range(self.n):
+            yield {"id": f"row-{i}", "query": f"query text number {i}", "positive": f"passage number {i} " * 8,
+                   "negatives": [f"negative {i} a " * 8, f"negative {i} b " * 8]}  # fmt: skip
+
+
+class _Prefix(Translator):
+    model_name = "prefix"
+    cacheable = False
+
+    def translate(self, texts, language, ids=None):
+        self.num_translated += len(texts)
+        return [f"{language}> {t}" for t in texts]
+
+
+def test_builder_memory_does_not_grow_with_the_rows(tmp_path):
+    """Peak Python memory of a 2k-row and a 20k-row build: what grows is ~1 byte/row (the language assignment) plus
+    8 bytes/row for a moment (id hashes), not the rows (~500 B each here) nor the outputs."""
+    import tracemalloc
+
+    from conan_hf.data.clr import write_clr_dataset
+    from conan_hf.data.validate import TranslationValidator
+
+    peaks = {}
+    for n in (2_000, 20_000):
+        tracemalloc.start()
+        # The script check (the bulk of the time under tracemalloc) is not what this test is about.
+        report = write_clr_dataset(_LazyRows(n), tmp_path / f"out{n}.jsonl", ["de", "fr"], _Prefix(), seed=0,
+                                   validator=TranslationValidator(check_script=False), batch_size=256,
+                                   show_progress_bar=False)  # fmt: skip
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert report.num_output_rows == n
+        assert len((tmp_path / f"out{n}.jsonl").read_text().splitlines()) == n
+    per_row = (peaks[20_000] - peaks[2_000]) / 18_000
+    assert per_row < 40, (peaks, per_row)  # holding the rows would be > 500 B per row
+
+
+def test_cli_streams_with_batch_size_and_names_bad_lines(tmp_path, capsys):
+    good = [{"id": f"q{i}", "query": f"question {i}", "positive": f"passage {i}"} for i in range(40)]
+    source = tmp_path / "rows.jsonl"
+    source.write_text(_jsonl(good), encoding="utf-8")
+    # A parallel side in MKQA format: question i's German text.
+    mkqa = tmp_path / "mkqa.jsonl"
+    mkqa.write_text(_jsonl([{"example_id": f"q{i}", "queries": {"de": f"Frage {i}"}} for i in range(40)]))
+    out = tmp_path / "out" / "clr.jsonl"
+    args = [str(source), "-o", str(out), "--backend", "parallel", "--parallel-format", "mkqa", "--parallel",
+            str(mkqa), "--languages", "en:1,de:1", "--seed", "3", "--no-progress"]  # fmt: skip
+    assert main([*args, "--batch-size", "6", "--prefetch-batches", "1"]) == 0
+    streamed = out.read_text(encoding="utf-8")
+    dataset, _ = build_clr_dataset(good, {"en": 1, "de": 1}, ParallelCorpusTranslator.from_mkqa(mkqa), seed=3,
+                                   show_progress_bar=False)  # fmt: skip
+    assert streamed == _jsonl(dataset.to_list())  # the batch size changes nothing in the output
+    assert main([*args, "--batch_size", "1000"]) == 0 and out.read_text(encoding="utf-8") == streamed
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["num_output_rows"] == 40 and report["rejected_file"] == str(out.with_suffix(".rejected.jsonl"))
+    capsys.readouterr()
+
+    # Bad rows stop the build in the first pass, named by file and 1-based line, before any output file exists.
+    cases = {
+        '{"query": "a", "positive": "b"}\n{"query": "c", "positive": "d"\n': ":2: invalid JSON",
+        '{"query": "a", "positive": "b"}\n\n{"query": "  ", "positive": "d"}\n':
+            ":3: empty value in column(s) ['query']",
+        '{"query": "a", "positive": "b"}\n{"query": 12, "positive": "d"}\n': ":2: has no text in column 'query'",
+        '{"id": "x", "query": "a", "positive": "b"}\n{"id": "y", "query": "c", "positive": "d"}\n'
+        '{"id": "x", "query": "e", "positive": "f"}\n': ":3: duplicate id 'x'",
+    }
+    for text, message in cases.items():
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(text, encoding="utf-8")
+        target = tmp_path / "bad-out" / "clr.jsonl"
+        with pytest.raises(SystemExit) as exited:
+            main([str(bad), "-o", str(target), "--backend", "parallel", "--parallel-format", "mkqa", "--parallel",
+                  str(mkqa), "--languages", "de", "--no-progress"])  # fmt: skip
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert f"conan-clr: error: {bad}{message}" in err, err
+        assert not target.parent.exists() or not list(target.parent.iterdir())
+
+
+
+def test_builder_takes_the_data_layers_stream(tmp_path):
+    """A streamed ``IterableDataset`` of :func:`conan_hf.data.sources.load_sources` (rows carry their place in a
+    ``_location`` column) builds the same rows as the file read directly; the location column is not copied."""
+    from conan_hf.data.clr import RowStream, write_clr_dataset
+    from conan_hf.data.sources import load_sources
+
+    rows = _source_rows(120)
+    source = tmp_path / "rows.jsonl"
+    source.write_text(_jsonl(rows), encoding="utf-8")
+    mix = {"en": 1, "de": 2}
+    stream = load_sources(str(source), required=["query", "positive"], streaming=True, rank=0, world_size=1)
+    write_clr_dataset(stream, tmp_path / "a.jsonl", mix, _Uppercase(), seed=4, batch_size=16,
+                      show_progress_bar=False)  # fmt: skip
+    write_clr_dataset(RowStream(source), tmp_path / "b.jsonl", mix, _Uppercase(), seed=4, batch_size=16,
+                      show_progress_bar=False)  # fmt: skip
+    expected, _ = _reference_build(rows, mix, 4, lambda t, lang: _Uppercase().translate([t], lang)[0])
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text() == _jsonl(expected)
+
+    # The stream's location column names a bad row: the first pass stops at it.
+    source.write_text(_jsonl([*rows[:3], {"id": "x", "query": 5, "positive": "p"}]), encoding="utf-8")
+    stream = load_sources(str(source), required=["query", "positive"], streaming=True, rank=0, world_size=1)
+    with pytest.raises(ValueError, match=rf"{source}:4: "):
+        write_clr_dataset(stream, tmp_path / "c.jsonl", mix, _Uppercase(), show_progress_bar=False)
+    assert not (tmp_path / "c.jsonl").exists()

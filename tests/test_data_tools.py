@@ -13,6 +13,8 @@ from conan_hf.data.readers import (
     beir_pairs,
     load_rows,
     read_beir,
+    read_bitext,
+    read_qrels,
     read_squad,
     read_stsb_multi_mt,
     read_table,
@@ -115,6 +117,87 @@ def test_read_beir_scifact(shared_data_dir, tmp_path):
         read_beir(broken)
     lenient = read_beir(broken, on_error="skip")
     assert lenient.qrels == {"q1": {"d1": 1}} and len(lenient.skipped) == 1
+
+
+def _beir_folder(folder, qrels_text):
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text('{"_id": "d1", "title": "T", "text": "doc one"}\n'
+                                         '{"_id": "d2", "text": "doc two"}\n', encoding="utf-8")
+    (folder / "queries.jsonl").write_text('{"_id": "q1", "text": "query one"}\n{"_id": "q2", "text": "query two"}\n',
+                                          encoding="utf-8")
+    (folder / "qrels" / "test.tsv").write_text(qrels_text, encoding="utf-8")
+    return folder
+
+
+def test_read_beir_qrels_with_or_without_header(tmp_path):
+    judgements = "q1\td1\t1\nq1\td2\t0\n\nq2\td2\t2\n"
+    expected = {"q1": {"d1": 1, "d2": 0}, "q2": {"d2": 2}}
+    with_header = read_beir(_beir_folder(tmp_path / "header", "query-id\tcorpus-id\tscore\n" + judgements))
+    headerless = read_beir(_beir_folder(tmp_path / "headerless", judgements))
+    trec = read_beir(_beir_folder(tmp_path / "trec", "q1\t0\td1\t1\nq1\t0\td2\t0\nq2\t0\td2\t2\n"))
+    reordered = read_beir(_beir_folder(tmp_path / "reordered", "score\tcorpus-id\tquery-id\n1\td1\tq1\n0\td2\tq1\n"
+                                                                "2\td2\tq2\n"))
+    assert with_header.qrels == headerless.qrels == trec.qrels == reordered.qrels == expected
+    # Each judgement remembers its physical line (a header is line 1; the blank line 3 still counts).
+    assert with_header.qrels_locations["q2", "d2"].endswith("header/qrels/test.tsv:5")
+    assert headerless.qrels_locations["q1", "d1"].endswith("headerless/qrels/test.tsv:1")
+    assert headerless.qrels_locations["q2", "d2"].endswith("headerless/qrels/test.tsv:4")
+    assert [r["positive"] for r in beir_pairs(headerless)] == ["T doc one", "doc two"]  # score >= 1
+    assert read_qrels(tmp_path / "headerless" / "qrels" / "test.tsv") == [
+        {"query_id": "q1", "corpus_id": "d1", "score": 1}, {"query_id": "q1", "corpus_id": "d2", "score": 0},
+        {"query_id": "q2", "corpus_id": "d2", "score": 2}]
+
+
+@pytest.mark.parametrize("qrels_text, error", [
+    ("q1\td1\t1\nq2\td2\n", r"test\.tsv:2: expected 3 tab-separated fields like the first line, got 2"),
+    ("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\thigh\n", r"test\.tsv:3: score 'high' is not a finite number"),
+    ("q1\td1\t1\nq2\td2\t1.5\n", r"test\.tsv:2: score '1\.5' is not an integer"),  # never rounded to 1
+    ("q1\td1\t1\nq2\t\t1\n", r"test\.tsv:2: empty query-id or corpus-id"),
+    ("q1\td1\tone\nq2\td2\t1\n", r"test\.tsv:1: neither the header 'query-id corpus-id score' nor a judgement: "
+                                 r"score 'one' is not a finite number"),
+    ("qid\tdocid\tscore\nq1\td1\t1\n", r"test\.tsv:1: neither the header"),
+    ("q1 d1 1\n", r"test\.tsv:1: expected 3 tab-separated fields"),
+    ("q1\td1\t1\nq9\td1\t1\n", r"test\.tsv:2: query id 'q9' is not in queries\.jsonl"),
+])
+def test_read_beir_malformed_qrels_name_file_and_line(tmp_path, qrels_text, error):
+    folder = _beir_folder(tmp_path / "beir", qrels_text)
+    with pytest.raises(DataFormatError, match=error):
+        read_beir(folder)
+
+
+def test_read_beir_missing_split_names_the_splits(tmp_path):
+    folder = _beir_folder(tmp_path / "beir", "q1\td1\t1\n")
+    with pytest.raises(FileNotFoundError, match=r"lacks qrels/dev\.tsv; the qrels splits here are \['test'\]"):
+        read_beir(folder, split="dev")
+
+
+def test_read_beir_headerless_msmarco_mini(shared_data_dir):
+    folder = shared_data_dir / "retrieval" / "msmarco-mini"
+    with open(folder / "qrels" / "test.tsv", encoding="utf-8") as handle:
+        lines = [line.rstrip("\n").split("\t") for line in handle if line.strip()]
+    assert lines[0][2].isdigit()  # the real file has no header line
+    data = read_beir(folder, split="test")
+    assert sum(map(len, data.qrels.values())) == len(lines)
+    assert all(data.qrels[q][d] == int(s) for q, d, s in lines)
+    assert len(data.queries) == 50 and len(data.corpus) == 5000
+    assert data.qrels_locations[lines[0][0], lines[0][1]].endswith("qrels/test.tsv:1")
+
+
+def test_read_bitext_line_aligned(tmp_path):
+    de, en = tmp_path / "t.deu", tmp_path / "t.eng"
+    de.write_text("Hallo.\nDanke, Tom.\nGute Nacht.\n", encoding="utf-8")
+    en.write_text("Hello.\nThanks, Tom.\nGood night.\n", encoding="utf-8")
+    rows = read_bitext(de, en)
+    assert rows == [{"id": "1", "sentence1": "Hallo.", "sentence2": "Hello."},
+                    {"id": "2", "sentence1": "Danke, Tom.", "sentence2": "Thanks, Tom."},
+                    {"id": "3", "sentence1": "Gute Nacht.", "sentence2": "Good night."}]
+    assert rows[1].location == f"{de}:2" and read_bitext(de, en, limit=2) == rows[:2]
+    en.write_text("Hello.\n\nGood night.\n", encoding="utf-8")  # an empty line would shift every later pair
+    with pytest.raises(DataFormatError, match=r"t\.eng:2: empty sentence in a line-aligned bitext file"):
+        read_bitext(de, en, limit=1)
+    en.write_text("Hello.\nThanks.\n", encoding="utf-8")
+    with pytest.raises(DataFormatError, match=r"t\.deu: has 3 lines but .*t\.eng has 2"):
+        read_bitext(de, en)
 
 
 def test_read_stsb_multi_mt_aligned(shared_data_dir):

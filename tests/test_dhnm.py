@@ -346,6 +346,222 @@ def test_apply_scores_does_not_scan_the_whole_pool():
         np.testing.assert_array_equal(np.asarray(getattr(pool, name)), getattr(reference, name))
 
 
+# ---- pools as row ids into a memory-mapped text table ----------------------------------------------------------------
+def _corpus_and_pools(tmp_path, num_examples=40, num_texts=60, max_pool=9, seed=0):
+    """A corpus saved to disk (as a miner's corpus would be) and ranked pools of distinct corpus rows per example,
+    given both as candidate ids (-1 padded) and as the equivalent lists of texts."""
+    from datasets import Dataset
+
+    rng = np.random.default_rng(seed)
+    corpus = [f"passage {i} about {rng.integers(1000)}" for i in range(num_texts)]
+    Dataset.from_dict({"text": corpus}).save_to_disk(str(tmp_path / "corpus"))
+    candidate_ids = np.full((num_examples, max_pool), -1, dtype=np.int64)
+    for row in range(num_examples):
+        size = int(rng.integers(0, max_pool + 1))
+        candidate_ids[row, :size] = rng.choice(num_texts, size=size, replace=False)
+    np.save(tmp_path / "candidate_ids.npy", candidate_ids)
+    texts = [[corpus[i] for i in row if i >= 0] for row in candidate_ids]
+    return corpus, candidate_ids, texts
+
+
+def _id_text_tables(tmp_path, corpus):
+    """The same corpus as the text table kinds from_ids takes: memory-mapped Dataset, Dataset with an indices
+    mapping, multi-chunk Arrow array."""
+    import pyarrow as pa
+    from datasets import load_from_disk
+
+    on_disk = load_from_disk(str(tmp_path / "corpus"))
+    reversed_rows = load_from_disk(str(tmp_path / "corpus")).select(range(len(corpus) - 1, -1, -1))
+    chunked = pa.chunked_array([pa.array(corpus[:7]), pa.array(corpus[7:30]), pa.array(corpus[30:])])
+    return {"mapped": on_disk, "indices": reversed_rows, "chunked": chunked}
+
+
+@pytest.mark.parametrize("table_kind", ["mapped", "indices", "chunked"])
+def test_id_pool_makes_the_same_decisions_as_the_text_pool(tmp_path, table_kind):
+    corpus, candidate_ids, texts = _corpus_and_pools(tmp_path)
+    table = _id_text_tables(tmp_path, corpus)[table_kind]
+    ids_into_table = candidate_ids.copy()
+    if table_kind == "indices":  # the table lists the corpus backwards: row r holds corpus[n - 1 - r]
+        ids_into_table = np.where(candidate_ids >= 0, len(corpus) - 1 - candidate_ids, -1)
+        np.save(tmp_path / "candidate_ids.npy", ids_into_table)
+    mapped_ids = np.load(tmp_path / "candidate_ids.npy", mmap_mode="r")  # stays on disk
+    by_text = NegativePool([f"e{i}" for i in range(len(texts))], texts, k=3)
+    by_id = NegativePool.from_ids(None, mapped_ids, table, k=3)
+    assert isinstance(by_id.candidate_ids, np.memmap) and by_id.ids is None
+    assert by_id.candidates == texts and by_text.candidates == texts
+    np.testing.assert_array_equal(by_id.pool_sizes, [len(t) for t in texts])
+
+    rng = np.random.default_rng(1)
+    for step in range(12):
+        rows = rng.choice(len(texts), size=10, replace=True)
+        negs = by_text.active[rows].astype(np.int64)
+        negs[rng.random(negs.shape) < 0.1] = 8  # sometimes not active (stale)
+        scores = rng.uniform(-0.1, 1.0, size=negs.shape)
+        scores[rng.random(scores.shape) < 0.05] = np.nan
+        assert by_id.apply_scores(rows, negs, scores) == by_text.apply_scores(rows, negs, scores)
+        for name in ("active", "s0", "cursor", "fresh_bits"):
+            np.testing.assert_array_equal(getattr(by_id, name), getattr(by_text, name))
+        for row in range(len(texts)):
+            expected = [texts[row][r] for r in by_text.active[row] if r >= 0]  # the lists, indexed by hand
+            assert by_id.active_negatives(row) == by_text.active_negatives(f"e{row}") == expected
+    assert by_text.cursor.astype(int).sum() > np.minimum(by_text.pool_sizes, 3).astype(int).sum()  # replacements
+
+
+def test_id_pool_collator_fetches_the_batch_texts(st_model, tmp_path):
+    corpus, candidate_ids, texts = _corpus_and_pools(tmp_path, num_examples=6, max_pool=4, seed=3)
+    candidate_ids[2] = -1  # one example without negatives
+    pool = NegativePool.from_ids(None, candidate_ids, _id_text_tables(tmp_path, corpus)["mapped"], k=2)
+    seen = []
+
+    def recording(inputs, prompt=None, **kwargs):
+        seen.append(list(inputs))
+        return st_model.preprocess(inputs, prompt=prompt, **kwargs)
+
+    collator = DHNMDataCollator(preprocess_fn=recording, pool=pool)
+    features = [{"id": row, "anchor": f"q{row}", "positive": f"p{row}"} for row in (4, 2, 0)]
+    batch = collator(features)
+    expected = [[corpus[candidate_ids[r, s]] if candidate_ids[r, s] >= 0 and s < 2 else f"p{r}" for r in (4, 2, 0)]
+                for s in range(2)]
+    assert seen[2:] == expected
+    assert batch["label"].tolist() == [[r, *[s if candidate_ids[r, s] >= 0 else -1 for s in range(2)]]
+                                       for r in (4, 2, 0)]
+    with pytest.raises(ValueError, match=r"example id 6 is not in the NegativePool \(6 examples\) \(examples are "
+                                         r"keyed by their row index\)"):
+        collator([{"id": 6, "anchor": "q", "positive": "p"}])
+    for bad in ("4", True, 1.0, -1):
+        with pytest.raises(KeyError, match="is not in the NegativePool"):
+            pool.row(bad)
+
+
+def test_text_list_pool_keeps_a_deduplicated_arrow_table_not_the_lists():
+    import gc
+    import weakref
+
+    class Text(str):  # a str subclass can be weakly referenced: it shows whether the pool keeps the strings
+        __slots__ = ("__weakref__",)
+
+    texts = [[Text("shared"), Text("a")], [Text("b"), Text("shared2")], []]
+    texts[1][1] = texts[0][0]  # the same text twice: one table row
+    refs = [weakref.ref(t) for row in texts for t in row]
+    pool = NegativePool(["x", "y", "z"], texts, k=2)
+    assert pool.text_table.to_pylist() == ["shared", "a", "b"]
+    assert pool.candidate_ids.tolist() == [[0, 1], [2, 0], [-1, -1]]
+    del texts
+    gc.collect()
+    assert all(ref() is None for ref in refs)  # the pool holds none of the given strings
+    assert pool.candidates == [["shared", "a"], ["b", "shared"], []]
+
+
+def test_from_ids_bad_input_names_the_problem(tmp_path):
+    import pyarrow as pa
+    from datasets import Dataset
+
+    texts = pa.array(["t0", "t1", "t2"])
+    with pytest.raises(ValueError, match=r"candidate_ids\[1, 0\] = 3 is not a row of the text table \(3 texts\)"):
+        NegativePool.from_ids(None, np.array([[0, 1], [3, -1]]), texts)
+    with pytest.raises(ValueError, match=r"candidate_ids\[0, 1\] = -2 .* example 'b'"):
+        NegativePool.from_ids(["b"], np.array([[0, -2]]), texts)
+    with pytest.raises(ValueError, match="row 1 .* has a candidate at position 2 after a -1"):
+        NegativePool.from_ids(None, np.array([[0, 1, 2], [0, -1, 2]]), texts)
+    with pytest.raises(ValueError, match="2-D"):
+        NegativePool.from_ids(None, np.array([0, 1]), texts)
+    with pytest.raises(TypeError, match="integer array"):
+        NegativePool.from_ids(None, np.array([[0.0]]), texts)
+    with pytest.raises(ValueError, match="2 ids but 1 rows of candidate_ids"):
+        NegativePool.from_ids(["a", "b"], np.array([[0]]), texts)
+    with pytest.raises(ValueError, match="missing \\(null\\) text at row 4"):
+        NegativePool.from_ids(None, np.array([[0]]), pa.chunked_array([["a", "b"], ["c", "d", None]]))
+    with pytest.raises(TypeError, match="must hold strings"):
+        NegativePool.from_ids(None, np.array([[0]]), pa.array([1, 2]))
+    with pytest.raises(ValueError, match="no 'text' column"):
+        NegativePool.from_ids(None, np.array([[0]]), Dataset.from_dict({"passage": ["a"]}))
+    with pytest.raises(TypeError, match="text table row 1 is int"):
+        NegativePool.from_ids(None, np.array([[0]]), ["a", 5])
+    pool = NegativePool.from_ids(None, np.array([[2, 0], [1, -1]], dtype=np.int32), texts, k=1)
+    assert pool.candidate_ids.dtype == np.int32 and pool.candidates == [["t2", "t0"], ["t1"]]
+    from_list = NegativePool.from_ids(None, np.array([[2, 0], [1, -1]]), ["t0", "t1", "t2"], k=1)
+    assert from_list.candidates == [["t2", "t0"], ["t1"]] and from_list.fingerprint() == NegativePool.from_ids(
+        None, np.array([[2, 0], [1, -1]]), texts, k=1).fingerprint()
+
+
+def test_fingerprint_follows_content_not_chunking_and_old_states_still_load(st_model, tmp_path):
+    import hashlib
+
+    import pyarrow as pa
+
+    from conan_hf.losses import InfoNCELoss
+
+    ids = np.array([[2, 0], [1, -1]])
+    one = NegativePool.from_ids(None, ids, pa.array(["t0", "t1", "t2"]), k=2)
+    chunked = NegativePool.from_ids(None, ids, pa.chunked_array([["t0"], ["t1", "t2"]]), k=2)
+    assert one.fingerprint() == chunked.fingerprint()
+    assert NegativePool.from_ids(None, ids, pa.array(["t0", "t1", "tX"]), k=2).fingerprint() != one.fingerprint()
+    assert NegativePool.from_ids(None, ids[::-1].copy(), pa.array(["t0", "t1", "t2"]), k=2).fingerprint() != \
+        one.fingerprint()
+    # A dhnm_state.npz of the previous release: its fingerprint is sha256 over k, then per example repr(id), NUL,
+    # the candidate texts joined by \x1f, \x1e (recomputed here by hand for _played_pool's data).
+    old = hashlib.sha256(b"2")
+    for example_id, texts in (("a", ["n0", "n1", "n2"]), ("b", ["m0"])):
+        old.update(repr(example_id).encode() + b"\x00" + "\x1f".join(texts).encode() + b"\x1e")
+    played = _played_pool()
+    callback = DHNMCallback(played, InfoNCELoss(st_model))
+    callback.save(tmp_path, global_step=2)
+    with np.load(tmp_path / DHNM_STATE_NAME) as saved:
+        arrays = {name: saved[name] for name in saved.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    assert meta["pool"]["fingerprint"].startswith("ids-v1:")
+    meta["pool"]["fingerprint"] = old.hexdigest()
+    with open(tmp_path / DHNM_STATE_NAME, "wb") as f:
+        np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+    resumed = NegativePool(["a", "b"], [["n0", "n1", "n2"], ["m0"]], k=2)
+    DHNMCallback(resumed, InfoNCELoss(st_model)).load(tmp_path, expected_step=2)
+    assert_played_state(resumed)
+    with pytest.raises(ValueError, match="belongs to other pools"):
+        DHNMCallback(NegativePool(["a", "b"], [["n0", "n1", "nX"], ["m0"]], k=2), InfoNCELoss(st_model)).load(
+            tmp_path)
+
+
+def test_id_pool_ram_per_example_beyond_the_data_is_under_100_bytes(tmp_path):
+    """1M examples keyed by row index, 10 candidates each as row ids on disk (.npy, memory-mapped) into a corpus
+    saved with datasets: what the pool allocates (tracemalloc sees numpy's allocations) stays <= 100 B/example."""
+    import tracemalloc
+
+    from datasets import Dataset, load_from_disk
+
+    n, width = 1_000_000, 10
+    Dataset.from_dict({"text": [f"passage {i}" for i in range(5000)]}).save_to_disk(str(tmp_path / "corpus"))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 5000, size=(n, width), dtype=np.int64)
+    ids[rng.random(n) < 0.1, 6:] = -1  # some shorter pools
+    np.save(tmp_path / "candidate_ids.npy", ids)
+    del ids
+    candidate_ids = np.load(tmp_path / "candidate_ids.npy", mmap_mode="r")
+    corpus = load_from_disk(str(tmp_path / "corpus"))
+    tracemalloc.start()
+    try:
+        pool = NegativePool.from_ids(None, candidate_ids, corpus, k=7)
+        held, peak = tracemalloc.get_traced_memory()
+        pool.apply_scores(np.arange(64), pool.active[:64].astype(np.int64), np.full((64, 7), 0.2))
+        texts = pool.negative_texts(np.arange(64), pool.active[:64])
+        held_after_step, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held / n <= 100, f"{held / n:.1f} B/example"
+    assert held_after_step / n <= 100
+    assert peak / n <= 150, f"peak {peak / n:.1f} B/example while checking candidate_ids block by block"
+    assert pool.state_nbytes() == pool.memory_nbytes() == 75 * n  # no id index with row-index ids
+    # S0 = 0.2 < 0.4: every scored negative is replaced by the next candidate while the pool has one.
+    mapped = np.load(tmp_path / "candidate_ids.npy", mmap_mode="r")
+    for row in range(64):
+        size = int((mapped[row] >= 0).sum())
+        ranks = list(range(min(size, 7)))
+        cursor = len(ranks)
+        for slot in range(len(ranks)):
+            if cursor < size:
+                ranks[slot], cursor = cursor, cursor + 1
+        assert texts[row] == [f"passage {mapped[row, r]}" for r in ranks] + [None] * (7 - len(ranks))
+
+
 def test_pool_from_columns():
     from datasets import Dataset
 
@@ -861,6 +1077,63 @@ def test_stage4_default_schedule_uses_replacements_and_masks_false_negatives(tin
     assert expected_masked > 0  # the data makes some (rows i and i+1 or i+2 share a batch in epoch 1)
     assert on["false_negatives_masked"] == expected_masked
     assert sum(h["infonce_false_negatives_masked"] for h in histories[0]) == expected_masked
+
+
+def test_stage4_tables_are_memory_mapped_and_the_pool_matches_the_rows(st_model, tmp_path, monkeypatch):
+    from datasets.table import MemoryMappedTable
+
+    from trainers import supervised
+    from trainers.supervised import (
+        TaskConfig,
+        TaskTable,
+        build_negative_pool,
+        iter_task_examples,
+        task_rows,
+        write_task_table,
+    )
+
+    monkeypatch.setattr(supervised, "_TABLE_BATCH_ROWS", 3)  # several Arrow record batches per file
+    qa_rows = [{"query": f"q{i}", "positive": f"p{i}", "negatives": [f"n{i}-{j}" for j in range(i % 4)]}
+               for i in range(8)]
+    qa_rows[5] = {"query": "q5", "positive": "p5", "negative_1": "x", "negative_2": "y"}
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa_rows))
+    labels = ["sport", "music", "food"]
+    (tmp_path / "cls.jsonl").write_text("".join(json.dumps({"text": f"t{i}", "label": labels[i % 3]}) + "\n"
+                                                for i in range(7)))
+    (tmp_path / "sts.jsonl").write_text('{"sentence1": "a", "sentence2": "b", "score": 0.5}\n')
+    tasks = [TaskConfig(name="qa", type="retrieval", data=[str(tmp_path / "qa.jsonl")]),
+             TaskConfig(name="cls", type="classification", data=[str(tmp_path / "cls.jsonl")]),
+             TaskConfig(name="sim", type="sts", data=[str(tmp_path / "sts.jsonl")])]
+    tables, first_id, expected_rows, expected_candidates = {}, 0, [], []
+    for task in tasks:
+        tables[task.name] = write_task_table(task, iter_task_examples(task, seed=3), tmp_path / "t" / task.name,
+                                             first_id=first_id)
+        rows, candidates = task_rows(task, seed=3)
+        if task.type != "sts":
+            first_id += len(rows)
+            expected_rows += [{"anchor": r["anchor"], "positive": r["positive"]} for r in rows]
+            expected_candidates += candidates
+    for table in tables.values():
+        assert isinstance(table.dataset.data, MemoryMappedTable) and table.dataset.cache_files
+    assert tables["qa"].dataset.data.column("id").num_chunks == 3  # 8 rows written 3 at a time
+    assert tables["sim"].dataset.to_list() == [{"sentence1": "a", "sentence2": "b", "score": 0.5}]
+    assert tables["qa"].dataset["id"][:] == list(range(8)) and tables["cls"].dataset["id"][:] == list(range(8, 15))
+    assert [{"anchor": r["anchor"], "positive": r["positive"]} for t in ("qa", "cls")
+            for r in tables[t].dataset.to_list()] == expected_rows
+    assert expected_candidates[5] == ["x", "y"] and sorted(expected_candidates[8] + ["sport"]) == sorted(labels)
+
+    pool = build_negative_pool([tables["qa"], tables["cls"]], k=2, folder=tmp_path / "t")
+    assert pool.ids is None and isinstance(pool.candidate_ids, np.memmap) and len(pool) == 15
+    assert pool.candidates == expected_candidates
+    assert pool.active_negatives(9) == expected_candidates[9][:2]
+
+    # A task whose pools a teacher mined (stage 4 with `teacher:`): its pool's ids and in-memory table are used.
+    mined = NegativePool.from_mining(tables["qa"].dataset, st_model, k=2, num_candidates=3, verbose=False)
+    mined_table = TaskTable(tables["qa"].dataset, texts=mined.text_table, pool_sizes=mined.pool_sizes,
+                            candidate_ids=mined.candidate_ids)
+    assert sum(map(len, mined.candidates)) > 0
+    pool = build_negative_pool([mined_table, tables["cls"]], k=2, folder=tmp_path / "m")
+    assert pool.candidates == list(mined.candidates) + expected_candidates[8:]
 
 
 def test_dhnm_passes_counts_visits_per_example():

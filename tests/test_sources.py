@@ -190,3 +190,13 @@ def test_two_processes_split_a_stream(tmp_path):
     assert sorted(parts[0] + parts[1]) == sorted(loc for *_, loc in _naive_rows(path))
     # the memory-mapped form: built once per node, every rank sees all rows
     assert [json.loads((tmp_path / f"rank{r}.json").read_text())["mapped"] for r in (0, 1)] == [2000, 2000]
+
+
+def test_rows_with_fewer_columns_get_none_and_a_late_new_column_is_named(tmp_path):
+    path = _write_jsonl(tmp_path / "mixed.jsonl", [{"q": "a", "p": "b", "negatives": ["n"]}, {"q": "c", "p": "d"}])
+    data = load_sources([str(path)], required=["q", "p"], cache_dir=str(tmp_path / "c"))
+    assert [r["negatives"] for r in data] == [["n"], None]
+    late = _write_jsonl(tmp_path / "late.jsonl", [{"q": "c", "p": "d"}, {"q": "a", "p": "b", "negatives": ["n"]}])
+    for streaming in (False, True):
+        with pytest.raises(DataError, match=rf"{late}:2: data: column\(s\) \['negatives'\] first appear here"):
+            list(load_sources([str(late)], required=["q"], streaming=streaming, cache_dir=str(tmp_path / "c")))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conan_hf.data.readers import Row, read_beir, read_stsb_multi_mt, read_table
+from conan_hf.data.readers import Row, read_beir, read_qrels, read_stsb_multi_mt, read_table
 from conan_hf.errors import DataError, DataFileNotFoundError, cli_errors, finite_float
 from conan_hf.eval import tasks as eval_tasks
 from conan_hf.data.sources import read_sources
@@ -58,20 +58,21 @@ def test_finite_float_by_hand():
 
 
 def test_eval_readers_reject_non_finite_scores(tmp_path):
-    with pytest.raises(eval_tasks.DataFormatError, match=r"stsb\.csv:2: score must be a number, got 'nan'"):
+    # Evaluation reads through conan_hf.data.readers, so the errors are the training readers' ones.
+    with pytest.raises(eval_tasks.DataFormatError, match=r"stsb\.csv:2: column 'score': cannot convert 'nan'"):
         eval_tasks.read_sts(_write(tmp_path / "stsb.csv", "a,b,4.0\nc,d,nan\n"))
-    with pytest.raises(eval_tasks.DataFormatError, match=r"zh\.txt:3: score must be a number, got 'inf'"):
+    with pytest.raises(eval_tasks.DataFormatError, match=r"zh\.txt:3: column 'score': cannot convert 'inf'"):
         eval_tasks.read_sts(_write(tmp_path / "zh.txt", "a\tb\t1\nc\td\t2\ne\tf\tinf\n"))
     sick = "pair_ID\tsentence_A\tsentence_B\trelatedness_score\n1\ta\tb\t4.5\n2\tc\td\tNaN\n"
-    with pytest.raises(eval_tasks.DataFormatError, match=r"sick\.txt:3: relatedness_score must be a number"):
+    with pytest.raises(eval_tasks.DataFormatError, match=r"sick\.txt:3: column 'score': cannot convert 'NaN'"):
         eval_tasks.read_sts(_write(tmp_path / "sick.txt", sick))
     # A quoted CSV field spanning two lines: the error names the physical line the bad record starts on.
-    with pytest.raises(eval_tasks.DataFormatError, match=r"multi\.csv:3: score"):
+    with pytest.raises(eval_tasks.DataFormatError, match=r"multi\.csv:3: column 'score'"):
         eval_tasks.read_sts(_write(tmp_path / "multi.csv", '"a\nstill a",b,1\nc,d,nan\n'))
     # A relevance of inf used to escape as an OverflowError traceback.
     qrels = _write(tmp_path / "qrels.tsv", "query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\tinf\n")
-    with pytest.raises(eval_tasks.DataFormatError, match=r"qrels\.tsv:3: relevance score must be a finite number"):
-        eval_tasks.read_qrels(qrels)
+    with pytest.raises(eval_tasks.DataFormatError, match=r"qrels\.tsv:3: score 'inf' is not a finite number"):
+        read_qrels(qrels)
 
 
 def test_training_readers_reject_non_finite_scores(tmp_path):
@@ -245,7 +246,7 @@ def test_conan_eval_reports_a_nan_score_in_one_line(tiny_model_dir, tmp_path):
     _write(tmp_path / "sts.csv", "a,b,4.0\nc,d,nan\n")
     result = _run(["-m", "conan_hf.eval", "--model", str(tiny_model_dir), "--task", "sts", "--data", "sts.csv"],
                   tmp_path)
-    assert "score must be a number, got 'nan'" in _assert_one_line_exit_2(result, "conan-eval", "sts.csv:2")
+    assert "column 'score': cannot convert 'nan'" in _assert_one_line_exit_2(result, "conan-eval", "sts.csv:2")
     assert "NaN" not in result.stdout
 
 

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conan_hf.data.clr import build_clr_dataset
+from conan_hf.data.clr import build_clr_dataset, write_clr_dataset
 from conan_hf.data.translate import (
     DEFAULT_PROMPT,
     LANGUAGE_NAMES,
@@ -209,7 +209,8 @@ def test_openai_translator_concurrent_requests_keep_order(chat_server):
         chat_server.url, model="served-model", api_key="test-key", max_workers=4, timeout=5, show_progress_bar=False
     )
     assert translator.translate(texts, "de") == [_expected(t) for t in texts]
-    assert translator.stats() == {"requests": 12, "retries": 0, "timeouts": 0, "failures": 0}
+    # This server speaks HTTP/1.0 and closes every connection after its reply: one connection per request.
+    assert translator.stats() == {"requests": 12, "retries": 0, "timeouts": 0, "failures": 0, "connections": 12}
     assert len(chat_server.requests) == 12
     request = chat_server.requests[0]
     assert request["auth"] == "Bearer test-key"
@@ -276,6 +277,117 @@ def test_openai_translator_connection_refused_is_clear():
     )  # fmt: skip
     with pytest.raises(TranslationError, match="connection error"):
         translator.translate(["hello"], "de")
+
+
+class _KeepAliveChatServer:
+    """An HTTP/1.1 chat-completions server that keeps connections open and counts them (one handler per connection).
+
+    The reply to a query is ``"DE> " + reversed(query)``; a query starting with ``slow`` takes ``slow_s`` seconds,
+    any other ``fast_s``.
+    """
+
+    def __init__(self, fast_s: float, slow_s: float):
+        self.connections = 0
+        self.served: list[tuple[str, float, float]] = []  # (query, start, end) per request
+        self.lock = threading.Lock()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive
+            disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall between
+
+            def log_message(self, *args):
+                pass
+
+            def setup(self):
+                super().setup()
+                with owner.lock:
+                    owner.connections += 1
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                query = body["messages"][-1]["content"].split("\n\n", 1)[1]
+                start = time.perf_counter()
+                time.sleep(slow_s if query.startswith("slow") else fast_s)
+                with owner.lock:
+                    owner.served.append((query, start, time.perf_counter()))
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": _expected(query)}}]})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data.encode())
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.block_on_close = False
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_openai_window_does_not_wait_for_slow_requests_and_reuses_connections(tmp_path):
+    """240 queries, 4 of them slow (in 4 different batches of 20), 8 requests in flight. While a batch's slow request
+    runs, the requests of the next batches are served (the old builder waited for it before starting the next batch),
+    so the build takes about the ideal time: the total server time over the 8 workers."""
+    fast_s, slow_s, workers, batch = 0.05, 0.5, 8, 20
+    slow_rows = {25, 85, 145, 205}
+    rows = [{"id": str(i), "query": f"{'slow' if i in slow_rows else 'fast'} query {i}", "positive": "p"}
+            for i in range(240)]  # fmt: skip
+    ideal = (len(slow_rows) * slow_s + (len(rows) - len(slow_rows)) * fast_s) / workers
+    waves = -(-batch // workers)  # ceil: rounds of `workers` requests per batch
+    batch_by_batch = (len(rows) // batch - len(slow_rows)) * waves * fast_s + len(slow_rows) * slow_s
+    server = _KeepAliveChatServer(fast_s, slow_s)
+    try:
+        with OpenAITranslator(server.url, max_workers=workers, timeout=10, show_progress_bar=False) as translator:
+            start = time.perf_counter()
+            report = write_clr_dataset(rows, tmp_path / "clr.jsonl", ["de"], translator, seed=0, batch_size=batch,
+                                       prefetch_batches=4, show_progress_bar=False)  # fmt: skip
+            elapsed = time.perf_counter() - start
+            connections = translator.num_connections
+    finally:
+        server.close()
+    written = [json.loads(line) for line in (tmp_path / "clr.jsonl").read_text().splitlines()]
+    assert [r["query"] for r in written] == [_expected(r["query"]) for r in rows]  # source order kept
+    assert report.num_output_rows == len(rows)
+    # Each worker thread opened one connection and kept it: 8 connections for 240 requests (one each before).
+    assert server.connections == connections <= workers
+    # The mechanism, independent of the machine's load: later batches are served during each slow request.
+    row_of = {query: int(query.rsplit(" ", 1)[1]) for query, _, _ in server.served}
+    for query, slow_start, slow_end in (entry for entry in server.served if entry[0].startswith("slow")):
+        later = [q for q, start, _ in server.served if row_of[q] // batch > row_of[query] // batch and start < slow_end]
+        assert len(later) >= workers, (query, len(later))
+    # And the time: about the ideal (1.7 s), well under one slow request per batch after the other (3.2 s).
+    assert elapsed < min(1.5 * ideal, batch_by_batch), (elapsed, ideal, batch_by_batch)
+
+
+def test_openai_translator_reconnects_when_the_server_drops_a_kept_alive_connection():
+    """The server closes the connection after every 3rd reply without saying so (as an idle keep-alive timeout
+    does): the next request on it fails before any reply and is sent again on a new connection, not counted as a
+    retry."""
+    server = _KeepAliveChatServer(0.0, 0.0)
+    handler = server.server.RequestHandlerClass
+    served = Counter()
+
+    def do_post_then_maybe_drop(self, _post=handler.do_POST):
+        _post(self)
+        served["replies"] += 1
+        if served["replies"] % 3 == 0:
+            self.close_connection = True  # closes the socket after this reply, without "Connection: close"
+
+    handler.do_POST = do_post_then_maybe_drop
+    texts = [f"query {i}" for i in range(9)]
+    try:
+        with OpenAITranslator(server.url, max_workers=1, timeout=5, max_retries=0, show_progress_bar=False) as client:
+            assert client.translate(texts, "de") == [_expected(t) for t in texts]
+            stats = client.stats()
+    finally:
+        server.close()
+    assert stats["requests"] == 9 and stats["retries"] == 0 and stats["failures"] == 0
+    assert stats["connections"] == server.connections == 3  # a new connection after each drop
 
 
 # ------------------------------------------------------------------------------------------------------- validation

@@ -45,6 +45,9 @@ Example:
 
         # dataset columns: id, anchor, positive (+ optional negative columns used to build the pools)
         pool = NegativePool.from_mining(dataset, teacher, anchor_column="anchor", positive_column="positive", k=7)
+        # or, at scale: pools as row ids into a memory-mapped corpus, examples keyed by their row index (the
+        # dataset's `id` column holds 0 .. n-1); the collator looks up the texts of each batch only
+        pool = NegativePool.from_ids(None, np.load("candidate_ids.npy", mmap_mode="r"), load_from_disk("corpus"), k=7)
         loss = InfoNCELoss(model, temperature=0.05)
         trainer = SentenceTransformerTrainer(
             model=model,
@@ -62,7 +65,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import operator
 import os
+from array import array
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -95,6 +100,8 @@ LEGACY_DHNM_STATE_NAME = "dhnm_state.json"
 FALSE_NEGATIVES_STATE_NAME = "false_negatives_state.json"
 _STATE_VERSION = 3  # 3: numpy arrays (.npz); 1 and 2: JSON lists (dhnm_state.json), still loaded
 _STATE_ARRAYS = ("active", "s0", "cursor", "fresh_bits")
+#: Prefix of the fingerprint of pools held as row ids (earlier states carry a bare sha256 hex of the texts).
+_FINGERPRINT_PREFIX = "ids-v1:"
 _COUNT_KEYS = ("checked", "replaced", "used", "pool_exhausted", "nan_scores", "stale")
 
 
@@ -139,8 +146,33 @@ class NegativePool:
 
     Candidates are identified by their rank in the example's pool (``0`` = the hardest); these ranks are the
     *negative ids* the collator passes to the loss. Initially the first ``min(k, len(pool))`` candidates are active
-    and the cursor points at the next unused one. All state lives in compact numpy arrays (``rank`` is ``int16``
-    when every pool has fewer than 32767 candidates, else ``int32``):
+    and the cursor points at the next unused one.
+
+    **The pools are row ids, not texts.** ``candidate_ids`` is a ``(num_examples, max_pool_size)`` integer array
+    (``int64``; an ``int32`` array given to :meth:`from_ids` is kept as is), ``candidate_ids[e, r]`` the row of the
+    ``r``-th candidate of example ``e`` in a *text table*, ``-1`` after the last candidate. The text table is a
+    ``datasets.Dataset`` column or a ``pyarrow`` string array — memory-mapped when it comes from
+    ``Dataset.load_from_disk`` / ``Dataset.from_file`` (a corpus, or the table stage 4 writes) — and texts are only
+    looked up for the rows of a batch (:meth:`negative_texts`, used by :class:`DHNMDataCollator`). ``candidate_ids``
+    may itself be memory-mapped (``np.load(path, mmap_mode="r")``): the pool never writes to it, and only the
+    collator reads it, one batch of rows at a time. Build a pool with:
+
+    - :meth:`from_ids` — candidate row ids into a text table (what a miner returns: a corpus and the top ids per
+      query); nothing is copied;
+    - the constructor ``NegativePool(ids, candidates, k)`` with per-example lists of texts (kept for small data
+      and tests): the distinct texts become an in-memory Arrow text table (deduplicated, in order of first use) and
+      the lists are not kept, so the caller may drop them; :meth:`from_columns` and :meth:`from_mining` use it.
+
+    **Example ids.** ``ids=None`` (only :meth:`from_ids`) keys the examples by their *row index*: the collator's
+    ``id`` value ``e`` is pool row ``e``, with no per-example index at all. This is how pools relate to memory-mapped
+    and streamed data: the training table carries, in its ``id`` column, the row index of the example in the table
+    the pools were built from (stage 4 writes it, :mod:`trainers.supervised`), and a streamed (iterable) dataset
+    must carry that same column, since a stream has no stable position of its own. Other ids (any hashables, e.g.
+    strings) are looked up through an index of their sorted hashes and rows (12 bytes per example) and the id
+    sequence is kept by reference.
+
+    The DHNM state lives in compact numpy arrays (``rank`` is ``int16`` when every pool has fewer than 32767
+    candidates, else ``int32``):
 
     - ``active``: ``(num_examples, k)`` ``rank`` array, candidate rank in each slot, ``-1`` for an empty slot;
     - ``s0``: ``(num_examples, k)`` ``float64`` score of each active negative at its first scoring, ``NaN`` until
@@ -152,21 +184,14 @@ class NegativePool:
       (``fresh_bits``, ``(num_examples, ceil(k / 8))`` ``uint8``); ``fresh`` unpacks a copy for inspection.
 
     With ``k = 7`` that is 14 + 56 + 2 + 2 + 1 = 75 bytes per example (93 with ``int32`` ranks), and one update
-    (:meth:`apply_scores`) touches only the rows it was given. Besides these arrays the pool holds an id index (the
-    ids' sorted hashes and their rows: 12 bytes per example) and references to the ids and candidate lists it was
-    given (lists are kept, not copied: do not change them afterwards).
-
-    **At the paper's scale** (10.6M rows × 32 candidates) the candidate *texts* dominate memory as Python strings.
-    The plan (issue 11, not done here): candidates become row ids into a memory-mapped table (an Arrow
-    ``datasets.Dataset`` of the corpus on disk), ``candidates`` a ``(num_examples, pool_size)`` ``int32``/``int64``
-    array (or a CSR pair of offsets + ids for ragged pools), and examples are keyed by their row index in the
-    memory-mapped training table instead of a Python dict of ids; a streamed (iterable) dataset carries that row
-    index as a column. The state arrays and this update are already in that form, so only the text lookup in
-    :meth:`active_negatives` / :class:`DHNMDataCollator` and the fingerprint change.
+    (:meth:`apply_scores`) touches only the rows it was given. Memory per example beyond the data (text table and
+    ``candidate_ids`` on disk, row-index ids) is these 75 bytes; ``candidate_ids`` in RAM adds 8 bytes per pool slot
+    (``benchmarks/scale.py`` measures both against pools of Python strings).
 
     Bad input, by design:
 
     - duplicate example ids raise ``ValueError`` naming them (a pool could not tell the examples apart);
+    - candidate ids outside the text table, or a ``-1`` before a candidate, raise ``ValueError`` naming the row;
     - an example without negatives, or with fewer than ``k``, keeps empty slots: the collator fills those columns
       with a placeholder and the loss masks them out of the softmax, so the example trains on the negatives it has;
     - when a negative should be replaced but the pool is used up, the current negative stays active (counted as
@@ -182,41 +207,141 @@ class NegativePool:
         >>> pool = NegativePool(["q1", "q2"], [["n1", "n2", "n3"], []], k=2)
         >>> pool.active_negatives("q1"), pool.active_negatives("q2")
         (['n1', 'n2'], [])
+        >>> pool.candidate_ids.tolist(), pool.text_table.to_pylist()
+        ([[0, 1, 2], [-1, -1, -1]], ['n1', 'n2', 'n3'])
     """
 
     def __init__(self, ids: Sequence[Hashable], candidates: Sequence[Sequence[str]], k: int = 7) -> None:
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k (active negatives per example) must be a positive integer, got {k!r}")
+        import pyarrow as pa
+
+        _check_k(k)
         ids = ids if type(ids) is list else list(ids)  # a list is kept by reference (not copied)
         if len(ids) != len(candidates):
             raise ValueError(f"NegativePool got {len(ids)} ids but {len(candidates)} candidate lists")
-        self.ids = ids
-        self._build_id_index()
-        converted: dict[int, list[str]] = {}
+        # Distinct texts -> text table row. The dict references the caller's strings (no copies) and is dropped once
+        # the Arrow table is built: the pool keeps no Python object per candidate (only the ids list, by reference).
+        text_rows: dict[str, int] = {}
+        flat = array("q")
+        sizes = np.zeros(len(candidates), dtype=np.int64)
         for row, pool in enumerate(candidates):
             if isinstance(pool, str):
                 raise TypeError(f"candidates[{row}] (id {ids[row]!r}) must be a list of texts, got a single string")
-            if type(pool) is not list:
-                pool = converted[row] = list(pool)
-            for rank, text in enumerate(pool):
+            before = len(flat)
+            for text in pool:
                 if not isinstance(text, str):
-                    raise TypeError(
-                        f"candidate {rank} of example {ids[row]!r} is {type(text).__name__}, expected str: {text!r:.80}"
-                    )
-        # A list of lists is kept by reference: at 10M examples a copy costs ~1 GB (the pools never change).
-        self.candidates: list[list[str]] = candidates if type(candidates) is list and not converted else [
-            converted.get(row, pool) for row, pool in enumerate(candidates)]
+                    raise TypeError(f"candidate {len(flat) - before} of example {ids[row]!r} is "
+                                    f"{type(text).__name__}, expected str: {text!r:.80}")
+                flat.append(text_rows.setdefault(text, len(text_rows)))
+            sizes[row] = len(flat) - before
+        texts = pa.array(list(text_rows), type=pa.large_string())
+        del text_rows
+        width = int(sizes.max(initial=0))
+        candidate_ids = np.full((len(ids), width), -1, dtype=np.int64)
+        candidate_ids[np.arange(width)[None, :] < sizes[:, None]] = np.frombuffer(flat, dtype=np.int64)  # row-major
+        del flat
+        self._setup(ids, candidate_ids, _TextTable(texts), k, validate=False)
+
+    @classmethod
+    def from_ids(
+        cls,
+        ids: Sequence[Hashable] | None,
+        candidate_ids: Any,
+        texts: Any,
+        k: int = 7,
+        text_column: str = "text",
+    ) -> NegativePool:
+        """Pools given as row ids into a text table (a mined corpus, or the table of the data's own negatives).
+
+        Args:
+            ids: ``None`` (examples keyed by their row index ``0 .. n-1``: no per-example index) or one hashable id
+                per example.
+            candidate_ids: ``(num_examples, max_pool_size)`` integer array: ``candidate_ids[e, r]`` is the text
+                table row of example ``e``'s ``r``-th candidate (hardest first), ``-1`` after its last one. Kept
+                without a copy when it is ``int64`` or ``int32`` (a ``np.load(..., mmap_mode="r")`` array stays on
+                disk); other integer dtypes are converted to ``int64``.
+            texts: the text table: a ``datasets.Dataset`` (its ``text_column``; memory-mapped when loaded with
+                ``load_from_disk`` / ``Dataset.from_file``), a ``pyarrow`` ``Array`` / ``ChunkedArray`` of strings,
+                or a list of str (e.g. ``conan_hf.data.teacher``'s mined texts; copied into an Arrow array once, so
+                the list can be dropped).
+            k: active negatives per example.
+            text_column: the column of ``texts`` holding the texts, when it is a Dataset.
+
+        Example:
+            >>> import numpy as np, pyarrow as pa
+            >>> corpus = pa.array(["doc a", "doc b", "doc c"])
+            >>> pool = NegativePool.from_ids(None, np.array([[2, 0], [1, -1]]), corpus, k=1)
+            >>> pool.active_negatives(0), pool.candidates[1]
+            (['doc c'], ['doc b'])
+        """
+        _check_k(k)
+        table = _TextTable(texts, text_column)
+        array_ids = np.asanyarray(candidate_ids)  # a np.memmap stays one
+        if array_ids.ndim != 2:
+            raise ValueError(f"candidate_ids must be a 2-D (examples, pool size) array, got shape {array_ids.shape}")
+        if array_ids.dtype.kind not in "iu":
+            raise TypeError(f"candidate_ids must be an integer array (text table rows, -1 = none), got dtype "
+                            f"{array_ids.dtype}")
+        if array_ids.dtype not in (np.int64, np.int32):
+            array_ids = array_ids.astype(np.int64)
+        if ids is not None:
+            ids = ids if type(ids) is list else list(ids)
+            if len(ids) != array_ids.shape[0]:
+                raise ValueError(f"NegativePool got {len(ids)} ids but {array_ids.shape[0]} rows of candidate_ids")
+        pool = cls.__new__(cls)
+        pool._setup(ids, array_ids, table, k, validate=True)
+        return pool
+
+    def _setup(self, ids: list | None, candidate_ids: np.ndarray, texts: _TextTable, k: int, validate: bool) -> None:
         self.k = k
-        sizes = np.fromiter((len(pool) for pool in self.candidates), dtype=np.int64, count=len(self.candidates))
+        self.ids = ids
+        self._num_examples = int(candidate_ids.shape[0])
+        self.candidate_ids = candidate_ids
+        self._texts = texts
+        self._fingerprint = None
+        if ids is None:
+            self._sorted_keys = np.zeros(0, dtype=np.int64)
+            self._key_rows = np.zeros(0, dtype=np.int32)
+            self._collided: dict[Hashable, int] = {}
+        else:
+            self._build_id_index()
+        sizes = self._pool_sizes_checked() if validate else (candidate_ids >= 0).sum(axis=1)
         self.max_pool_size = int(sizes.max(initial=0))  # cached: apply_scores must not scan all pools per step
         rank_dtype = np.int16 if max(self.max_pool_size, k) < np.iinfo(np.int16).max else np.int32
         self.pool_sizes = sizes.astype(rank_dtype)
+        del sizes
         num_active = np.minimum(self.pool_sizes, k)
         slots = np.arange(k, dtype=rank_dtype)
         self.active = np.where(slots[None, :] < num_active[:, None], slots[None, :], -1).astype(rank_dtype)
-        self.s0 = np.full((len(ids), k), np.nan, dtype=np.float64)
+        self.s0 = np.full((self._num_examples, k), np.nan, dtype=np.float64)
         self.cursor = num_active.astype(rank_dtype)
-        self.fresh_bits = np.zeros((len(ids), (k + 7) // 8), dtype=np.uint8)
+        self.fresh_bits = np.zeros((self._num_examples, (k + 7) // 8), dtype=np.uint8)
+
+    def _pool_sizes_checked(self, block: int = 1 << 18) -> np.ndarray:
+        """Candidates per example, checking ``candidate_ids`` block by block (bounded temporary memory)."""
+        num_texts = len(self._texts)
+        sizes = np.empty(self._num_examples, dtype=np.int64)
+        for start in range(0, self._num_examples, block):
+            part = np.asarray(self.candidate_ids[start:start + block])
+            present = part >= 0
+            bad = (part < -1) | (part >= num_texts)
+            if bad.any():
+                row, col = np.argwhere(bad)[0]
+                raise ValueError(
+                    f"candidate_ids[{start + row}, {col}] = {part[row, col]} is not a row of the text table "
+                    f"({num_texts} texts) nor -1 (no candidate); example {self._describe(start + row)}"
+                )
+            gap = present[:, 1:] & ~present[:, :-1]
+            if gap.any():
+                row, col = np.argwhere(gap)[0]
+                raise ValueError(
+                    f"candidate_ids row {start + row} (example {self._describe(start + row)}) has a candidate at "
+                    f"position {col + 1} after a -1: pools are ranked lists, padded with -1 at the end"
+                )
+            sizes[start:start + block] = present.sum(axis=1)
+        return sizes
+
+    def _describe(self, row: int) -> str:
+        return f"row {row}" if self.ids is None else f"{self.ids[row]!r}"
 
     # ---- construction helpers ------------------------------------------------------------------------------------
     @classmethod
@@ -242,7 +367,7 @@ class NegativePool:
             >>> from datasets import Dataset
             >>> ds = Dataset.from_dict({"id": [1, 2], "anchor": ["a", "b"], "positive": ["p", "q"],
             ...                         "negative_1": ["x", "y"], "negative_2": ["z", ""]})
-            >>> NegativePool.from_columns(ds, k=1).candidates
+            >>> list(NegativePool.from_columns(ds, k=1).candidates)
             [['x', 'z'], ['y']]
         """
         columns = list(dataset.column_names)
@@ -288,52 +413,63 @@ class NegativePool:
         verbose: bool = True,
         **mine_kwargs: Any,
     ) -> NegativePool:
-        """Build ranked pools by mining with a teacher embedder (``sentence_transformers.util.mine_hard_negatives``).
+        """Build ranked pools by mining with a teacher embedder (:func:`conan_hf.data.teacher.mine_negative_ids`:
+        FAISS search over memory-mapped embeddings, the rules of ``sentence_transformers.util.mine_hard_negatives``).
 
         Candidates are the teacher's top ``num_candidates`` documents for each query (from the positives of the
         dataset plus ``corpus``), hardest first, after the false-negative filter: with ``relative_margin=0.05`` a
         candidate scoring above 95% of the positive's score is dropped as a probable positive (NV-Retriever's
         TopK-PercPos); ``absolute_margin`` drops candidates within that distance of the positive's score. An
-        example for which nothing survives gets an empty pool (see :class:`NegativePool` for how that trains).
+        example for which nothing survives gets an empty pool (see :class:`NegativePool` for how that trains). The
+        pools are kept as row ids into the mined text table (:meth:`from_ids`).
 
         Args:
             dataset: ``datasets.Dataset`` with ``id_column``, ``anchor_column`` and ``positive_column``.
             model: the teacher SentenceTransformer.
             k: active negatives per example.
             num_candidates: pool size to mine per example.
-            relative_margin / absolute_margin: false-negative margins, passed to ``mine_hard_negatives``.
+            relative_margin / absolute_margin: false-negative margins.
             corpus: extra candidate documents.
             batch_size: teacher encoding batch size.
-            verbose: print ``mine_hard_negatives``' statistics.
-            **mine_kwargs: further :func:`conan_hf.data.teacher.mine_negative_pools` options (``range_min``,
-                ``max_score``, prompt names, ``use_faiss``).
+            verbose: print the mining statistics.
+            **mine_kwargs: further :func:`conan_hf.data.teacher.mine_negative_ids` options (``range_min``,
+                ``max_score``, prompt names, ``index``, ``chunk_size``).
         """
-        from conan_hf.data.teacher import mine_negative_pools
+        from conan_hf.data.teacher import mine_negative_ids
 
         if id_column not in dataset.column_names:
             raise ValueError(f"dataset has no {id_column!r} column (columns: {dataset.column_names})")
-        mined, _ = mine_negative_pools(
-            dataset.select_columns([id_column, anchor_column, positive_column]),
+        mine_kwargs.pop("use_faiss", None)  # always FAISS now
+        mined, _ = mine_negative_ids(
+            dataset.select_columns([anchor_column, positive_column]),
             model,
             pool_size=num_candidates,
             query_column=anchor_column,
             positive_column=positive_column,
-            negatives_column="_dhnm_candidates",
-            scores_column=None,
             corpus=corpus,
             relative_margin=relative_margin,
             absolute_margin=absolute_margin,
             batch_size=batch_size,
-            keep_empty=True,
             verbose=verbose,
             **mine_kwargs,
         )
-        ids, candidates = mined[id_column], mined["_dhnm_candidates"]
-        return cls(ids, candidates, k=k)
+        return cls.from_ids(dataset[id_column], mined.candidate_ids, mined.texts, k=k)
 
     # ---- lookups -------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self.ids)
+        return self._num_examples
+
+    @property
+    def text_table(self) -> Any:
+        """The text table the candidate ids point into (a ``pyarrow`` ChunkedArray, or the ``datasets.Dataset``
+        given to :meth:`from_ids`)."""
+        return self._texts.source
+
+    @property
+    def candidates(self) -> CandidateTexts:
+        """Read-only view of the pools as texts: ``pool.candidates[e]`` is example ``e``'s ranked candidate texts,
+        looked up in the text table on access (for inspection and tests; batches use :meth:`negative_texts`)."""
+        return CandidateTexts(self)
 
     def _build_id_index(self) -> None:
         """Index id -> row as sorted hashes (8 B) and their rows (4 B) per example instead of a dict (~100 B).
@@ -378,8 +514,14 @@ class NegativePool:
                 "own id or deduplicate the data."
             )
 
+
     def _lookup(self, example_id: Hashable) -> int:
         """Row of ``example_id`` or -1."""
+        if self.ids is None:  # keyed by row index
+            if isinstance(example_id, (int, np.integer)) and not isinstance(example_id, (bool, np.bool_)):
+                row = int(example_id)
+                return row if 0 <= row < self._num_examples else -1
+            return -1
         try:
             key = hash(example_id)
         except TypeError:
@@ -397,11 +539,24 @@ class NegativePool:
         """Row of ``example_id`` in the state arrays."""
         row = self._lookup(example_id)
         if row < 0:
+            keyed = " (examples are keyed by their row index)" if self.ids is None else ""
             raise KeyError(
-                f"example id {example_id!r} is not in the NegativePool ({len(self)} examples); build the pool from the "
-                "same dataset that is trained on"
+                f"example id {example_id!r} is not in the NegativePool ({len(self)} examples){keyed}; build the pool "
+                "from the same dataset that is trained on"
             )
         return row
+
+    def rows(self, example_ids: Sequence[Hashable]) -> np.ndarray:
+        """``int64`` rows of several ids (vectorised when the examples are keyed by row index)."""
+        if self.ids is None:
+            values = np.asarray(example_ids)
+            if values.dtype.kind in "iu" and values.ndim == 1:
+                rows = values.astype(np.int64)
+                outside = (rows < 0) | (rows >= self._num_examples)
+                if outside.any():
+                    self.row(values[np.argmax(outside)].item())  # raises, naming the id
+                return rows
+        return np.array([self.row(example_id) for example_id in example_ids], dtype=np.int64)
 
     @property
     def fresh(self) -> np.ndarray:
@@ -413,8 +568,9 @@ class NegativePool:
         return sum(a.nbytes for a in (self.active, self.s0, self.cursor, self.pool_sizes, self.fresh_bits))
 
     def memory_nbytes(self) -> int:
-        """Bytes held per pool beyond the ids and candidate lists it references: the state arrays plus the id index
-        (``_sorted_keys`` int64 and ``_key_rows`` int32; 75 + 12 = 87 bytes per example at ``k = 7``)."""
+        """Bytes held per pool beyond the ids, the candidate ids and the text table: the state arrays plus the id
+        index (``_sorted_keys`` int64 and ``_key_rows`` int32, none when keyed by row index; 75 + 12 = 87 bytes
+        per example at ``k = 7`` with an index, 75 without)."""
         return self.state_nbytes() + self._sorted_keys.nbytes + self._key_rows.nbytes
 
     def _fresh_at(self, rows: np.ndarray, slots: np.ndarray) -> np.ndarray:
@@ -429,10 +585,24 @@ class NegativePool:
         else:
             np.bitwise_and.at(self.fresh_bits, index, ~masks)
 
+    def negative_texts(self, rows: np.ndarray, ranks: np.ndarray) -> list[list[str | None]]:
+        """Texts of candidate ``ranks[i, j]`` of pool row ``rows[i]`` (``None`` where the rank is ``-1``): one lookup
+        in the text table for the whole batch."""
+        rows = np.asarray(rows, dtype=np.int64)
+        ranks = np.asarray(ranks, dtype=np.int64)
+        out: list[list[str | None]] = [[None] * ranks.shape[1] for _ in range(len(rows))]
+        filled_rows, filled_slots = np.nonzero(ranks >= 0)
+        if filled_rows.size:
+            text_rows = np.asarray(self.candidate_ids[rows[filled_rows], ranks[filled_rows, filled_slots]])
+            for i, j, text in zip(filled_rows.tolist(), filled_slots.tolist(), self._texts.take(text_rows)):
+                out[i][j] = text
+        return out
+
     def active_negatives(self, example_id: Hashable) -> list[str]:
         """The texts of the example's active negatives (filled slots only)."""
         row = self.row(example_id)
-        return [self.candidates[row][rank] for rank in self.active[row] if rank >= 0]
+        ranks = self.active[row][None, :]
+        return [text for text in self.negative_texts(np.array([row]), ranks)[0] if text is not None]
 
     # ---- eq. 6 ---------------------------------------------------------------------------------------------------
     def apply_scores(
@@ -532,23 +702,48 @@ class NegativePool:
         counts["pool_exhausted"] = int((~ok).sum())
         return counts
 
+
     # ---- persistence ---------------------------------------------------------------------------------------------
     def fingerprint(self) -> str:
-        """Hash of the ids, pool contents and ``k``: a saved state only loads into the same pools."""
-        # The pools never change after construction, so hash them once (they can be large).
-        if getattr(self, "_fingerprint", None) is None:
-            self._fingerprint = self._compute_fingerprint()
+        """Hash of the ids, candidate ids, text table and ``k``: a saved state only loads into the same pools.
+
+        ``sha256`` over ``k``, the number of examples, the ids (their ``repr``; nothing for row-index ids), the
+        candidate ids (as little-endian ``int64``) and the text table's content (every text's length and bytes,
+        independent of how the table is chunked). Computed once (the pools never change): at 10M examples
+        ``benchmarks/scale.py`` reports the time.
+        """
+        if self._fingerprint is None:
+            digest = hashlib.sha256(f"{_FINGERPRINT_PREFIX}k={self.k};n={len(self)};".encode())
+            if self.ids is None:
+                digest.update(b"ids=row index;")
+            else:
+                for start in range(0, len(self), 65536):
+                    digest.update("\x00".join(map(repr, self.ids[start:start + 65536])).encode() + b"\x00")
+            digest.update(f"candidates={self.candidate_ids.shape[1]};".encode())
+            for start in range(0, len(self), 1 << 18):
+                digest.update(np.ascontiguousarray(self.candidate_ids[start:start + (1 << 18)], dtype="<i8").data)
+            digest.update(self._texts.content_digest())
+            self._fingerprint = f"{_FINGERPRINT_PREFIX}{digest.hexdigest()}"
         return self._fingerprint
 
-    def _compute_fingerprint(self) -> str:
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint of earlier versions (the ids' ``repr`` and every candidate's text, example by example),
+        which states saved before candidates were row ids carry; row-index ids count as the ints ``0 .. n-1``.
+        O(examples x candidates) in Python: computed only to check such a state."""
         digest = hashlib.sha256()
         digest.update(str(self.k).encode())
-        for example_id, pool in zip(self.ids, self.candidates):
+        ids = self.ids if self.ids is not None else range(len(self))
+        for example_id, pool in zip(ids, self.candidates):
             digest.update(repr(example_id).encode())
             digest.update(b"\x00")
             digest.update("\x1f".join(pool).encode())
             digest.update(b"\x1e")
         return digest.hexdigest()
+
+    def _matches_fingerprint(self, saved: str) -> bool:
+        if saved == self.fingerprint():
+            return True
+        return not str(saved).startswith(_FINGERPRINT_PREFIX) and saved == self.legacy_fingerprint()
 
     def state_dict(self) -> dict[str, Any]:
         """The state: metadata plus the live state arrays (not copies; :meth:`DHNMCallback.save` writes them as is).
@@ -579,7 +774,8 @@ class NegativePool:
         version = state.get("version")
         if version not in (1, 2, _STATE_VERSION):
             raise ValueError(f"unsupported DHNM state version {version!r} (expected 1, 2 or {_STATE_VERSION})")
-        if state["num_examples"] != len(self) or state["k"] != self.k or state["fingerprint"] != self.fingerprint():
+        if state["num_examples"] != len(self) or state["k"] != self.k or not self._matches_fingerprint(
+                state["fingerprint"]):
             raise ValueError(
                 f"the saved DHNM state belongs to other pools ({state['num_examples']} examples, k={state['k']}) than "
                 f"this NegativePool ({len(self)} examples, k={self.k}) or their ids/candidates differ; build the pool "
@@ -614,6 +810,139 @@ class NegativePool:
         fresh = np.zeros(shape, dtype=bool)
         fresh.reshape(-1)[np.asarray(state.get("fresh", []), dtype=np.int64)] = True
         self.fresh_bits = np.packbits(fresh, axis=1, bitorder="little")
+
+
+class CandidateTexts(Sequence):
+    """Read-only sequence view of a :class:`NegativePool`'s pools as lists of texts (``pool.candidates``).
+
+    Each access looks the texts up in the pool's text table; nothing is cached. Compares equal to any sequence of
+    the same texts (``pool.candidates == [["a", "b"], []]``).
+    """
+
+    def __init__(self, pool: NegativePool) -> None:
+        self._pool = pool
+
+    def __len__(self) -> int:
+        return len(self._pool)
+
+    def __getitem__(self, row: Any) -> Any:
+        if isinstance(row, slice):
+            return [self[i] for i in range(*row.indices(len(self)))]
+        row = operator.index(row)
+        if row < 0:
+            row += len(self)
+        if not 0 <= row < len(self):
+            raise IndexError(f"pool row {row} out of range ({len(self)} examples)")
+        size = int(self._pool.pool_sizes[row])
+        return self._pool._texts.take(np.asarray(self._pool.candidate_ids[row, :size]))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(list(mine) == list(theirs) for mine, theirs in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        shown = ", ".join(repr(self[i]) for i in range(min(len(self), 3)))
+        return f"CandidateTexts([{shown}{', ...' if len(self) > 3 else ''}], {len(self)} examples)"
+
+
+class _TextTable:
+    """The texts candidate ids point into: a ``pyarrow`` string Array/ChunkedArray or a ``datasets.Dataset`` column.
+
+    Memory-mapped tables stay memory-mapped: a Dataset without an indices mapping is read through its Arrow
+    column's chunks (``dataset.data.column``), one with an indices mapping (after ``select``/``shuffle``) through
+    ``dataset[rows]``.
+    """
+
+    def __init__(self, texts: Any, column: str = "text") -> None:
+        import pyarrow as pa
+
+        self.source = texts
+        self._dataset = None
+        if hasattr(texts, "column_names") and hasattr(texts, "features"):  # a datasets.Dataset
+            if column not in texts.column_names:
+                raise ValueError(f"the text table has no {column!r} column (columns: {texts.column_names})")
+            if getattr(texts, "_indices", None) is not None:
+                self._dataset, self._column = texts.select_columns([column]).with_format(None), column
+                chunks = None
+            else:
+                chunks = list(texts.data.column(column).chunks)
+        elif isinstance(texts, pa.ChunkedArray):
+            chunks = list(texts.chunks)
+        elif isinstance(texts, pa.Array):
+            chunks = [texts]
+        elif isinstance(texts, (list, tuple)):  # e.g. a miner's list of distinct texts: copied into Arrow once
+            bad = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
+            if bad is not None:
+                raise TypeError(f"text table row {bad} is {type(texts[bad]).__name__}, expected str: "
+                                f"{texts[bad]!r:.80}")
+            chunks = [pa.array(texts, type=pa.large_string())]
+            self.source = chunks[0]
+        else:
+            raise TypeError(f"the text table must be a datasets.Dataset, a pyarrow string array or a list of str, got "
+                            f"{type(texts).__name__}")
+        if chunks is not None:
+            for chunk in chunks:
+                if not (pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type)):
+                    raise TypeError(f"the text table must hold strings, got Arrow type {chunk.type}")
+            chunks = [chunk for chunk in chunks if len(chunk)]
+            self._chunks = chunks
+            self._starts = np.cumsum([0] + [len(chunk) for chunk in chunks], dtype=np.int64)
+            self._length = int(self._starts[-1])
+            nulls = [i for i, chunk in enumerate(chunks) if chunk.null_count]
+            if nulls:
+                first = int(np.flatnonzero(chunks[nulls[0]].is_null().to_numpy(zero_copy_only=False))[0])
+                raise ValueError(f"the text table has a missing (null) text at row {self._starts[nulls[0]] + first}")
+        else:
+            self._length = len(self._dataset)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def take(self, rows: np.ndarray) -> list[str]:
+        """Texts at ``rows`` (in that order)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if self._dataset is not None:
+            texts = self._dataset[rows.tolist()][self._column] if rows.size else []
+            if any(text is None for text in texts):
+                raise ValueError("the text table has a missing (null) text among rows "
+                                 f"{rows[[t is None for t in texts]].tolist()}")
+            return texts
+        chunk_of = np.searchsorted(self._starts, rows, side="right") - 1
+        local = rows - self._starts[chunk_of]
+        return [self._chunks[c][i].as_py() for c, i in zip(chunk_of.tolist(), local.tolist())]
+
+    def _arrow_chunks(self) -> Any:
+        if self._dataset is None:
+            yield from self._chunks
+            return
+        for batch in self._dataset.with_format("arrow").iter(batch_size=65536):
+            yield from batch.column(self._column).chunks
+
+    def content_digest(self) -> bytes:
+        """``sha256`` of every text's length and bytes, the same however the table is chunked."""
+        import pyarrow as pa
+
+        lengths, data = hashlib.sha256(), hashlib.sha256()
+        for chunk in self._arrow_chunks():
+            if not len(chunk):
+                continue
+            offset_type = np.int32 if pa.types.is_string(chunk.type) else np.int64
+            _, offsets_buffer, data_buffer = chunk.buffers()
+            offsets = np.frombuffer(offsets_buffer, dtype=offset_type, count=chunk.offset + len(chunk) + 1)
+            offsets = offsets[chunk.offset:].astype(np.int64)
+            lengths.update(np.diff(offsets).astype("<i8").data)
+            if data_buffer is not None and offsets[-1] > offsets[0]:
+                data.update(memoryview(data_buffer)[offsets[0]:offsets[-1]])
+        return lengths.digest() + data.digest()
+
+
+def _check_k(k: Any) -> None:
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (active negatives per example) must be a positive integer, got {k!r}")
+
 
 
 @dataclass
@@ -672,17 +1001,18 @@ class DHNMDataCollator(SentenceTransformerDataCollator):
         positive_column = texts[1]
 
         try:
-            rows = np.array([self.pool.row(row[self.id_column]) for row in features], dtype=np.int64)
+            rows = self.pool.rows([row[self.id_column] for row in features])
         except KeyError as exc:
             raise ValueError(f"DHNMDataCollator: {exc.args[0]}") from None
         negative_ids = self.pool.active[rows].copy()  # snapshot: these are the negatives this batch carries
+        # The texts of this batch's negatives only, looked up in the (memory-mapped) text table in one go.
+        negative_texts = self.pool.negative_texts(rows, negative_ids)
 
         batch_rows = []
-        for row, example, ranks in zip(rows, features, negative_ids):
+        for example, texts in zip(features, negative_texts):
             out = {c: example[c] for c in kept}
-            pool = self.pool.candidates[row]
-            for slot, rank in enumerate(ranks):
-                out[f"{self.negative_prefix}_{slot + 1}"] = pool[rank] if rank >= 0 else example[positive_column]
+            for slot, text in enumerate(texts):
+                out[f"{self.negative_prefix}_{slot + 1}"] = text if text is not None else example[positive_column]
             batch_rows.append(out)
         batch = super().__call__(batch_rows)
         batch["label"] = torch.from_numpy(np.concatenate([rows[:, None], negative_ids], axis=1))

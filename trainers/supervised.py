@@ -16,6 +16,11 @@ replacement is decided after the example's batch and trained at the example's ne
 by a batch of the second (``dhnm_used`` in the logs and the summary). InfoNCE masks in-batch false negatives:
 documents identical to a query's positive, which the batch sampler cannot exclude when pool negatives are added at
 collate time (``infonce_false_negatives_masked``).
+The rows of every task and the candidate negatives are written, batch by batch, to memory-mapped Arrow files under
+``<output_dir>/stage4_tables/`` (:func:`write_task_table`); the pool holds row ids into them (``candidate_ids.npy``,
+also memory-mapped) and the collator looks up the texts of each batch only (:func:`build_negative_pool`). Training
+holds no rows or negatives as Python objects; while the tables are written, ``read_sources`` still returns each
+task's rows as one Python list (see :func:`_task_rows`), dropped once written.
 Each task has its own batch size (paper: 4 for retrieval, 32 for STS) and its own instruction prompt; batches are
 drawn from one task at a time, in proportion to the tasks' sizes. ``lora`` trains LoRA adapters instead of all
 weights (Table 6's comparison) and merges them into the saved model.
@@ -33,10 +38,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
+import shutil
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sentence_transformers import SentenceTransformerTrainer
 from sentence_transformers.base.sampler import (
     DefaultBatchSampler,
@@ -48,7 +59,7 @@ from sentence_transformers.sentence_transformer.data_collator import SentenceTra
 from torch.utils.data import RandomSampler
 
 from conan_hf.errors import DataError, cli_errors, location_of
-from conan_hf.data.sources import read_sources, row_text
+from conan_hf.data.sources import iter_sources, row_text
 from trainers.checkpoints import MainProcessSaveMixin, finish_stage, stage_exits, start_stage, train_with_resume
 from trainers.config import StageConfig, config_from_dict, parse_config
 from trainers.distributed import print_main, setup_runtime
@@ -213,37 +224,186 @@ def _negatives(row: dict[str, Any], what: str = "stage 4 data") -> list[str]:
     return [v for v in values if v not in (None, "")]
 
 
-def task_rows(task: TaskConfig, seed: int = 0) -> tuple[list[dict[str, Any]], list[list[str]]]:
-    """Training rows of a task in its loss's column order, and (for InfoNCE tasks) each row's candidate negatives."""
+def _task_rows(task: TaskConfig, demo_fn: Any, required: list[str], what: str, text: list[str],
+               numeric: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """A task's checked rows (each knows its file:line in ``_location``), read lazily one at a time through the data
+    layer (:func:`conan_hf.data.sources.iter_sources`): no list of the task's rows is built, and rows may differ in
+    their optional columns (``negatives`` on some rows only). The one place stage 4 reads its sources."""
+    yield from iter_sources(task.data, demo_fn, required, numeric=numeric, what=what, text=text)
+
+
+def iter_task_examples(task: TaskConfig, seed: int = 0) -> Iterator[tuple[dict[str, Any], list[str]]]:
+    """A task's examples in its loss's column order, each with its ranked candidate negatives (``[]`` for sts).
+
+    Examples are yielded one at a time, so that :func:`write_task_table` holds only a batch of them in Python.
+    """
     from conan_hf import demo
 
     what = f"stage 4 task {task.name!r} ({task.type})"
     if task.type == "sts":
-        rows = read_sources(task.data, demo.demo_sts, ["sentence1", "sentence2", "score"], numeric=["score"],
-                            text=["sentence1", "sentence2"], what=what)
-        return [{"sentence1": r["sentence1"], "sentence2": r["sentence2"], "score": r["score"]} for r in rows], []
+        rows = _task_rows(task, demo.demo_sts, ["sentence1", "sentence2", "score"], what,
+                          ["sentence1", "sentence2"], numeric=("score",))
+        for r in rows:
+            yield {"sentence1": r["sentence1"], "sentence2": r["sentence2"], "score": r["score"]}, []
+        return
     if task.type == "classification":
-        rows = read_sources(task.data, demo.demo_classification, ["text"], text=["text", "positive"], what=what)
-        if rows and "positive" not in rows[0]:
-            # The label text is embedded as the positive: a label id (a number) would be trained as the text "3".
-            for r in rows:
-                row_text(r, "label", what)
-            labels = sorted({r["label"] for r in rows})
-            rng = random.Random(seed)
-            for r in rows:
+        # Two passes over the rows (the distinct labels first): a list for now, see _task_rows.
+        rows = list(_task_rows(task, demo.demo_classification, ["text"], what, ["text", "positive"]))
+        labelled = bool(rows) and "positive" not in rows[0]
+        # Every row, not only the first, needs its label text. With labels, the label text is embedded as the
+        # positive: a label id (a number) would be trained as the text "3".
+        labels = sorted({row_text(r, "label", what) for r in rows}) if labelled else []
+        rng = random.Random(seed)
+        for r in rows:
+            if labelled:  # the other labels, shuffled per row in row order (as a fixed function of the seed)
                 others = [label for label in labels if label != r["label"]]
                 rng.shuffle(others)
-                r["positive"], r["negatives"] = r["label"], others
-        anchors = [r["text"] for r in rows]
-        for r in rows:
-            row_text(r, "positive", what)  # every row, not only the first, needs its label text
+                yield {"anchor": r["text"], "positive": r["label"]}, others
+            else:
+                yield {"anchor": r["text"], "positive": row_text(r, "positive", what)}, _negatives(r, what)
+        return
+    demo_fn = demo.demo_retrieval if task.type == "retrieval" else demo.demo_clr
+    for r in _task_rows(task, demo_fn, ["query", "positive"], what, ["query", "positive"]):
+        yield {"anchor": r["query"], "positive": r["positive"]}, _negatives(r, what)
+
+
+def task_rows(task: TaskConfig, seed: int = 0) -> tuple[list[dict[str, Any]], list[list[str]]]:
+    """Training rows of a task in its loss's column order, and (for InfoNCE tasks) each row's candidate negatives,
+    as Python lists (small data and tests; :func:`write_task_table` is what the stage uses)."""
+    rows, candidates = [], []
+    for i, (example, negatives) in enumerate(iter_task_examples(task, seed)):
+        rows.append(example if task.type == "sts" else {"id": f"{task.name}/{i}", **example})
+        candidates.append(negatives)
+    return rows, candidates if task.type != "sts" else []
+
+
+@dataclass
+class TaskTable:
+    """A task's training rows as a memory-mapped Arrow table, and for pool tasks its candidate negatives.
+
+    ``dataset`` has the loss's columns (``id, anchor, positive`` for pool tasks: ``id`` is the example's row in the
+    stage's :class:`~trainers.dhnm.NegativePool`; ``sentence1, sentence2, score`` for sts). The candidates are either
+    ``texts`` written in row order (row ``i``'s ``pool_sizes[i]`` candidates follow row ``i - 1``'s) or, for mined
+    pools, ``candidate_ids`` into ``texts``.
+    """
+
+    dataset: Any
+    texts: Any = None
+    pool_sizes: np.ndarray | None = None
+    candidate_ids: np.ndarray | None = None
+
+    @property
+    def width(self) -> int:
+        if self.candidate_ids is not None:
+            return int(self.candidate_ids.shape[1])
+        return int(self.pool_sizes.max(initial=0)) if self.pool_sizes is not None else 0
+
+    def candidate_block(self, start: int, stop: int, text_starts: np.ndarray | None) -> np.ndarray:
+        """``candidate_ids`` of rows ``start:stop`` (rows of ``texts``, ``-1`` padded to :attr:`width`)."""
+        if self.candidate_ids is not None:
+            return np.asarray(self.candidate_ids[start:stop], dtype=np.int64)
+        sizes = self.pool_sizes[start:stop].astype(np.int64)
+        ranks = np.arange(self.width, dtype=np.int64)[None, :]
+        return np.where(ranks < sizes[:, None], text_starts[start:stop, None] + ranks, -1)
+
+
+_TABLE_BATCH_ROWS = 8192  # rows buffered in Python before they are written to the Arrow file
+
+
+def write_task_table(task: TaskConfig, examples: Iterable[tuple[dict[str, Any], list[str]]], folder: Path,
+                     first_id: int = 0) -> TaskTable:
+    """Write a task's examples into memory-mapped Arrow files in ``folder`` (batch by batch, bounded memory).
+
+    Pool tasks get ``id`` = ``first_id`` + row index (the row in the stage's pool) and a text table of their
+    candidates in row order (``candidates.arrow``, column ``text``; no per-row Python objects are kept, only the
+    ``int32`` candidate count of each row).
+    """
+    import pyarrow as pa
+    from datasets import Dataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if task.type == "sts":
+        schema = pa.schema([("sentence1", pa.large_string()), ("sentence2", pa.large_string()),
+                            ("score", pa.float64())])
     else:
-        demo_fn = demo.demo_retrieval if task.type == "retrieval" else demo.demo_clr
-        rows = read_sources(task.data, demo_fn, ["query", "positive"], text=["query", "positive"], what=what)
-        anchors = [r["query"] for r in rows]
-    out = [{"id": f"{task.name}/{i}", "anchor": a, "positive": r["positive"]}
-           for i, (a, r) in enumerate(zip(anchors, rows))]
-    return out, [_negatives(r, what) for r in rows]
+        schema = pa.schema([("id", pa.int64()), ("anchor", pa.large_string()), ("positive", pa.large_string())])
+    text_schema = pa.schema([("text", pa.large_string())])
+    rows_path, texts_path = folder / "rows.arrow", folder / "candidates.arrow"
+    sizes = array("i")
+    with pa.OSFile(str(rows_path), "wb") as rows_sink, pa.ipc.new_stream(rows_sink, schema) as rows_writer, \
+            pa.OSFile(str(texts_path), "wb") as texts_sink, pa.ipc.new_stream(texts_sink, text_schema) as texts_writer:
+        columns: dict[str, list] = {name: [] for name in schema.names}
+        texts: list[str] = []
+
+        def flush() -> None:
+            if columns[schema.names[0]]:
+                rows_writer.write_batch(pa.record_batch([pa.array(columns[n], type=schema.field(n).type)
+                                                         for n in schema.names], schema=schema))
+                for values in columns.values():
+                    values.clear()
+            if texts:
+                texts_writer.write_batch(pa.record_batch([pa.array(texts, type=pa.large_string())],
+                                                         schema=text_schema))
+                texts.clear()
+
+        for i, (example, negatives) in enumerate(examples):
+            if task.type != "sts":
+                columns["id"].append(first_id + i)
+                texts.extend(negatives)
+                sizes.append(len(negatives))
+            for name, value in example.items():
+                columns[name].append(value)
+            if len(columns[schema.names[0]]) >= _TABLE_BATCH_ROWS:
+                flush()
+        flush()
+    dataset = Dataset.from_file(str(rows_path))
+    if task.type == "sts":
+        return TaskTable(dataset)
+    return TaskTable(dataset, texts=Dataset.from_file(str(texts_path)), pool_sizes=np.frombuffer(sizes, np.int32))
+
+
+def build_negative_pool(tables: list[TaskTable], k: int, folder: Path) -> Any:
+    """One :class:`~trainers.dhnm.NegativePool` over the pool tasks' tables, keyed by row index (the ``id``
+    column), its candidate ids in a memory-mapped ``candidate_ids.npy`` and its texts the tasks' memory-mapped
+    candidate tables (zero-copy chunks of one Arrow array)."""
+    import pyarrow as pa
+
+    from trainers.dhnm import NegativePool
+
+    width = max(table.width for table in tables)
+    total = sum(len(table.dataset) for table in tables)
+    if width:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "candidate_ids.npy"
+        candidate_ids = np.lib.format.open_memmap(str(path), mode="w+", dtype=np.int64, shape=(total, width))
+    else:
+        candidate_ids = np.zeros((total, 0), dtype=np.int64)
+    chunks, row0, text0 = [], 0, 0
+    for table in tables:
+        if isinstance(table.texts, pa.Array):  # a mined pool's in-memory table
+            text_column = pa.chunked_array([table.texts])
+        elif isinstance(table.texts, pa.ChunkedArray):
+            text_column = table.texts
+        else:  # a memory-mapped Dataset written by write_task_table
+            text_column = table.texts.data.column("text")
+        chunks += [chunk.cast(pa.large_string()) for chunk in text_column.chunks]
+        text_starts = None
+        if table.candidate_ids is None:
+            text_starts = np.zeros(len(table.dataset), dtype=np.int64)
+            np.cumsum(table.pool_sizes[:-1], out=text_starts[1:])
+        n = len(table.dataset)
+        for start in range(0, n, 1 << 18):
+            stop = min(n, start + (1 << 18))
+            block = table.candidate_block(start, stop, text_starts)
+            candidate_ids[row0 + start:row0 + stop, :block.shape[1]] = np.where(block >= 0, block + text0, -1)
+            candidate_ids[row0 + start:row0 + stop, block.shape[1]:] = -1
+        row0 += n
+        text0 += len(text_column)
+    if width:
+        candidate_ids.flush()
+        del candidate_ids
+        candidate_ids = np.load(str(folder / "candidate_ids.npy"), mmap_mode="r")
+    return NegativePool.from_ids(None, candidate_ids, pa.chunked_array(chunks, type=pa.large_string()), k=k)
 
 
 # ---- batching --------------------------------------------------------------------------------------------------------
@@ -357,7 +517,7 @@ def run(config: SupervisedConfig) -> dict[str, Any]:
     done = start_stage(config, "supervised", 4)
     if done is not None:
         return done
-    from datasets import Dataset, DatasetDict
+    from datasets import DatasetDict
     from sentence_transformers import SentenceTransformerTrainingArguments
 
     from conan_hf.losses import CoSENTLoss, InfoNCELoss, MatryoshkaLoss
@@ -389,34 +549,39 @@ def run(config: SupervisedConfig) -> dict[str, Any]:
     if config.lora:
         add_lora(model, dict(config.lora))
 
-    datasets, losses, pool_ids, pool_candidates, pool_sizes = {}, {}, [], [], {}
+    # The rows and candidate negatives go to memory-mapped Arrow files (one folder per process, rewritten at each
+    # start: the same data gives the same files, so a resumed run's pools match its checkpoint); the pool holds
+    # row ids into them and the collator looks up the texts of each batch only.
+    table_dir = Path(config.output_dir) / "stage4_tables" / f"process-{int(os.environ.get('RANK', '0'))}"
+    shutil.rmtree(table_dir, ignore_errors=True)
+    datasets, losses, pool_tables, pool_sizes, num_pool_rows = {}, {}, [], {}, 0
     for task in tasks:
-        rows, candidates = task_rows(task, seed=config.seed)
-        if not rows:
+        table = write_task_table(task, iter_task_examples(task, seed=config.seed), table_dir / task.name,
+                                 first_id=num_pool_rows)
+        if not len(table.dataset):
             raise ValueError(f"stage 4 task {task.name!r} has no rows")
+        datasets[task.name] = table.dataset
         if task.type == "sts":
-            datasets[task.name] = Dataset.from_list(rows)
             loss = CoSENTLoss(model, scale=config.cosent_scale)
         else:
-            dataset = Dataset.from_list(rows)
-            if not any(candidates) and config.teacher and task.type in ("retrieval", "clr"):
-                mined = NegativePool.from_mining(dataset, config.teacher, k=config.num_negatives,
+            if not table.pool_sizes.any() and config.teacher and task.type in ("retrieval", "clr"):
+                mined = NegativePool.from_mining(table.dataset, config.teacher, k=config.num_negatives,
                                                  num_candidates=config.pool_size)
-                candidates = mined.candidates
-            if not any(candidates):
+                table = TaskTable(table.dataset, texts=mined.text_table, pool_sizes=mined.pool_sizes,
+                                  candidate_ids=mined.candidate_ids)
+            if not table.pool_sizes.any():
                 logger.warning("stage 4 task %r has no hard negatives (give negatives in the data or a teacher to "
                                "mine them); it trains on in-batch negatives only", task.name)
-            datasets[task.name] = dataset
-            pool_ids += dataset["id"]
-            pool_candidates += candidates
-            pool_sizes[task.name] = sum(map(len, candidates))
+            pool_tables.append(table)
+            num_pool_rows += len(table.dataset)
+            pool_sizes[task.name] = int(table.pool_sizes.sum(dtype=np.int64))
             loss = InfoNCELoss(model, temperature=config.temperature,
                                in_batch_negatives=task.type != "classification",
                                mask_false_negatives=config.mask_false_negatives,
                                false_negative_margin=config.false_negative_margin)
         losses[task.name] = MatryoshkaLoss(model, loss, config.matryoshka_dims) if config.matryoshka else loss
 
-    pool = NegativePool(pool_ids, pool_candidates, k=config.num_negatives) if pool_ids else None
+    pool = build_negative_pool(pool_tables, config.num_negatives, table_dir) if pool_tables else None
     args = SentenceTransformerTrainingArguments(
         **config.training_arguments_kwargs(),
         prompts={t.name: ({"anchor": prompts[t.name]} if t.type != "sts" else

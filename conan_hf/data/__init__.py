@@ -10,15 +10,19 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "cache": ("TranslationCache",),
-    "clr": ("TABLE7", "CLRReport", "assign_languages", "build_clr_dataset", "language_counts", "language_shares"),
+    "cache": ("RunMemo", "TranslationCache"),
+    "clr": (
+        "TABLE7", "CLRReport", "RowStream", "assign_languages", "build_clr_dataset", "language_counts",
+        "language_shares", "write_clr_dataset",
+    ),
     "readers": (
-        "DataFormatError", "Row", "Rows", "beir_pairs", "load_rows", "read_beir", "read_squad", "read_stsb_multi_mt",
-        "read_table",
+        "DataFormatError", "Row", "Rows", "SquadRows", "beir_pairs", "beir_splits", "load_rows", "read_beir",
+        "read_beir_corpus", "read_bitext", "read_qrels", "read_squad", "read_stsb_multi_mt", "read_table",
     ),
     "teacher": ("MiningReport", "TeacherFilterReport", "filter_by_teacher", "mine_negative_pools", "teacher_scores"),
     "translate": (
-        "OpenAITranslator", "ParallelCorpusTranslator", "TransformersTranslator", "TranslationError", "Translator",
+        "CompletedTranslation", "OpenAITranslator", "ParallelCorpusTranslator", "TransformersTranslator",
+        "TranslationError", "Translator",
     ),
     "validate": ("TranslationValidator",),
 }  # fmt: skip

@@ -26,11 +26,12 @@ import hashlib
 import json
 import os
 import sqlite3
+import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["TranslationCache", "cache_key"]
+__all__ = ["RunMemo", "TranslationCache", "cache_key"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS translations (
@@ -139,3 +140,57 @@ class TranslationCache:
 
     def __repr__(self) -> str:
         return f"TranslationCache(path={str(self.path)!r}, hits={self.hits}, misses={self.misses})"
+
+
+class RunMemo:
+    """Every ``(text, language)`` pair resolved during one CLR build, with its raw output (``None`` for a failed
+    request), in a temporary SQLite file deleted by :meth:`close`.
+
+    The streaming builder looks pairs up here before the translation cache, so a query text that recurs anywhere in
+    the source is translated (and looked up in the cache) once per run, as when the whole source was held in memory,
+    while RAM stays bounded. Unlike :class:`TranslationCache` it keeps failures, so a failed pair is not requested
+    again within the run (a later run retries it), and it needs no durability (journal and syncing are off).
+
+    Args:
+        folder: where to put the file; default: the system's temporary folder.
+    """
+
+    #: Texts per ``IN (...)`` lookup: SQLite limits bound parameters per statement; 500 is below every default.
+    CHUNK = 500
+
+    def __init__(self, folder: str | os.PathLike | None = None) -> None:
+        handle, name = tempfile.mkstemp(prefix="clr-run-memo-", suffix=".sqlite", dir=folder)
+        os.close(handle)
+        self.path = Path(name)
+        self._conn = sqlite3.connect(name, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=OFF")
+        self._conn.execute("PRAGMA synchronous=OFF")
+        self._conn.execute(
+            "CREATE TABLE memo (language TEXT NOT NULL, text TEXT NOT NULL, output TEXT, PRIMARY KEY (language, text))"
+            " WITHOUT ROWID"
+        )
+
+    def get_many(self, texts: Sequence[str], language: str) -> dict[str, str | None]:
+        """The outputs of those ``texts`` resolved so far in this run (``None``: the request failed)."""
+        found: dict[str, str | None] = {}
+        for start in range(0, len(texts), self.CHUNK):
+            chunk = list(texts[start : start + self.CHUNK])
+            marks = ",".join("?" * len(chunk))
+            query = f"SELECT text, output FROM memo WHERE language = ? AND text IN ({marks})"
+            found.update(self._conn.execute(query, [language, *chunk]))
+        return found
+
+    def put_many(self, items: Iterable[tuple[str, str, str | None]]) -> None:
+        """Record ``(text, language, output)`` triples (``None`` outputs included)."""
+        rows = [(language, text, output) for text, language, output in items]
+        if rows:
+            self._conn.execute("BEGIN")
+            self._conn.executemany("INSERT OR REPLACE INTO memo VALUES (?, ?, ?)", rows)
+            self._conn.execute("COMMIT")
+
+    def __len__(self) -> int:
+        return self._conn.execute("SELECT COUNT(*) FROM memo").fetchone()[0]
+
+    def close(self) -> None:
+        self._conn.close()
+        self.path.unlink(missing_ok=True)

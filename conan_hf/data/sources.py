@@ -49,12 +49,13 @@ from conan_hf.errors import DataError, DataFileNotFoundError, finite_float
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LOCATION", "Source", "load_sources", "parse_sources", "read_sources", "row_text", "split_holdout"]
+__all__ = ["LOCATION", "Source", "iter_sources", "load_sources", "parse_sources", "read_sources", "row_text",
+           "split_holdout"]
 
 #: The column in which every row carries where it was read (``"file:line"``, ``"demo row 3"``).
 LOCATION = "_location"
 #: Uncompressed JSONL/TSV files larger than this are cut into byte ranges when streamed, so ranks share one file.
-SPLIT_BYTES = 64 << 20
+SPLIT_BYTES = 4 << 20
 #: Options of a source mapping that are the data layer's; the others go to the file reader.
 _SOURCE_KEYS = ("path", "columns", "split", "on_error", "limit", "streaming")
 
@@ -200,7 +201,10 @@ def _source_rows(source: Source, check: RowCheck, demo: Callable[[], list[dict]]
         policy = _ErrorPolicy(source.on_error)
         table = iter_table(file, source.columns, policy=policy, byte_range=byte_range, **source.reader)
         rows = ((dict(r), r.location) for r in table)
-    else:  # BEIR folder, SQuAD file, Hub dataset: read by the readers, evaluation-sized
+    elif not Path(source.path).exists():  # a Hub dataset: streamed from the Hub (or its local cache), row by row
+        policy = None
+        rows = _hub_rows(source, check.what)
+    else:  # BEIR folder, SQuAD file: read whole by the readers (evaluation-sized)
         policy = None
         part = load_rows(source.path, source.columns, split=source.split, on_error=source.on_error, **source.reader)
         if skipped is not None:
@@ -223,12 +227,29 @@ def _source_rows(source: Source, check: RowCheck, demo: Callable[[], list[dict]]
                        len(policy.skipped), file, first[0], first[1], first[2])
 
 
+def _hub_rows(source: Source, what: str) -> Iterator[tuple[dict[str, Any], str]]:
+    from datasets import load_dataset
+
+    rows = load_dataset(source.path, split=source.split, streaming=True, **source.reader)
+    for index, row in enumerate(rows, 1):
+        where = f"{source.path} (Hub dataset, split {source.split}) row {index}"
+        if source.columns:
+            missing = [src for src in source.columns.values() if src not in row]
+            if missing:
+                raise DataError(f"{what}: no column(s) {missing}; the row has {sorted(row)}", where=where,
+                                hint="fix the column mapping (`columns: {wanted: source column}`)")
+            row = {name: row[src] for name, src in source.columns.items()}
+        yield row, where
+
+
 def _generate(units: list, sources: tuple[Source, ...], check: RowCheck, demo: Callable | None,
-              stamps: tuple = (), skipped: list[int] | None = None) -> Iterator[dict[str, Any]]:
+              stamps: tuple = (), skipped: list[int] | None = None, uniform: bool = True) -> Iterator[dict[str, Any]]:
     """The rows of ``units`` (``(source index, file, byte range)``), in order. ``stamps`` (file sizes and
-    modification times) only key the ``datasets`` cache."""
+    modification times) only key the ``datasets`` cache. ``uniform``: every row gets the first row's columns (an Arrow
+    table has one set of columns)."""
     del stamps
     counts: dict[int, int] = {}
+    columns: list[str] | None = None  # a table has one set of columns: the first row's, absent ones become None
     for index, file, byte_range in units:
         source = sources[index]
         left = None if source.limit is None else source.limit - counts.get(index, 0)
@@ -237,6 +258,19 @@ def _generate(units: list, sources: tuple[Source, ...], check: RowCheck, demo: C
         limited = source if left is None else Source(**{**source.__dict__, "limit": left})
         for row in _source_rows(limited, check, demo, (file, byte_range), skipped):
             counts[index] = counts.get(index, 0) + 1
+            if not uniform:
+                pass
+            elif columns is None:
+                columns = list(row)
+            elif list(row) != columns:
+                extra = [c for c in row if c not in columns]
+                if extra:
+                    raise DataError(
+                        f"{check.what}: column(s) {extra} first appear here, after rows without them",
+                        where=row[LOCATION],
+                        hint="give the first row every column (null where empty), or read only the columns the "
+                             "stage uses (columns: {...})")
+                row = {column: row.get(column) for column in columns}
             yield row
 
 
@@ -374,29 +408,43 @@ def _stat(path: str) -> tuple[int, int]:
     return info.st_size, info.st_mtime_ns
 
 
+def iter_sources(
+    sources: Any,
+    demo: Callable[[], list[dict[str, Any]]] | None,
+    required: Sequence[str],
+    numeric: Sequence[str] = (),
+    what: str = "data",
+    text: Sequence[str] = (),
+) -> Iterator[dict[str, Any]]:
+    """The checked rows of every source, read lazily in this process, one at a time (rows of one source may differ
+    in their optional columns). Each row carries its place in :data:`LOCATION`; a source without rows raises."""
+    check = RowCheck(what, tuple(required), tuple(text), tuple(numeric))
+    for source in parse_sources(sources, what):
+        skipped: list[int] = []
+        count = 0
+        for row in _generate(_shards(source, 0, 1), (source,), check, demo, skipped=skipped, uniform=False):
+            count += 1
+            yield row
+        if not count:
+            raise _no_rows(what, source, sum(skipped))
+        logger.info("%s: %d rows from %s", what, count, source.path)
+
+
 def read_sources(
     sources: Any,
-    demo: Callable[[], list[dict[str, Any]]],
+    demo: Callable[[], list[dict[str, Any]]] | None,
     required: Sequence[str],
     numeric: Sequence[str] = (),
     what: str = "data",
     text: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
-    """The rows of :func:`load_sources` as a list of :class:`conan_hf.data.readers.Row` (``row.location``) — for
-    small data only (demo runs, tests, evaluation sets); training stages use :func:`load_sources`."""
+    """The rows of :func:`iter_sources` as a list of :class:`conan_hf.data.readers.Row` (``row.location``) — for
+    small data only (demo runs, tests, evaluation sets); training stages use :func:`load_sources` or
+    :func:`iter_sources`."""
     from conan_hf.data.readers import Row
 
-    check = RowCheck(what, tuple(required), tuple(text), tuple(numeric))
-    rows: list[dict[str, Any]] = []
-    for source in parse_sources(sources, what):
-        skipped: list[int] = []
-        part = [Row({k: v for k, v in row.items() if k != LOCATION}, row[LOCATION])
-                for row in _generate(_shards(source, 0, 1), (source,), check, demo, skipped=skipped)]
-        if not part:
-            raise _no_rows(what, source, sum(skipped))
-        logger.info("%s: %d rows from %s", what, len(part), source.path)
-        rows.extend(part)
-    return rows
+    return [Row({k: v for k, v in row.items() if k != LOCATION}, row[LOCATION])
+            for row in iter_sources(sources, demo, required, numeric, what, text)]
 
 
 def row_text(row: dict[str, Any], column: str, what: str, where: str | None = None, optional: bool = False) -> str:

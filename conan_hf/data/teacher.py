@@ -1,11 +1,20 @@
-"""Teacher filtering and hard-negative pool mining: reusable data-cleaning steps of the recipe.
+"""Teacher filtering and hard-negative pool mining: reusable data-cleaning steps of the recipe, at corpus scale.
 
 - :func:`filter_by_teacher` — the weakly-supervised stage drops (query, positive) pairs that a teacher embedder scores
-  below a threshold (paper: 0.4), removing noisy pairs before training.
+  below a threshold (paper: 0.4), removing noisy pairs before training. Pairs are scored in chunks (encode a chunk,
+  score it, drop its embeddings), so memory does not grow with the number of pairs; a ``Dataset``, an
+  ``IterableDataset`` or any iterable of rows is accepted.
 - :func:`mine_negative_pools` — Dynamic Hard Negative Mining (§3.4, eq.6) needs, per example, a **ranked pool** of
-  candidate hard negatives from which replacements are drawn. The pool is mined with sentence-transformers'
-  :func:`~sentence_transformers.util.mine_hard_negatives`, with a false-negative margin: candidates scoring within
-  ``relative_margin`` of the positive are skipped, as likely unlabeled positives (NV-Retriever's TopK-PercPos).
+  candidate hard negatives from which replacements are drawn. Candidates are ranked by the teacher's cosine similarity
+  with a FAISS index over embeddings written to a memory-mapped file, queries searched in chunks, with a false-negative
+  margin: candidates scoring within ``relative_margin`` of the positive are skipped, as likely unlabeled positives
+  (NV-Retriever's TopK-PercPos). The rules and the result are those of sentence-transformers'
+  :func:`~sentence_transformers.util.mine_hard_negatives` (``sampling_strategy="top"``), which this module used before
+  and which holds all embeddings and a ``16384 x corpus`` score matrix in memory. :func:`mine_negative_ids` returns the
+  pools as row ids into a text table instead of texts.
+
+When ``torch.distributed`` is initialised (e.g. under ``torchrun``), every rank encodes its share of each chunk and the
+embeddings / scores are all-gathered, so the encoding work is split across ranks and every rank gets the same result.
 
 Both accept any SentenceTransformer (or a path to one), show progress bars while encoding, print a summary and return
 it as a report object.
@@ -22,15 +31,25 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["MiningReport", "TeacherFilterReport", "filter_by_teacher", "mine_negative_pools", "teacher_scores"]
+__all__ = [
+    "MinedPools",
+    "MiningReport",
+    "TeacherFilterReport",
+    "filter_by_teacher",
+    "mine_negative_ids",
+    "mine_negative_pools",
+    "teacher_scores",
+]
 
 
 def _load_model(model: Any) -> Any:
@@ -52,42 +71,65 @@ def _as_dataset(data: Any) -> Any:
     return Dataset.from_list(rows)
 
 
-def _check_columns(dataset: Any, *columns: str) -> None:
-    missing = [c for c in columns if c not in dataset.column_names]
+def _check_columns(columns: Sequence[str], *needed: str) -> None:
+    missing = [c for c in needed if c not in columns]
     if missing:
-        raise KeyError(f"column(s) {missing} not in the data (it has {dataset.column_names})")
+        raise KeyError(f"column(s) {missing} not in the data (it has {list(columns)})")
 
 
-def teacher_scores(
-    model: Any,
-    queries: list[str],
-    positives: list[str],
-    *,
-    batch_size: int = 64,
-    query_prompt_name: str | None = None,
-    document_prompt_name: str | None = None,
-    query_prompt: str | Sequence[str | None] | None = None,
-    show_progress_bar: bool = True,
-) -> np.ndarray:
-    """Teacher similarity of each (query, positive) pair, with the model's own similarity function (usually cosine).
+# ---- ranks -----------------------------------------------------------------------------------------------------------
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the initialised default process group, else (0, 1)."""
+    import torch.distributed as dist
 
-    Queries go through ``encode_query`` and positives through ``encode_document``, so models with query/document
-    prompts use them; each distinct text is encoded once.
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
-    ``query_prompt`` replaces the teacher's own query prompt: one string for every query (``""``: encode the queries
-    exactly as given, for queries that already carry their instruction), or one entry per query (e.g. each row's own
-    instruction as ``"Instruct: ...\nQuery: "``; ``None`` entries get the teacher's own prompt). ``None``: the
-    teacher's own query prompt (or ``query_prompt_name``) for all.
+
+def _share(length: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous ``[start, stop)`` slice of ``length`` items that ``rank`` handles (sizes differ by at most 1)."""
+    return length * rank // world, length * (rank + 1) // world
+
+
+def _all_gather_rows(part: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
+    """Concatenate every rank's ``part`` (``sizes[r]`` rows from rank ``r``) in rank order, on every rank.
+
+    Parts are padded to the largest size for ``all_gather`` (which needs equal shapes); the sizes are known to every
+    rank (they come from :func:`_share`), so they are not exchanged. With NCCL the tensors travel through the GPU.
     """
-    if len(queries) != len(positives):
-        raise ValueError(f"{len(queries)} queries but {len(positives)} positives")
-    if query_prompt is None or isinstance(query_prompt, str):
-        prompts = [query_prompt] * len(queries)
-    else:
-        prompts = list(query_prompt)
-        if len(prompts) != len(queries):
-            raise ValueError(f"{len(queries)} queries but {len(prompts)} query prompts")
-    model = _load_model(model)
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    width = max(sizes)
+    padded = np.zeros((width, *part.shape[1:]), dtype=part.dtype)
+    padded[: len(part)] = part
+    local = torch.from_numpy(padded).to(device)
+    gathered = [torch.empty_like(local) for _ in sizes]
+    dist.all_gather(gathered, local)
+    return np.concatenate([g[:size].cpu().numpy() for g, size in zip(gathered, sizes)])
+
+
+def _sharded(length: int, compute: Callable[[int, int], np.ndarray]) -> np.ndarray:
+    """``compute(start, stop)`` over ``[0, length)``, split across ranks when distributed; same result on every rank."""
+    rank, world = _world()
+    if world == 1:
+        return compute(0, length)
+    start, stop = _share(length, rank, world)
+    sizes = [b - a for a, b in (_share(length, r, world) for r in range(world))]
+    return _all_gather_rows(compute(start, stop), sizes)
+
+
+_SCORE_BLOCK = 2048  # pairs scored at once from a chunk's embeddings
+
+
+# ---- teacher scores and filter -----------------------------------------------------------------------------------
+def _pair_scores(model: Any, queries: list[str], positives: list[str], prompts: list[str | None], *,
+                 batch_size: int, query_prompt_name: str | None, document_prompt_name: str | None,
+                 show_progress_bar: bool) -> np.ndarray:
+    """Teacher score of each pair of one chunk; each distinct text of the chunk is encoded once."""
+    if not queries:
+        return np.zeros(0, dtype=np.float32)
     unique_q = list(dict.fromkeys(zip(prompts, queries)))
     unique_p = list(dict.fromkeys(positives))
     # sentence-transformers takes one prompt per call: encode each prompt's queries together.
@@ -103,20 +145,74 @@ def teacher_scores(
     p_emb = model.encode_document(unique_p, prompt_name=document_prompt_name, batch_size=batch_size,
                                   convert_to_tensor=True, show_progress_bar=show_progress_bar)  # fmt: skip
     p_pos = {t: i for i, t in enumerate(unique_p)}
-    q_idx = [q_pos[key] for key in zip(prompts, queries)]
-    p_idx = [p_pos[t] for t in positives]
-    return model.similarity_pairwise(q_emb[q_idx], p_emb[p_idx]).float().cpu().numpy()
+    q_idx = torch.tensor([q_pos[key] for key in zip(prompts, queries)])
+    p_idx = torch.tensor([p_pos[t] for t in positives])
+    # Scored in blocks, so the gathered (query, positive) embeddings never add two more chunk-sized copies.
+    return np.concatenate([
+        model.similarity_pairwise(q_emb[q_idx[i:i + _SCORE_BLOCK]], p_emb[p_idx[i:i + _SCORE_BLOCK]]).float().cpu()
+        .numpy() for i in range(0, len(q_idx), _SCORE_BLOCK)
+    ])
+
+
+def teacher_scores(
+    model: Any,
+    queries: list[str],
+    positives: list[str],
+    *,
+    batch_size: int = 64,
+    query_prompt_name: str | None = None,
+    document_prompt_name: str | None = None,
+    query_prompt: str | Sequence[str | None] | None = None,
+    chunk_size: int = 16384,
+    show_progress_bar: bool = True,
+) -> np.ndarray:
+    """Teacher similarity of each (query, positive) pair, with the model's own similarity function (usually cosine).
+
+    Queries go through ``encode_query`` and positives through ``encode_document``, so models with query/document
+    prompts use them. Pairs are scored ``chunk_size`` at a time (each distinct text of a chunk encoded once, the
+    embeddings dropped after the chunk), so memory stays at one chunk of embeddings; when ``torch.distributed`` is
+    initialised each rank scores its share of every chunk and the scores are all-gathered (same result on all ranks).
+
+    ``query_prompt`` replaces the teacher's own query prompt: one string for every query (``""``: encode the queries
+    exactly as given, for queries that already carry their instruction), or one entry per query (e.g. each row's own
+    instruction as ``"Instruct: ...\nQuery: "``; ``None`` entries get the teacher's own prompt). ``None``: the
+    teacher's own query prompt (or ``query_prompt_name``) for all.
+    """
+    if len(queries) != len(positives):
+        raise ValueError(f"{len(queries)} queries but {len(positives)} positives")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if query_prompt is None or isinstance(query_prompt, str):
+        prompts = [query_prompt] * len(queries)
+    else:
+        prompts = list(query_prompt)
+        if len(prompts) != len(queries):
+            raise ValueError(f"{len(queries)} queries but {len(prompts)} query prompts")
+    model = _load_model(model)
+    scores = []
+    for start in range(0, len(queries), chunk_size):
+        stop = min(start + chunk_size, len(queries))
+
+        def compute(a: int, b: int, offset: int = start) -> np.ndarray:
+            return _pair_scores(model, list(queries[offset + a:offset + b]), list(positives[offset + a:offset + b]),
+                                prompts[offset + a:offset + b], batch_size=batch_size,
+                                query_prompt_name=query_prompt_name, document_prompt_name=document_prompt_name,
+                                show_progress_bar=show_progress_bar)
+
+        scores.append(_sharded(stop - start, compute))
+    return np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
 
 
 @dataclass
 class TeacherFilterReport:
-    """Outcome of :func:`filter_by_teacher`; ``scores`` holds the teacher score of every input row, in input order."""
+    """Outcome of :func:`filter_by_teacher`; ``scores`` holds the teacher score of every input row, in input order
+    (a ``float32`` array: 4 bytes per row)."""
 
     threshold: float
     total: int
     kept: int
     dropped: int
-    scores: list[float] = field(default_factory=list, repr=False)
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32), repr=False)
 
     def summary(self) -> str:
         s = np.asarray(self.scores)
@@ -127,7 +223,37 @@ class TeacherFilterReport:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["scores"] = np.asarray(self.scores).tolist()
+        return out
+
+
+_END = object()  # marks an exhausted iterator (a prompt entry may be None)
+
+
+def _column_chunks(data: Any, chunk_size: int) -> tuple[Iterator[dict[str, list]], list[str] | None]:
+    """Iterate ``data`` as ``{column: values}`` chunks of ``chunk_size`` rows; also its column names when known."""
+    from datasets import Dataset, IterableDataset
+
+    if isinstance(data, (Dataset, IterableDataset)):
+        return data.iter(batch_size=chunk_size), data.column_names
+
+    def rows_to_columns() -> Iterator[dict[str, list]]:
+        iterator = iter(data)
+        offset, columns = 0, None
+        while True:
+            rows = [dict(row) for row in itertools.islice(iterator, chunk_size)]
+            if not rows:
+                return
+            columns = columns or list(rows[0])
+            for index, row in enumerate(rows):
+                if list(row) != columns:
+                    raise ValueError(f"row {offset + index + 1} has columns {list(row)}, unlike row 1 ({columns}); "
+                                     "every row needs the same columns")
+            yield {c: [row[c] for row in rows] for c in columns}
+            offset += len(rows)
+
+    return rows_to_columns(), None
 
 
 def filter_by_teacher(
@@ -141,46 +267,116 @@ def filter_by_teacher(
     batch_size: int = 64,
     query_prompt_name: str | None = None,
     document_prompt_name: str | None = None,
-    query_prompt: str | Sequence[str | None] | None = None,
+    query_prompt: str | Sequence[str | None] | Callable[[Mapping[str, Any]], str | None] | None = None,
+    chunk_size: int = 16384,
+    output_dir: str | os.PathLike | None = None,
     show_progress_bar: bool = True,
     verbose: bool = True,
 ) -> tuple[Any, TeacherFilterReport]:
     """Drop (query, positive) pairs a teacher scores below ``threshold`` (paper: 0.4; kept iff ``score >= threshold``).
 
+    The data is read and scored ``chunk_size`` rows at a time (see :func:`teacher_scores`): no more than one chunk of
+    rows and embeddings is held, plus the kept row numbers and one ``float32`` score per row. Under
+    ``torch.distributed`` each rank encodes its share of every chunk; every rank returns the same kept rows.
+
     Args:
-        data: a ``datasets.Dataset`` or an iterable of row dicts.
+        data: a ``datasets.Dataset`` (the kept rows are a ``select`` of it: nothing is copied), a
+            ``datasets.IterableDataset`` or any iterable of row dicts (the kept rows are written chunk by chunk to an
+            Arrow file under ``output_dir`` and returned memory-mapped).
         model: a SentenceTransformer or a path/name to load one from.
         score_column: name of the added column holding each kept row's teacher score (``None``: add nothing).
-        query_prompt: text put before the queries instead of the teacher's own query prompt: one string for all, or
-            one per row (``None`` entries: the teacher's own). Pass ``""`` when the queries already carry their
-            instruction (e.g. ``"Instruct: ...\nQuery: ..."``), or each row's instruction as its prompt, so the
-            teacher sees one instruction, the row's, never its own on top of it. ``None`` (default): the teacher's
-            ``query`` prompt, if it has one.
+        query_prompt: text put before the queries instead of the teacher's own query prompt: one string for all, one
+            per row (``None`` entries: the teacher's own), or a function of the row (for streamed data). Pass ``""``
+            when the queries already carry their instruction (e.g. ``"Instruct: ...\nQuery: ..."``), or each row's
+            instruction as its prompt, so the teacher sees one instruction, the row's, never its own on top of it.
+            ``None`` (default): the teacher's ``query`` prompt, if it has one.
+        chunk_size: rows scored at a time.
+        output_dir: folder for the kept rows of an iterable input (default: a new temporary folder, kept because
+            the returned dataset reads from it). Under ``torch.distributed`` each rank writes its own file.
 
     Returns:
-        ``(kept_dataset, report)``; the kept rows keep their order and all their columns.
+        ``(kept_dataset, report)``; the kept rows keep their order and all their columns. ``report.total`` counts
+        every row read, ``kept + dropped == total``.
     """
-    dataset = _as_dataset(data)
-    _check_columns(dataset, query_column, positive_column)
-    scores = teacher_scores(
-        model, list(dataset[query_column]), list(dataset[positive_column]), batch_size=batch_size,
-        query_prompt_name=query_prompt_name, document_prompt_name=document_prompt_name, query_prompt=query_prompt,
-        show_progress_bar=show_progress_bar,
-    )  # fmt: skip
-    if np.isnan(scores).any():
-        raise ValueError(f"the teacher produced NaN scores for rows {np.flatnonzero(np.isnan(scores))[:10].tolist()}")
-    keep = np.flatnonzero(scores >= threshold)
-    if score_column is not None:
-        dataset = dataset.add_column(score_column, scores.tolist())
-    kept = dataset.select(keep)
-    report = TeacherFilterReport(
-        threshold=threshold, total=len(scores), kept=len(keep), dropped=len(scores) - len(keep), scores=scores.tolist()
-    )
+    from datasets import Dataset
+
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    model = _load_model(model)
+    chunks, columns = _column_chunks(data, chunk_size)
+    if columns is not None:
+        _check_columns(columns, query_column, positive_column)
+    per_row_prompts = None
+    if query_prompt is not None and not isinstance(query_prompt, str) and not callable(query_prompt):
+        per_row_prompts = iter(query_prompt)
+    in_memory = isinstance(data, Dataset)
+    keep_parts: list[np.ndarray] = []
+    score_parts: list[np.ndarray] = []
+    writer = path = None
+    total = 0
+    for chunk in chunks:
+        _check_columns(list(chunk), query_column, positive_column)
+        queries, positives = chunk[query_column], chunk[positive_column]
+        if per_row_prompts is not None:
+            prompts = list(itertools.islice(per_row_prompts, len(queries)))
+            if len(prompts) != len(queries):
+                raise ValueError(f"query_prompt has {total + len(prompts)} entries but the data has more rows")
+        elif callable(query_prompt):
+            prompts = [query_prompt({c: v[i] for c, v in chunk.items()}) for i in range(len(queries))]
+        else:
+            prompts = query_prompt
+        scores = teacher_scores(model, queries, positives, batch_size=batch_size, query_prompt_name=query_prompt_name,
+                                document_prompt_name=document_prompt_name, query_prompt=prompts,
+                                chunk_size=len(queries), show_progress_bar=show_progress_bar)
+        if np.isnan(scores).any():
+            rows = (total + np.flatnonzero(np.isnan(scores))[:10] + 1).tolist()
+            raise ValueError(f"the teacher produced NaN scores for rows {rows} (1-based)")
+        keep = np.flatnonzero(scores >= threshold)
+        score_parts.append(scores.astype(np.float32))
+        if in_memory:
+            keep_parts.append(total + keep)
+        elif len(keep):
+            kept_chunk = {c: [v[i] for i in keep] for c, v in chunk.items()}
+            if score_column is not None:
+                kept_chunk[score_column] = scores[keep].astype(np.float64).tolist()
+            if writer is None:
+                writer, path = _open_writer(output_dir)
+            writer.write_batch(kept_chunk)
+        total += len(queries)
+    if per_row_prompts is not None and next(per_row_prompts, _END) is not _END:
+        raise ValueError(f"query_prompt has more entries than the data has rows ({total})")
+    if total == 0:
+        raise ValueError("no rows given")
+    scores = np.concatenate(score_parts)
+    if in_memory:
+        keep = np.concatenate(keep_parts)
+        dataset = data.add_column(score_column, scores.astype(np.float64)) if score_column is not None else data
+        kept = dataset.select(keep)
+    elif writer is not None:
+        writer.finalize()
+        writer.close()
+        kept = Dataset.from_file(path)
+    else:  # nothing passed: an empty dataset with the input's columns
+        names = list(columns or chunk) + ([score_column] if score_column is not None else [])
+        kept = Dataset.from_dict({name: [] for name in names})
+    n_kept = len(kept)
+    report = TeacherFilterReport(threshold=threshold, total=total, kept=n_kept, dropped=total - n_kept, scores=scores)
     if verbose:
         print(report.summary())
     return kept, report
 
 
+def _open_writer(output_dir: str | os.PathLike | None) -> tuple[Any, str]:
+    from datasets.arrow_writer import ArrowWriter
+
+    rank, world = _world()
+    folder = str(output_dir) if output_dir is not None else tempfile.mkdtemp(prefix="teacher_filter_")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"kept.rank{rank}.arrow" if world > 1 else "kept.arrow")
+    return ArrowWriter(path=path), path
+
+
+# ---- mining --------------------------------------------------------------------------------------------------------
 @dataclass
 class MiningReport:
     """Outcome of :func:`mine_negative_pools`: how many rows got a full, partial or empty pool."""
@@ -203,16 +399,185 @@ class MiningReport:
         return asdict(self)
 
 
-def mine_negative_pools(
+@dataclass
+class MinedPools:
+    """Hard-negative pools as row ids into a text table (:func:`mine_negative_ids`).
+
+    Attributes:
+        candidate_ids: ``(n_rows, pool_size)`` ``int64``; row ``i`` is the pool of input row ``i``, hardest first, as
+            indices into ``texts``; ``-1`` pads pools with fewer than ``pool_size`` candidates (all ``-1``: empty).
+        candidate_scores: ``(n_rows, pool_size)`` ``float32`` teacher scores of the candidates (``NaN`` where ``-1``).
+        positive_ids: ``(n_rows,)`` ``int64``: each row's positive in ``texts``.
+        positive_scores: ``(n_rows,)`` ``float32``: the teacher score of each row's (query, positive).
+        texts: the candidate text table: the distinct texts of ``corpus`` in first-occurrence order, then the
+            positives not in it. When ``corpus`` is duplicate-free and holds every positive, ids are ``corpus`` rows.
+    """
+
+    candidate_ids: np.ndarray
+    candidate_scores: np.ndarray
+    positive_ids: np.ndarray
+    positive_scores: np.ndarray
+    texts: list[str] = field(repr=False)
+
+    @property
+    def pool_sizes(self) -> np.ndarray:
+        """Number of candidates in each row's pool."""
+        return (self.candidate_ids >= 0).sum(axis=1)
+
+
+def _encoder(model: Any, batch_size: int) -> Any:
+    """A :class:`~conan_hf.encode.FastEncoder` around ``model`` that leaves its dtype and attention as they are."""
+    from conan_hf.encode import FastEncoder
+
+    if isinstance(model, FastEncoder):
+        return model
+    return FastEncoder(_load_model(model), dtype=None, attn_implementation=None, max_batch_size=batch_size)
+
+
+def _encode_to_file(encoder: Any, texts: Sequence[str], path: str, *, task: str, prompt_name: str | None,
+                    chunk_size: int, desc: str, show_progress_bar: bool) -> int:
+    """Embed ``texts`` into the ``float32`` ``.npy`` file ``path``, unit-normalised, ``chunk_size`` texts at a time.
+
+    Each rank encodes its share of a chunk (:func:`_sharded`); the chunk's rows are written with ``os.pwrite`` through
+    FastEncoder's row writer, so the file's pages do not stay resident. Returns the embedding dimension.
+    """
+    from tqdm.auto import tqdm
+
+    from conan_hf.encode import _NpyRowWriter
+
+    dim = int(np.asarray(encoder.encode([texts[0]], task=task, prompt_name=prompt_name,
+                                        show_progress_bar=False)).shape[1])
+    writer = _NpyRowWriter(path, (len(texts), dim))
+    with writer, tqdm(total=len(texts), desc=desc, unit="text", disable=not show_progress_bar) as progress:
+        for start in range(0, len(texts), chunk_size):
+            stop = min(start + chunk_size, len(texts))
+
+            def compute(a: int, b: int, offset: int = start) -> np.ndarray:
+                if a == b:
+                    return np.zeros((0, dim), dtype=np.float32)
+                return np.asarray(encoder.encode(list(texts[offset + a:offset + b]), task=task,
+                                                 prompt_name=prompt_name, normalize=True, show_progress_bar=False),
+                                  dtype=np.float32)
+
+            embeddings = _sharded(stop - start, compute)
+            writer.write(list(range(start, stop)), torch.from_numpy(embeddings))
+            progress.update(stop - start)
+    return dim
+
+
+def _read_rows(path: str, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of a ``.npy`` file, read into memory (the mapping is closed again)."""
+    mapped = np.load(path, mmap_mode="r")
+    rows = np.array(mapped[start:stop], dtype=np.float32)
+    del mapped
+    return rows
+
+
+def _take_rows(path: str, rows: np.ndarray) -> np.ndarray:
+    mapped = np.load(path, mmap_mode="r")
+    out = np.asarray(mapped[rows], dtype=np.float32)
+    del mapped
+    return out
+
+
+class _CorpusIndex:
+    """Top-k inner-product search over the unit-norm corpus embeddings in a ``.npy`` file.
+
+    ``kind``:
+        - ``"flat"`` — exact: a ``faiss.IndexFlatIP`` filled chunk by chunk (RAM: ``n x dim x 4`` bytes).
+        - ``"stream"`` — exact, without holding the corpus: for each query chunk, the corpus is read back
+          ``chunk_size`` rows at a time, searched with a temporary ``IndexFlatIP`` and the results merged in a
+          ``faiss.ResultHeap`` (RAM: one corpus chunk; the file is re-read once per query chunk, from the page cache
+          when it fits there).
+        - any other string — a ``faiss.index_factory`` description with the inner-product metric, e.g.
+          ``"IVF4096,Flat"``, ``"HNSW32"``, ``"IVF16384,PQ64"`` (approximate; trained on ``train_size`` corpus rows
+          sampled with a fixed seed, filled chunk by chunk); ``search_params`` sets its search-time parameters
+          (``{"nprobe": 64}``, ``{"efSearch": 256}``) through ``faiss.ParameterSpace``.
+    """
+
+    def __init__(self, path: str, n: int, dim: int, kind: str, chunk_size: int, train_size: int,
+                 search_params: Mapping[str, Any] | None) -> None:
+        import faiss
+
+        self.path, self.n, self.dim, self.kind, self.chunk_size = path, n, dim, kind, chunk_size
+        self.index = None
+        if kind in ("flat", "stream") and search_params:
+            raise ValueError(f"search_params {dict(search_params)} only apply to an approximate index, not {kind!r}")
+        if kind == "stream":
+            return
+        if kind == "flat":
+            self.index = faiss.IndexFlatIP(dim)
+        else:
+            self.index = faiss.index_factory(dim, kind, faiss.METRIC_INNER_PRODUCT)
+            if not self.index.is_trained:
+                rng = np.random.default_rng(0)
+                sample = np.sort(rng.choice(n, size=min(n, train_size), replace=False))
+                self.index.train(_take_rows(path, sample))
+        for start in range(0, n, chunk_size):
+            self.index.add(_read_rows(path, start, min(start + chunk_size, n)))
+        for name, value in (search_params or {}).items():
+            faiss.ParameterSpace().set_index_parameter(self.index, name, value)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, ids)`` of the ``k`` best corpus rows per query, best first; ids ``-1`` where fewer exist."""
+        import faiss
+
+        if self.index is not None:
+            scores, ids = self.index.search(queries, k)
+            return scores, ids
+        heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+        block = faiss.IndexFlatIP(self.dim)
+        for start in range(0, self.n, self.chunk_size):
+            block.add(_read_rows(self.path, start, min(start + self.chunk_size, self.n)))
+            scores, ids = block.search(queries, min(k, block.ntotal))
+            block.reset()
+            heap.add_result(scores, np.where(ids >= 0, ids + start, -1))
+        heap.finalize()
+        return heap.D, heap.I
+
+
+def _filter_candidates(scores: np.ndarray, ids: np.ndarray, positives: np.ndarray, min_positive: np.ndarray, *,
+                       range_min: int, pool_size: int, relative_margin: float | None, absolute_margin: float | None,
+                       max_score: float | None, min_score: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """The pool of each query from its ranked candidates, with ``mine_hard_negatives``' rules (``"top"`` sampling).
+
+    ``positives``: ``(c, P)`` the own-positive ids of each query (``-1`` padded), never candidates;
+    ``min_positive``: the lowest (query, positive) score of each query, the reference of the margins. A candidate is
+    dropped when ``score + absolute_margin > min_positive`` or ``score > min_positive - |min_positive| *
+    relative_margin`` (likely an unlabeled positive), ``score > max_score`` or ``score < min_score``; of those left
+    (best first), the first ``range_min`` are skipped and the next ``pool_size`` form the pool.
+    """
+    scores = scores.astype(np.float32, copy=True)
+    removed = ids < 0
+    removed |= (ids[:, :, None] == positives[:, None, :]).any(axis=2)
+    if absolute_margin is not None:
+        removed |= scores + np.float32(absolute_margin) > min_positive[:, None]
+    if relative_margin is not None:
+        threshold = min_positive - np.abs(min_positive) * np.float32(relative_margin)
+        removed |= scores > threshold[:, None]
+    if max_score is not None:
+        removed |= scores > max_score
+    if min_score is not None:
+        removed |= scores < min_score
+    kept = ~removed
+    rank = np.cumsum(kept, axis=1) - 1 - range_min  # position in the pool of each kept candidate
+    take = kept & (rank >= 0) & (rank < pool_size)
+    rows, cols = np.nonzero(take)
+    pool_ids = np.full((len(ids), pool_size), -1, dtype=np.int64)
+    pool_scores = np.full((len(ids), pool_size), np.nan, dtype=np.float32)
+    pool_ids[rows, rank[rows, cols]] = ids[rows, cols]
+    pool_scores[rows, rank[rows, cols]] = scores[rows, cols]
+    return pool_ids, pool_scores
+
+
+def mine_negative_ids(
     data: Iterable[Mapping[str, Any]] | Any,
     model: Any,
     pool_size: int = 30,
     *,
     query_column: str = "query",
     positive_column: str = "positive",
-    negatives_column: str = "negatives",
-    scores_column: str | None = "negative_scores",
-    corpus: list[str] | None = None,
+    corpus: Sequence[str] | None = None,
     range_min: int = 0,
     range_max: int | None = None,
     relative_margin: float | None = 0.05,
@@ -222,11 +587,202 @@ def mine_negative_pools(
     batch_size: int = 64,
     query_prompt_name: str | None = None,
     corpus_prompt_name: str | None = None,
-    use_faiss: bool = False,
+    index: str = "flat",
+    chunk_size: int = 16384,
+    search_params: Mapping[str, Any] | None = None,
+    train_size: int = 262_144,
+    work_dir: str | os.PathLike | None = None,
+    show_progress_bar: bool = True,
+    verbose: bool = True,
+) -> tuple[MinedPools, MiningReport]:
+    """Mine a ranked pool of hard negatives for every row and return it as row ids into a text table.
+
+    The candidates are ``corpus`` plus the positives of all rows (deduplicated: :attr:`MinedPools.texts`). They and
+    the distinct queries are encoded ``chunk_size`` texts at a time with :class:`~conan_hf.encode.FastEncoder`
+    (queries with the teacher's ``query`` prompt or ``query_prompt_name``, candidates with its ``document`` prompt or
+    ``corpus_prompt_name``) into unit-norm ``float32`` ``.npy`` files under ``work_dir`` (default: a temporary folder,
+    removed at the end; ``(len(texts) + distinct queries) x dim x 4`` bytes of disk). The queries are then searched
+    ``chunk_size`` at a time in a FAISS inner-product (= cosine) index (``index``: ``"flat"``, ``"stream"`` or a
+    ``faiss.index_factory`` string, see below) for their ``range_max + max_positives`` best candidates, and each
+    query's pool is cut from those: a query's own positives are never candidates; candidates within the
+    false-negative margin of the query's lowest positive score (``relative_margin``: above ``positive_score -
+    |positive_score| * margin``; ``absolute_margin``: above ``positive_score - margin``), above ``max_score`` or
+    below ``min_score`` are skipped; of the rest, hardest first, the ``range_min`` best are skipped and the next
+    ``pool_size`` form the pool. These are the rules, defaults (``range_max``) and results of sentence-transformers'
+    ``mine_hard_negatives(sampling_strategy="top")``, with bounded memory: one chunk of embeddings and scores, plus
+    the index and ``n_queries x pool_size`` ids and scores.
+
+    Under ``torch.distributed`` each rank encodes its share of every chunk (the embeddings are all-gathered, and every
+    rank writes the whole files to its own ``work_dir``), searches every ``world_size``-th query chunk, and the pools
+    are all-gathered: every rank returns the same :class:`MinedPools`.
+
+    Args:
+        data: a ``datasets.Dataset`` or an iterable of row dicts with query and positive columns.
+        model: the teacher: a SentenceTransformer, a path/name, or a :class:`~conan_hf.encode.FastEncoder` (for its
+            batching options; a SentenceTransformer is wrapped in one that leaves its dtype alone).
+        pool_size: candidates per pool (DHNM keeps k of them active, the rest are replacements).
+        range_max: how many ranked candidates per query the margins and ``range_min`` are applied to (default as
+            ``mine_hard_negatives``: ``range_min + 10 * pool_size + max_positives`` with a margin or ``max_score``,
+            else ``range_min + pool_size + max_positives``, where ``max_positives`` is the most rows one query has).
+        index: ``"flat"`` (exact, ``faiss.IndexFlatIP`` in RAM: ``len(texts) x dim x 4`` bytes), ``"stream"`` (exact,
+            the corpus re-read from the file chunk by chunk for each query chunk: RAM independent of the corpus) or a
+            ``faiss.index_factory`` description of an approximate index for large corpora (``"HNSW32"``,
+            ``"IVF4096,Flat"``, ``"IVF16384,PQ64"``), trained on ``train_size`` sampled corpus embeddings, searched
+            with ``search_params`` (e.g. ``{"nprobe": 64}``).
+        chunk_size: texts encoded, and queries searched, at a time.
+
+    Returns:
+        ``(pools, report)``: :class:`MinedPools` (one pool per input row, in input order; rows of the same query share
+        it) and a :class:`MiningReport` (``dropped`` is 0: no row is removed).
+    """
+    if pool_size < 1:
+        raise ValueError(f"pool_size must be >= 1, got {pool_size}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if range_min < 0:
+        raise ValueError(f"range_min must be non-negative, got range_min={range_min}")
+    dataset = _as_dataset(data)
+    _check_columns(dataset.column_names, query_column, positive_column)
+    queries, positives = list(dataset[query_column]), list(dataset[positive_column])
+    # The text table and the distinct queries, as mine_hard_negatives builds them.
+    texts = list(dict.fromkeys([*(corpus if corpus is not None else []), *positives]))
+    text_row = {text: i for i, text in enumerate(texts)}
+    unique_queries = list(dict.fromkeys(queries))
+    query_row = {text: i for i, text in enumerate(unique_queries)}
+    row_query = np.fromiter((query_row[q] for q in queries), dtype=np.int64, count=len(queries))
+    row_positive = np.fromiter((text_row[p] for p in positives), dtype=np.int64, count=len(positives))
+    del text_row, query_row
+    max_positives = int(np.bincount(row_query).max())  # rows per query, as mine_hard_negatives counts them
+    if range_max is None:
+        wide = relative_margin is not None or absolute_margin is not None or max_score is not None
+        range_max = range_min + (10 * pool_size if wide else pool_size) + max_positives
+    if range_min >= range_max:
+        raise ValueError(f"range_min must be smaller than range_max, got range_min={range_min} and "
+                         f"range_max={range_max}")
+    if pool_size > range_max - range_min:
+        raise ValueError(f"Cannot mine {pool_size} negatives per query: only {range_max - range_min} candidates "
+                         f"remain after skipping the first range_min={range_min} of range_max={range_max}")
+    # Distinct positives of each query as a -1 padded (n_queries, P) table.
+    pairs = np.unique(row_query * len(texts) + row_positive)
+    pair_query, pair_positive = pairs // len(texts), pairs % len(texts)
+    per_query = np.bincount(pair_query, minlength=len(unique_queries))
+    starts = np.r_[0, np.cumsum(per_query)[:-1]]
+    own_positives = np.full((len(unique_queries), int(per_query.max())), -1, dtype=np.int64)
+    own_positives[pair_query, np.arange(len(pairs)) - starts[pair_query]] = pair_positive
+    del pairs, pair_query, pair_positive
+
+    encoder = _encoder(model, batch_size)
+    owned_dir = None
+    if work_dir is None:
+        owned_dir = tempfile.TemporaryDirectory(prefix="mining_")
+        work_dir = owned_dir.name
+    os.makedirs(work_dir, exist_ok=True)
+    rank, world = _world()
+    suffix = f".rank{rank}" if world > 1 else ""
+    corpus_path = os.path.join(str(work_dir), f"corpus_embeddings{suffix}.npy")
+    query_path = os.path.join(str(work_dir), f"query_embeddings{suffix}.npy")
+    try:
+        dim = _encode_to_file(encoder, texts, corpus_path, task="document", prompt_name=corpus_prompt_name,
+                              chunk_size=chunk_size, desc="Encoding corpus", show_progress_bar=show_progress_bar)
+        _encode_to_file(encoder, unique_queries, query_path, task="query", prompt_name=query_prompt_name,
+                        chunk_size=chunk_size, desc="Encoding queries", show_progress_bar=show_progress_bar)
+        # Each row's (query, positive) score; the margins refer to the lowest positive score of each query.
+        positive_scores = np.empty(len(queries), dtype=np.float32)
+        for start in range(0, len(queries), chunk_size):
+            stop = min(start + chunk_size, len(queries))
+            q = _take_rows(query_path, row_query[start:stop])
+            p = _take_rows(corpus_path, row_positive[start:stop])
+            positive_scores[start:stop] = (q * p).sum(axis=1)
+        min_positive = np.full(len(unique_queries), np.inf, dtype=np.float32)
+        np.minimum.at(min_positive, row_query, positive_scores)
+
+        searcher = _CorpusIndex(corpus_path, len(texts), dim, index, chunk_size, train_size, search_params)
+        k = range_max + max_positives
+        pool_ids = np.full((len(unique_queries), pool_size), -1, dtype=np.int64)
+        pool_scores = np.full((len(unique_queries), pool_size), np.nan, dtype=np.float32)
+        chunk_starts = list(range(0, len(unique_queries), chunk_size))
+        from tqdm.auto import tqdm
+
+        for round_start in tqdm(range(0, len(chunk_starts), world), desc="Searching", unit="chunk",
+                                disable=not show_progress_bar):
+            # Ranks search different query chunks of a round; their pools are then all-gathered.
+            mine = chunk_starts[round_start + rank] if round_start + rank < len(chunk_starts) else None
+            if mine is not None:
+                stop = min(mine + chunk_size, len(unique_queries))
+                scores, ids = searcher.search(_read_rows(query_path, mine, stop), k)
+                chunk_ids, chunk_scores = _filter_candidates(
+                    scores, ids, own_positives[mine:stop], min_positive[mine:stop], range_min=range_min,
+                    pool_size=pool_size, relative_margin=relative_margin, absolute_margin=absolute_margin,
+                    max_score=max_score, min_score=min_score)  # fmt: skip
+            else:
+                chunk_ids = np.zeros((0, pool_size), dtype=np.int64)
+                chunk_scores = np.zeros((0, pool_size), dtype=np.float32)
+            if world > 1:
+                spans = [(s, min(s + chunk_size, len(unique_queries)))
+                         for s in chunk_starts[round_start:round_start + world]]
+                sizes = [b - a for a, b in spans] + [0] * (world - len(spans))
+                chunk_ids = _all_gather_rows(chunk_ids, sizes)
+                chunk_scores = _all_gather_rows(chunk_scores, sizes)
+                first, last = spans[0][0], spans[-1][1]
+            else:
+                first, last = mine, stop
+            pool_ids[first:last], pool_scores[first:last] = chunk_ids, chunk_scores
+        del searcher
+    finally:
+        for path in (corpus_path, query_path):
+            if owned_dir is not None and os.path.exists(path):
+                os.remove(path)
+        if owned_dir is not None:
+            owned_dir.cleanup()
+
+    pools = MinedPools(candidate_ids=pool_ids[row_query], candidate_scores=pool_scores[row_query],
+                       positive_ids=row_positive, positive_scores=positive_scores, texts=texts)
+    sizes = pools.pool_sizes
+    report = MiningReport(
+        pool_size=pool_size,
+        total=len(sizes),
+        full=int((sizes == pool_size).sum()),
+        partial=int(((sizes > 0) & (sizes < pool_size)).sum()),
+        empty=int((sizes == 0).sum()),
+        dropped=0,
+        mean_pool_size=float(sizes.mean()) if len(sizes) else 0.0,
+    )
+    if verbose:
+        print(report.summary())
+    return pools, report
+
+
+def mine_negative_pools(
+    data: Iterable[Mapping[str, Any]] | Any,
+    model: Any,
+    pool_size: int = 30,
+    *,
+    query_column: str = "query",
+    positive_column: str = "positive",
+    negatives_column: str = "negatives",
+    scores_column: str | None = "negative_scores",
+    corpus: Sequence[str] | None = None,
+    range_min: int = 0,
+    range_max: int | None = None,
+    relative_margin: float | None = 0.05,
+    absolute_margin: float | None = None,
+    max_score: float | None = None,
+    min_score: float | None = None,
+    batch_size: int = 64,
+    query_prompt_name: str | None = None,
+    corpus_prompt_name: str | None = None,
+    use_faiss: bool = True,
+    index: str = "flat",
+    chunk_size: int = 16384,
+    search_params: Mapping[str, Any] | None = None,
+    train_size: int = 262_144,
+    work_dir: str | os.PathLike | None = None,
+    return_ids: bool = False,
     keep_empty: bool = False,
+    show_progress_bar: bool = True,
     verbose: bool = True,
 ) -> tuple[Any, MiningReport]:
-    """Attach to each row a ranked pool of hard negatives for DHNM, mined with ``mine_hard_negatives``.
+    """Attach to each row a ranked pool of hard negatives for DHNM (see :func:`mine_negative_ids` for how).
 
     Candidates are the positives of all rows plus ``corpus``; a row's own positives are never its negatives. The pool
     is the top ``pool_size`` candidates by teacher score, after skipping the ``range_min`` best and any candidate
@@ -235,75 +791,48 @@ def mine_negative_pools(
 
     Args:
         data: a ``datasets.Dataset`` or an iterable of row dicts with query and positive columns.
-        model: the teacher SentenceTransformer (or a path/name).
+        model: the teacher SentenceTransformer (or a path/name, or a :class:`~conan_hf.encode.FastEncoder`).
         pool_size: candidates per pool (DHNM keeps k of them active, the rest are replacements).
         negatives_column / scores_column: added columns: the pool (list of texts) and its teacher scores.
+        use_faiss: kept for compatibility; mining always searches a FAISS index now (``index`` chooses which).
+        index / chunk_size / search_params / train_size / work_dir: see :func:`mine_negative_ids`.
+        return_ids: return :func:`mine_negative_ids`' :class:`MinedPools` (row ids into a text table, ``-1``
+            padded, plus scores; every row kept) instead of a dataset with text pools.
         keep_empty: keep rows for which no candidate passed the filters (with an empty pool) instead of dropping them.
 
     Returns:
         ``(dataset, report)``: the input rows (input order, all columns) with the pool columns (and, with a
         ``scores_column``, the teacher's ``positive_score``; NaN for kept empty pools), and a :class:`MiningReport`.
+        With ``return_ids=True``: ``(MinedPools, report)``.
     """
-    from datasets import Dataset
-    from sentence_transformers.util import mine_hard_negatives
-
-    if pool_size < 1:
-        raise ValueError(f"pool_size must be >= 1, got {pool_size}")
     dataset = _as_dataset(data)
-    _check_columns(dataset, query_column, positive_column)
-    for column in (negatives_column, scores_column, "positive_score" if scores_column else None):
-        if column is not None and column in dataset.column_names:
-            raise ValueError(f"the data already has a {column!r} column; pick another negatives/scores column name")
-    queries, positives = list(dataset[query_column]), list(dataset[positive_column])
-    pairs = Dataset.from_dict({"query": queries, "positive": positives})
-    mined = mine_hard_negatives(
-        pairs,
-        _load_model(model),
-        anchor_column_name="query",
-        positive_column_name="positive",
-        corpus=corpus,
-        range_min=range_min,
-        range_max=range_max,
-        max_score=max_score,
-        min_score=min_score,
-        absolute_margin=absolute_margin,
-        relative_margin=relative_margin,
-        num_negatives=pool_size,
-        sampling_strategy="top",
-        query_prompt_name=query_prompt_name,
-        corpus_prompt_name=corpus_prompt_name,
-        # "labeled-list" keeps rows with fewer than pool_size valid candidates (n-tuple drops them) and returns the
-        # candidates in rank order with their scores: [positive, neg_1, ...] / [pos_score, neg_1_score, ...].
-        output_format="labeled-list",
-        output_scores=True,
-        batch_size=batch_size,
-        use_faiss=use_faiss,
-        verbose=verbose,
-    )
-    pools: dict[tuple[str, str], tuple[list[str], list[float], float]] = {}
-    for query, texts, scores in zip(mined["query"], mined["positive"], mined["scores"]):
-        pools[(query, texts[0])] = (list(texts[1:]), [float(s) for s in scores[1:]], float(scores[0]))
-    negatives, neg_scores, pos_scores, keep = [], [], [], []
-    for index, key in enumerate(zip(queries, positives)):
-        pool, scores, pos_score = pools.get(key, ([], [], float("nan")))
-        if pool or keep_empty:
-            keep.append(index)
-            negatives.append(pool)
-            neg_scores.append(scores)
-            pos_scores.append(pos_score)
-    sizes = [len(pools[key][0]) if key in pools else 0 for key in zip(queries, positives)]
-    report = MiningReport(
-        pool_size=pool_size,
-        total=len(sizes),
-        full=sum(s == pool_size for s in sizes),
-        partial=sum(0 < s < pool_size for s in sizes),
-        empty=sum(s == 0 for s in sizes),
-        dropped=len(sizes) - len(keep),
-        mean_pool_size=float(np.mean(sizes)) if sizes else 0.0,
-    )
+    _check_columns(dataset.column_names, query_column, positive_column)
+    if not return_ids:
+        for column in (negatives_column, scores_column, "positive_score" if scores_column else None):
+            if column is not None and column in dataset.column_names:
+                raise ValueError(f"the data already has a {column!r} column; pick another negatives/scores column "
+                                 "name")
+    pools, report = mine_negative_ids(
+        dataset, model, pool_size, query_column=query_column, positive_column=positive_column, corpus=corpus,
+        range_min=range_min, range_max=range_max, relative_margin=relative_margin, absolute_margin=absolute_margin,
+        max_score=max_score, min_score=min_score, batch_size=batch_size, query_prompt_name=query_prompt_name,
+        corpus_prompt_name=corpus_prompt_name, index=index, chunk_size=chunk_size, search_params=search_params,
+        train_size=train_size, work_dir=work_dir, show_progress_bar=show_progress_bar, verbose=False,
+    )  # fmt: skip
+    if return_ids:
+        if verbose:
+            print(report.summary())
+        return pools, report
+    sizes = pools.pool_sizes
+    keep = np.flatnonzero(sizes > 0) if not keep_empty else np.arange(len(sizes))
+    texts = pools.texts
+    negatives = [[texts[i] for i in pools.candidate_ids[row, :sizes[row]]] for row in keep]
+    report.dropped = int(len(sizes) - len(keep))
     out = dataset.select(keep).add_column(negatives_column, negatives)
     if scores_column is not None:
-        out = out.add_column(scores_column, neg_scores).add_column("positive_score", pos_scores)
+        neg_scores = [pools.candidate_scores[row, :sizes[row]].astype(np.float64).tolist() for row in keep]
+        positive_scores = np.where(sizes[keep] > 0, pools.positive_scores[keep], np.nan).astype(np.float64)
+        out = out.add_column(scores_column, neg_scores).add_column("positive_score", positive_scores.tolist())
     if verbose:
         print(report.summary())
     return out, report

@@ -5,13 +5,17 @@ The paper translates only the queries of monolingual retrieval sets with Qwen2.5
 
 - :class:`TransformersTranslator` — a local transformers causal LM prompted through its chat template, with batched,
   left-padded greedy generation (default ``Qwen/Qwen2.5-7B-Instruct``).
-- :class:`OpenAITranslator` — any OpenAI-compatible ``/v1/chat/completions`` server (vLLM, TGI, llama.cpp, ...), with a
-  thread pool for concurrency, per-request timeouts and retries with exponential backoff. Standard library only.
+- :class:`OpenAITranslator` — any OpenAI-compatible ``/v1/chat/completions`` server (vLLM, TGI, llama.cpp, ...): a
+  sliding window of at most ``max_workers`` requests in flight over kept-alive connections (one per worker thread),
+  per-request timeouts and retries with exponential backoff. Standard library only (``http.client``).
 - :class:`ParallelCorpusTranslator` — parallel-corpus mode: human translations aligned by id (XQuAD, MKQA,
   STS-B multi-mt); nothing is translated.
 
 ``translate(texts, language, ids=None)`` returns one output per input, ``None`` where the backend failed (the CLR
-builder counts those as rejected). Outputs are raw: :mod:`conan_hf.data.validate` decides which are kept.
+builder counts those as rejected). ``submit(texts, language, ids=None)`` returns one future per input instead: the
+default runs :meth:`Translator.translate` at once; :class:`OpenAITranslator` returns immediately and keeps translating
+in the background, which lets the streaming CLR builder keep the next batches' requests in flight while it waits for
+the oldest batch. Outputs are raw: :mod:`conan_hf.data.validate` decides which are kept.
 
 Example::
 
@@ -31,11 +35,10 @@ import random
 import string
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +49,7 @@ from .validate import TranslationValidator
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CompletedTranslation",
     "DEFAULT_MODEL",
     "DEFAULT_PROMPT",
     "LANGUAGE_NAMES",
@@ -88,6 +92,25 @@ def prompt_fragments(template: str | None) -> list[str]:
     return [p for p in parts if p]
 
 
+class CompletedTranslation:
+    """A translation already made, with the part of ``concurrent.futures.Future``'s interface that callers of
+    :meth:`Translator.submit` use (``done``, ``result``, ``cancel``)."""
+
+    __slots__ = ("_output",)
+
+    def __init__(self, output: str | None) -> None:
+        self._output = output
+
+    def done(self) -> bool:
+        return True
+
+    def result(self, timeout: float | None = None) -> str | None:
+        return self._output
+
+    def cancel(self) -> bool:
+        return False
+
+
 class Translator(ABC):
     """Translates texts into one target language per call.
 
@@ -112,6 +135,22 @@ class Translator(ABC):
     @abstractmethod
     def translate(self, texts: Sequence[str], language: str, ids: Sequence[str] | None = None) -> list[str | None]:
         """Translate ``texts`` into ``language`` (ISO 639-1 code); one output per input, ``None`` on failure."""
+
+    def submit(
+        self, texts: Sequence[str], language: str, ids: Sequence[str] | None = None
+    ) -> list[Future[str | None] | CompletedTranslation]:
+        """Start translating ``texts``; one future per input, resolving to what :meth:`translate` would return.
+
+        The default translates now and returns :class:`CompletedTranslation` objects (finished futures without a
+        lock each). Backends that overlap requests override it to return at once (:class:`OpenAITranslator`).
+        """
+        outputs = self.translate(texts, language, ids)
+        if len(outputs) != len(texts):
+            raise RuntimeError(f"{type(self).__name__} returned {len(outputs)} outputs for {len(texts)} texts")
+        return [CompletedTranslation(output) for output in outputs]
+
+    def close(self) -> None:
+        """Release background resources (threads, connections); the default holds none."""
 
     @property
     def cache_prompt(self) -> str:
@@ -268,25 +307,41 @@ class TransformersTranslator(Translator):
         return outputs
 
 
+class _HTTPStatusError(Exception):
+    """A non-2xx reply: ``code``, ``reason`` and the start of the body."""
+
+    def __init__(self, code: int, reason: str, detail: str) -> None:
+        super().__init__(f"HTTP {code} {reason}: {detail}")
+        self.code = code
+
+
 class OpenAITranslator(Translator):
     """Translate through an OpenAI-compatible chat-completions endpoint (e.g. a vLLM server).
 
-    Each query is one request; ``max_workers`` requests run concurrently. A request that times out, loses its
-    connection, or gets HTTP 408/409/429/5xx is retried up to ``max_retries`` times, sleeping
-    ``backoff * 2**attempt`` seconds (capped at ``max_backoff``, with jitter); other HTTP errors (401, 404, ...) are
-    configuration mistakes and fail at once.
+    Each query is one request. At most ``max_workers`` requests are in flight at any time: worker threads take the
+    next query as soon as theirs is answered (a sliding window), so one slow request holds up one worker, not a
+    batch. Each worker keeps one HTTP/1.1 keep-alive connection to the server and reuses it for its requests (a
+    connection the server closed, or one left in an unknown state by an error, is reopened). :meth:`submit` returns
+    futures at once, so the CLR builder keeps requests of later batches in the window while it waits for the oldest.
+
+    A request that times out, loses its connection, or gets HTTP 408/409/429/5xx is retried up to ``max_retries``
+    times, sleeping ``backoff * 2**attempt`` seconds (capped at ``max_backoff``, with jitter); other HTTP errors (401,
+    404, ...) are configuration mistakes and fail at once. Proxies from the environment are not used (the server is
+    expected on the local network, as a vLLM server usually is).
 
     Args:
         base_url: the server's API root, e.g. ``http://localhost:8000/v1``.
         model: the served model name (also the cache's model key).
         api_key: sent as a Bearer token; default: the ``OPENAI_API_KEY`` environment variable, if set.
-        timeout: seconds per request.
+        max_workers: the window: requests (and kept-alive connections) at most in flight.
+        timeout: seconds per request (connecting, and waiting for each part of the reply).
         on_failure: ``"reject"`` returns ``None`` for a query whose retries are exhausted (counted as rejected by the
             CLR builder); ``"raise"`` raises :class:`TranslationError`.
         temperature / max_tokens / extra_body: request fields (``extra_body`` is merged into the JSON body).
 
     Attributes:
-        num_requests, num_retries, num_timeouts, num_failures: counters over the object's lifetime.
+        num_requests, num_retries, num_timeouts, num_failures, num_connections: counters over the object's lifetime
+        (``num_connections``: TCP connections opened).
     """
 
     RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -316,6 +371,11 @@ class OpenAITranslator(Translator):
         if max_workers < 1 or max_retries < 0 or timeout <= 0:
             raise ValueError("need max_workers >= 1, max_retries >= 0 and timeout > 0")
         self.endpoint = base_url.rstrip("/") + "/chat/completions"
+        url = urllib.parse.urlsplit(self.endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"base_url must be an http:// or https:// URL, got {base_url!r}")
+        self._scheme, self._host, self._port = url.scheme, url.hostname, url.port
+        self._path = url.path + (f"?{url.query}" if url.query else "")
         self.model_name = model
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self.prompt = prompt
@@ -334,20 +394,61 @@ class OpenAITranslator(Translator):
         self.num_retries = 0
         self.num_timeouts = 0
         self.num_failures = 0
+        self.num_connections = 0
         self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._local = threading.local()  # each worker thread's kept-alive connection
+        self._open: set[http.client.HTTPConnection] = set()
 
     def _count(self, **increments: int) -> None:
         with self._lock:
             for name, value in increments.items():
                 setattr(self, name, getattr(self, name) + value)
 
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.max_workers, thread_name_prefix="openai-translator")
+            return self._executor
+
+    def _connection(self) -> http.client.HTTPConnection:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+            connection = cls(self._host, self._port, timeout=self.timeout)
+            self._local.connection = connection
+            with self._lock:
+                self._open.add(connection)
+        return connection
+
+    def _exchange(self, connection: http.client.HTTPConnection, body: bytes, headers: dict[str, str]):
+        if connection.sock is None:  # http.client (re)connects on the next request
+            self._count(num_connections=1)
+        connection.request("POST", self._path, body=body, headers=headers)
+        response = connection.getresponse()
+        return response, response.read()  # reading the whole reply frees the connection for the next request
+
     def _post(self, body: bytes) -> str:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            payload = json.loads(response.read().decode("utf-8"))
+        connection = self._connection()
+        reused = connection.sock is not None
+        try:
+            try:
+                response, data = self._exchange(connection, body, headers)
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                if not reused:
+                    raise
+                # The server closed the idle kept-alive connection (its keep-alive timeout): send again on a new one.
+                connection.close()
+                response, data = self._exchange(connection, body, headers)
+        except BaseException:
+            connection.close()  # a half-read reply would corrupt the next exchange on this connection
+            raise
+        if not 200 <= response.status < 300:
+            raise _HTTPStatusError(response.status, response.reason, data[:200].decode("utf-8", "replace"))
+        payload = json.loads(data.decode("utf-8"))
         try:
             content = payload["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
@@ -374,23 +475,18 @@ class OpenAITranslator(Translator):
             self._count(num_requests=1)
             try:
                 return self._post(body)
-            except urllib.error.HTTPError as err:
-                detail = err.read()[:200].decode("utf-8", "replace") if err.fp else ""
-                last_error = f"HTTP {err.code} {err.reason}: {detail}"
+            except _HTTPStatusError as err:
+                last_error = str(err)
                 if err.code not in self.RETRY_STATUS:
                     self._count(num_failures=1)
                     raise TranslationError(f"{self.endpoint} refused the request ({last_error})") from err
             except TimeoutError as err:
                 self._count(num_timeouts=1)
                 last_error = f"timed out after {self.timeout}s ({err})"
-            except urllib.error.URLError as err:
-                if isinstance(err.reason, TimeoutError):
-                    self._count(num_timeouts=1)
-                    last_error = f"timed out after {self.timeout}s"
-                else:
-                    last_error = f"connection error: {err.reason}"
-            except (http.client.HTTPException, ConnectionError, ValueError) as err:
+            except (http.client.HTTPException, ValueError) as err:
                 last_error = f"{type(err).__name__}: {err}"
+            except OSError as err:  # refused, reset, unreachable, DNS
+                last_error = f"connection error: {err}"
             logger.debug("translation request failed (attempt %d): %s", attempt + 1, last_error)
         self._count(num_failures=1)
         message = f"{self.endpoint}: gave up after {self.max_retries + 1} attempts; last error: {last_error}"
@@ -399,24 +495,49 @@ class OpenAITranslator(Translator):
         logger.warning(message)
         return None
 
-    def translate(self, texts: Sequence[str], language: str, ids: Sequence[str] | None = None) -> list[str | None]:
-        outputs: list[str | None] = [None] * len(texts)
-        with ThreadPoolExecutor(max_workers=self.max_workers) as pool:
-            futures = {pool.submit(self.translate_one, text, language): i for i, text in enumerate(texts)}
-            try:
-                for future in tqdm(
-                    as_completed(futures),
-                    total=len(futures),
-                    desc=f"Translating to {language}",
-                    disable=not self.show_progress_bar,
-                ):
-                    outputs[futures[future]] = future.result()
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+    def submit(
+        self, texts: Sequence[str], language: str, ids: Sequence[str] | None = None
+    ) -> list[Future[str | None]]:
+        """Queue one request per text in the window and return at once; one future per text, in order."""
+        pool = self._pool()
+        futures = [pool.submit(self.translate_one, text, language) for text in texts]
         self.num_translated += len(texts)
+        return futures
+
+    def translate(self, texts: Sequence[str], language: str, ids: Sequence[str] | None = None) -> list[str | None]:
+        futures = self.submit(texts, language, ids)
+        index = {future: i for i, future in enumerate(futures)}
+        outputs: list[str | None] = [None] * len(texts)
+        try:
+            for future in tqdm(
+                as_completed(futures),
+                total=len(futures),
+                desc=f"Translating to {language}",
+                disable=not self.show_progress_bar,
+            ):
+                outputs[index[future]] = future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
         return outputs
+
+    def close(self) -> None:
+        """Stop the worker threads (after the requests already queued) and close their connections."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            connections, self._open = self._open, set()
+        for connection in connections:
+            connection.close()
+
+    def __enter__(self) -> OpenAITranslator:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def stats(self) -> dict[str, int]:
         return {
@@ -424,6 +545,7 @@ class OpenAITranslator(Translator):
             "retries": self.num_retries,
             "timeouts": self.num_timeouts,
             "failures": self.num_failures,
+            "connections": self.num_connections,
         }
 
 

@@ -58,9 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="task name for results (default: from the file name)")
     parser.add_argument("--split", help="qrels split of a BEIR folder")
     parser.add_argument("--columns", nargs="+", metavar="NAME=COLUMN",
-                        help="STS: the file's columns, as training's `columns:` (e.g. sentence1=text_a "
+                        help="STS and pairs: the file's columns, as training's `columns:` (e.g. sentence1=text_a "
                              "sentence2=text_b score=label; an integer is a header-less CSV/TSV column index)")
     parser.add_argument("--limit", type=int, help="use only the first N rows / queries / sentences")
+    parser.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                        help="a malformed row of a local data file: stop with file:line (default), or leave it out "
+                             "and log it, as a training source's `on_error:`")
     parser.add_argument("--limit-corpus", type=int, help="BEIR: the relevant documents plus the first N documents")
     parser.add_argument("--dim", type=int, help="Matryoshka dimension to evaluate")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -78,17 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _texts_by_language(path: Path, languages: list[str], limit: int | None) -> dict[str, list[str]]:
     """Parallel texts for the plot: STS-B multi-mt (first sentences of ``stsb-<lang>-dev.csv``) or XQuAD questions."""
-    from .tasks import read_squad, read_sts
+    from ..data.readers import read_squad, read_stsb_multi_mt
 
     texts: dict[str, list[str]] = {}
     for language in languages:
         stsb = path / f"stsb-{language}-dev.csv"
         xquad = path / f"xquad.{language}.json"
         if stsb.exists():
-            texts[language] = read_sts(stsb, fmt="stsb", limit=limit).sentence1
+            texts[language] = [row["sentence1"] for row in read_stsb_multi_mt(path, language, "dev")[:limit]]
         elif xquad.exists():
-            _, questions = read_squad(xquad)
-            texts[language] = [q for _, q, _ in questions[:limit]]
+            texts[language] = [row["query"] for row in read_squad(xquad)[:limit]]
         else:
             raise DataFileNotFoundError(f"neither stsb-{language}-dev.csv nor xquad.{language}.json exists",
                                         where=str(path), hint="choose --languages that the folder has")
@@ -159,7 +161,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             options = {"fmt": args.format if kind == "sts" else None, "name": args.name, "language": args.language,
                        "split": args.split, "limit": args.limit, "limit_queries": args.limit,
-                       "limit_corpus": args.limit_corpus, "columns": _columns(args.columns)}
+                       "limit_corpus": args.limit_corpus, "columns": _columns(args.columns),
+                       "on_error": args.on_error}
             task = task_from_path(kind, args.data, **options)
             instructions = {task.metadata.name: args.instruction} if args.instruction else None
             report = evaluate(model(), [task], dim=args.dim, batch_size=args.batch_size,

@@ -1,11 +1,12 @@
 """mteb tasks built from local files, so every evaluation of the paper (§4) runs without the Hugging Face Hub.
 
-Each builder reads one data format, checks it (a malformed row raises an error naming the file and line), and
-returns an *instance* of a real mteb task class (`AbsTaskSTS`, `AbsTaskRetrieval`, `AbsTaskBitextMining`, ...)
-whose `load_data` serves the rows already read. mteb then does everything else: encoding through the model's
-`encode_query` / `encode_document` / `encode` with the right prompts, the similarity computations and the metrics
-(Spearman of cosine, nDCG@k / Recall@k via pytrec_eval, F1 of bitext mining, V-measure, ...). Nothing here computes
-a metric.
+Each builder reads its data through :mod:`conan_hf.data.readers`, the readers the training stages use (so evaluation
+accepts the same files, JSONL/CSV/TSV with a column mapping included, and a malformed row raises the same error
+naming the file and line), and returns an *instance* of a real mteb task class (`AbsTaskSTS`, `AbsTaskRetrieval`,
+`AbsTaskBitextMining`, ...) whose `load_data` serves the rows already read. mteb then does everything else: encoding
+through the model's `encode_query` / `encode_document` / `encode` with the right prompts, the similarity computations
+and the metrics (Spearman of cosine, nDCG@k / Recall@k via pytrec_eval, F1 of bitext mining, V-measure, ...). Nothing
+here computes a metric.
 
 Supported inputs
 
@@ -19,9 +20,9 @@ builder                     format                                              
                             JSONL rows ``sentence1``, ``sentence2``, ``score`` (the files   ``"jsonl"``
                             stage 4 trains on), or any table with ``columns=``
 :func:`pair_task`           ``s1\\ts2\\tlabel`` (AFQMC, LCQMC, ...), or a header TSV with     ``"pair"``
-                            ``sentence1``, ``sentence2``, ``label`` (PAWS-X)
+                            ``sentence1``, ``sentence2``, ``label`` (PAWS-X), or ``columns=``
 :func:`retrieval_task`      BEIR folder (``corpus.jsonl``, ``queries.jsonl``,               ``"beir"``
-                            ``qrels/<split>.tsv``)
+                            ``qrels/<split>.tsv``, header line optional)
 :func:`squad_retrieval_task` SQuAD-format JSON: questions retrieve their paragraph           ``"squad"``
 :func:`bitext_task`         two line-aligned text files (Tatoeba)                           ``"tatoeba"``
 :func:`classification_task` labelled CSV (header with a text and a label column) or TSV     ``"labelled"``
@@ -54,7 +55,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from mteb import AbsTask
 
-from conan_hf.data.readers import DataFormatError
+from conan_hf.data import readers
+from conan_hf.data.readers import DataFormatError, OnError, Row, Rows
 from conan_hf.errors import DataError, DataFileNotFoundError, finite_float
 
 logger = logging.getLogger(__name__)
@@ -124,9 +126,15 @@ def task_name_from_path(prefix: str, path: str | Path) -> str:
     return f"{prefix}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem)}"
 
 
-def _fail(path: Path, line: int | None, message: str, hint: str | None = None) -> DataFormatError:
+def _fail(path: Path, line: int | str | None, message: str, hint: str | None = None) -> DataFormatError:
     """The error for a bad file (``line=None``) or a bad row: ``file:line: message; hint``."""
     return DataFormatError(path, line, message, hint=hint or "fix or remove it")
+
+
+def _row_error(row: Row, message: str, hint: str | None = None) -> DataFormatError:
+    """The error for a bad row read by :mod:`conan_hf.data.readers`, at the row's ``file:line``."""
+    path, _, line = (row.location or "").rpartition(":")
+    return _fail(Path(path), line, message, hint)
 
 
 def _check_file(path: str | Path) -> Path:
@@ -136,24 +144,33 @@ def _check_file(path: str | Path) -> Path:
     return path
 
 
-def _parse_float(path: Path, line: int, value: str, what: str) -> float:
-    """A finite score: NaN or inf would make the metric (Spearman, ...) undefined, so they are refused."""
-    try:
-        return finite_float(value)
-    except ValueError as error:
-        raise _fail(path, line, f"{what} must be a number, got {value!r} ({error})") from None
-
-
-def _text(path: Path, line: int, value: Any, what: str) -> str:
-    """A text field of a JSON row: it must be a string (numbers are not silently turned into text)."""
+def _string(value: Any) -> str:
+    """A text column (a ``read_table`` type): numbers and lists are not silently turned into text."""
     if not isinstance(value, str):
-        raise _fail(path, line, f"{what} must be a string, got {type(value).__name__} {value!r}",
-                    hint="quote it in the JSON file")
+        raise TypeError(f"must be a text, got {type(value).__name__}")
     return value
 
 
+def _pair_label(value: Any) -> float:
+    """A pair-classification label (a ``read_table`` type): 0 or 1."""
+    if isinstance(value, bool) or str(value).strip() not in {"0", "1"}:
+        raise ValueError("a pair label must be 0 or 1")
+    return float(str(value).strip())
+
+
+def _header_fields(path: Path, delimiter: str) -> list[str]:
+    """The fields of the first non-empty line: tells header-less files from files with a header (the rows themselves
+    are read by :func:`conan_hf.data.readers.read_table`)."""
+    quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
+    with path.open(encoding="utf-8", newline="") as handle:
+        for fields in csv.reader(handle, delimiter=delimiter, quoting=quoting):
+            if any(field.strip() for field in fields):
+                return [field.strip() for field in fields]
+    return []
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Readers (plain Python, no mteb import)
+# Evaluation data, read by conan_hf.data.readers (the readers training uses): same formats, same file:line errors
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -177,6 +194,17 @@ class PairData:
 #: The columns of an STS row, as stage 4 reads them (``trainers.supervised.task_rows``).
 STS_COLUMNS = ("sentence1", "sentence2", "score")
 
+#: Each STS file format as the :func:`~conan_hf.data.readers.read_table` format and column mapping that read it.
+STS_FORMATS: dict[str, tuple[str, dict[str, str | int]]] = {
+    "stsb": ("csv", {"sentence1": 0, "sentence2": 1, "score": 2}),
+    "tsv": ("tsv", {"sentence1": 0, "sentence2": 1, "score": 2}),
+    "sick": ("tsv", {"sentence1": "sentence_A", "sentence2": "sentence_B", "score": "relatedness_score"}),
+    "jsonl": ("jsonl", {column: column for column in STS_COLUMNS}),
+}
+
+#: Column types of an STS or pair row: texts must be strings, scores finite numbers (as in training).
+_STS_TYPES = {"sentence1": _string, "sentence2": _string, "score": finite_float}
+
 
 def infer_sts_format(path: str | Path) -> str:
     """``"jsonl"`` for ``.jsonl`` / ``.ndjson``; ``"stsb"`` for ``.csv``; ``"sick"`` for a TSV whose header names
@@ -186,11 +214,18 @@ def infer_sts_format(path: str | Path) -> str:
         return "jsonl"
     if path.suffix.lower() == ".csv":
         return "stsb"
-    with path.open(encoding="utf-8") as handle:
-        first = handle.readline()
-    if "relatedness_score" in first.rstrip("\r\n").split("\t"):
+    if "relatedness_score" in _header_fields(path, "\t"):
         return "sick"
     return "tsv"
+
+
+def _pairs(rows: Rows, score: str, limit: int | None, path: Path) -> PairData:
+    data = PairData()
+    for row in rows[:limit]:
+        data.add(row["sentence1"], row["sentence2"], row[score])
+    if not len(data):
+        raise _fail(path, None, "no sentence pairs found")
+    return data
 
 
 def read_sts(
@@ -198,124 +233,65 @@ def read_sts(
     fmt: str | None = None,
     limit: int | None = None,
     columns: dict[str, str | int] | None = None,
+    on_error: OnError = "raise",
 ) -> PairData:
     """Read an STS file (STS-B CSV, SICK TSV, ``s1\\ts2\\tscore`` TSV, or the JSONL / table files training reads)
-    into :class:`PairData`.
+    into :class:`PairData`, through :func:`conan_hf.data.readers.read_table` (a bad row: ``file:line: column ...``).
 
     Args:
         path: The file.
-        fmt: ``"stsb"``, ``"sick"``, ``"tsv"`` or ``"jsonl"``; inferred from the file when None.
+        fmt: ``"stsb"``, ``"sick"``, ``"tsv"`` or ``"jsonl"`` (see :data:`STS_FORMATS`); inferred when None.
         limit: Keep only the first ``limit`` pairs (in file order).
         columns: ``{"sentence1": ..., "sentence2": ..., "score": ...}`` naming the file's columns (names, or indices
-            of a header-less CSV/TSV), exactly as a stage-4 ``sts`` task's ``columns:``. With a mapping, or for
-            JSONL, the file is read by the training reader (:func:`conan_hf.data.readers.read_table`), so whatever
-            training accepts evaluates too.
+            of a header-less CSV/TSV), exactly as a stage-4 ``sts`` task's ``columns:``; the format then comes from
+            the file's extension (``fmt="jsonl"`` forces JSON lines).
+        on_error: ``"raise"`` or ``"skip"`` (bad rows are logged and counted), as for training sources.
     """
     path = _check_file(path)
     fmt = fmt or infer_sts_format(path)
-    data = PairData()
-    if columns is not None or fmt == "jsonl":
-        from conan_hf.data.readers import read_table
-
-        mapping = dict(columns) if columns is not None else {c: c for c in STS_COLUMNS}
-        missing = [c for c in STS_COLUMNS if c not in mapping]
+    if fmt not in STS_FORMATS:
+        raise ValueError(f"Unknown STS format {fmt!r}; expected one of {sorted(STS_FORMATS)}.")
+    table_format: str | None
+    if columns is not None:
+        missing = [c for c in STS_COLUMNS if c not in columns]
         if missing:
             raise ValueError(f"{path}: columns= must map {list(STS_COLUMNS)}; missing {missing}")
-        table_format = "jsonl" if fmt == "jsonl" else None
-        for row in read_table(path, {c: mapping[c] for c in STS_COLUMNS}, format=table_format,
-                              types={"score": float}):
-            data.add(str(row["sentence1"]), str(row["sentence2"]), row["score"])
-            if limit is not None and len(data) >= limit:
-                break
-        if not len(data):
-            raise _fail(path, None, "no sentence pairs found")
-        return data
-    with path.open(encoding="utf-8", newline="") as handle:
-        if fmt == "stsb":
-            reader = csv.reader(handle)
-            next_line = 1
-            for row in reader:
-                # The physical line the record starts on (a quoted field may span lines).
-                line, next_line = next_line, reader.line_num + 1
-                if not row:
-                    continue
-                if len(row) != 3:
-                    raise _fail(path, line, f"expected 3 CSV fields 's1,s2,score', got {len(row)}")
-                data.add(row[0], row[1], _parse_float(path, line, row[2], "score"))
-                if limit is not None and len(data) >= limit:
-                    break
-        elif fmt == "sick":
-            reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-            header = next(reader, None) or []
-            missing = {"sentence_A", "sentence_B", "relatedness_score"} - set(header)
-            if missing:
-                raise _fail(path, 1, f"SICK header lacks columns {sorted(missing)}; found {header}")
-            ia, ib, iscore = (header.index(c) for c in ("sentence_A", "sentence_B", "relatedness_score"))
-            for line, row in enumerate(reader, start=2):
-                if not row:
-                    continue
-                if len(row) != len(header):
-                    raise _fail(path, line, f"expected {len(header)} tab-separated fields, got {len(row)}")
-                data.add(row[ia], row[ib], _parse_float(path, line, row[iscore], "relatedness_score"))
-                if limit is not None and len(data) >= limit:
-                    break
-        elif fmt == "tsv":
-            for line, raw in enumerate(handle, start=1):
-                raw = raw.rstrip("\r\n")
-                if not raw:
-                    continue
-                row = raw.split("\t")
-                if len(row) != 3:
-                    raise _fail(path, line, f"expected 3 tab-separated fields 's1<TAB>s2<TAB>score', got {len(row)}")
-                data.add(row[0], row[1], _parse_float(path, line, row[2], "score"))
-                if limit is not None and len(data) >= limit:
-                    break
-        else:
-            raise ValueError(f"Unknown STS format {fmt!r}; expected 'stsb', 'sick', 'tsv' or 'jsonl'.")
-    if not len(data):
-        raise _fail(path, None, "no sentence pairs found")
-    return data
+        table_format, mapping = ("jsonl" if fmt == "jsonl" else None), {c: columns[c] for c in STS_COLUMNS}
+    else:
+        table_format, mapping = STS_FORMATS[fmt]
+    rows = readers.read_table(path, mapping, format=table_format, types=_STS_TYPES,  # type: ignore[arg-type]
+                              on_error=on_error)
+    return _pairs(rows, "score", limit, path)
 
 
-def read_pairs(path: str | Path, limit: int | None = None) -> PairData:
-    """Read a pair-classification file: ``s1\\ts2\\tlabel`` (label 0/1) or a TSV with header
-    ``sentence1``/``sentence2``/``label`` (PAWS-X). Scores of :class:`PairData` hold the 0/1 labels."""
+#: Column names of a pair-classification file with a header (PAWS-X).
+PAIR_COLUMNS = ("sentence1", "sentence2", "label")
+
+
+def read_pairs(
+    path: str | Path,
+    limit: int | None = None,
+    columns: dict[str, str | int] | None = None,
+    on_error: OnError = "raise",
+) -> PairData:
+    """Read a pair-classification file through :func:`conan_hf.data.readers.read_table`: ``s1\\ts2\\tlabel``
+    (label 0/1), a TSV with the header ``sentence1``/``sentence2``/``label`` (PAWS-X), JSON lines with those keys, or
+    any table with a ``columns`` mapping of those three names. Scores of :class:`PairData` hold the 0/1 labels."""
     path = _check_file(path)
-    data = PairData()
-    with path.open(encoding="utf-8") as handle:
-        lines = enumerate((raw.rstrip("\r\n") for raw in handle), start=1)
-        first_line, first = next(lines, (1, ""))
-        header = first.split("\t")
-        columns = None
-        if {"sentence1", "sentence2", "label"} <= set(header):
-            columns = [header.index(c) for c in ("sentence1", "sentence2", "label")]
-        else:
-            lines = _chain_first((first_line, first), lines)
-        for line, raw in lines:
-            if not raw:
-                continue
-            row = raw.split("\t")
-            if columns is None:
-                if len(row) != 3:
-                    raise _fail(path, line, f"expected 3 tab-separated fields 's1<TAB>s2<TAB>label', got {len(row)}")
-                s1, s2, label = row
-            else:
-                if len(row) != len(header):
-                    raise _fail(path, line, f"expected {len(header)} tab-separated fields, got {len(row)}")
-                s1, s2, label = (row[i] for i in columns)
-            if label.strip() not in {"0", "1"}:
-                raise _fail(path, line, f"pair label must be 0 or 1, got {label!r}")
-            data.add(s1, s2, float(label))
-            if limit is not None and len(data) >= limit:
-                break
-    if not len(data):
-        raise _fail(path, None, "no sentence pairs found")
-    return data
-
-
-def _chain_first(first: tuple[int, str], rest):
-    yield first
-    yield from rest
+    if columns is not None:
+        missing = [c for c in PAIR_COLUMNS if c not in columns]
+        if missing:
+            raise ValueError(f"{path}: columns= must map {list(PAIR_COLUMNS)}; missing {missing}")
+        mapping = {c: columns[c] for c in PAIR_COLUMNS}
+    elif path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+        mapping = {c: c for c in PAIR_COLUMNS}
+    elif set(PAIR_COLUMNS) <= set(_header_fields(path, "," if path.suffix.lower() == ".csv" else "\t")):
+        mapping = {c: c for c in PAIR_COLUMNS}
+    else:
+        mapping = {c: i for i, c in enumerate(PAIR_COLUMNS)}
+    types = {"sentence1": _string, "sentence2": _string, "label": _pair_label}
+    rows = readers.read_table(path, mapping, types=types, on_error=on_error)
+    return _pairs(rows, "label", limit, path)
 
 
 @dataclass
@@ -328,160 +304,85 @@ class RetrievalData:
     qrels: dict[str, dict[str, int]]
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    _check_file(path)
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as error:
-                raise _fail(path, line, f"invalid JSON ({error.msg})") from None
-            if not isinstance(obj, dict):
-                raise _fail(path, line, "expected a JSON object")
-            rows.append((line, obj))
-    return rows
-
-
-def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
-    """Read a BEIR qrels TSV (``query-id  corpus-id  score``, header optional)."""
-    path = _check_file(path)
-    qrels: dict[str, dict[str, int]] = {}
-    with path.open(encoding="utf-8") as handle:
-        for line, raw in enumerate(handle, start=1):
-            raw = raw.rstrip("\r\n")
-            if not raw:
-                continue
-            row = raw.split("\t")
-            if line == 1 and row[0] == "query-id":
-                continue
-            if len(row) == 4:  # TREC style: qid iteration docid rel
-                row = [row[0], row[2], row[3]]
-            if len(row) != 3:
-                raise _fail(path, line, f"expected 'query-id<TAB>corpus-id<TAB>score', got {len(row)} fields")
-            try:
-                score = int(finite_float(row[2]))
-            except ValueError:
-                raise _fail(path, line, f"relevance score must be a finite number, got {row[2]!r}") from None
-            qrels.setdefault(row[0], {})[row[1]] = score
-    return qrels
-
-
-def read_beir(
-    folder: str | Path,
-    split: str | None = None,
-    limit_queries: int | None = None,
-    limit_corpus: int | None = None,
-) -> tuple[RetrievalData, str]:
-    """Read a BEIR folder. Returns the data and the split whose qrels were used.
-
-    Args:
-        folder: Folder with ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/<split>.tsv``.
-        split: The qrels split; when None, ``test`` if present, else ``dev``, else the only file.
-        limit_queries: Keep the first N queries (file order) that have at least one relevant document.
-        limit_corpus: Keep every relevant document of the kept queries plus the first documents of the corpus up to
-            this many in total (a smaller, still realistic, distractor set for quick runs).
-    """
+def choose_beir_split(folder: str | Path, split: str | None = None) -> str:
+    """The qrels split to evaluate: ``split`` if given, else ``test`` if present, else ``dev``, ``validation``, or the
+    only ``qrels/*.tsv`` file."""
     folder = Path(folder)
     for required in ("corpus.jsonl", "queries.jsonl"):
         if not (folder / required).exists():
             raise DataFileNotFoundError(f"not a BEIR folder: {required} is missing", where=str(folder),
                                         hint="a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/<split>.tsv")
-    qrel_files = sorted((folder / "qrels").glob("*.tsv"))
-    if not qrel_files:
+    available = readers.beir_splits(folder)
+    if not available:
         raise DataFileNotFoundError("holds no <split>.tsv qrels file", where=str(folder / "qrels"),
                                     hint="add qrels/test.tsv (query-id, corpus-id, score)")
-    available = {p.stem: p for p in qrel_files}
     if split is None:
         split = next((s for s in ("test", "dev", "validation") if s in available), None)
         if split is None:
             if len(available) > 1:
-                raise DataError(f"several qrels splits {sorted(available)}", where=str(folder),
+                raise DataError(f"several qrels splits {available}", where=str(folder),
                                 hint="choose one with --split / split=")
-            split = next(iter(available))
+            split = available[0]
     if split not in available:
-        raise DataError(f"no qrels for split {split!r}", where=str(folder), hint=f"use one of {sorted(available)}")
-    qrels = read_qrels(available[split])
+        raise DataError(f"no qrels for split {split!r}", where=str(folder), hint=f"use one of {available}")
+    return split
 
+
+def beir_retrieval_data(
+    folder: str | Path,
+    split: str | None = None,
+    limit_queries: int | None = None,
+    limit_corpus: int | None = None,
+    on_error: OnError = "raise",
+) -> tuple[RetrievalData, str]:
+    """A BEIR folder (read by :func:`conan_hf.data.readers.read_beir`) as an evaluation collection. Returns the data and
+    the split whose qrels were used.
+
+    Args:
+        folder: Folder with ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/<split>.tsv`` (header line optional).
+        split: The qrels split; see :func:`choose_beir_split`.
+        limit_queries: Keep the first N queries (file order) that have at least one relevant document.
+        limit_corpus: Keep every relevant document of the kept queries plus the first documents of the corpus up to
+            this many in total (a smaller, still realistic, distractor set for quick runs).
+    """
+    split = choose_beir_split(folder, split)
+    beir = readers.read_beir(folder, split=split, on_error=on_error)
     queries: dict[str, str] = {}
-    for line, obj in _read_jsonl(folder / "queries.jsonl"):
-        if "_id" not in obj or "text" not in obj:
-            raise _fail(folder / "queries.jsonl", line, "a query needs '_id' and 'text'")
-        qid = str(obj["_id"])
-        if any(score > 0 for score in qrels.get(qid, {}).values()):
-            queries[qid] = _text(folder / "queries.jsonl", line, obj["text"], "query 'text'")
+    for qid, text in beir.queries.items():  # file order
+        if any(score > 0 for score in beir.qrels.get(qid, {}).values()):
+            queries[qid] = text
             if limit_queries is not None and len(queries) >= limit_queries:
                 break
     if not queries:
         raise DataError(f"no query of queries.jsonl has a relevant document in qrels/{split}.tsv", where=str(folder),
                         hint="check that the qrels query ids match queries.jsonl")
-    qrels = {qid: qrels[qid] for qid in queries}
+    qrels = {qid: beir.qrels[qid] for qid in queries}
     relevant = {doc for docs in qrels.values() for doc, score in docs.items() if score > 0}
-
     corpus: dict[str, dict[str, str]] = {}
-    for line, obj in _read_jsonl(folder / "corpus.jsonl"):
-        if "_id" not in obj or "text" not in obj:
-            raise _fail(folder / "corpus.jsonl", line, "a document needs '_id' and 'text'")
-        doc_id = str(obj["_id"])
-        keep = limit_corpus is None or doc_id in relevant or len(corpus) < limit_corpus
-        if keep:
-            corpus[doc_id] = {"title": _text(folder / "corpus.jsonl", line, obj.get("title") or "", "'title'"),
-                              "text": _text(folder / "corpus.jsonl", line, obj["text"], "document 'text'")}
-    missing = relevant - set(corpus)
-    if missing:
-        raise DataError(f"{len(missing)} relevant documents in qrels/{split}.tsv are not in corpus.jsonl, "
-                        f"e.g. {sorted(missing)[:3]}", where=str(folder),
-                        hint="add them to corpus.jsonl or fix the ids")
+    for doc_id, doc in beir.corpus.items():  # file order
+        if limit_corpus is None or doc_id in relevant or len(corpus) < limit_corpus:
+            corpus[doc_id] = doc
     return RetrievalData(corpus=corpus, queries=queries, qrels=qrels), split
 
 
-def read_squad(path: str | Path) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
-    """Read a SQuAD-format JSON file.
-
-    Returns:
-        ``paragraphs``: (paragraph id, title, context) with ids ``"<article>-<paragraph>"`` (positions, so they align
-        across the languages of XQuAD); ``questions``: (question id, question, paragraph id).
-    """
-    path = _check_file(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise _fail(path, error.lineno, f"invalid JSON ({error.msg})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise _fail(path, None, "not SQuAD format: expected an object with a 'data' list of articles")
-    paragraphs, questions = [], []
-    for a, article in enumerate(data["data"]):
-        if "paragraphs" not in article:
-            raise _fail(path, None, f"article {a} has no 'paragraphs'")
-        for p, paragraph in enumerate(article["paragraphs"]):
-            if "context" not in paragraph or "qas" not in paragraph:
-                raise _fail(path, None, f"article {a} paragraph {p} lacks 'context' or 'qas'")
-            pid = f"{a}-{p}"
-            paragraphs.append((pid, article.get("title", ""), paragraph["context"]))
-            for k, qa in enumerate(paragraph["qas"]):
-                where = f"data[{a}].paragraphs[{p}].qas[{k}]"
-                if not isinstance(qa, dict) or "id" not in qa or "question" not in qa:
-                    raise _fail(path, where, "a question needs 'id' and 'question'")
-                questions.append((str(qa["id"]), _text(path, where, qa["question"], "'question'"), pid))
-    return paragraphs, questions
+def squad_retrieval_data(
+    path: str | Path, limit_queries: int | None = None, on_error: OnError = "raise"
+) -> RetrievalData:
+    """A SQuAD-format file (read by :func:`conan_hf.data.readers.read_squad`) as a retrieval collection: every
+    paragraph is a document (id ``"<article>-<paragraph>"``, no title) and each question retrieves its paragraph."""
+    rows = readers.read_squad(path, on_error=on_error)
+    questions = rows[:limit_queries]
+    return RetrievalData(
+        corpus={pid: {"title": "", "text": paragraph["text"]} for pid, paragraph in rows.paragraphs.items()},
+        queries={row["id"]: row["query"] for row in questions},
+        qrels={row["id"]: {row["paragraph_id"]: 1} for row in questions},
+    )
 
 
-def read_bitext(path1: str | Path, path2: str | Path, limit: int | None = None) -> tuple[list[str], list[str]]:
-    """Read two line-aligned files (Tatoeba); line i of one translates line i of the other."""
-    path1, path2 = _check_file(path1), _check_file(path2)
-    lines1 = path1.read_text(encoding="utf-8").splitlines()
-    lines2 = path2.read_text(encoding="utf-8").splitlines()
-    if len(lines1) != len(lines2):
-        raise DataFormatError(path1, None, f"has {len(lines1)} lines but {path2} has {len(lines2)}",
-                              hint="bitext files must be line-aligned")
-    for line, (a, b) in enumerate(zip(lines1, lines2), start=1):
-        if not a.strip() or not b.strip():
-            raise _fail(path1 if not a.strip() else path2, line, "empty sentence in a line-aligned bitext file")
-    if limit is not None:
-        lines1, lines2 = lines1[:limit], lines2[:limit]
-    return lines1, lines2
+def bitext_sentences(path1: str | Path, path2: str | Path, limit: int | None = None) -> tuple[list[str], list[str]]:
+    """The two sides of a line-aligned bitext (:func:`conan_hf.data.readers.read_bitext`) as two lists."""
+    rows = readers.read_bitext(path1, path2, limit=limit)
+    return [row["sentence1"] for row in rows], [row["sentence2"] for row in rows]
 
 
 def tatoeba_files(path: str | Path) -> tuple[Path, Path, str, str]:
@@ -499,13 +400,19 @@ def tatoeba_files(path: str | Path) -> tuple[Path, Path, str, str]:
     return _check_file(f"{prefix}.{lang1}"), _check_file(f"{prefix}.{lang2}"), lang1, lang2
 
 
+#: Column names tried, in order, for the text and the label of a labelled CSV file with a header.
+TEXT_COLUMNS = ("text", "sentence", "title", "sentence1")
+LABEL_COLUMNS = ("label", "category", "class", "labels")
+
+
 def read_labelled(
     path: str | Path,
     text_column: str | int | None = None,
     label_column: str | int | None = None,
     limit: int | None = None,
+    on_error: OnError = "raise",
 ) -> tuple[list[str], list[str]]:
-    """Read texts with class labels.
+    """Read texts with class labels through :func:`conan_hf.data.readers.read_table`.
 
     * CSV with a header: the text column is ``text_column`` or the first of ``text``/``sentence``/``title``/
       ``sentence1``; the label column is ``label_column`` or the first of ``label``/``category``/``class``/``labels``.
@@ -515,35 +422,32 @@ def read_labelled(
     path = _check_file(path)
     texts: list[str] = []
     labels: list[str] = []
-    with path.open(encoding="utf-8", newline="") as handle:
-        if path.suffix.lower() == ".csv":
-            reader = csv.reader(handle)
-            header = next(reader, None) or []
-            ti = _column_index(path, header, text_column, ("text", "sentence", "title", "sentence1"))
-            li = _column_index(path, header, label_column, ("label", "category", "class", "labels"))
-            for line, row in enumerate(reader, start=2):
-                if not row:
+    if path.suffix.lower() == ".csv":
+        header = _header_fields(path, ",")
+        text_name = header[_column_index(path, header, text_column, TEXT_COLUMNS)]
+        label_name = header[_column_index(path, header, label_column, LABEL_COLUMNS)]
+        rows = readers.read_table(path, {"text": text_name, "label": label_name}, format="csv", header=True,
+                          types={"text": _string}, on_error=on_error)
+        for row in rows[:limit]:
+            texts.append(row["text"])
+            labels.append(row["label"])
+    else:
+        text_index = -2 if text_column is None else int(text_column)
+        label_index = -1 if label_column is None else int(label_column)
+        # All fields, so that the label is the *last* field of each row, however many the row has.
+        for row in readers.read_table(path, None, format="tsv", header=False, on_error=on_error):
+            fields = list(row.values())
+            needed = max([2, *(i + 1 for i in (text_index, label_index) if i >= 0)])
+            if len(fields) < needed:
+                if on_error == "skip":
+                    logger.warning("%s: skipped a row with %d field(s), %d needed", row.location, len(fields), needed)
                     continue
-                if len(row) != len(header):
-                    raise _fail(path, line, f"expected {len(header)} CSV fields, got {len(row)}")
-                texts.append(row[ti])
-                labels.append(row[li])
-                if limit is not None and len(texts) >= limit:
-                    break
-        else:
-            ti = -2 if text_column is None else int(text_column)
-            li = -1 if label_column is None else int(label_column)
-            for line, raw in enumerate(handle, start=1):
-                raw = raw.rstrip("\r\n")
-                if not raw:
-                    continue
-                row = raw.split("\t")
-                if len(row) < 2:
-                    raise _fail(path, line, "expected at least 2 tab-separated fields '...<TAB>text<TAB>label'")
-                texts.append(row[ti])
-                labels.append(row[li].strip())
-                if limit is not None and len(texts) >= limit:
-                    break
+                raise _row_error(row, f"expected at least {needed} tab-separated fields '...<TAB>text<TAB>label', "
+                                      f"got {len(fields)}")
+            texts.append(fields[text_index])
+            labels.append(fields[label_index].strip())
+            if limit is not None and len(texts) >= limit:
+                break
     if not texts:
         raise _fail(path, None, "no labelled rows found")
     return texts, labels
@@ -551,6 +455,8 @@ def read_labelled(
 
 def _column_index(path: Path, header: list[str], wanted: str | int | None, candidates: Sequence[str]) -> int:
     if isinstance(wanted, int):
+        if not 0 <= wanted < len(header):
+            raise _fail(path, 1, f"column index {wanted} is out of range for the header {header}")
         return wanted
     names = [wanted] if wanted else list(candidates)
     for name in names:
@@ -627,6 +533,7 @@ def sts_task(
     split: str = "test",
     prompt: str | None = None,
     columns: dict[str, str | int] | None = None,
+    on_error: OnError = "raise",
 ) -> AbsTask:
     """An mteb STS task (main score: Spearman of cosine similarity) from an STS-B CSV, SICK TSV, ``s1\\ts2\\tscore``
     file, or a JSONL / table file with ``sentence1``, ``sentence2``, ``score`` columns (or a ``columns`` mapping, as
@@ -634,7 +541,7 @@ def sts_task(
     from mteb.abstasks.sts import AbsTaskSTS
 
     fmt = fmt or infer_sts_format(path)
-    data = read_sts(path, fmt=fmt, limit=limit, columns=columns)
+    data = read_sts(path, fmt=fmt, limit=limit, columns=columns, on_error=on_error)
     lang = to_langscript(language) if language else guess_language(path, data.sentence1)
     metadata = _metadata(name or task_name_from_path("LocalSTS", path), "STS", "cosine_spearman", [lang], split,
                          str(path), f"STS pairs from {Path(path).name} ({fmt} format).", prompt)
@@ -654,12 +561,15 @@ def pair_task(
     limit: int | None = None,
     split: str = "test",
     prompt: str | None = None,
+    columns: dict[str, str | int] | None = None,
+    on_error: OnError = "raise",
 ) -> AbsTask:
     """An mteb pair-classification task (main score: max average precision over similarity functions) from a
-    ``s1\\ts2\\tlabel`` file. See :func:`read_pairs`."""
+    ``s1\\ts2\\tlabel`` file, or any table with ``sentence1``/``sentence2``/``label`` columns (or a ``columns``
+    mapping). See :func:`read_pairs`."""
     from mteb.abstasks.pair_classification import AbsTaskPairClassification
 
-    data = read_pairs(path, limit=limit)
+    data = read_pairs(path, limit=limit, columns=columns, on_error=on_error)
     lang = to_langscript(language) if language else guess_language(path, data.sentence1)
     metadata = _metadata(name or task_name_from_path("LocalPairs", path), "PairClassification", "max_ap", [lang],
                          split, str(path), f"Sentence-pair classification from {Path(path).name}.", prompt)
@@ -715,10 +625,12 @@ def retrieval_task(
     limit_queries: int | None = None,
     limit_corpus: int | None = None,
     prompt: str | dict[str, str] | None = None,
+    on_error: OnError = "raise",
 ) -> AbsTask:
     """An mteb retrieval task (main score nDCG@10; Recall@k, MAP, MRR also reported) from a BEIR folder.
-    See :func:`read_beir` for the limits."""
-    data, qrels_split = read_beir(folder, split=split, limit_queries=limit_queries, limit_corpus=limit_corpus)
+    See :func:`beir_retrieval_data` for the split and the limits."""
+    data, qrels_split = beir_retrieval_data(folder, split=split, limit_queries=limit_queries,
+                                            limit_corpus=limit_corpus, on_error=on_error)
     lang = to_langscript(language) if language else guess_language(folder, list(data.queries.values()))
     return make_retrieval_task(
         name or task_name_from_path("LocalRetrieval", folder), {"default": data}, [lang], split=qrels_split,
@@ -735,16 +647,11 @@ def squad_retrieval_task(
     limit_queries: int | None = None,
     split: str = "test",
     prompt: str | dict[str, str] | None = None,
+    on_error: OnError = "raise",
 ) -> AbsTask:
-    """Monolingual retrieval from a SQuAD-format file (e.g. CMRC2018): each question retrieves its paragraph."""
-    paragraphs, questions = read_squad(path)
-    if limit_queries is not None:
-        questions = questions[:limit_queries]
-    data = RetrievalData(
-        corpus={pid: {"title": "", "text": context} for pid, _, context in paragraphs},
-        queries={qid: question for qid, question, _ in questions},
-        qrels={qid: {pid: 1} for qid, _, pid in questions},
-    )
+    """Monolingual retrieval from a SQuAD-format file (e.g. CMRC2018): each question retrieves its paragraph.
+    See :func:`squad_retrieval_data`; ``on_error="skip"`` leaves out (and logs) questions without text."""
+    data = squad_retrieval_data(path, limit_queries=limit_queries, on_error=on_error)
     lang = to_langscript(language) if language else guess_language(path, list(data.queries.values()))
     return make_retrieval_task(
         name or task_name_from_path("LocalSQuADRetrieval", path), {"default": data}, [lang], split=split,
@@ -772,7 +679,7 @@ def bitext_task(
         stem = Path(path1).stem
     else:
         stem = Path(path1).stem
-    s1, s2 = read_bitext(path1, path2, limit=limit)
+    s1, s2 = bitext_sentences(path1, path2, limit=limit)
     langs = [to_langscript(x) for x in languages] if languages else [guess_language(path1, s1),
                                                                        guess_language(path2, s2)]
     metadata = _metadata(name or f"LocalBitext-{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem)}", "BitextMining", "f1",
@@ -806,6 +713,7 @@ def classification_task(
     samples_per_label: int = 8,
     seed: int = 42,
     prompt: str | None = None,
+    on_error: OnError = "raise",
 ) -> AbsTask:
     """An mteb classification task (logistic regression on embeddings; main score accuracy).
 
@@ -814,9 +722,9 @@ def classification_task(
     """
     from mteb.abstasks.classification import AbsTaskClassification
 
-    texts, labels = read_labelled(path, text_column, label_column, limit)
+    texts, labels = read_labelled(path, text_column, label_column, limit, on_error=on_error)
     if test_path is not None:
-        test_texts, test_labels = read_labelled(test_path, text_column, label_column, limit)
+        test_texts, test_labels = read_labelled(test_path, text_column, label_column, limit, on_error=on_error)
         train_texts, train_labels = texts, labels
     else:
         train_texts, test_texts, train_labels, test_labels = _train_test(texts, labels, test_size, seed)
@@ -851,12 +759,13 @@ def clustering_task(
     max_documents_per_cluster: int | None = None,
     split: str = "test",
     prompt: str | None = None,
+    on_error: OnError = "raise",
 ) -> AbsTask:
     """An mteb clustering task (k-means on embeddings; main score V-measure averaged over ``n_clusters``
     bootstrap samples of ``max_documents_per_cluster`` documents, all documents by default)."""
     from mteb.abstasks.clustering import AbsTaskClustering
 
-    texts, labels = read_labelled(path, text_column, label_column, limit)
+    texts, labels = read_labelled(path, text_column, label_column, limit, on_error=on_error)
     lang = to_langscript(language) if language else guess_language(path, texts)
     metadata = _metadata(name or task_name_from_path("LocalClustering", path), "Clustering", "v_measure", [lang],
                          split, str(path), f"Clustering of {Path(path).name} by its labels.", prompt)
@@ -936,7 +845,11 @@ __all__ = [
     "PairData",
     "RetrievalData",
     "STS_COLUMNS",
+    "STS_FORMATS",
+    "beir_retrieval_data",
+    "bitext_sentences",
     "bitext_task",
+    "choose_beir_split",
     "classification_task",
     "clustering_task",
     "guess_language",
@@ -944,14 +857,11 @@ __all__ = [
     "infer_task_kind",
     "make_retrieval_task",
     "pair_task",
-    "read_beir",
-    "read_bitext",
     "read_labelled",
     "read_pairs",
-    "read_qrels",
-    "read_squad",
     "read_sts",
     "retrieval_task",
+    "squad_retrieval_data",
     "squad_retrieval_task",
     "sts_task",
     "task_from_path",

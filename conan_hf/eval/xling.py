@@ -34,15 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.readers import read_beir_corpus, read_qrels, read_squad, read_table
 from ..errors import DataError
 from .tasks import (
     RetrievalData,
     _fail,
-    _read_jsonl,
-    _text,
+    _row_error,
     make_retrieval_task,
-    read_qrels,
-    read_squad,
     to_langscript,
 )
 
@@ -94,18 +92,17 @@ def load_xquad(
     """
     folder = Path(folder)
     corpus_file = folder / f"xquad.{corpus_language}.json"
-    paragraphs, corpus_questions = read_squad(corpus_file)
-    corpus = {pid: {"title": "", "text": context} for pid, _, context in paragraphs}
-    qrels = {qid: {pid: 1} for qid, _, pid in corpus_questions}
-    order = [qid for qid, _, _ in corpus_questions]
+    corpus_rows = read_squad(corpus_file)
+    corpus = {pid: {"title": "", "text": paragraph["text"]} for pid, paragraph in corpus_rows.paragraphs.items()}
+    qrels = {row["id"]: {row["paragraph_id"]: 1} for row in corpus_rows}
+    order = [row["id"] for row in corpus_rows]
     if limit_queries is not None:
         order = order[:limit_queries]
     keep = set(order)
     queries: dict[str, dict[str, str]] = {}
     for language in languages:
         path = folder / f"xquad.{language}.json"
-        _, questions = read_squad(path)
-        by_id = {qid: (text, pid) for qid, text, pid in questions}
+        by_id = {row["id"]: (row["query"], row["paragraph_id"]) for row in read_squad(path)}
         missing = keep - set(by_id)
         if missing:
             raise _fail(path, None, f"{len(missing)} question ids of {corpus_file.name} are missing (not aligned), "
@@ -148,29 +145,29 @@ def load_mkqa(
     corpus_path = Path(corpus)
     if corpus_path.is_dir():
         corpus_path = corpus_path / "corpus.jsonl"
-    docs: dict[str, dict[str, str]] = {}
-    for line, obj in _read_jsonl(corpus_path):
-        if "_id" not in obj or "text" not in obj:
-            raise _fail(corpus_path, line, "a document needs '_id' and 'text'")
-        docs[str(obj["_id"])] = {"title": _text(corpus_path, line, obj.get("title") or "", "'title'"),
-                                 "text": _text(corpus_path, line, obj["text"], "document 'text'")}
+    docs = read_beir_corpus(corpus_path)
     languages = list(languages) if languages is not None else [x for x in MKQA_LANGUAGES if x != "en"]
 
-    examples = []
-    for line, obj in _read_jsonl(path):
-        if "queries" not in obj or "example_id" not in obj:
-            raise _fail(path, line, "an MKQA example needs 'example_id' and 'queries'")
-        examples.append((line, obj))
+    # Answers decide relevance only without qrels; an example without answers has no relevant passage then.
+    columns = {"example_id": "example_id", "queries": "queries"}
+    if qrels is None:
+        columns["answers"] = "answers"
+    examples = read_table(path, columns, format="jsonl", allow_empty=["answers"])
+    for obj in examples:
+        if not isinstance(obj["queries"], dict):
+            got = type(obj["queries"]).__name__
+            raise _row_error(obj, f"'queries' must be an object {{language: text}}, got {got}")
 
+    judged: dict[str, dict[str, int]] = {}
     if qrels is not None:
-        judged = read_qrels(qrels)
+        for judgement in read_qrels(qrels):
+            judged.setdefault(judgement["query_id"], {})[judgement["corpus_id"]] = judgement["score"]
     else:
         # Relevance by answer containment: one pass over the corpus per distinct answer string.
         by_answer: dict[str, list[str]] = {}
-        for _, obj in examples:
-            for answer in set(_answer_strings(obj.get("answers", {}).get("en", []))):
+        for obj in examples:
+            for answer in set(_answer_strings((obj["answers"] or {}).get("en", []))):
                 by_answer.setdefault(answer, []).append(str(obj["example_id"]))
-        judged = {}
         lowered = {doc_id: (doc["title"] + " " + doc["text"]).lower() for doc_id, doc in docs.items()}
         for answer, qids in by_answer.items():
             hits = [doc_id for doc_id, text in lowered.items() if answer in text]
@@ -180,16 +177,18 @@ def load_mkqa(
 
     queries: dict[str, dict[str, str]] = {language: {} for language in languages}
     kept: dict[str, dict[str, int]] = {}
-    for line, obj in examples:
+    for obj in examples:
         qid = str(obj["example_id"])
         if not judged.get(qid):
             continue
         for language in languages:
             text = obj["queries"].get(language)
             if text is None:
-                raise _fail(path, line, f"example {qid} has no query in language {language!r}",
-                            hint="choose --languages the file has")
-            queries[language][qid] = _text(path, line, text, f"query in {language!r}")
+                raise _row_error(obj, f"example {qid} has no query in language {language!r}",
+                                 hint="choose --languages the file has")
+            if not isinstance(text, str) or not text.strip():
+                raise _row_error(obj, f"the query in {language!r} must be a non-empty text, got {text!r}")
+            queries[language][qid] = text
         kept[qid] = judged[qid]
         if limit_queries is not None and len(kept) >= limit_queries:
             break
