@@ -26,6 +26,11 @@ Cases:
   random Conan model whose embeddings are projected to 2048 dimensions (a sentence-transformers ``Dense`` module,
   so the result is large while encoding stays cheap), in memory vs ``output_path=`` (a memory-mapped ``.npy``), at
   three sizes: the peak RSS growth during the call.
+- ``lm`` — stages 0-2's data path: each stage's ``run(config)`` with ``--max_steps 2`` (stage 0: vocabulary 4,096) on
+  10k / 100k / 1M synthetic rows, memory-mapped (``new``), streamed (``stream``, stages 1-2) and as at ``--old-ref``
+  (``old``, up to ``--lm-old-max`` rows): wall and CPU time and the peak RSS of the run, each in a fresh process with
+  its own ``datasets`` cache (``HF_DATASETS_CACHE``, emptied after), and the growth ratios between sizes. It writes
+  only its own section ``## (lm)`` of the results file.
 - ``mine`` — hard-negative mining (:func:`conan_hf.data.teacher.mine_negative_ids`): ``Q`` queries, one positive
   each, over a corpus of ``N`` synthetic passages (the positives among them), pool size 30, relative margin 0.05,
   with the tiny random Conan model (``ConanConfig.tiny()``: 2 layers, hidden 128, the parameter count printed;
@@ -62,6 +67,7 @@ Cases:
 Usage:
     python benchmarks/scale.py                      # all cases, writes benchmarks/results/scale_cpu.txt
     python benchmarks/scale.py --only dhnm --dhnm-sizes 100000 1000000
+    python benchmarks/scale.py --only lm --old-ref e49e9fb     # stages 0-2 (about an hour on 2 busy cores)
     python benchmarks/scale.py --only clr clr_http   # the CLR sections only (about 10 min on 2 cores)
 """
 
@@ -375,6 +381,158 @@ def case_encode(size: int, mode: str) -> dict:
     return out
 
 
+# ---- stages 0-2: the data path (stream-lm, issue 11) -----------------------------------------------------------------
+#: Tokens per packed block in the stage-1 case.
+LM_SEQ_LENGTH = 256
+
+
+def _lm_text(rng: random.Random, vocabulary: list[str], low: int, high: int) -> str:
+    return " ".join(rng.choice(vocabulary) for _ in range(rng.randint(low, high)))
+
+
+def case_lm_data(size: int, folder: str) -> dict:
+    """Synthetic stage-0/1 texts (10-60 words) and stage-2 rows (instruction 5-15, input 0-30, output 10-50 words)
+    over 5,000 made-up words, as JSONL files in ``folder``; plus (once) a 4,096-token tokenizer and a tiny decoder."""
+    rng = random.Random(size)
+    vocabulary = synthetic_words(5_000)
+    root = Path(folder)
+    with open(root / f"texts-{size}.jsonl", "w", encoding="utf-8") as handle:
+        for _ in range(size):
+            handle.write(json.dumps({"text": _lm_text(rng, vocabulary, 10, 60)}) + "\n")
+    with open(root / f"sft-{size}.jsonl", "w", encoding="utf-8") as handle:
+        for _ in range(size):
+            row = {"instruction": _lm_text(rng, vocabulary, 5, 15), "output": _lm_text(rng, vocabulary, 10, 50)}
+            if rng.random() < 0.7:
+                row["input"] = _lm_text(rng, vocabulary, 1, 30)
+            handle.write(json.dumps(row) + "\n")
+    if not (root / "lm" / "config.json").is_file():
+        import torch
+
+        from conan_hf.tokenizer import train_tokenizer
+        from trainers.pretrain import new_causal_lm
+
+        tokenizer = train_tokenizer((_lm_text(rng, vocabulary, 10, 60) for _ in range(20_000)), vocab_size=4096,
+                                    show_progress=False)
+        torch.manual_seed(0)
+        tokenizer.save_pretrained(root / "lm")
+        new_causal_lm("tiny", tokenizer).save_pretrained(root / "lm")
+    return {"size": size, "bytes": (root / f"texts-{size}.jsonl").stat().st_size}
+
+
+def case_lm(stage: str, impl: str, size: int, folder: str, old_ref: str | None) -> dict:
+    """One stage's ``run`` (``--max_steps 2``) on ``size`` synthetic rows: ``new`` (memory-mapped), ``stream``
+    (``streaming: true``) or ``old`` (the stage module of ``old_ref``); wall time and peak RSS of the whole run."""
+    import torch
+
+    torch.set_num_threads(1)
+    root = Path(folder)
+    module_path = {"tokenizer": "trainers/tokenizer_stage.py", "pretrain": "trainers/pretrain.py",
+                   "sft": "trainers/sft.py"}[stage]
+    if impl == "old":
+        module = load_module_from_ref(old_ref, module_path, f"{stage}_old")
+    else:
+        module = __import__(module_path[:-3].replace("/", "."), fromlist=["run"])
+    file = root / (f"sft-{size}.jsonl" if stage == "sft" else f"texts-{size}.jsonl")
+    source = {"path": str(file), "streaming": True} if impl == "stream" else str(file)
+    common = {"output_dir": str(root / f"out-{stage}-{impl}-{size}"), "data": [source]}
+    train = {"max_steps": 2, "save_steps": 1000, "bf16": False, "num_threads": 1, "disable_tqdm": True,
+             "per_device_train_batch_size": 8, "resume": "no", "logging_steps": 1}
+    from trainers.config import config_from_dict
+
+    if stage == "tokenizer":
+        config = config_from_dict(module.TokenizerConfig, {**common, "vocab_size": 4096})
+    elif stage == "pretrain":
+        config = config_from_dict(module.PretrainConfig, {**common, **train, "tokenizer": str(root / "lm"),
+                                                          "model": "tiny", "seq_length": LM_SEQ_LENGTH})
+    else:
+        config = config_from_dict(module.SFTConfig, {**common, **train, "model": str(root / "lm"),
+                                                     "max_length": 512})
+    import threading
+
+    # VmHWM counts the pages of memory-mapped Arrow files the run has read (file-backed, shared, reclaimable by the
+    # kernel); the anonymous part (RssAnon: Python objects, tensors, buffers) is what a stage really holds, so its
+    # peak is sampled too.
+    anon = {"peak": _status("RssAnon"), "stop": False}
+
+    def sample() -> None:
+        while not anon["stop"]:
+            anon["peak"] = max(anon["peak"], _status("RssAnon"))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    anon_before = _status("RssAnon")
+    with Phase() as phase:
+        sampler.start()
+        module.run(config)
+        anon["stop"] = True
+        sampler.join()
+    return {"size": size, "seconds": phase.seconds, "cpu_s": phase.cpu_seconds, "rss_before": phase.rss_before,
+            "peak_rss": phase.rss_before + phase.peak_growth, "peak_growth": phase.peak_growth,
+            "anon_before": anon_before, "peak_anon": anon["peak"]}
+
+
+def lm_section(args, emit, flush=lambda: None) -> None:
+    """Stages 0-2 data path: peak RSS and time at each size, new (memory-mapped / streamed) and old; ``flush()``
+    after each size writes what is measured so far."""
+    import shutil
+
+    folder = tempfile.mkdtemp(prefix="scale-lm-")
+    emit(f"## (lm) stages 0-2 data path (`run(config)` with --max_steps 2; tokenizer: vocab 4096), synthetic rows "
+         f"(texts 10-60 words; SFT 5-15 / 0-30 / 10-50 words), seq_length {LM_SEQ_LENGTH}, one thread")
+    emit("new = memory-mapped data layer + batched map (datasets cache), stream = `streaming: true`, "
+         f"old = git {args.old_ref} (read_sources list + one tokenizer call + Python-list packing)")
+    emit("stage      impl       rows   wall s    CPU s   RSS before   peak RSS  peak growth  anon before  peak anon")
+    emit("(peak RSS = VmHWM, including the pages of memory-mapped Arrow files read; anon = RssAnon, sampled every 20 ms)")
+    reports: dict = {}
+    for size in args.lm_sizes:
+        made = run_case("lm_data", str(size), folder, timeout=1800)
+        if "error" in made:
+            emit(f"data {size:,}: ERROR {made['error']}")
+            continue
+        for stage in args.lm_stages:
+            impls = ["new", "stream"] if stage != "tokenizer" else ["new"]
+            if size <= args.lm_old_max:
+                impls.append("old")
+            for impl in impls:
+                cache = Path(folder) / "hf-cache"
+                os.environ["HF_DATASETS_CACHE"] = str(cache)  # inherited by the case; emptied after it
+                r = run_case("lm", stage, impl, str(size), folder, args.old_ref, timeout=3600)
+                shutil.rmtree(cache, ignore_errors=True)
+                for leftover in Path(folder).glob("out-*"):
+                    shutil.rmtree(leftover, ignore_errors=True)
+                reports[(stage, impl, size)] = r
+                if "error" in r:
+                    emit(f"{stage:<9}  {impl:<6}  {size:>9,}  ERROR {r['error']}")
+                    continue
+                emit(f"{stage:<9}  {impl:<6}  {size:>9,}  {r['seconds']:>7.1f}  {r['cpu_s']:>7.1f}  "
+                     f"{mb(r['rss_before']):>11}  {mb(r['peak_rss']):>9}  {mb(r['peak_growth']):>11}  "
+                     f"{mb(r['anon_before']):>11}  {mb(r['peak_anon']):>9}")
+        for name in (f"texts-{size}.jsonl", f"sft-{size}.jsonl"):
+            (Path(folder) / name).unlink(missing_ok=True)
+        flush()
+    for stage in args.lm_stages:
+        for impl in ("new", "stream", "old"):
+            sizes = [s for s in args.lm_sizes if "error" not in reports.get((stage, impl, s), {"error": 1})]
+            for a, b in zip(sizes, sizes[1:]):
+                ra, rb = reports[(stage, impl, a)], reports[(stage, impl, b)]
+                emit(f"growth {stage} {impl} {a:,} -> {b:,}: peak RSS {ratio(rb['peak_rss'], ra['peak_rss'])}"
+                     f" (peak growth {ratio(rb['peak_growth'], ra['peak_growth'])}), peak anon "
+                     f"{ratio(rb['peak_anon'], ra['peak_anon'])}, wall {ratio(rb['seconds'], ra['seconds'])}")
+    shutil.rmtree(folder, ignore_errors=True)
+    emit("")
+
+
+def write_section(path: str, title_prefix: str, section: list[str]) -> None:
+    """Replace the section starting with ``title_prefix`` in the results file (or append it), keeping the others."""
+    file = Path(path)
+    old = file.read_text().splitlines() if file.is_file() else []
+    start = next((i for i, line in enumerate(old) if line.startswith(title_prefix)), None)
+    if start is None:
+        kept = old + ([""] if old and old[-1] else [])
+        file.write_text("\n".join(kept + section) + "\n")
+        return
+    end = next((i for i in range(start + 1, len(old)) if old[i].startswith("## ")), len(old))
+    file.write_text("\n".join(old[:start] + section + old[end:]) + "\n")
 def write_pairs(path: str, size: int) -> None:
     """``size`` JSONL pairs of ~600 bytes: a 10-word query and a 70-word positive (plus an unmapped column)."""
     words = synthetic_words(5000, seed=11)
@@ -765,7 +923,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)
     cases = ["dhnm", "sft", "encode", "load", "clr", "clr_http", "mine", "teacher", "weak"]
-    parser.add_argument("--only", nargs="+", choices=cases, default=cases)
+    # lm (stages 0-2, about an hour on 2 busy cores) runs when asked for: --only lm
+    parser.add_argument("--only", nargs="+", choices=[*cases, "lm"], default=cases)
+    parser.add_argument("--lm-sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--lm-stages", nargs="+", default=["pretrain", "sft", "tokenizer"])
+    parser.add_argument("--lm-old-max", type=int, default=100_000, help="largest size the old stages run at")
     parser.add_argument("--dhnm-sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
     parser.add_argument("--dhnm-baseline-sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000],
                         help="sizes at which the baseline pool of Python strings is measured (~1.2 KB per example: "
@@ -807,6 +969,10 @@ def main(argv: list[str] | None = None) -> None:
             report = case_load(rest[0], rest[1])
         elif name == "tokenizer":
             report = build_150k_tokenizer(rest[0])
+        elif name == "lm_data":
+            report = case_lm_data(int(rest[0]), rest[1])
+        elif name == "lm":
+            report = case_lm(rest[0], rest[1], int(rest[2]), rest[3], rest[4])
         elif name == "clr":
             report = case_clr(int(rest[0]), rest[1], int(rest[2]))
         elif name == "clr_http":
@@ -930,6 +1096,19 @@ def main(argv: list[str] | None = None) -> None:
                  f", memmap peak {ratio(mmb['peak_bytes'], mma['peak_bytes'])}")
         emit("")
 
+    if "lm" in args.only:  # its own section of the results file (the other sections are left as they are)
+        start = len(lines)
+
+        def flush() -> None:
+            section = lines[start:]
+            section.insert(1, f"({lines[0]}; {lines[1]})")  # the machine and date of these figures
+            write_section(args.output, "## (lm)", section)
+
+        lm_section(args, emit, flush)
+        flush()
+        if args.only == ["lm"]:
+            print(f"wrote the (lm) section of {args.output}")
+            return
     if "load" in args.only:
         emit("## (d) data layer: JSONL pairs with a column mapping and row checks, every row consumed in batches of "
              "1,000; peak RSS growth during the phase")

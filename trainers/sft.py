@@ -12,15 +12,23 @@ Output: ``final_dir`` with the fine-tuned `ConanForCausalLM` and tokenizer (stag
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
 
+from conan_hf.data.sources import LOCATION, load_sources, main_process_first
 from conan_hf.errors import cli_errors
-from conan_hf.data.sources import read_sources
-from trainers.checkpoints import finish_stage, stage_exits, start_stage, train_with_resume
+from trainers.checkpoints import NO_RESUME, finish_stage, stage_exits, start_stage, train_with_resume
 from trainers.config import StageConfig, parse_config
 from trainers.distributed import print_main, setup_runtime
+from trainers.streaming import (
+    ResumableStream,
+    StreamPositionCallback,
+    StreamTrainer,
+    is_streamed,
+    stream_training_kwargs,
+)
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -32,7 +40,8 @@ class SFTConfig(StageConfig):
 
     Args:
         model: the stage-1 output folder (a `ConanForCausalLM` with its tokenizer).
-        data: sources of ``instruction``, ``input`` (may be empty) and ``output`` columns.
+        data: sources of ``instruction``, ``input`` (may be empty) and ``output`` columns; ``streaming: true`` on one
+            reads them lazily (then ``max_steps`` is required).
         max_length: examples are truncated to this many tokens.
     """
 
@@ -137,43 +146,98 @@ def build_sft_examples(tokenizer, instructions: Sequence[str], inputs: Sequence[
     return columns
 
 
+#: Rows per batch of the preprocessing ``map``.
+MAP_BATCH_SIZE = 1000
+#: The columns a stage-2 row is read with (``input`` may be missing: ``None``, read as "").
+SFT_COLUMNS = ("instruction", "input", "output")
+
+
+def _sft_batch(batch: dict[str, list], tokenizer, max_length: int, markers: Sequence[str]) -> dict[str, list]:
+    """A batch of rows → its examples that have a response token within ``max_length`` (the ``map`` function; a
+    module-level function, so the ``datasets`` cache can hash it). Left-out rows are counted by the caller."""
+    examples = build_sft_examples(tokenizer, batch["instruction"], [value or "" for value in batch["input"]],
+                                  batch["output"], max_length, batch_size=len(batch["output"]) or 1, markers=markers)
+    kept = [i for i, labels in enumerate(examples["labels"]) if any(label != IGNORE_INDEX for label in labels)]
+    if len(kept) < len(examples["labels"]):
+        first = next(i for i in range(len(examples["labels"])) if i not in set(kept))
+        logger.warning("stage 2: %d example(s) of a batch had no response token within max_length=%d and were left "
+                       "out (the first: %s)", len(examples["labels"]) - len(kept), max_length,
+                       batch.get(LOCATION, ["?"] * (first + 1))[first])
+        examples = {name: [values[i] for i in kept] for name, values in examples.items()}
+    return examples
+
+
+def preprocess(rows, tokenizer, max_length: int, what: str = "stage 2 (SFT) data"):
+    """The SFT examples of a data-layer dataset (:func:`conan_hf.data.sources.load_sources`): a batched ``map`` of
+    :func:`build_sft_examples` (markers looked up once) that leaves out the examples with no response token within
+    ``max_length``, with a warning saying how many.
+
+    Memory-mapped rows give a memory-mapped ``Dataset`` (computed by each node's main process first, into the
+    ``datasets`` cache; token ids stored as int32); streamed rows give a lazy ``IterableDataset``.
+    """
+    from datasets import Features, IterableDataset, Sequence as ArrowList, Value
+
+    markers = sft_markers(tokenizer)
+    function = functools.partial(_sft_batch, tokenizer=tokenizer, max_length=max_length, markers=markers)
+    if isinstance(rows, IterableDataset):
+        return rows.map(function, batched=True, batch_size=MAP_BATCH_SIZE,
+                        remove_columns=[*SFT_COLUMNS, LOCATION])
+    features = Features({"input_ids": ArrowList(Value("int32")), "attention_mask": ArrowList(Value("int8")),
+                         "labels": ArrowList(Value("int32"))})
+    with main_process_first():
+        examples = rows.map(function, batched=True, batch_size=MAP_BATCH_SIZE, remove_columns=rows.column_names,
+                            features=features, desc="SFT preprocessing")
+    if len(examples) < len(rows):
+        logger.warning("stage 2: %d of %d examples had no response token within max_length=%d and were left out",
+                       len(rows) - len(examples), len(rows), max_length)
+    if not len(examples):
+        raise ValueError(f"stage 2: no example has a response within max_length={max_length}")
+    return examples
+
+
 def run(config: SFTConfig) -> dict[str, Any]:
     """Train stage 2; returns a summary with the final directory and the logged losses."""
     done = start_stage(config, "sft", 2)
     if done is not None:
         return done
-    from datasets import Dataset
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from conan_hf import ConanForCausalLM
     from conan_hf.demo import demo_instructions
 
+    what = "stage 2 (SFT) data"
     setup_runtime(config)
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     tokenizer.padding_side = "right"
-    rows = read_sources(config.data, demo_instructions, required=["instruction", "output"],
-                        text=["instruction", "input", "output"], what="stage 2 (SFT) data")
-    columns = build_sft_examples(tokenizer, [r["instruction"] for r in rows], [r.get("input") or "" for r in rows],
-                                 [r["output"] for r in rows], config.max_length)
-    kept = [i for i, labels in enumerate(columns["labels"]) if any(label != IGNORE_INDEX for label in labels)]
-    if len(kept) < len(rows):
-        logger.warning("stage 2: %d of %d examples had no response token within max_length=%d and were left out",
-                       len(rows) - len(kept), len(rows), config.max_length)
-    if not kept:
-        raise ValueError(f"stage 2: no example has a response within max_length={config.max_length}")
-    if len(kept) < len(rows):
-        columns = {name: [values[i] for i in kept] for name, values in columns.items()}
-    dataset = Dataset.from_dict(columns)
+    streamed = is_streamed(config.data, what)
+    args_kwargs = config.training_arguments_kwargs()
+    if streamed:
+        args_kwargs = stream_training_kwargs(config, what, args_kwargs)
+    # First, so that the process group exists when the data layer splits a stream by rank or lets the main process
+    # of each node fill the datasets cache first.
+    args = TrainingArguments(**args_kwargs)
+    rows = load_sources(config.data, demo_instructions, required=["instruction", "output"], text=list(SFT_COLUMNS),
+                        keep=list(SFT_COLUMNS), what=what, streaming=streamed)
+    dataset = preprocess(rows, tokenizer, config.max_length, what)
 
     model = ConanForCausalLM.from_pretrained(config.model)
     model.config.use_cache = False
-    args = TrainingArguments(**config.training_arguments_kwargs())
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer)
-    print_main(f"[stage 2] SFT of {config.model} on {len(dataset)} (instruction, input, output) examples")
+    if streamed:
+        examples = ResumableStream(dataset, what)
+        explicit = None if config.resume in NO_RESUME or config.resume == "auto" else config.resume
+        trainer = StreamTrainer(model=model, args=args, train_dataset=examples, data_collator=collator,
+                                processing_class=tokenizer, callbacks=[StreamPositionCallback(examples, explicit)])
+        num_examples = None
+        print_main(f"[stage 2] SFT of {config.model} on a stream of (instruction, input, output) examples")
+    else:
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                          processing_class=tokenizer)
+        num_examples = len(dataset)
+        print_main(f"[stage 2] SFT of {config.model} on {len(dataset)} (instruction, input, output) examples")
     result = train_with_resume(trainer, config)
     model.config.use_cache = True
-    return finish_stage(trainer, config, "sft", 2, result, num_examples=len(dataset))
+    return finish_stage(trainer, config, "sft", 2, result, num_examples=num_examples, streamed=streamed)
 
 
 @cli_errors("python -m trainers.sft")

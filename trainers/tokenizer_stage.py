@@ -15,8 +15,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from collections.abc import Iterator
+
+from conan_hf.data.sources import load_sources
 from conan_hf.errors import cli_errors
-from conan_hf.data.sources import read_sources
 from trainers.checkpoints import STAGE_RECORD, read_stage_record, stage_exits, write_json_atomic
 from trainers.config import parse_config
 from trainers.distributed import print_main
@@ -52,30 +54,54 @@ def _already_trained(out: Path, config: TokenizerConfig, digest: str) -> bool:
     return record.get("config") == options and (record.get("summary") or {}).get("texts_sha256") == digest
 
 
+#: Texts per batch read from the data layer.
+BATCH_SIZE = 1000
+
+
+def iter_texts(dataset, column: str) -> Iterator[str]:
+    """The texts of a data-layer dataset (memory-mapped or streamed), read ``BATCH_SIZE`` rows at a time: only one
+    batch is held as Python strings."""
+    for batch in dataset.select_columns([column]).iter(batch_size=BATCH_SIZE):
+        yield from batch[column]
+
+
+def texts_digest(texts: Iterator[str]) -> tuple[str, int]:
+    """(sha256 of the texts joined by NUL characters, their number), computed as they stream by."""
+    digest, count = hashlib.sha256(), 0
+    for text in texts:
+        if count:
+            digest.update(b"\0")
+        digest.update(text.encode("utf-8"))
+        count += 1
+    return digest.hexdigest(), count
+
+
 def run(config: TokenizerConfig):
-    """Train and save the tokenizer; returns it."""
+    """Train and save the tokenizer; returns it.
+
+    The texts are never all in memory: one pass over the data layer's dataset (memory-mapped, or streamed with
+    ``streaming: true``) hashes them (an unchanged corpus is not trained on again), a second feeds the BPE trainer."""
     from conan_hf.demo import demo_texts
     from conan_hf.tokenizer import train_tokenizer
 
-    rows = read_sources(config.data, lambda: [{"text": t} for t in demo_texts()], required=[config.text_column],
-                        text=[config.text_column], what="stage 0 (tokenizer) data")
-    texts = [row[config.text_column] for row in rows]
+    dataset = load_sources(config.data, lambda: [{"text": t} for t in demo_texts()], required=[config.text_column],
+                           text=[config.text_column], keep=[config.text_column], what="stage 0 (tokenizer) data")
     out = Path(config.output_dir)
-    digest = hashlib.sha256("\0".join(texts).encode("utf-8")).hexdigest()
+    digest, num_texts = texts_digest(iter_texts(dataset, config.text_column))
     if _already_trained(out, config, digest):
         # Rewriting an identical tokenizer would make every later stage see a newer input and train again.
         print_main(f"[stage 0] already done: {out} (same options and texts; delete it to retrain)")
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(out))
-    tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size, min_frequency=config.min_frequency,
-                                model_max_length=config.model_max_length)
+    tokenizer = train_tokenizer(iter_texts(dataset, config.text_column), vocab_size=config.vocab_size,
+                                min_frequency=config.min_frequency, model_max_length=config.model_max_length)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out))
     write_json_atomic(out / STAGE_RECORD, {"stage": "tokenizer", "config": dataclasses.asdict(config),
-                                           "summary": {"vocab_size": len(tokenizer), "num_texts": len(texts),
+                                           "summary": {"vocab_size": len(tokenizer), "num_texts": num_texts,
                                                        "texts_sha256": digest}})
-    print_main(f"[stage 0] tokenizer: {len(tokenizer)} tokens from {len(texts)} texts -> {out}")
+    print_main(f"[stage 0] tokenizer: {len(tokenizer)} tokens from {num_texts} texts -> {out}")
     return tokenizer
 
 
