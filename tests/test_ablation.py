@@ -135,3 +135,22 @@ def test_smoke_run_writes_tables_that_equal_its_measurements(tmp_path):
     again = harness.evaluate_model(result["models"]["SM"]["0"], Path(os.environ["CONAN_DATA_DIR"]),
                                    result["meta"]["evaluation"], harness.SCALES["smoke"])
     assert again == pytest.approx(result["runs"]["SM"]["0"], abs=1e-5)
+
+
+def test_minilm_summary_gives_mean_std_over_seeds_and_the_verdict_against_the_base():
+    spec = importlib.util.spec_from_file_location("minilm_stage4", ROOT / "benchmarks" / "minilm_stage4.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sts, ndcg = "stsb_en_dev_spearman", "scifact_heldout_ndcg@10"
+    results = {"base": {sts: 0.80, ndcg: 0.70},
+               # SciFact 0.75/0.76/0.77: mean 76.00, std 1.00, Δ +6.00 > 2 → improves; STS 0.79/0.81/0.80: Δ 0.
+               **{f"inbatch-s{i}": {sts: v, ndcg: w} for i, (v, w) in enumerate([(0.79, 0.75), (0.81, 0.76),
+                                                                                 (0.80, 0.77)])},
+               "dhnm-s0": {sts: 0.70, ndcg: 0.70}}
+    table = module.summarize(results)
+    inbatch = _table_row(table, "| model", "in-batch negatives only")
+    assert inbatch[1] == "3"
+    assert inbatch[2] == "80.00 ± 1.00 (Δ base +0.00: no change beyond seed noise)"
+    assert inbatch[3] == "76.00 ± 1.00 (Δ base +6.00: improves)"
+    assert _table_row(table, "| model", "DHNM (`dhnm: true`)")[2].endswith("(Δ base -10.00: one seed: no noise estimate)")
+    assert "static mined" not in table
