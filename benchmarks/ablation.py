@@ -103,15 +103,14 @@ SCALES: dict[str, Scale] = {
                    sft_epochs=1, weak_rows_per_source=32, weak_epochs=1, weak_batch=16, retrieval_rows=32,
                    sts_rows=32, clr_rows=32, supervised_epochs=2, max_seq_length=64, eval_sts=40,
                    eval_scifact_corpus=60, eval_tatoeba=30, eval_queries=40, seeds=(0, 1), variants=("SM", "SM+CLR+DHNM")),
-    # Sized for time only, never on the scores: 33 stage 3-4 runs + stages 0-2 take about 15 CPU-minutes at 1 thread,
-    # so the run stays inside 60 min on the 2 cores even when other jobs take most of them (the first sizing, 2x
-    # these rows and steps, measured ~110 s for stages 0-2 and ~50 s per run of CPU: ~29 min alone, but 225-450 s of
-    # wall time per run at a load average of 8-14).
+    # Sized for time only, never on the scores: about half the rows, steps and evaluation of the first sizing, which
+    # measured ~110 s of CPU for stages 0-2 and ~50 s per stage 3-4 run (~29 min for all 33 alone at 1 thread), but
+    # 225-450 s of wall time per run at the load average of 8-14 the shared cores had.
     "cpu": Scale(model={}, vocab_size=4096, texts_per_source=200, pretrain_epochs=2, pretrain_max_steps=400, seq_length=128,
                  sft_rows_per_source=80, sft_epochs=1, weak_rows_per_source=120, weak_epochs=1, weak_batch=32,
                  retrieval_rows=100, sts_rows=100, clr_rows=80, supervised_epochs=2, max_seq_length=96,
                  eval_sts=300, eval_scifact_corpus=300, eval_tatoeba=200, eval_queries=100, seeds=(0, 1, 2),
-                 variants=tuple(VARIANTS)),
+                 variants=tuple(VARIANTS), num_threads=2),  # both cores (1 thread got ~5 % of a core under load)
     # Not run yet (no GPU in the sessions so far): "<= 6 min on one H100/H200" is the target, not a measurement.
     "gpu": Scale(model={"hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 4,
                         "num_attention_heads": 6, "num_key_value_heads": 2},
