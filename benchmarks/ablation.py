@@ -103,13 +103,13 @@ SCALES: dict[str, Scale] = {
                    sft_epochs=1, weak_rows_per_source=32, weak_epochs=1, weak_batch=16, retrieval_rows=32,
                    sts_rows=32, clr_rows=32, supervised_epochs=2, max_seq_length=64, eval_sts=40,
                    eval_scifact_corpus=60, eval_tatoeba=30, eval_queries=40, seeds=(0, 1), variants=("SM", "SM+CLR+DHNM")),
-    # Sized for time only, never on the scores: about half the rows, steps and evaluation of the first sizing, which
-    # measured ~110 s of CPU for stages 0-2 and ~50 s per stage 3-4 run (~29 min for all 33 alone at 1 thread), but
-    # 225-450 s of wall time per run at the load average of 8-14 the shared cores had.
-    "cpu": Scale(model={}, vocab_size=4096, texts_per_source=200, pretrain_epochs=2, pretrain_max_steps=400, seq_length=128,
-                 sft_rows_per_source=80, sft_epochs=1, weak_rows_per_source=120, weak_epochs=1, weak_batch=32,
-                 retrieval_rows=100, sts_rows=100, clr_rows=80, supervised_epochs=2, max_seq_length=96,
-                 eval_sts=300, eval_scifact_corpus=300, eval_tatoeba=200, eval_queries=100, seeds=(0, 1, 2),
+    # Sized for time only, never on the scores. The first sizing (2.5-4x these rows and steps) measured ~110 s of CPU
+    # for stages 0-2 and ~50 s per stage 3-4 run at 1 thread (~29 min for all 33 alone), but on the shared cores, at
+    # a load average of 8-19, a run took 225-450 s of wall time; this one needs about a third of that CPU.
+    "cpu": Scale(model={}, vocab_size=4096, texts_per_source=150, pretrain_epochs=2, pretrain_max_steps=150, seq_length=128,
+                 sft_rows_per_source=50, sft_epochs=1, weak_rows_per_source=64, weak_epochs=1, weak_batch=32,
+                 retrieval_rows=64, sts_rows=64, clr_rows=48, supervised_epochs=2, max_seq_length=96,
+                 eval_sts=200, eval_scifact_corpus=200, eval_tatoeba=150, eval_queries=80, seeds=(0, 1, 2),
                  variants=tuple(VARIANTS), num_threads=2),  # both cores (1 thread got ~5 % of a core under load)
     # Not run yet (no GPU in the sessions so far): "<= 6 min on one H100/H200" is the target, not a measurement.
     "gpu": Scale(model={"hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 4,
