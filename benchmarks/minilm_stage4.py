@@ -104,7 +104,10 @@ def summarize(results: dict[str, dict[str, float]]) -> str:
     import statistics
 
     base = results["base"]
-    lines = ["| model | n | " + " | ".join(METRIC_LABELS.values()) + " |", "|---|---|" + "---|" * len(METRIC_LABELS),
+    lines = ["# Stage 4 on all-MiniLM-L6-v2: dev scores ×100, mean ± sample std over seeds", "",
+             "Δ base: difference of the mean to the base model (one deterministic evaluation); \"improves\" only when it "
+             "exceeds 2 × the std over seeds. Commands: README, section Results.", "",
+             "| model | n | " + " | ".join(METRIC_LABELS.values()) + " |", "|---|---|" + "---|" * len(METRIC_LABELS),
              "| all-MiniLM-L6-v2, base | — | " + " | ".join(f"{100 * base[m]:.2f}" for m in METRIC_LABELS) + " |"]
     for variant, label in VARIANT_LABELS.items():
         runs = [v for k, v in sorted(results.items()) if k.rsplit("-s", 1)[0] == variant and k != "base"]
