@@ -110,7 +110,8 @@ SCALES: dict[str, Scale] = {
                  sft_rows_per_source=50, sft_epochs=1, weak_rows_per_source=64, weak_epochs=1, weak_batch=32,
                  retrieval_rows=64, sts_rows=64, clr_rows=48, supervised_epochs=2, max_seq_length=96,
                  eval_sts=200, eval_scifact_corpus=200, eval_tatoeba=150, eval_queries=80, seeds=(0, 1, 2),
-                 variants=tuple(VARIANTS), num_threads=2),  # both cores (1 thread got ~5 % of a core under load)
+                 variants=tuple(VARIANTS)),  # 1 thread: at load 12-18, 2 threads spent ~70 s of CPU per 50
+                 # pre-training steps (they wait on each other), 1 thread ~20 s
     # Not run yet (no GPU in the sessions so far): "<= 6 min on one H100/H200" is the target, not a measurement.
     "gpu": Scale(model={"hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 4,
                         "num_attention_heads": 6, "num_key_value_heads": 2},
