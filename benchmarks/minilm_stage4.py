@@ -4,6 +4,7 @@ train, with in-batch negatives only, static mined hard negatives, or DHNM; dev s
     python benchmarks/minilm_stage4.py prepare [--out runs/minilm/data]     # training/held-out files from CONAN_DATA_DIR
     python -m trainers.supervised --config benchmarks/configs/minilm_supervised.yaml --model $MINILM ...  # see README
     python benchmarks/minilm_stage4.py evaluate NAME=MODEL_DIR ... [--results benchmarks/results/minilm_stage4.json]
+    python benchmarks/minilm_stage4.py summarize     # mean ± std over seeds (NAME = <variant>-s<seed>) -> .md
 
 SciFact has only train qrels, so 20 % of its train queries (the same fixed split as ``benchmarks/ablation.py``) are
 held out from training and scored (nDCG@10 against their relevant documents plus distractors up to 1,500 of the
@@ -91,6 +92,43 @@ def evaluate(model_dir: str, data: Path) -> dict[str, float]:
             "scifact_heldout_ndcg@10": scores["SciFactHeldOutTrainQueries"]}
 
 
+VARIANT_LABELS = {"inbatch": "in-batch negatives only", "static": "static mined hard negatives (`dhnm: false`)",
+                  "dhnm": "DHNM (`dhnm: true`)"}
+METRIC_LABELS = {"stsb_en_dev_spearman": "STS-B en dev Spearman", "scifact_heldout_ndcg@10": "SciFact held-out nDCG@10"}
+
+
+def summarize(results: dict[str, dict[str, float]]) -> str:
+    """A markdown table: the base model's scores and, per variant (entries named ``<variant>-s<seed>``), mean ± sample
+    std over its seeds (×100) with the difference to the base; a variant that does not beat the base by more than
+    2 × its std is called "no improvement beyond seed noise"."""
+    import statistics
+
+    base = results["base"]
+    lines = ["# Stage 4 on all-MiniLM-L6-v2: dev scores ×100, mean ± sample std over seeds", "",
+             "Δ base: difference of the mean to the base model (one deterministic evaluation); \"improves\" only when it "
+             "exceeds 2 × the std over seeds. Commands: README, section Results.", "",
+             "| model | n | " + " | ".join(METRIC_LABELS.values()) + " |", "|---|---|" + "---|" * len(METRIC_LABELS),
+             "| all-MiniLM-L6-v2, base | — | " + " | ".join(f"{100 * base[m]:.2f}" for m in METRIC_LABELS) + " |"]
+    for variant, label in VARIANT_LABELS.items():
+        runs = [v for k, v in sorted(results.items()) if k.rsplit("-s", 1)[0] == variant and k != "base"]
+        if not runs:
+            continue
+        cells = []
+        for metric in METRIC_LABELS:
+            values = [100 * r[metric] for r in runs]
+            mean = statistics.mean(values)
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            delta = mean - 100 * base[metric]
+            if len(values) < 2:
+                verdict = "one seed: no noise estimate"
+            else:
+                verdict = ("improves" if delta > 2 * std else "worse" if delta < -2 * std
+                           else "no change beyond seed noise")
+            cells.append(f"{mean:.2f} ± {std:.2f} (Δ base {delta:+.2f}: {verdict})")
+        lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,7 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("evaluate")
     e.add_argument("models", nargs="+", help="NAME=MODEL_DIR (MODEL_DIR 'base' = the wheel's all-MiniLM-L6-v2)")
     e.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "minilm_stage4.json"))
+    m = sub.add_parser("summarize", help="mean ± std per variant from the results JSON, into a .md beside it")
+    m.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "minilm_stage4.json"))
     args = parser.parse_args(argv)
+    if args.command == "summarize":
+        path = Path(args.results)
+        table = summarize(json.loads(path.read_text(encoding="utf-8")))
+        path.with_suffix(".md").write_text(table, encoding="utf-8")
+        print(table)
+        return 0
     data_dir = os.environ.get("CONAN_DATA_DIR")
     if not data_dir or not Path(data_dir).is_dir():
         print("minilm_stage4: CONAN_DATA_DIR is not set to the shared data folder; nothing to do (skipped).")

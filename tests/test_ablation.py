@@ -51,6 +51,38 @@ def test_difference_is_significant_only_beyond_two_pooled_std():
     assert harness.difference((14.4, 3.0, 3), (10.0, 1.0, 3))[1] is False
 
 
+def _result(runs: dict, baseline: dict, invocation: dict) -> dict:
+    return {"runs": runs, "baseline": baseline, "seconds": {f"{v}/{s}": 10.0 for v, by in runs.items() for s in by},
+            "models": {v: {s: f"/m/{v}-{s}" for s in by} for v, by in runs.items()},
+            "meta": {"scale": "cpu", "sizes": {"sft": 5}}, "invocations": [invocation]}
+
+
+def test_merge_adds_other_invocations_runs_and_refuses_another_checkpoint():
+    harness = _harness()
+    scores = {m: 0.1 for m in harness.METRICS}
+    first = _result({"SM": {"0": scores}}, {"sts_en": 0.4},
+                    {"started": 100.0, "seconds": 50.0, "shared_stages_seconds": 20.0, "cpu_seconds": 40.0,
+                     "cpu_count": 2, "load_1min": [1.0, 3.0]})
+    second = _result({"hard": {"0": scores, "1": scores}}, {"sts_en": 0.4},
+                     {"started": 110.0, "seconds": 60.0, "shared_stages_seconds": 25.0, "cpu_seconds": 45.0,
+                      "cpu_count": 2, "load_1min": [5.0]})
+    harness.merge_results(first, second, "second.json")
+    assert set(first["runs"]) == {"SM", "hard"} and set(first["runs"]["hard"]) == {"0", "1"}
+    assert first["models"]["hard"]["1"] == "/m/hard-1" and first["seconds"]["hard/1"] == 10.0
+    assert len(first["invocations"]) == 2
+    # Summed wall 50 + 60 = 110 s, side by side from 100 to 170 = 70 s, CPU 85 s, load mean (1 + 3 + 5)/3 = 3.0.
+    sentence = harness.wall_time_sentence(first)
+    assert "110 s" in sentence and "70 s" in sentence and "CPU time 85 s" in sentence
+    assert "3.0 on average (max 5.0)" in sentence
+
+    other_checkpoint = _result({"SM+CLR": {"0": scores}}, {"sts_en": 0.5}, second["invocations"][0])
+    with pytest.raises(ValueError, match="other.json.*not the same shared checkpoint"):
+        harness.merge_results(first, other_checkpoint, "other.json")
+    conflicting = _result({"SM": {"0": {**scores, "sts_en": 0.9}}}, {"sts_en": 0.4}, second["invocations"][0])
+    with pytest.raises(ValueError, match="SM seed 0"):
+        harness.merge_results(first, conflicting, "conflict.json")
+
+
 def test_without_data_dir_it_skips_cleanly(monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("CONAN_DATA_DIR", raising=False)
     assert _harness().main(["--scale", "smoke", "--results-dir", str(tmp_path)]) == 0
@@ -103,3 +135,22 @@ def test_smoke_run_writes_tables_that_equal_its_measurements(tmp_path):
     again = harness.evaluate_model(result["models"]["SM"]["0"], Path(os.environ["CONAN_DATA_DIR"]),
                                    result["meta"]["evaluation"], harness.SCALES["smoke"])
     assert again == pytest.approx(result["runs"]["SM"]["0"], abs=1e-5)
+
+
+def test_minilm_summary_gives_mean_std_over_seeds_and_the_verdict_against_the_base():
+    spec = importlib.util.spec_from_file_location("minilm_stage4", ROOT / "benchmarks" / "minilm_stage4.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sts, ndcg = "stsb_en_dev_spearman", "scifact_heldout_ndcg@10"
+    results = {"base": {sts: 0.80, ndcg: 0.70},
+               # SciFact 0.75/0.76/0.77: mean 76.00, std 1.00, Δ +6.00 > 2 → improves; STS 0.79/0.81/0.80: Δ 0.
+               **{f"inbatch-s{i}": {sts: v, ndcg: w} for i, (v, w) in enumerate([(0.79, 0.75), (0.81, 0.76),
+                                                                                 (0.80, 0.77)])},
+               "dhnm-s0": {sts: 0.70, ndcg: 0.70}}
+    table = module.summarize(results)
+    inbatch = _table_row(table, "| model", "in-batch negatives only")
+    assert inbatch[1] == "3"
+    assert inbatch[2] == "80.00 ± 1.00 (Δ base +0.00: no change beyond seed noise)"
+    assert inbatch[3] == "76.00 ± 1.00 (Δ base +6.00: improves)"
+    assert _table_row(table, "| model", "DHNM (`dhnm: true`)")[2].endswith("(Δ base -10.00: one seed: no noise estimate)")
+    assert "static mined" not in table
