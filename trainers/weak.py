@@ -33,11 +33,9 @@ exactly bidirectional attention), ready for stage 4.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -47,7 +45,15 @@ from sentence_transformers.sentence_transformer.data_collator import SentenceTra
 
 from conan_hf.errors import DataError, cli_errors, location_of
 from conan_hf.sentence import QUERY_PROMPT_FORMAT
-from conan_hf.data.sources import LOCATION, load_sources, main_process_first, parse_sources, row_text
+from conan_hf.data.sources import (
+    LOCATION,
+    load_sources,
+    main_process_first,
+    parse_sources,
+    progress_bars_on_terminals_only,
+    row_text,
+    unwrap_data_error,
+)
 from trainers.checkpoints import (
     MainProcessSaveMixin,
     check_stage_input,
@@ -191,7 +197,7 @@ def load_pairs(sources: Any, *, streaming: bool | None = None, cache_dir: str | 
     """
     from conan_hf.demo import demo_instructions
 
-    with _progress_bars_on_terminals_only():
+    with progress_bars_on_terminals_only():
         data = load_sources(sources, demo_instructions, required=(), what=WHAT, text=SOURCE_COLUMNS,
                             keep=SOURCE_COLUMNS, streaming=streaming, cache_dir=cache_dir, rank=rank,
                             world_size=world_size)
@@ -209,31 +215,8 @@ def _to_pairs_dataset(data):
                 return data.map(_pair_columns, batched=True, remove_columns=data.column_names, features=features,
                                 desc="stage 3 pairs")
             except Exception as error:  # noqa: BLE001 - datasets may wrap the DataError raised in the map
-                raise _unwrap(error) from None
+                raise unwrap_data_error(error) from None
     return data.map(_pair_columns, batched=True, remove_columns=[*SOURCE_COLUMNS, LOCATION], features=features)
-
-
-@contextlib.contextmanager
-def _progress_bars_on_terminals_only() -> Iterator[None]:
-    """``datasets``' progress bars (building the cache, the pair ``map``) only when stderr is a terminal: in a log
-    or a pipe they are carriage-return noise, and an error then stays the single line ``cli_errors`` prints."""
-    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    quiet = not sys.stderr.isatty() and not are_progress_bars_disabled()
-    if quiet:
-        disable_progress_bars()
-    try:
-        yield
-    finally:
-        if quiet:
-            enable_progress_bars()
-
-
-def _unwrap(error: BaseException) -> BaseException:
-    cause = error
-    while cause is not None and not isinstance(cause, DataError):
-        cause = cause.__cause__ or cause.__context__
-    return cause or error
 
 
 def instruction_groups(pairs) -> list[tuple[str, np.ndarray]]:

@@ -49,8 +49,8 @@ from conan_hf.errors import DataError, DataFileNotFoundError, finite_float
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LOCATION", "Source", "iter_sources", "load_sources", "parse_sources", "read_sources", "row_text",
-           "split_holdout"]
+__all__ = ["LOCATION", "Source", "iter_sources", "load_sources", "main_process_first", "parse_sources",
+           "progress_bars_on_terminals_only", "read_sources", "row_text", "split_holdout", "unwrap_data_error"]
 
 #: The column in which every row carries where it was read (``"file:line"``, ``"demo row 3"``).
 LOCATION = "_location"
@@ -291,8 +291,26 @@ def main_process_first() -> Iterator[None]:
             dist.barrier()
 
 
-def _unwrap(error: BaseException) -> BaseException:
-    """``datasets`` wraps errors raised while generating; the user should see the `DataError` itself."""
+@contextlib.contextmanager
+def progress_bars_on_terminals_only() -> Iterator[None]:
+    """``datasets``' progress bars (building the cache, a ``map``) only when stderr is a terminal: in a log or a pipe
+    they are carriage-return noise, and an error then stays the single line ``cli_errors`` prints."""
+    import sys
+
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    quiet = not sys.stderr.isatty() and not are_progress_bars_disabled()
+    if quiet:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if quiet:
+            enable_progress_bars()
+
+
+def unwrap_data_error(error: BaseException) -> BaseException:
+    """``datasets`` wraps errors raised while generating or mapping; the user should see the `DataError` itself."""
     cause = error
     while cause is not None and not isinstance(cause, DataError):
         cause = cause.__cause__ or cause.__context__
@@ -366,7 +384,7 @@ def load_sources(
         units = _shards(source, index, 1)
         stamps = tuple((u[1], *_stat(u[1])) for u in units if u[1] is not None)
         try:
-            with main_process_first():
+            with main_process_first(), progress_bars_on_terminals_only():
                 if source.is_demo or units[0][1] is None:
                     rows = list(_generate(units, parsed, check, demo))
                     part = Dataset.from_list(rows) if rows else Dataset.from_dict({})
@@ -375,7 +393,7 @@ def load_sources(
                         _generate, gen_kwargs={"units": units, "sources": parsed, "check": check, "demo": None,
                                                "stamps": stamps}, cache_dir=cache_dir)
         except Exception as error:  # noqa: BLE001 - re-raised, unwrapped from datasets' generation error
-            cause = _unwrap(error)
+            cause = unwrap_data_error(error)
             if isinstance(cause, DataError) or _has_rows(units, parsed, check, demo):
                 raise cause from None
             part = None  # datasets cannot build a table without rows
