@@ -919,6 +919,21 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
 
+def growth_lines(reports: dict, case: str, sizes: list[int], modes: tuple[str, ...]) -> list[str]:
+    """``growth A -> B`` lines of a case measured per (size, mode): peak RSS, anonymous peak and time ratios."""
+    lines = []
+    for a, b in zip(sizes, sizes[1:]):
+        parts = []
+        for mode in modes:
+            ra, rb = reports[(case, a, mode)], reports[(case, b, mode)]
+            if "error" not in ra and "error" not in rb:
+                parts.append(f"{mode} peak {ratio(rb['peak_bytes'], ra['peak_bytes'])} (anon "
+                             f"{ratio(rb['anon_peak_bytes'], ra['anon_peak_bytes'])}), "
+                             f"time {ratio(rb['seconds'], ra['seconds'])}")
+        lines.append(f"growth {a:,} -> {b:,} ({b / a:.0f}x rows): " + "; ".join(parts))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)
@@ -1130,16 +1145,8 @@ def main(argv: list[str] | None = None) -> None:
                      f"{r['cpu_s']:>5.1f}  {mb(r['peak_bytes']):>15}  {mb(r['anon_peak_bytes']):>16}  "
                      f"{r['shards'] or ''}")
             os.remove(path)
-        sizes = args.load_sizes
-        for a, b in zip(sizes, sizes[1:]):
-            parts = []
-            for mode in modes:
-                ra, rb = reports[("load", a, mode)], reports[("load", b, mode)]
-                if "error" not in ra and "error" not in rb:
-                    parts.append(f"{mode} peak {ratio(rb['peak_bytes'], ra['peak_bytes'])}, anon peak "
-                                 f"{ratio(rb['anon_peak_bytes'], ra['anon_peak_bytes'])}, "
-                                 f"time {ratio(rb['seconds'], ra['seconds'])}")
-            emit(f"growth {a:,} -> {b:,} ({b / a:.0f}x rows): " + "; ".join(parts))
+        for line in growth_lines(reports, "load", args.load_sizes, modes):
+            emit(line)
         emit("")
 
     stamp = f"(measured {lines[1].replace('date: ', '')}; {lines[0]})"  # sections of other runs keep their own
@@ -1265,16 +1272,8 @@ def main(argv: list[str] | None = None) -> None:
                      f"{r['cpu_s']:>5.1f}  {mb(r['peak_bytes']):>15}  {r['peak_bytes'] / size:>10,.0f}  "
                      f"{mb(r['anon_peak_bytes']):>16}")
             os.remove(path)
-        sizes = args.weak_sizes
-        for a, b in zip(sizes, sizes[1:]):
-            parts = []
-            for mode in modes:
-                ra, rb = reports[("weak", a, mode)], reports[("weak", b, mode)]
-                if "error" not in ra and "error" not in rb:
-                    parts.append(f"{mode} peak {ratio(rb['peak_bytes'], ra['peak_bytes'])} (anon "
-                                 f"{ratio(rb['anon_peak_bytes'], ra['anon_peak_bytes'])}), "
-                                 f"time {ratio(rb['seconds'], ra['seconds'])}")
-            emit(f"growth {a:,} -> {b:,} ({b / a:.0f}x rows): " + "; ".join(parts))
+        for line in growth_lines(reports, "weak", args.weak_sizes, modes):
+            emit(line)
         emit("")
 
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
