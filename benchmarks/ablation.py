@@ -331,8 +331,9 @@ def _threads(scale: Scale) -> dict[str, Any]:
 
 def run_shared_stages(work: Path, files: dict[str, str], scale: Scale) -> str:
     """Stages 0-2 once: tokenizer, pre-training, SFT. Returns the SFT decoder folder."""
-    from trainers import pretrain, sft, tokenizer_stage
-    from trainers.run_all import build_configs
+    from conan_hf.stages import pretrain, sft
+    from conan_hf.stages import tokenizer as tokenizer_stage
+    from conan_hf.stages.run_all import build_configs
 
     common = {"save_steps": 100000, "logging_steps": 50, "disable_tqdm": True, "seed": 0, **_threads(scale)}
     configs = build_configs(["tokenizer", "pretrain", "sft"], str(work), str(work / "unused"), preset="tiny",
@@ -352,8 +353,8 @@ def run_shared_stages(work: Path, files: dict[str, str], scale: Scale) -> str:
 
 def run_weak(work: Path, sft_dir: str, files: dict[str, str], scale: Scale, schedule: str, seed: int) -> str:
     """Stage 3 with the α schedule (``hard``: τ = 1, so every step trains bidirectional)."""
-    from trainers import weak
-    from trainers.run_all import build_configs
+    from conan_hf.stages import weak
+    from conan_hf.stages.run_all import build_configs
 
     values = {"model": sft_dir, "output_dir": str(work / f"weak-{schedule}-s{seed}"),
               "data": [{"path": files["weak"]}], "max_seq_length": scale.max_seq_length,
@@ -367,8 +368,8 @@ def run_weak(work: Path, sft_dir: str, files: dict[str, str], scale: Scale, sche
 
 def run_supervised(work: Path, weak_dir: str, files: dict[str, str], scale: Scale, variant: str, seed: int) -> str:
     """Stage 4 of a variant: SciFact retrieval (+ CLR) with negatives mined by the stage-3 model, STS-B (CoSENT)."""
-    from trainers import supervised
-    from trainers.run_all import build_configs
+    from conan_hf.stages import supervised
+    from conan_hf.stages.run_all import build_configs
 
     _, lora_rank, clr, dhnm = VARIANTS[variant]
     tasks = [{"name": "retrieval", "type": "retrieval", "data": [{"path": files["retrieval"]}], "batch_size": 8,
@@ -394,7 +395,7 @@ def evaluate_model(path: str, data: Path, evaluation: dict[str, Any], scale: Sca
     from conan_hf.eval import bitext_task, evaluate, evaluate_cross_lingual, load_xquad, sts_task
     from conan_hf.eval.tasks import beir_retrieval_data, make_retrieval_task
     from conan_hf.eval.xling import CrossLingualData
-    from trainers.models import load_sentence_model
+    from conan_hf.training.models import load_sentence_model
 
     model = load_sentence_model(path, attention_mode=None, max_seq_length=scale.max_seq_length)
     tasks = [sts_task(evaluation[f"sts_{lang}"], name=f"AblationSTSB-{lang}", language=lang) for lang in ("en", "zh")]

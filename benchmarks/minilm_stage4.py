@@ -2,7 +2,7 @@
 train, with in-batch negatives only, static mined hard negatives, or DHNM; dev scores before and after.
 
     python benchmarks/minilm_stage4.py prepare [--out runs/minilm/data]     # training/held-out files from CONAN_DATA_DIR
-    python -m trainers.supervised --config benchmarks/configs/minilm_supervised.yaml --model $MINILM ...  # see README
+    python -m conan_hf.stages.supervised --config benchmarks/configs/minilm_supervised.yaml --model $MINILM ...  # see README
     python benchmarks/minilm_stage4.py evaluate NAME=MODEL_DIR ... [--results benchmarks/results/minilm_stage4.json]
     python benchmarks/minilm_stage4.py summarize     # mean ± std over seeds (NAME = <variant>-s<seed>) -> .md
 

@@ -3,7 +3,7 @@
     CONAN_DATA_DIR=../shared/data python benchmarks/quality_smoke.py
 
 1. Stages 0-3 with the tiny preset on the embedded demo corpus (or ``--stage3 DIR`` to reuse a stage-3 model).
-2. Stage 4 (the real `trainers.supervised` code: CoSENT + Matryoshka, STS prompt) on STS-B English train
+2. Stage 4 (the real `conan_hf.stages.supervised` code: CoSENT + Matryoshka, STS prompt) on STS-B English train
    (``$CONAN_DATA_DIR/sts/stsb-multi-mt/stsb-en-train.csv``).
 3. STS-B English dev Spearman (cosine) of the stage-3 model (the baseline, measured in the same run) and of the
    stage-4 model; the script prints both and their difference, and exits non-zero unless stage 4 improves on stage 3.
@@ -51,10 +51,10 @@ def main() -> None:
     stsb = Path(args.data_dir) / "sts" / "stsb-multi-mt"
 
     from conan_hf.data.readers import read_stsb_multi_mt
-    from trainers import supervised
-    from trainers.config import config_from_dict, default_config_path, load_config
-    from trainers.models import load_sentence_model
-    from trainers.run_all import run_pipeline
+    from conan_hf.stages import supervised
+    from conan_hf.training.config import config_from_dict, default_config_path, load_config
+    from conan_hf.training.models import load_sentence_model
+    from conan_hf.stages.run_all import run_pipeline
 
     start = time.perf_counter()
     work = Path(args.work_dir)

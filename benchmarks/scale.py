@@ -7,7 +7,7 @@ the previous implementation measured in the same run, and writes ``benchmarks/re
 
 Cases:
 
-- ``dhnm`` — DHNM pools (:class:`trainers.dhnm.NegativePool`, ``k = 7``, 10 candidates per example) at 100k / 1M
+- ``dhnm`` — DHNM pools (:class:`conan_hf.dhnm.pool.NegativePool`, ``k = 7``, 10 candidates per example) at 100k / 1M
   / 10M examples. ``dhnm_data`` first writes, in its own process, a corpus of as many ~65-character passages as an
   Arrow file and ``candidate_ids.npy`` (random corpus rows, as a miner returns them). Three kinds of pools:
   ``ids`` (``NegativePool.from_ids`` keyed by row index, ``candidate_ids`` memory-mapped, the corpus a memory-mapped
@@ -18,7 +18,7 @@ Cases:
   ``DHNMCallback.save`` + ``.load``, the per-step update ``apply_scores`` for 64 examples x 7 scored negatives
   (median of 300 steps, scores uniform in [0.3, 0.9] so that some negatives are replaced) and the collator's
   text lookup for those 64 x 7 negatives.
-- ``sft`` — stage-2 preprocessing (``trainers.sft.build_sft_examples``) rows/s with a 150k-vocabulary byte-level BPE
+- ``sft`` — stage-2 preprocessing (``conan_hf.stages.sft.build_sft_examples``) rows/s with a 150k-vocabulary byte-level BPE
   tokenizer (trained here by ``conan_hf.tokenizer.train_tokenizer`` on synthetic words), one core
   (``TOKENIZERS_PARALLELISM=false``); ``sft_old`` runs the per-row ``build_sft_example`` of ``<old-ref>`` on a few
   rows.
@@ -56,12 +56,12 @@ Cases:
   where 2 % of the queries are slow: wall time against the ideal (total server time over the workers), connections
   opened (counted by the server), and whether the outputs kept the source order; old vs new with and without
   prefetching the next batches.
-- ``weak`` — stage 3's data path: ``trainers.weak.run`` with ``--max_steps 2`` (batch 64, ``max_seq_length`` 32) on
+- ``weak`` — stage 3's data path: ``conan_hf.stages.weak.run`` with ``--max_steps 2`` (batch 64, ``max_seq_length`` 32) on
   a JSONL file of N instruction/input/output rows (~650 B per row, 4 instructions) with a tiny random Conan model,
   each run in a fresh process with an empty ``datasets`` cache: wall time and peak RSS growth of the whole
   ``run`` (reading, pair conversion, grouping, model, 2 steps). ``mmap``: the sources memory-mapped (cache built,
   pairs converted in a batched ``map``, groups as selections); ``stream``: the source with ``streaming: true``
-  (read lazily: only the rows of 2 steps are read); ``old``: ``trainers/weak.py`` at ``--weak-old-ref`` (the
+  (read lazily: only the rows of 2 steps are read); ``old``: ``conan_hf/stages/weak.py`` at ``--weak-old-ref`` (the
   list-based stage: ``read_sources`` → Python rows → ``Dataset.from_list``).
 
 Usage:
@@ -248,7 +248,7 @@ def case_dhnm(size: int, mode: str, data_dir: str, baseline_ref: str | None) -> 
 
     out: dict = {"size": size, "mode": mode}
     if mode == "texts":
-        dhnm = load_module_from_ref(baseline_ref, "trainers/dhnm.py", "dhnm_baseline")
+        dhnm = load_module_from_ref(baseline_ref, "conan_hf/dhnm/pool.py", "dhnm_baseline")
         fillers = _filler_texts()
         ids_on_disk = np.load(os.path.join(data_dir, "candidate_ids.npy"), mmap_mode="r")
         with Phase() as build:
@@ -260,14 +260,14 @@ def case_dhnm(size: int, mode: str, data_dir: str, baseline_ref: str | None) -> 
     else:
         from datasets import Dataset
 
-        from trainers.dhnm import NegativePool
+        from conan_hf.dhnm.pool import NegativePool
 
         with Phase() as build:
             corpus = Dataset.from_file(os.path.join(data_dir, "corpus.arrow"))  # memory-mapped
             candidate_ids = np.load(os.path.join(data_dir, "candidate_ids.npy"),
                                     mmap_mode="r" if mode == "ids" else None)
             pool = NegativePool.from_ids(None, candidate_ids, corpus, k=K)
-        dhnm = sys.modules["trainers.dhnm"]
+        dhnm = sys.modules["conan_hf.dhnm.pool"]
         out["candidate_ids_bytes"] = int(candidate_ids.nbytes)
     out["build_s"], out["pool_bytes"], out["pool_anon_bytes"] = build.seconds, build.growth, build.anon_growth
     out["pool_peak_bytes"], out["state_bytes"] = build.peak_growth, pool.state_nbytes()
@@ -331,12 +331,12 @@ def case_sft(size: int, tokenizer_dir: str, old_ref: str | None) -> dict:
     instructions, inputs, outputs = sft_rows(size)
     out: dict = {"size": size, "vocab": len(tokenizer)}
     if old_ref:
-        old = load_module_from_ref(old_ref, "trainers/sft.py", "sft_old")
+        old = load_module_from_ref(old_ref, "conan_hf/stages/sft.py", "sft_old")
         with Phase() as phase:
             for i in range(size):
                 old.build_sft_example(tokenizer, instructions[i], inputs[i], outputs[i], 2048)
     else:
-        from trainers.sft import build_sft_examples
+        from conan_hf.stages.sft import build_sft_examples
 
         with Phase() as phase:
             columns = build_sft_examples(tokenizer, instructions, inputs, outputs, 2048)
@@ -409,7 +409,7 @@ def case_lm_data(size: int, folder: str) -> dict:
         import torch
 
         from conan_hf.tokenizer import train_tokenizer
-        from trainers.pretrain import new_causal_lm
+        from conan_hf.stages.pretrain import new_causal_lm
 
         tokenizer = train_tokenizer((_lm_text(rng, vocabulary, 10, 60) for _ in range(20_000)), vocab_size=4096,
                                     show_progress=False)
@@ -426,8 +426,8 @@ def case_lm(stage: str, impl: str, size: int, folder: str, old_ref: str | None) 
 
     torch.set_num_threads(1)
     root = Path(folder)
-    module_path = {"tokenizer": "trainers/tokenizer_stage.py", "pretrain": "trainers/pretrain.py",
-                   "sft": "trainers/sft.py"}[stage]
+    module_path = {"tokenizer": "conan_hf/stages/tokenizer.py", "pretrain": "conan_hf/stages/pretrain.py",
+                   "sft": "conan_hf/stages/sft.py"}[stage]
     if impl == "old":
         module = load_module_from_ref(old_ref, module_path, f"{stage}_old")
     else:
@@ -437,7 +437,7 @@ def case_lm(stage: str, impl: str, size: int, folder: str, old_ref: str | None) 
     common = {"output_dir": str(root / f"out-{stage}-{impl}-{size}"), "data": [source]}
     train = {"max_steps": 2, "save_steps": 1000, "bf16": False, "num_threads": 1, "disable_tqdm": True,
              "per_device_train_batch_size": 8, "resume": "no", "logging_steps": 1}
-    from trainers.config import config_from_dict
+    from conan_hf.training.config import config_from_dict
 
     if stage == "tokenizer":
         config = config_from_dict(module.TokenizerConfig, {**common, "vocab_size": 4096})
@@ -876,12 +876,12 @@ def case_weak(path: str, model_dir: str, mode: str, old_ref: str | None = None) 
     import datasets  # noqa: F401 - imported before the measured phase
     import torch  # noqa: F401
 
-    from trainers.config import config_from_dict
+    from conan_hf.training.config import config_from_dict
 
     if mode == "old":
-        weak = load_module_from_ref(old_ref, "trainers/weak.py", "weak_old")
+        weak = load_module_from_ref(old_ref, "conan_hf/stages/weak.py", "weak_old")
     else:
-        from trainers import weak
+        from conan_hf.stages import weak
     source = {"path": path, **({"streaming": True} if mode == "stream" else {})}
     config = config_from_dict(weak.WeakConfig, {
         "model": model_dir, "output_dir": tempfile.mkdtemp(dir=os.environ.get("SCALE_TMP")), "data": [source],
@@ -1246,7 +1246,7 @@ def main(argv: list[str] | None = None) -> None:
         folder = tempfile.mkdtemp(prefix="conan-weak-", dir=os.environ.get("SCALE_TMP"))
         model_dir = os.path.join(folder, "tiny-model")
         tiny = run_case("tinymodel", model_dir)
-        emit(f"## (weak) stage 3 data path: trainers.weak.run --max_steps 2 (batch 64, max_seq_length 32, tiny random "
+        emit(f"## (weak) stage 3 data path: conan_hf.stages.weak.run --max_steps 2 (batch 64, max_seq_length 32, tiny random "
              f"Conan model, {tiny.get('params', 0):,} parameters), JSONL instruction/input/output rows, 4 "
              "instructions; fresh process and empty datasets cache per run; peak RSS growth over the run")
         emit(f"{stamp}; old: git {args.weak_old_ref}")

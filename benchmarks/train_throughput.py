@@ -6,7 +6,7 @@
     # CPU smoke run (tiny preset):
     python benchmarks/train_throughput.py --model tiny
 
-Each run trains the real stage-4 code (`trainers.supervised.run`) on synthetic retrieval rows (query, positive and 7
+Each run trains the real stage-4 code (`conan_hf.stages.supervised.run`) on synthetic retrieval rows (query, positive and 7
 hard negatives, every text exactly ``--seq-length`` tokens) twice:
 
 - ``recipe``: InfoNCE + 7 hard negatives + DHNM + Matryoshka (what stage 4 does);
@@ -93,9 +93,9 @@ class StepTimer:
 def measure(label: str, model_dir: str, data_file: str, args, recipe: bool, work: Path) -> dict:
     import torch
 
-    from trainers import supervised
-    from trainers.config import config_from_dict
-    from trainers.distributed import deepspeed_zero1_config
+    from conan_hf.stages import supervised
+    from conan_hf.training.config import config_from_dict
+    from conan_hf.training.distributed import deepspeed_zero1_config
 
     gpu = torch.cuda.is_available()
     config = config_from_dict(supervised.SupervisedConfig, {

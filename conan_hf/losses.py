@@ -2,7 +2,7 @@
 
 - :class:`InfoNCELoss` — eq. 1, contrastive loss with in-batch negatives plus the example's hard negatives. It
   records the query–hard-negative cosine scores it has already computed, keyed by (example id, negative id), so
-  that Dynamic Hard Negative Mining (:mod:`trainers.dhnm`) can read them without another forward pass.
+  that Dynamic Hard Negative Mining (:mod:`conan_hf.dhnm.pool`) can read them without another forward pass.
 - :class:`CoSENTLoss` — eq. 2, the ranking loss for score-labelled pairs. sentence-transformers' class computes
   exactly the paper's formula (``scale = 1 / τ``), so it is re-exported unchanged (``tests/test_losses.py`` proves it).
 - :class:`MatryoshkaLoss` — sentence-transformers' Matryoshka wrapper with the paper's default dimensions
@@ -73,7 +73,7 @@ class HardNegativeScores:
 
     Attributes:
         example_ids: ``(batch,)`` integer ids of the examples (for DHNM: the row of the example in its
-            :class:`trainers.dhnm.NegativePool`).
+            :class:`conan_hf.dhnm.pool.NegativePool`).
         negative_ids: ``(batch, num_negatives)`` integer ids of the negative in each negative column (for DHNM: the
             rank of the candidate in the example's pool); ``-1`` marks an empty slot.
         scores: ``(batch, num_negatives)`` cosine similarity between each query and each of its own hard negatives,
@@ -135,7 +135,7 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
 
         **Score record for DHNM.** When the labels carry ids — an integer tensor ``(batch, 1 + num_negatives)`` with
         the example id in column 0 and the id of the negative in each negative column (``-1`` = empty slot), as
-        produced by :class:`trainers.dhnm.DHNMDataCollator` — every training-time call appends a
+        produced by :class:`conan_hf.dhnm.pool.DHNMDataCollator` — every training-time call appends a
         :class:`HardNegativeScores` to a buffer read with :meth:`pop_hard_negative_scores`. The scores are the
         cosine similarities of each query with its own hard negatives, computed from the embeddings the loss
         already has (no extra forward pass). Empty slots are masked out of the softmax (their logit is
@@ -148,7 +148,7 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
         :math:`d_i^+`. Nothing else changes: without such duplicates the loss is exactly eq. 1. Identity is exact:
         the unpadded ``input_ids`` of every document are compared (across devices with ``gather_across_devices``).
         The number of masked (query, document) pairs of each training batch is counted; read it with
-        :meth:`pop_masked_false_negatives` (``trainers.dhnm.FalseNegativeCountCallback`` logs it). The
+        :meth:`pop_masked_false_negatives` (``conan_hf.dhnm.pool.FalseNegativeCountCallback`` logs it). The
         sentence-transformers batch samplers cannot prevent these duplicates when hard negatives are added at
         collate time (DHNM's pools), which is why the loss handles them.
 

@@ -15,7 +15,7 @@ l ("the training sequence length" in the paper) is chosen by `soft_mask_length`:
   batch (padding side, the longest neighbour), and every text moves from causal to bidirectional over the whole
   schedule: row i opens fully at α = i / l, so the last rows of every text open only as α approaches 1.
 - ``"max_seq_length"``: the padded length of the batch — the training sequence length when inputs are padded to it.
-  The weak stage (`trainers.weak`, ``soft_mask_length: max_seq_length``) passes its ``max_seq_length`` as a fixed int
+  The weak stage (`conan_hf.stages.weak`, ``soft_mask_length: max_seq_length``) passes its ``max_seq_length`` as a fixed int
   instead, so that l does not depend on how the collator pads.
 - an int: that fixed l. With l = 512, a 50-token text is fully bidirectional from α = 50/512 ≈ 0.1 on.
 

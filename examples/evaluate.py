@@ -69,7 +69,7 @@ def main() -> None:
                                               dim=args.dim))
 
     if args.card and args.model:
-        from model_card import generate_model_card
+        from conan_hf.model_card import generate_model_card
 
         generate_model_card(args.model, results=[report, xling])
         print("Wrote", Path(args.model) / "README.md")

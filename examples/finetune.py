@@ -35,7 +35,7 @@ import sys
 # Runnable from a source checkout without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trainers.run_all import main  # noqa: E402
+from conan_hf.stages.run_all import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

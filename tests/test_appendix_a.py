@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from trainers.config import load_config
+from conan_hf.training.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_stages_3_and_4_default_to_the_pretraining_optimizer_settings():
     """App. A: stages 3 and 4 use "the same optimizer parameters and learning rate as in the pre-training phase"."""
-    from trainers.pretrain import PretrainConfig
-    from trainers.supervised import SupervisedConfig
-    from trainers.weak import WeakConfig
+    from conan_hf.stages.pretrain import PretrainConfig
+    from conan_hf.stages.supervised import SupervisedConfig
+    from conan_hf.stages.weak import WeakConfig
 
     def optimizer(config):
         return config.learning_rate, config.warmup_ratio, config.weight_decay
@@ -28,7 +28,7 @@ def test_stages_3_and_4_default_to_the_pretraining_optimizer_settings():
 
 
 def test_weak_stage_soft_mask_length_is_a_config_option(tmp_path):
-    from trainers.weak import WeakConfig
+    from conan_hf.stages.weak import WeakConfig
 
     yaml_file = tmp_path / "weak.yaml"
     yaml_file.write_text("soft_mask_length: max_seq_length\nmax_seq_length: 48\n")
@@ -46,7 +46,7 @@ def test_teacher_sees_one_instruction_per_stage3_query(tiny_model_dir):
     from conan_hf.demo import demo_instructions
     from datasets import Dataset
 
-    from trainers import weak
+    from conan_hf.stages import weak
 
     torch.set_num_threads(1)
     teacher = SentenceTransformer(str(tiny_model_dir),

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.dhnm import DHNM_STATE_NAME, DHNMCallback, DHNMDataCollator, NegativePool, dhnm_should_replace
+from conan_hf.dhnm.pool import DHNM_STATE_NAME, DHNMCallback, DHNMDataCollator, NegativePool, dhnm_should_replace
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -900,7 +900,7 @@ CASE_MODULE = textwrap.dedent(
         SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments,
     )
     from conan_hf.losses import InfoNCELoss
-    from trainers.dhnm import DHNMCallback, DHNMDataCollator, NegativePool
+    from conan_hf.dhnm.pool import DHNMCallback, DHNMDataCollator, NegativePool
 
     SUBJECTS = {subjects!r}
     PLACES = {places!r}
@@ -971,10 +971,10 @@ def test_two_process_run_makes_identical_decisions_on_both_ranks(tiny_model_dir,
 
 # ---- stage 4 with its default schedule ------------------------------------------------------------------------------
 def _stage4_config(model_dir, data_file, out_dir, **overrides):
-    """Stage 4 as `python -m trainers.supervised` builds it (the shipped YAML, no preset): the schedule
+    """Stage 4 as `conan-train supervised` builds it (the shipped YAML, no preset): the schedule
     (num_train_epochs, max_steps) is the shipped default; only size, data and speed options are overridden."""
-    from trainers.config import default_config_path, load_config
-    from trainers.supervised import SupervisedConfig
+    from conan_hf.training.config import default_config_path, load_config
+    from conan_hf.stages.supervised import SupervisedConfig
 
     values = {
         "model": str(model_dir), "output_dir": str(out_dir / "run"), "final_dir": str(out_dir / "final"),
@@ -1014,7 +1014,7 @@ def _weights(final_dir):
 
 @pytest.mark.slow
 def test_stage4_default_schedule_uses_replacements_and_masks_false_negatives(tiny_model_dir, tmp_path):
-    from trainers import supervised
+    from conan_hf.stages import supervised
 
     rows = _stage4_rows()
     data_file = tmp_path / "qa.jsonl"
@@ -1082,8 +1082,8 @@ def test_stage4_default_schedule_uses_replacements_and_masks_false_negatives(tin
 def test_stage4_tables_are_memory_mapped_and_the_pool_matches_the_rows(st_model, tmp_path, monkeypatch):
     from datasets.table import MemoryMappedTable
 
-    from trainers import supervised
-    from trainers.supervised import (
+    from conan_hf.stages import supervised
+    from conan_hf.stages.supervised import (
         TaskConfig,
         TaskTable,
         build_negative_pool,
@@ -1139,7 +1139,7 @@ def test_stage4_tables_are_memory_mapped_and_the_pool_matches_the_rows(st_model,
 def test_dhnm_passes_counts_visits_per_example():
     from types import SimpleNamespace
 
-    from trainers.supervised import SupervisedConfig, dhnm_passes
+    from conan_hf.stages.supervised import SupervisedConfig, dhnm_passes
 
     args = SimpleNamespace(world_size=2, gradient_accumulation_steps=1)
     rows, sizes = {"qa": 40, "sts": 64}, {"qa": 4, "sts": 32}

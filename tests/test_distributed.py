@@ -24,8 +24,8 @@ PARAM_ATOL = 1e-5
 def test_deepspeed_zero1_two_processes_match_one_process(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from trainers.config import parse_config
-    from trainers.supervised import SupervisedConfig, run
+    from conan_hf.training.config import parse_config
+    from conan_hf.stages.supervised import SupervisedConfig, run
 
     threads = torch.get_num_threads()
     common = ["--preset", "tiny", "--model", str(tiny_model_dir), "--max_steps", str(STEPS), "--logging_steps", "1",
@@ -38,7 +38,7 @@ def test_deepspeed_zero1_two_processes_match_one_process(tiny_model_dir, tmp_pat
     # Through the running interpreter, so the test does not depend on the venv's bin/ being on PATH.
     cmd = [sys.executable, "-m", "accelerate.commands.launch",
            "--config_file", str(REPO / "trainers/configs/accelerate/cpu_deepspeed_2proc.yaml"),
-           "-m", "trainers.supervised", *common, "--output_dir", str(tmp_path / "ds2")]
+           "-m", "conan_hf.stages.supervised", *common, "--output_dir", str(tmp_path / "ds2")]
     result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     shards = sorted(p.name for p in (tmp_path / "ds2" / f"checkpoint-{STEPS}" / f"global_step{STEPS}").iterdir())

@@ -138,7 +138,7 @@ def test_eval_reads_sts_jsonl_like_training(tmp_path):
     """The STS JSONL a stage-4 `sts` task trains on evaluates as the same rows, and a bad row fails in both with the
     same file:line and column (the former eval reader accepted a NaN score and turned a number into text)."""
     from conan_hf.errors import DataError
-    from trainers.supervised import TaskConfig, task_rows
+    from conan_hf.stages.supervised import TaskConfig, task_rows
 
     good = tmp_path / "sts.jsonl"
     good.write_text('{"sentence1": "a cat", "sentence2": "a kitten", "score": 4}\n\n'

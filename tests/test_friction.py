@@ -21,9 +21,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = {"tokenizer": ("trainers.tokenizer_stage", "TokenizerConfig"), "pretrain": ("trainers.pretrain", "PretrainConfig"),
-          "sft": ("trainers.sft", "SFTConfig"), "weak": ("trainers.weak", "WeakConfig"),
-          "supervised": ("trainers.supervised", "SupervisedConfig")}
+STAGES = {"tokenizer": ("conan_hf.stages.tokenizer", "TokenizerConfig"), "pretrain": ("conan_hf.stages.pretrain", "PretrainConfig"),
+          "sft": ("conan_hf.stages.sft", "SFTConfig"), "weak": ("conan_hf.stages.weak", "WeakConfig"),
+          "supervised": ("conan_hf.stages.supervised", "SupervisedConfig")}
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -62,7 +62,7 @@ def _option_entries(help_text: str) -> list[str]:
 
 
 def test_stage_help_lists_every_option_with_meaning_and_defaults(capsys, monkeypatch):
-    from trainers.config import field_docs, parse_config
+    from conan_hf.training.config import field_docs, parse_config
 
     monkeypatch.setenv("COLUMNS", "1000")  # one line per option
     for stage in STAGES:
@@ -71,7 +71,7 @@ def test_stage_help_lists_every_option_with_meaning_and_defaults(capsys, monkeyp
             parse_config(cls, stage, ["--help"])
         assert exit_info.value.code == 0
         lines = _option_entries(capsys.readouterr().out)
-        shipped = yaml.safe_load((REPO / "trainers" / "configs" / f"{stage}.yaml").read_text(encoding="utf-8"))
+        shipped = yaml.safe_load((REPO / "conan_hf" / "stages" / "configs" / f"{stage}.yaml").read_text(encoding="utf-8"))
         tiny = shipped.pop("presets")["tiny"]
         docs = field_docs(cls)
         for field in dataclasses.fields(cls):
@@ -94,7 +94,7 @@ def test_stage_help_lists_every_option_with_meaning_and_defaults(capsys, monkeyp
 
 
 def test_stage_help_from_the_command_line():
-    result = subprocess.run([sys.executable, "-m", "trainers.weak", "--help"], env=_env(), cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "conan_hf.stages.weak", "--help"], env=_env(), cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     entries = _option_entries(result.stdout)
@@ -106,10 +106,10 @@ def test_stage_help_from_the_command_line():
 
 # ---- presets ---------------------------------------------------------------------------------------------------------
 def test_user_values_win_over_the_preset_and_the_preset_shrinks_shipped_values(tmp_path):
-    from trainers.config import load_config, parse_config
-    from trainers.pretrain import PretrainConfig
+    from conan_hf.training.config import load_config, parse_config
+    from conan_hf.stages.pretrain import PretrainConfig
 
-    shipped_path = REPO / "trainers" / "configs" / "pretrain.yaml"
+    shipped_path = REPO / "conan_hf" / "stages" / "configs" / "pretrain.yaml"
     shipped = yaml.safe_load(shipped_path.read_text(encoding="utf-8"))
     tiny = shipped["presets"]["tiny"]
 
@@ -137,7 +137,7 @@ def test_user_values_win_over_the_preset_and_the_preset_shrinks_shipped_values(t
     assert (cfg.learning_rate, cfg.model, cfg.seq_length) == (2e-4, "tiny", tiny["seq_length"])
 
     # the main job's --config-dir goes through the same rule
-    from trainers.run_all import build_configs
+    from conan_hf.stages.run_all import build_configs
 
     configs = build_configs(["pretrain"], str(tmp_path / "work"), str(tmp_path / "out"), config_dir=str(copy.parent))
     assert (configs["pretrain"].learning_rate, configs["pretrain"].model) == (2e-4, "tiny")
@@ -145,31 +145,31 @@ def test_user_values_win_over_the_preset_and_the_preset_shrinks_shipped_values(t
 
 # ---- missing inputs --------------------------------------------------------------------------------------------------
 def test_missing_stage_inputs_say_how_to_make_them(tmp_path, monkeypatch):
-    from trainers.checkpoints import StageInputError, check_stage_input
+    from conan_hf.training.checkpoints import StageInputError, check_stage_input
 
     cwd = tmp_path / "fresh"
     cwd.mkdir()
     # the README's one-stage commands in a fresh folder: one line each, exit code 2, no Hub lookup
-    pretrain = subprocess.run([sys.executable, "-m", "trainers.pretrain", "--preset", "tiny", "--max_steps", "20"],
+    pretrain = subprocess.run([sys.executable, "-m", "conan_hf.stages.pretrain", "--preset", "tiny", "--max_steps", "20"],
                               env=_env(), cwd=cwd, capture_output=True, text=True, timeout=120)
     assert pretrain.returncode == 2, pretrain.stderr[-2000:]
     assert pretrain.stderr.strip().splitlines()[-1] == (
-        "python -m trainers.pretrain: error: runs/tokenizer not found: run `python -m trainers.tokenizer_stage "
+        "conan-train pretrain: error: runs/tokenizer not found: run `conan-train tokenizer "
         "--preset tiny` first "
         "(it writes runs/tokenizer), or pass --tokenizer PATH")
     assert "Traceback" not in pretrain.stderr and "Repo id" not in pretrain.stderr
-    supervised = subprocess.run([sys.executable, "-m", "trainers.supervised"], env=_env(), cwd=cwd,
+    supervised = subprocess.run([sys.executable, "-m", "conan_hf.stages.supervised"], env=_env(), cwd=cwd,
                                 capture_output=True, text=True, timeout=120)
     assert supervised.returncode == 2, supervised.stderr[-2000:]
     assert supervised.stderr.strip().splitlines()[-1] == (
-        "python -m trainers.supervised: error: runs/weak/final not found: run `python -m trainers.weak --preset tiny` "
+        "conan-train supervised: error: runs/weak/final not found: run `conan-train weak --preset tiny` "
         "first (it writes "
         "runs/weak/final), or pass --model PATH")
 
     # in-process: the other stages, other local-looking paths, the main job's copy, and Hub ids left alone
     monkeypatch.chdir(cwd)
     sft, weak = _config_class("sft")(), _config_class("weak")()
-    with pytest.raises(StageInputError, match=r"^runs/pretrain/final not found: run `python -m trainers.pretrain"):
+    with pytest.raises(StageInputError, match=r"^runs/pretrain/final not found: run `conan-train pretrain"):
         check_stage_input(sft, "sft")
     (cwd / "runs" / "finetune" / "sft" / "final").mkdir(parents=True)
     with pytest.raises(StageInputError, match=r"the main job wrote one to runs/finetune/sft/final: "
@@ -188,8 +188,8 @@ def test_missing_stage_inputs_say_how_to_make_them(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_readme_one_stage_commands_run_standalone(tmp_path):
     """`tokenizer_stage` then `pretrain` in a fresh folder: the second reads the first's output."""
-    for argv in (["trainers.tokenizer_stage", "--preset", "tiny"],
-                 ["trainers.pretrain", "--preset", "tiny", "--max_steps", "2", "--disable_tqdm", "true"]):
+    for argv in (["conan_hf.stages.tokenizer", "--preset", "tiny"],
+                 ["conan_hf.stages.pretrain", "--preset", "tiny", "--max_steps", "2", "--disable_tqdm", "true"]):
         result = subprocess.run([sys.executable, "-m", *argv], env=_env(), cwd=tmp_path, capture_output=True,
                                 text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -199,7 +199,7 @@ def test_readme_one_stage_commands_run_standalone(tmp_path):
 
 # ---- already done / Ctrl-C -------------------------------------------------------------------------------------------
 def _tiny_supervised_config(model: Path, output_dir: Path, **values):
-    from trainers.config import config_from_dict
+    from conan_hf.training.config import config_from_dict
 
     return config_from_dict(_config_class("supervised"), {
         "model": str(model), "output_dir": str(output_dir), "max_seq_length": 48, "bf16": False, "num_threads": 1,
@@ -208,8 +208,8 @@ def _tiny_supervised_config(model: Path, output_dir: Path, **values):
 
 
 def test_finished_stage_says_already_done(tiny_model_dir, tmp_path, capsys, restore_threads):
-    from trainers import supervised
-    from trainers.checkpoints import completed_stage
+    from conan_hf.stages import supervised
+    from conan_hf.training.checkpoints import completed_stage
 
     upstream = tmp_path / "weak" / "final"  # stands for the stage-3 output, with its stage record
     shutil.copytree(tiny_model_dir, upstream)
@@ -237,9 +237,9 @@ def test_finished_stage_says_already_done(tiny_model_dir, tmp_path, capsys, rest
 def test_tokenizer_stage_is_not_retrained_on_the_same_texts(tmp_path, capsys):
     """Stage 0 is skipped when options and texts are unchanged, so a re-run of the main job does not rewrite it and
     make every later stage see a newer input."""
-    from trainers.checkpoints import STAGE_RECORD
-    from trainers.config import config_from_dict
-    from trainers.tokenizer_stage import TokenizerConfig, run
+    from conan_hf.training.checkpoints import STAGE_RECORD
+    from conan_hf.training.config import config_from_dict
+    from conan_hf.stages.tokenizer import TokenizerConfig, run
 
     texts = tmp_path / "texts.jsonl"
     texts.write_text("".join(json.dumps({"text": f"sentence number {i} about pandas"}) + "\n" for i in range(50)),
@@ -261,7 +261,7 @@ def test_tokenizer_stage_is_not_retrained_on_the_same_texts(tmp_path, capsys):
 
 
 def test_interrupt_before_a_checkpoint_says_start_over(tmp_path, capsys):
-    from trainers.checkpoints import stage_exits
+    from conan_hf.training.checkpoints import stage_exits
 
     config = _config_class("sft")(output_dir=str(tmp_path / "sft"))
     with pytest.raises(SystemExit) as exit_info, stage_exits(config):
@@ -273,10 +273,10 @@ def test_interrupt_before_a_checkpoint_says_start_over(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_ctrl_c_ends_with_the_checkpoint_to_resume_from(tiny_model_dir, tmp_path):
-    from trainers.checkpoints import COMMIT_MARKER, latest_checkpoint
+    from conan_hf.training.checkpoints import COMMIT_MARKER, latest_checkpoint
 
     out = tmp_path / "sup"
-    cmd = [sys.executable, "-m", "trainers.supervised", "--preset", "tiny", "--model", str(tiny_model_dir),
+    cmd = [sys.executable, "-m", "conan_hf.stages.supervised", "--preset", "tiny", "--model", str(tiny_model_dir),
            "--output_dir", str(out), "--max_steps", "400", "--save_steps", "2", "--disable_tqdm", "true"]
     proc = subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
@@ -460,7 +460,7 @@ def _run_card_snippets(card: str, cwd: Path, model_name: str, remote_code: bool)
 
 @pytest.mark.slow
 def test_card_snippets_run_verbatim_with_and_without_remote_code(tiny_model_dir, tmp_path):
-    from model_card import generate_model_card
+    from conan_hf.model_card import generate_model_card
 
     conan = tmp_path / "conan-tiny"
     shutil.copytree(tiny_model_dir, conan)
@@ -475,7 +475,7 @@ def test_card_snippets_run_verbatim_with_and_without_remote_code(tiny_model_dir,
 
 def test_card_metadata_is_hub_ready_and_filled_from_real_results(tiny_model_dir, tmp_path):
     from conan_hf.eval import evaluate, sts_task
-    from model_card import generate_model_card
+    from conan_hf.model_card import generate_model_card
 
     folder = tmp_path / "conan-tiny"
     shutil.copytree(tiny_model_dir, folder)

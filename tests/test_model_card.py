@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from model_card import count_parameters, generate_model_card, load_run_info
+from conan_hf.model_card import count_parameters, generate_model_card, load_run_info
 
 STAGES = [
     {"stage": "weak", "config": {"output_dir": "runs/weak", "model": "runs/sft/final", "learning_rate": 2e-4,

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainers.checkpoints import STAGE_RECORD
-from trainers.config import config_from_dict
+from conan_hf.training.checkpoints import STAGE_RECORD
+from conan_hf.training.config import config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -77,7 +77,7 @@ def first_token_change(model_dir: Path) -> float:
 
 
 def weak_config(model: str, output_dir: Path, **extra):
-    from trainers.weak import WeakConfig
+    from conan_hf.stages.weak import WeakConfig
 
     return config_from_dict(WeakConfig, {
         "model": model, "output_dir": str(output_dir), "max_steps": 2, "per_device_train_batch_size": 8,
@@ -86,7 +86,7 @@ def weak_config(model: str, output_dir: Path, **extra):
 
 
 def supervised_config(model: str, output_dir: Path, **extra):
-    from trainers.supervised import SupervisedConfig
+    from conan_hf.stages.supervised import SupervisedConfig
 
     return config_from_dict(SupervisedConfig, {
         "model": model, "output_dir": str(output_dir), "max_steps": 2, "max_seq_length": 48, "bf16": False,
@@ -98,7 +98,7 @@ def supervised_config(model: str, output_dir: Path, **extra):
 # ---- stage 3: the stage applies the soft mask --------------------------------------------------------------------
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_stage3_applies_the_soft_mask_to_a_stock_decoder(model_type, decoder_dirs, tmp_path, capsys):
-    from trainers import weak
+    from conan_hf.stages import weak
 
     summary = weak.run(weak_config(str(decoder_dirs[model_type]), tmp_path / "weak"))
     assert "conan_hf.apply_soft_mask" in capsys.readouterr().out  # the mode in use is printed at the start
@@ -115,7 +115,7 @@ def test_stage3_applies_the_soft_mask_to_a_stock_decoder(model_type, decoder_dir
 
 
 def test_stage3_refuses_an_encoder(minilm_dir, tmp_path):
-    from trainers import weak
+    from conan_hf.stages import weak
 
     with pytest.raises(ValueError, match=r"model_type='bert'\) is an encoder: .* soft mask of stage 3"):
         weak.run(weak_config(str(minilm_dir), tmp_path / "weak"))
@@ -123,7 +123,7 @@ def test_stage3_refuses_an_encoder(minilm_dir, tmp_path):
 
 # ---- stage 4: the attention it states ----------------------------------------------------------------------------
 def test_stage4_trains_a_stock_decoder_bidirectionally_by_default(decoder_dirs, tmp_path, capsys):
-    from trainers import supervised
+    from conan_hf.stages import supervised
 
     summary = supervised.run(supervised_config(str(decoder_dirs["qwen2"]), tmp_path / "sup"))
     out = capsys.readouterr().out
@@ -144,7 +144,7 @@ def test_stage4_causal_mode_pools_the_last_token_with_right_padding(tokenizer, t
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
-    from trainers import supervised
+    from conan_hf.stages import supervised
 
     source = make_decoder("mistral", tokenizer, tmp_path / "mistral", padding_side="left")
     summary = supervised.run(supervised_config(str(source), tmp_path / "sup", attention_mode="causal"))
@@ -156,7 +156,7 @@ def test_stage4_causal_mode_pools_the_last_token_with_right_padding(tokenizer, t
     assert first_token_change(final) == 0
     # Evaluating the finished model (the main job does it after stage 4) keeps its saved attention and pooling.
     from conan_hf.backbones import get_attention_mode
-    from trainers.models import backbone, load_sentence_model, pooling_mode
+    from conan_hf.training.models import backbone, load_sentence_model, pooling_mode
 
     reloaded = load_sentence_model(str(final), attention_mode=None)
     assert (get_attention_mode(backbone(reloaded)), pooling_mode(reloaded)) == ("causal", "lasttoken")
@@ -175,7 +175,7 @@ def test_stage4_fine_tunes_an_encoder(minilm_dir, tmp_path, capsys):
     from safetensors.torch import load_file
     from sentence_transformers import SentenceTransformer
 
-    from trainers import supervised
+    from conan_hf.stages import supervised
 
     summary = supervised.run(supervised_config(str(minilm_dir), tmp_path / "sup"))
     assert ("backbone BertModel (encoder, model_type='bert'): bidirectional attention (encoder, always "
@@ -194,9 +194,9 @@ def test_stage4_fine_tunes_an_encoder(minilm_dir, tmp_path, capsys):
 
 
 def test_stage4_options_are_checked(tiny_model_dir, decoder_dirs, tmp_path):
-    from trainers.config import parse_config
-    from trainers.models import load_sentence_model, pooling_mode
-    from trainers.supervised import SupervisedConfig
+    from conan_hf.training.config import parse_config
+    from conan_hf.training.models import load_sentence_model, pooling_mode
+    from conan_hf.stages.supervised import SupervisedConfig
 
     # The shipped YAML leaves pooling to the attention: --attention_mode causal alone gives last-token pooling.
     causal = parse_config(SupervisedConfig, "supervised", ["--attention_mode", "causal"])
@@ -217,7 +217,7 @@ def test_stage4_options_are_checked(tiny_model_dir, decoder_dirs, tmp_path):
 def test_lora_on_a_stock_decoder_merges_into_a_stock_export(decoder_dirs, tmp_path):
     from safetensors.torch import load_file
 
-    from trainers import supervised
+    from conan_hf.stages import supervised
 
     source = decoder_dirs["llama"]
     summary = supervised.run(supervised_config(str(source), tmp_path / "lora", lora={"r": 4, "lora_alpha": 8}))
@@ -236,7 +236,7 @@ def test_lora_on_a_stock_decoder_merges_into_a_stock_export(decoder_dirs, tmp_pa
 def test_lora_on_an_encoder_changes_only_its_linear_layers(minilm_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from trainers import supervised
+    from conan_hf.stages import supervised
 
     summary = supervised.run(supervised_config(str(minilm_dir), tmp_path / "lora", lora={"r": 4, "lora_alpha": 8}))
     final = Path(summary["final_dir"])

@@ -125,7 +125,7 @@ def test_training_batches_exclude_exactly_the_prompt(tmp_path):
 
     from conan_hf.demo import demo_instructions
     from conan_hf.sentence import prompt_tokens_in_joint_encoding
-    from trainers import weak
+    from conan_hf.stages import weak
 
     pairs = Dataset.from_list(weak.to_pairs(demo_instructions()))
     groups, prompts = weak.group_by_instruction(pairs, weak.WeakConfig.prompt_format)

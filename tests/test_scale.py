@@ -78,7 +78,7 @@ def truncating_tokenizer(trained_tokenizer):
 @pytest.mark.parametrize("which", ["trained_tokenizer", "plain_tokenizer", "truncating_tokenizer"])
 @pytest.mark.parametrize("batch_size", [1, 3, 1024])
 def test_batched_sft_preprocessing_equals_per_row(request, which, batch_size):
-    from trainers.sft import build_sft_example, build_sft_examples, sft_markers
+    from conan_hf.stages.sft import build_sft_example, build_sft_examples, sft_markers
 
     tokenizer = request.getfixturevalue(which)
     specials = which != "plain_tokenizer"
@@ -101,7 +101,7 @@ def test_batched_sft_preprocessing_equals_per_row(request, which, batch_size):
 
 
 def test_batched_sft_preprocessing_checks_column_lengths(trained_tokenizer):
-    from trainers.sft import build_sft_examples
+    from conan_hf.stages.sft import build_sft_examples
 
     with pytest.raises(ValueError, match="2 instructions, 1 inputs and 2 outputs"):
         build_sft_examples(trained_tokenizer, ["a", "b"], [""], ["x", "y"], 16)

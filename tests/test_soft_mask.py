@@ -637,7 +637,7 @@ def _record_forward_alphas(st_model) -> list[float]:
 
 def test_soft_mask_callback_moves_alpha_and_resumes_where_it_stopped(tiny_model_dir, tmp_path):
     from conan_hf import build_sentence_transformer
-    from trainers.callbacks import SoftMaskCallback
+    from conan_hf.training.callbacks import SoftMaskCallback
 
     model = build_sentence_transformer(str(tiny_model_dir), attention_mode="soft")
     seen = _record_forward_alphas(model)
@@ -664,7 +664,7 @@ def test_soft_mask_callback_moves_alpha_and_resumes_where_it_stopped(tiny_model_
 
 
 def test_soft_mask_callback_rejects_bad_settings_and_corrupt_state(tmp_path):
-    from trainers.callbacks import SoftMaskCallback
+    from conan_hf.training.callbacks import SoftMaskCallback
 
     with pytest.raises(ValueError, match="schedule must be one of"):
         SoftMaskCallback(schedule="cosine")

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainers.checkpoints import (
+from conan_hf.training.checkpoints import (
     COMMIT_MARKER,
     STAGE_RECORD,
     CheckpointCommitCallback,
     latest_checkpoint,
     resolve_resume,
 )
-from trainers.config import load_config, parse_config
+from conan_hf.training.config import load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def restore_threads():
 
 # ---- stage 1: packing ------------------------------------------------------------------------------------------------
 def test_pack_documents_hand_computed():
-    from trainers.pretrain import pack_documents
+    from conan_hf.stages.pretrain import pack_documents
 
     packed = pack_documents([[1, 5, 6, 7, 2], [1, 8, 9, 2], [1, 10, 11, 12, 13, 2]], seq_length=8, pad_token_id=0)
     # The second document crosses the block boundary: its last token opens block 2 as a new segment; the tail of
@@ -59,7 +59,7 @@ def test_pack_documents_hand_computed():
 def test_packed_documents_do_not_see_each_other():
     """Packed forward (as the Trainer calls it: ids, position ids, labels, no mask) == each document on its own."""
     from conan_hf.tokenizer import train_tokenizer
-    from trainers.pretrain import new_causal_lm, pack_documents, tokenize_documents
+    from conan_hf.stages.pretrain import new_causal_lm, pack_documents, tokenize_documents
 
     tokenizer = train_tokenizer(["the cat sat on the mat", "a dog ran in the park"] * 20, vocab_size=300,
                                 show_progress=False)
@@ -99,7 +99,7 @@ def word_tokenizer():
 
 
 def test_sft_labels_mask_everything_but_the_response(word_tokenizer):
-    from trainers.sft import build_sft_example
+    from conan_hf.stages.sft import build_sft_example
 
     ex = build_sft_example(word_tokenizer, "translate", "hello world", "bonjour le monde", max_length=64)
     #                        bos instr translate input hello world response | bonjour le monde eos
@@ -116,7 +116,7 @@ def test_sft_loss_counts_only_response_tokens(word_tokenizer):
     from transformers import DataCollatorForSeq2Seq
 
     from conan_hf import ConanConfig, ConanForCausalLM
-    from trainers.sft import build_sft_example
+    from conan_hf.stages.sft import build_sft_example
 
     examples = [build_sft_example(word_tokenizer, "translate", "hello world", "bonjour le monde", 64),
                 build_sft_example(word_tokenizer, "translate", "hello", "bonjour", 64)]
@@ -139,8 +139,8 @@ def test_sft_loss_counts_only_response_tokens(word_tokenizer):
 # ---- stage 4: per-task batches ---------------------------------------------------------------------------------------
 def test_supervised_batches_have_per_task_sizes_and_negatives(tiny_model_dir, tmp_path, restore_threads):
     """Every batch comes from one task, with that task's batch size; InfoNCE tasks carry 7 negatives from the pool."""
-    from trainers import supervised
-    from trainers.config import config_from_dict
+    from conan_hf.stages import supervised
+    from conan_hf.training.config import config_from_dict
 
     config = config_from_dict(supervised.SupervisedConfig, {
         "model": str(tiny_model_dir), "output_dir": str(tmp_path), "max_seq_length": 32, "num_threads": 1,
@@ -189,9 +189,9 @@ def test_lora_trains_only_adapters_and_merges_exactly(tiny_model_dir, tmp_path, 
     from peft.tuners.tuners_utils import BaseTunerLayer
     from safetensors.torch import load_file
 
-    from trainers import supervised
-    from trainers.config import config_from_dict
-    from trainers.models import load_sentence_model
+    from conan_hf.stages import supervised
+    from conan_hf.training.config import config_from_dict
+    from conan_hf.training.models import load_sentence_model
 
     model = load_sentence_model(str(tiny_model_dir), max_seq_length=32)
     supervised.add_lora(model, {"r": 4, "lora_alpha": 8})
@@ -224,8 +224,8 @@ def test_weak_stage_teacher_filter_drops_low_scored_pairs(tiny_model_dir, tmp_pa
     from sentence_transformers import SentenceTransformer
 
     from conan_hf.demo import demo_instructions
-    from trainers import weak
-    from trainers.config import config_from_dict
+    from conan_hf.stages import weak
+    from conan_hf.training.config import config_from_dict
 
     torch.set_num_threads(1)
     pairs = weak.to_pairs(demo_instructions())
@@ -254,7 +254,7 @@ def test_weak_stage_teacher_filter_drops_low_scored_pairs(tiny_model_dir, tmp_pa
 
 # ---- configs and checkpoints -----------------------------------------------------------------------------------------
 def test_config_files_and_errors(tmp_path):
-    from trainers.pretrain import PretrainConfig
+    from conan_hf.stages.pretrain import PretrainConfig
 
     paper = load_config(PretrainConfig, REPO / "trainers/configs/pretrain.yaml")
     assert (paper.learning_rate, paper.warmup_ratio, paper.weight_decay) == (1e-4, 0.05, 0.001)
@@ -269,7 +269,7 @@ def test_config_files_and_errors(tmp_path):
     with pytest.raises(ValueError, match="max_steps"):
         parse_config(PretrainConfig, "pretrain", ["--max_steps", "many"])
     for stage in ("tokenizer", "pretrain", "sft", "weak", "supervised"):  # every shipped config has a tiny preset
-        from trainers.run_all import build_configs
+        from conan_hf.stages.run_all import build_configs
 
         assert build_configs([stage], str(tmp_path), str(tmp_path / "out"))[stage] is not None
 
@@ -294,7 +294,7 @@ def test_incomplete_checkpoints_are_never_resumed(tmp_path):
     assert latest_checkpoint(tmp_path / "missing") is None
 
     # A checkpoint of a run with other options is not continued by resume="auto".
-    from trainers.sft import SFTConfig
+    from conan_hf.stages.sft import SFTConfig
 
     (tmp_path / "checkpoint-40").mkdir()
     run_a = SFTConfig(output_dir=str(tmp_path), max_steps=4)
@@ -314,8 +314,8 @@ def test_kill_9_mid_stage_then_resume_matches_uninterrupted_run(tiny_model_dir, 
     import numpy as np
     from safetensors.torch import load_file
 
-    from trainers.dhnm import DHNM_STATE_NAME
-    from trainers.supervised import SupervisedConfig, run
+    from conan_hf.dhnm.pool import DHNM_STATE_NAME
+    from conan_hf.stages.supervised import SupervisedConfig, run
 
     options = {"preset": "tiny", "model": str(tiny_model_dir), "max_steps": "24", "save_steps": "4",
                "logging_steps": "1", "disable_tqdm": "true"}
@@ -325,7 +325,7 @@ def test_kill_9_mid_stage_then_resume_matches_uninterrupted_run(tiny_model_dir, 
     reference = run(parse_config(SupervisedConfig, "supervised", argv + ["--output_dir", str(tmp_path / "ref")]))
 
     out = tmp_path / "crashed"
-    cmd = [sys.executable, "-m", "trainers.supervised", *argv, "--output_dir", str(out)]
+    cmd = [sys.executable, "-m", "conan_hf.stages.supervised", *argv, "--output_dir", str(out)]
     proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "checkpoint-4" / COMMIT_MARKER).exists():

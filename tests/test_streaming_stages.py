@@ -61,7 +61,7 @@ def _rows(blocks) -> list[tuple[list, list, list]]:
 
 # ---- stage 1: packing ------------------------------------------------------------------------------------------------
 def test_packing_in_a_map_and_over_a_stream_equals_packing_the_whole_list(tokenizer, tmp_path, monkeypatch):
-    from trainers import pretrain
+    from conan_hf.stages import pretrain
 
     texts = _texts(300)
     path = _write_texts(tmp_path / "texts.jsonl", texts)
@@ -88,7 +88,7 @@ def test_packing_in_a_map_and_over_a_stream_equals_packing_the_whole_list(tokeni
 def test_a_resumed_stream_continues_exactly_where_it_stopped(tokenizer, tmp_path):
     """At every position (mid-document, at a document end, at and after the end of a pass), a fresh stream resumed
     from the saved position (through JSON, as in a checkpoint) yields exactly the blocks the uninterrupted one does."""
-    from trainers.pretrain import pack_dataset
+    from conan_hf.stages.pretrain import pack_dataset
 
     path = _write_texts(tmp_path / "texts.jsonl", _texts(60, longest=40))
 
@@ -112,8 +112,8 @@ def test_a_resumed_stream_continues_exactly_where_it_stopped(tokenizer, tmp_path
 
 
 def _pretrain_config(tmp_path: Path, tokenizer_dir: Path, data: list, output: str, **values):
-    from trainers.config import config_from_dict
-    from trainers.pretrain import PretrainConfig
+    from conan_hf.training.config import config_from_dict
+    from conan_hf.stages.pretrain import PretrainConfig
 
     return config_from_dict(PretrainConfig, {
         "tokenizer": str(tokenizer_dir), "model": "tiny", "output_dir": str(tmp_path / output), "data": data,
@@ -135,9 +135,9 @@ def test_streamed_pretraining_resumed_mid_stream_equals_an_uninterrupted_run(tok
     blocks as an uninterrupted run: the same losses and bit-identical weights."""
     from safetensors.torch import load_file
 
-    from trainers.checkpoints import STAGE_RECORD
-    from trainers.pretrain import run
-    from trainers.streaming import STREAM_POSITION
+    from conan_hf.training.checkpoints import STAGE_RECORD
+    from conan_hf.stages.pretrain import run
+    from conan_hf.training.streaming import STREAM_POSITION
 
     tokenizer_dir = tmp_path / "tok"
     tokenizer.save_pretrained(tokenizer_dir)
@@ -170,7 +170,7 @@ def test_streamed_pretraining_resumed_mid_stream_equals_an_uninterrupted_run(tok
 def test_streamed_pretraining_reads_only_what_it_trains_on_and_needs_max_steps(tokenizer, tmp_path, restore_threads):
     """A streamed source is read as training consumes it: a bad row far into the file is never reached by a 2-step
     run (reading every row first, as before, stopped at it). Without max_steps a stream is refused clearly."""
-    from trainers.pretrain import run
+    from conan_hf.stages.pretrain import run
 
     tokenizer_dir = tmp_path / "tok"
     tokenizer.save_pretrained(tokenizer_dir)
@@ -203,8 +203,8 @@ def _sft_rows(count: int) -> list[dict]:
 
 
 def test_sft_preprocessing_in_a_map_and_over_a_stream_equals_the_per_row_reference(tokenizer, tmp_path, caplog):
-    from trainers import sft
-    from trainers.streaming import ResumableStream
+    from conan_hf.stages import sft
+    from conan_hf.training.streaming import ResumableStream
 
     rows = _sft_rows(120)
     path = tmp_path / "sft.jsonl"
@@ -239,9 +239,9 @@ def test_sft_preprocessing_in_a_map_and_over_a_stream_equals_the_per_row_referen
 # ---- stage 0: the tokenizer from an iterator -------------------------------------------------------------------------
 def test_tokenizer_stage_trains_from_the_rows_streamed_or_memory_mapped(tmp_path):
     from conan_hf.tokenizer import train_tokenizer
-    from trainers.checkpoints import STAGE_RECORD
-    from trainers.config import config_from_dict
-    from trainers.tokenizer_stage import TokenizerConfig, run
+    from conan_hf.training.checkpoints import STAGE_RECORD
+    from conan_hf.training.config import config_from_dict
+    from conan_hf.stages.tokenizer import TokenizerConfig, run
 
     texts = _texts(2500, seed=4)
     path = _write_texts(tmp_path / "texts.jsonl", texts)
@@ -258,9 +258,9 @@ def test_tokenizer_stage_trains_from_the_rows_streamed_or_memory_mapped(tmp_path
 def test_streamed_sft_resumed_mid_stream_equals_an_uninterrupted_run(tokenizer, tmp_path, restore_threads):
     from safetensors.torch import load_file
 
-    from trainers.config import config_from_dict
-    from trainers.pretrain import new_causal_lm
-    from trainers.sft import SFTConfig, run
+    from conan_hf.training.config import config_from_dict
+    from conan_hf.stages.pretrain import new_causal_lm
+    from conan_hf.stages.sft import SFTConfig, run
 
     torch.manual_seed(0)
     model_dir = tmp_path / "lm"
@@ -290,9 +290,9 @@ def test_streamed_sft_resumed_mid_stream_equals_an_uninterrupted_run(tokenizer, 
 
 _RANK_PROBE = """
 import json, os, sys
-import trainers.streaming as streaming
-from trainers import pretrain
-from trainers.config import config_from_dict
+import conan_hf.training.streaming as streaming
+from conan_hf.stages import pretrain
+from conan_hf.training.config import config_from_dict
 
 seen = []
 iterate = streaming.ResumableStream.__iter__
@@ -324,8 +324,8 @@ def test_two_ranks_each_train_on_their_own_part_of_the_stream(tokenizer, tmp_pat
     import subprocess
     import sys
 
-    from trainers.pretrain import pack_dataset
-    from trainers.streaming import STREAM_POSITION
+    from conan_hf.stages.pretrain import pack_dataset
+    from conan_hf.training.streaming import STREAM_POSITION
 
     repo = Path(__file__).resolve().parents[1]
     tokenizer.save_pretrained(tmp_path / "tok")

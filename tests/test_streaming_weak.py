@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conan_hf.errors import DataError
-from trainers import weak
+from conan_hf.stages import weak
 
 PROMPT_FORMAT = weak.WeakConfig.prompt_format
 
@@ -229,7 +229,7 @@ def test_teacher_filter_per_group_equals_filtering_all_pairs(tiny_model_dir, res
 
 # ---- the stage ---------------------------------------------------------------------------------------------------
 def _stage_config(tiny_model_dir: Path, tmp_path: Path, data, **overrides):
-    from trainers.config import config_from_dict
+    from conan_hf.training.config import config_from_dict
 
     return config_from_dict(weak.WeakConfig, {
         "model": str(tiny_model_dir), "output_dir": str(tmp_path / "weak"), "data": data, "max_steps": 2,
@@ -254,7 +254,7 @@ import torch
 from accelerate import PartialState
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
 from conan_hf.losses import InfoNCELoss
-from trainers import weak
+from conan_hf.stages import weak
 
 state = PartialState(cpu=True)  # gloo, from torchrun's environment
 torch.set_num_threads(1)

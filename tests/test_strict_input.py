@@ -16,8 +16,8 @@ from conan_hf.data.readers import Row, read_beir, read_qrels, read_stsb_multi_mt
 from conan_hf.errors import DataError, DataFileNotFoundError, cli_errors, finite_float
 from conan_hf.eval import tasks as eval_tasks
 from conan_hf.data.sources import read_sources
-from trainers.supervised import TaskConfig, task_rows
-from trainers.weak import to_pairs
+from conan_hf.stages.supervised import TaskConfig, task_rows
+from conan_hf.stages.weak import to_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,8 +122,8 @@ def test_weak_pairs_reject_non_string_texts_and_name_the_row():
 
 
 def test_tokenizer_stage_rejects_non_string_texts(tmp_path):
-    from trainers import tokenizer_stage
-    from trainers.config import config_from_dict
+    from conan_hf.stages import tokenizer as tokenizer_stage
+    from conan_hf.training.config import config_from_dict
 
     data = _write(tmp_path / "texts.jsonl", '{"text": "fine"}\n{"text": 5}\n')
     config = config_from_dict(tokenizer_stage.TokenizerConfig, {"data": [str(data)], "output_dir": str(tmp_path)})
@@ -194,13 +194,13 @@ def test_cli_errors_turns_only_data_errors_into_exit_2(capsys):
 def test_usage_errors_are_one_line_too(capsys):
     from conan_hf.data.clr import main as clr_main
     from conan_hf.eval.__main__ import main as eval_main
-    from trainers.config import parse_config
-    from trainers.weak import WeakConfig
+    from conan_hf.training.config import parse_config
+    from conan_hf.stages.weak import WeakConfig
 
     for call, prog in ((lambda: clr_main(["rows.jsonl"]), "conan-clr"),
                        (lambda: eval_main(["--data", "x.csv"]), "conan-eval"),
                        (lambda: eval_main(["--model", "m", "--task", "nonsense"]), "conan-eval"),
-                       (lambda: parse_config(WeakConfig, "weak", ["--no-such-option", "1"]), "python -m trainers.weak")):
+                       (lambda: parse_config(WeakConfig, "weak", ["--no-such-option", "1"]), "conan-train weak")):
         with pytest.raises(SystemExit) as exited:
             call()
         assert exited.value.code == 2
@@ -225,9 +225,9 @@ def _assert_one_line_exit_2(result: subprocess.CompletedProcess, prog: str, wher
 
 def test_training_clis_report_bad_data_in_one_line(tmp_path):
     bad = _write(tmp_path / "bad.jsonl", '{"query": "a", "positive": "b"}\n{"query": 12, "positive": "p"}\n')
-    result = _run(["-m", "trainers.weak", "--model", "unused", "--data", "[bad.jsonl]",
+    result = _run(["-m", "conan_hf.stages.weak", "--model", "unused", "--data", "[bad.jsonl]",
                    "--output_dir", "out"], tmp_path)
-    line = _assert_one_line_exit_2(result, "python -m trainers.weak", "bad.jsonl:2")
+    line = _assert_one_line_exit_2(result, "conan-train weak", "bad.jsonl:2")
     assert "column 'query' must be a text" in line
     result = _run([str(REPO / "examples" / "finetune.py"), "--stages", "3", "--work-dir", "work", "--no-eval",
                    "--set", "weak.data=[bad.jsonl]"], tmp_path)

@@ -1,1 +1,1 @@
-"""Training stages of Conan-Embedding-v2 and the callbacks they share (soft mask, Dynamic Hard Negative Mining)."""
+"""Entry points of the design card: one file per stage, each calling :mod:`conan_hf.stages`."""

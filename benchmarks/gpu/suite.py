@@ -16,7 +16,7 @@ report is rewritten after every section, so even a run killed at its limit leave
    layers (hidden 3584, 32 query / 8 KV heads), and peak memory at L = 32768. Goals <= 1.15x time, <= 1.1x memory.
 3. encode: the full ConanConfig() architecture (random weights, bf16) at sequence 512 and at a real-length mix:
    FastEncoder against SentenceTransformer.encode in bf16; tokens/s, MFU. Goals >= 1.5x ST bf16, >= 50% MFU.
-4. train: supervised-stage (stage 4, `trainers.supervised.run`) steps of the full architecture, bf16 autocast, gradient
+4. train: supervised-stage (stage 4, `conan_hf.stages.supervised.run`) steps of the full architecture, bf16 autocast, gradient
    checkpointing, AdamW (DeepSpeed ZeRO-1 only when importable); tokens/s, MFU, peak memory. Goal >= 40% MFU.
 5. ablation: `benchmarks/ablation.py --scale gpu` with the time left, when that script exists.
 
@@ -737,9 +737,9 @@ def run_train(ctx: "Context", budget: Budget) -> dict:
 
     from conan_hf import ConanConfig, ConanModel, build_sentence_transformer
     from conan_hf.tokenizer import demo_tokenizer
-    from trainers import supervised
-    from trainers.config import config_from_dict
-    from trainers.distributed import deepspeed_zero1_config
+    from conan_hf.stages import supervised
+    from conan_hf.training.config import config_from_dict
+    from conan_hf.training.distributed import deepspeed_zero1_config
 
     gpu = ctx.device.type == "cuda"
     if ctx.smoke:
@@ -819,7 +819,7 @@ def run_train(ctx: "Context", budget: Budget) -> dict:
 
 
 def report_train(r: dict) -> list[str]:
-    lines = [f"`trainers.supervised.run` (stage 4: InfoNCE with 7 hard negatives + DHNM + Matryoshka) on "
+    lines = [f"`conan_hf.stages.supervised.run` (stage 4: InfoNCE with 7 hard negatives + DHNM + Matryoshka) on "
              f"{r['model']} ({r['non_embedding_params'] / 1e6:,.1f}M non-embedding parameters), random init; "
              f"{r['queries_per_step']} queries x (query + positive + 7 negatives) x {r['seq']} tokens = "
              f"{r['tokens_per_step']} tokens per step; gradient checkpointing on; {r['precision']}; optimizer "

@@ -85,7 +85,7 @@ def load_model(model: str | Path | SentenceTransformer, *, device: str | None = 
     return SentenceTransformer(str(model), device=device, trust_remote_code=trust_remote_code)
 
 
-#: Stage-4 task types (``trainers.supervised.TASK_TYPES``) → the mteb prompt key their prompt serves: the
+#: Stage-4 task types (``conan_hf.stages.supervised.TASK_TYPES``) → the mteb prompt key their prompt serves: the
 #: retrieval instruction goes to queries, the classification and STS prompts to every text of those task types.
 #: CLR (cross-lingual retrieval) serves ``Retrieval-query`` only when there is no retrieval prompt.
 TRAINING_TASK_PROMPT_KEYS = {"retrieval": "Retrieval-query", "classification": "Classification", "sts": "STS",

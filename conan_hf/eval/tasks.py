@@ -191,7 +191,7 @@ class PairData:
         self.score.append(score)
 
 
-#: The columns of an STS row, as stage 4 reads them (``trainers.supervised.task_rows``).
+#: The columns of an STS row, as stage 4 reads them (``conan_hf.stages.supervised.task_rows``).
 STS_COLUMNS = ("sentence1", "sentence2", "score")
 
 #: Each STS file format as the :func:`~conan_hf.data.readers.read_table` format and column mapping that read it.

@@ -156,7 +156,7 @@ class StreamPositionCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        from trainers.checkpoints import write_json_atomic
+        from conan_hf.training.checkpoints import write_json_atomic
 
         # every rank writes its own file; the folder may not be there yet on this rank (rank 0 makes it)
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"

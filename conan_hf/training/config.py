@@ -4,7 +4,7 @@ and command-line flags.
 A stage is ``config → datasets → Trainer → output_dir/final``. Each stage module defines a dataclass of its options
 (subclassing :class:`StageConfig`), a ``run(config)`` function and a ``main()`` that parses::
 
-    accelerate launch -m trainers.pretrain --config trainers/configs/pretrain.yaml --preset tiny --max_steps 50
+    accelerate launch -m conan_hf.stages.pretrain --config trainers/configs/pretrain.yaml --preset tiny --max_steps 50
 
 Every dataclass field is also a command-line flag (``--max_steps 50``); ``--help`` lists them with their defaults and
 meanings. Precedence (later wins): dataclass defaults ← the stage's shipped YAML ← ``--preset`` ← the values your own
@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from conan_hf.errors import DataError, OneLineArgumentParser
-from trainers.distributed import distributed_kwargs
+from conan_hf.training.distributed import distributed_kwargs
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "stages" / "configs"
 
 C = TypeVar("C", bound="StageConfig")
 
@@ -203,8 +203,8 @@ def load_config(
     Example:
 
     ```python
-    >>> from trainers.config import load_config
-    >>> from trainers.pretrain import PretrainConfig
+    >>> from conan_hf.training.config import load_config
+    >>> from conan_hf.stages.pretrain import PretrainConfig
     >>> cfg = load_config(PretrainConfig, "trainers/configs/pretrain.yaml", preset="tiny", overrides={"max_steps": 5})
     ```
     """
@@ -356,7 +356,7 @@ def parse_config(cls: type[C], stage: str, argv: list[str] | None = None, descri
     shipped_values, shipped_presets = _read_yaml_config(shipped) if shipped.is_file() else ({}, {})
     tiny = shipped_presets.get("tiny") or {}
     parser = OneLineArgumentParser(
-        prog=f"python -m trainers.{stage}", description=description,
+        prog=f"conan-train {stage}", description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Precedence (later wins): dataclass defaults <- the shipped YAML <- --preset <- the values your own "
                "--config file changes <- these flags.")

@@ -23,8 +23,8 @@ from typing import Any
 from transformers import TrainerCallback
 
 from conan_hf.errors import DataError, DataFileNotFoundError
-from trainers.config import StageConfig, config_fingerprint
-from trainers.distributed import is_main_process, print_main, wait_for_everyone
+from conan_hf.training.config import StageConfig, config_fingerprint
+from conan_hf.training.distributed import is_main_process, print_main, wait_for_everyone
 
 logger = logging.getLogger(__name__)
 
@@ -194,13 +194,13 @@ def train_with_resume(trainer, config: StageConfig):
 
 #: What each stage reads from an earlier one: (its option, the module that writes it, that module's default output).
 STAGE_INPUTS = {
-    "pretrain": ("tokenizer", "tokenizer_stage", "runs/tokenizer"),
+    "pretrain": ("tokenizer", "tokenizer", "runs/tokenizer"),
     "sft": ("model", "pretrain", "runs/pretrain/final"),
     "weak": ("model", "sft", "runs/sft/final"),
     "supervised": ("model", "weak", "runs/weak/final"),
 }
 #: Where the main job (examples/finetune.py, default --work-dir) writes the same folders.
-MAIN_JOB_OUTPUTS = {"tokenizer_stage": "runs/finetune/tokenizer", "pretrain": "runs/finetune/pretrain/final",
+MAIN_JOB_OUTPUTS = {"tokenizer": "runs/finetune/tokenizer", "pretrain": "runs/finetune/pretrain/final",
                     "sft": "runs/finetune/sft/final", "weak": "runs/finetune/weak/final"}
 
 
@@ -230,7 +230,7 @@ def check_stage_input(config: Any, stage: str) -> None:
     value = str(value)
     if not (looks_local(value) or value == default_output):
         return  # a Hub id: transformers / sentence-transformers resolve it
-    command = f"python -m trainers.{producer} --preset tiny"
+    command = f"conan-train {producer} --preset tiny"
     if Path(value) == Path(default_output):
         make = f"run `{command}` first (it writes {default_output})"
     else:

@@ -19,7 +19,7 @@ The pieces, in the order a training step uses them:
 batch, so its replacement can only be trained at the example's *next* visit: with one pass over the data (each
 example batched once) DHNM changes nothing at all. The paper (§3.4, App. A) states no epoch count; eq. 6 compares a
 negative's score now with its score when it entered (``S_0``), which presumes that examples are seen repeatedly. So
-stage 4 (:mod:`trainers.supervised`) trains ``num_train_epochs: 2`` by default and warns when a run visits examples
+stage 4 (:mod:`conan_hf.stages.supervised`) trains ``num_train_epochs: 2`` by default and warns when a run visits examples
 fewer than twice. Replacements are consumed by the ordinary schedule: the collator reads the live pool when it builds
 a batch, and every replacement made before an example's last visit is carried by that later visit. The ones made at
 the last visit are reported as ``pending``. Counted per step and in :meth:`DHNMCallback.replacement_summary`:
@@ -41,7 +41,7 @@ Example:
 
         from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
         from conan_hf.losses import InfoNCELoss
-        from trainers.dhnm import DHNMCallback, DHNMDataCollator, NegativePool
+        from conan_hf.dhnm.pool import DHNMCallback, DHNMDataCollator, NegativePool
 
         # dataset columns: id, anchor, positive (+ optional negative columns used to build the pools)
         pool = NegativePool.from_mining(dataset, teacher, anchor_column="anchor", positive_column="positive", k=7)
@@ -166,7 +166,7 @@ class NegativePool:
     **Example ids.** ``ids=None`` (only :meth:`from_ids`) keys the examples by their *row index*: the collator's
     ``id`` value ``e`` is pool row ``e``, with no per-example index at all. This is how pools relate to memory-mapped
     and streamed data: the training table carries, in its ``id`` column, the row index of the example in the table
-    the pools were built from (stage 4 writes it, :mod:`trainers.supervised`), and a streamed (iterable) dataset
+    the pools were built from (stage 4 writes it, :mod:`conan_hf.stages.supervised`), and a streamed (iterable) dataset
     must carry that same column, since a stream has no stable position of its own. Other ids (any hashables, e.g.
     strings) are looked up through an index of their sorted hashes and rows (12 bytes per example) and the id
     sequence is kept by reference.

@@ -7,7 +7,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from trainers.config import StageConfig
+    from conan_hf.training.config import StageConfig
 
 # ---- distributed set-up -------------------------------------------------------------------------------------------
 def _has_accelerator() -> bool:

@@ -1,0 +1,661 @@
+"""Stage 4 (paper §3.1, §3.4, App. A): supervised multi-task fine-tuning.
+
+    accelerate launch -m conan_hf.stages.supervised --config trainers/configs/supervised.yaml [--preset tiny]
+
+Tasks and their losses:
+
+- ``retrieval`` and ``clr`` (cross-lingual retrieval, §3.3): (query, positive, hard negatives) with InfoNCE (eq. 1),
+  in-batch negatives plus ``num_negatives`` (7) hard negatives per query;
+- ``classification``: (text, positive label, negative labels) with InfoNCE against the row's own candidates only;
+- ``sts``: (sentence1, sentence2, score) with CoSENT (eq. 2).
+
+Every loss is wrapped in Matryoshka representation learning (App. A). Hard negatives come from a ranked pool per
+example; Dynamic Hard Negative Mining (§3.4, eq. 6, :mod:`conan_hf.dhnm.pool`) replaces the ones that became easy. A
+replacement is decided after the example's batch and trained at the example's next visit, so stage 4 trains
+``num_train_epochs: 2`` by default (App. A gives no epoch count): every replacement made in the first pass is carried
+by a batch of the second (``dhnm_used`` in the logs and the summary). InfoNCE masks in-batch false negatives:
+documents identical to a query's positive, which the batch sampler cannot exclude when pool negatives are added at
+collate time (``infonce_false_negatives_masked``).
+The rows of every task and the candidate negatives are written, batch by batch, to memory-mapped Arrow files under
+``<output_dir>/stage4_tables/`` (:func:`write_task_table`); the pool holds row ids into them (``candidate_ids.npy``,
+also memory-mapped) and the collator looks up the texts of each batch only (:func:`build_negative_pool`). Training
+holds no rows or negatives as Python objects; while the tables are written, ``read_sources`` still returns each
+task's rows as one Python list (see :func:`_task_rows`), dropped once written.
+Each task has its own batch size (paper: 4 for retrieval, 32 for STS) and its own instruction prompt; batches are
+drawn from one task at a time, in proportion to the tasks' sizes. ``lora`` trains LoRA adapters instead of all
+weights (Table 6's comparison) and merges them into the saved model.
+
+``model`` is the stage-3 output or your own model: a decoder (Llama, Qwen2, Qwen3, Mistral, ...; bidirectional by
+default, or ``attention_mode: causal`` with last-token pooling) or an encoder (BERT-like, e.g. all-MiniLM-L6-v2).
+The attention in use is printed at the start.
+
+Output: ``final_dir``, the finished SentenceTransformer (prompts per task; MRL dims in ``conan_stage.json`` and the
+model card), by default exported with stock transformers classes so that it loads without ``trust_remote_code``
+(``export_format``, see :mod:`conan_hf.export`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import shutil
+from array import array
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sentence_transformers import SentenceTransformerTrainer
+from sentence_transformers.base.sampler import (
+    DefaultBatchSampler,
+    NoDuplicatesBatchSampler,
+    ProportionalBatchSampler,
+    RoundRobinBatchSampler,
+)
+from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+from torch.utils.data import RandomSampler
+
+from conan_hf.errors import DataError, cli_errors, location_of
+from conan_hf.data.sources import iter_sources, row_text
+from conan_hf.training.checkpoints import MainProcessSaveMixin, finish_stage, stage_exits, start_stage, train_with_resume
+from conan_hf.training.config import StageConfig, config_from_dict, parse_config
+from conan_hf.training.distributed import print_main, setup_runtime
+from conan_hf.training.models import describe_attention, load_sentence_model
+from conan_hf.dhnm.pool import DHNMDataCollator, FalseNegativeCountCallback
+
+logger = logging.getLogger(__name__)
+
+TASK_TYPES = ("retrieval", "clr", "classification", "sts")
+STAGE4_ATTENTION_MODES = ("bidirectional", "causal")
+#: Paper App. A: batch size 4 for retrieval (with 7 hard negatives each), 32 for STS. Classification rows carry as
+#: many texts as retrieval rows, so they get the retrieval size.
+DEFAULT_BATCH_SIZES = {"retrieval": 4, "clr": 4, "classification": 4, "sts": 32}
+DEMO_PROMPTS = {
+    "retrieval": "Given a question, retrieve passages that answer it",
+    "clr": "Given an English sentence, retrieve its Chinese translation",
+    "classification": "Classify the activity described in the sentence",
+    "sts": "Retrieve semantically similar text",
+}
+
+
+@dataclasses.dataclass
+class TaskConfig:
+    """One task of stage 4.
+
+    Args:
+        name: the task's name (also its prompt name in the saved model).
+        type: ``retrieval``, ``clr``, ``classification`` or ``sts``.
+        data: sources (see :mod:`conan_hf.data.sources`). Columns: ``query, positive[, negatives]`` (retrieval, clr; a
+            ``negatives`` list or ``negative``/``negative_*`` columns, hardest first); ``text, positive[, negatives]``
+            or ``text, label`` (classification: the other labels become the negatives); ``sentence1, sentence2,
+            score`` (sts).
+        batch_size: per-device batch size of this task (default: 4, or 32 for sts).
+        prompt: instruction for the query side, formatted as ``Instruct: {prompt}\\nQuery:\\n`` (a sentence-transformers
+            prompt, left out of mean pooling); ``None``: no prompt.
+    """
+
+    name: str
+    type: str
+    data: Any = dataclasses.field(default_factory=lambda: ["demo"])
+    batch_size: int | None = None
+    prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in TASK_TYPES:
+            raise ValueError(f"task {self.name!r}: type must be one of {TASK_TYPES}, got {self.type!r}")
+        if self.batch_size is None:
+            self.batch_size = DEFAULT_BATCH_SIZES[self.type]
+
+
+def _demo_tasks() -> list[dict[str, Any]]:
+    return [{"name": t, "type": t, "data": ["demo"], "prompt": DEMO_PROMPTS[t]} for t in TASK_TYPES]
+
+
+@dataclasses.dataclass
+class SupervisedConfig(StageConfig):
+    """Options of stage 4 (see :class:`conan_hf.training.config.StageConfig` for the shared ones).
+
+    Args:
+        model: the stage-3 output folder (a SentenceTransformer; a stage-2 decoder folder also works).
+        tasks: list of :class:`TaskConfig` mappings.
+        num_negatives: active hard negatives per example (7 in the paper).
+        temperature: InfoNCE τ; cosent_scale: CoSENT's scale (1/τ of eq. 2).
+        matryoshka: wrap every loss in Matryoshka representation learning (App. A).
+        matryoshka_dims: ``None`` derives them from the embedding size (the paper's dims for 3584).
+        dhnm: replace hard negatives that became easy (eq. 6 with thresholds ``dhnm_s0_min``, ``dhnm_drop_ratio``,
+            ``dhnm_s_max``); ``false`` keeps each example's first ``num_negatives`` candidates. A replacement trains
+            at the example's next visit: with fewer than 2 passes over the data DHNM cannot act (a warning says so).
+        num_train_epochs: 2 by default (the paper states none): the second pass trains the first pass's
+            replacements.
+        mask_false_negatives: InfoNCE leaves documents identical to a query's positive out of its negatives.
+        false_negative_margin: ``None`` (default) or a margin m: InfoNCE also leaves out negatives scoring above the
+            positive's score minus m (:class:`conan_hf.losses.InfoNCELoss`).
+        dhnm_s0_min: a negative is replaced when its score S0 at activation is below this (0.4, eq. 6).
+        dhnm_drop_ratio: a negative is also replaced when ``dhnm_drop_ratio`` · S < S0 and S < ``dhnm_s_max``
+            (S its current score; 1.2, eq. 6).
+        dhnm_s_max: the upper bound on S of that second rule (0.7, eq. 6).
+        teacher: SentenceTransformer used to mine negative pools for retrieval/clr tasks whose data has none.
+        pool_size: candidates mined per example.
+        max_seq_length: texts are truncated to this many tokens.
+        lora: ``None`` (full fine-tuning) or LoRA settings, e.g. ``{r: 16, lora_alpha: 32, lora_dropout: 0.05}``.
+        pooling: ``mean`` or ``lasttoken`` for a model folder that is not yet a SentenceTransformer; ``None``:
+            ``lasttoken`` with causal attention, else ``mean`` (a SentenceTransformer keeps its saved pooling).
+        attention_mode: ``bidirectional`` (default; a stock decoder gets transformers' ``is_causal=False``) or
+            ``causal`` (the e5-mistral / gte-Qwen2 style, with last-token pooling and right padding). Encoders
+            (BERT-like) are bidirectional only.
+        multi_dataset_sampler: ``proportional`` (tasks sampled in proportion to their size) or ``round_robin``.
+        export_format: ``stock`` (default) writes the final embedder with stock transformers classes, loadable
+            without ``trust_remote_code`` (a Conan backbone becomes a ``LlamaModel`` with ``is_causal: false``, see
+            :mod:`conan_hf.export`); ``remote_code`` saves a Conan backbone with its own code files, as stages 1-3 do.
+    """
+
+    output_dir: str = "runs/supervised"
+    model: str = "runs/weak/final"
+    tasks: list = dataclasses.field(default_factory=_demo_tasks)
+    num_negatives: int = 7
+    temperature: float = 0.05
+    cosent_scale: float = 20.0
+    matryoshka: bool = True
+    matryoshka_dims: list | None = None
+    dhnm: bool = True
+    dhnm_s0_min: float = 0.4
+    dhnm_drop_ratio: float = 1.2
+    dhnm_s_max: float = 0.7
+    num_train_epochs: float = 2.0
+    mask_false_negatives: bool = True
+    false_negative_margin: float | None = None
+    teacher: str | None = None
+    pool_size: int = 32
+    lora: dict | None = None
+    pooling: str | None = None
+    attention_mode: str = "bidirectional"
+    max_seq_length: int = 512
+    multi_dataset_sampler: str = "proportional"
+    export_format: str = "stock"
+    # App. A: stages 3 and 4 use "the same optimizer parameters and learning rate as in the pre-training phase".
+    learning_rate: float = 1e-4
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.001
+    bf16: bool = True
+
+    def __post_init__(self) -> None:
+        from conan_hf.export import EXPORT_FORMATS
+
+        if self.attention_mode not in STAGE4_ATTENTION_MODES:
+            raise ValueError(f"attention_mode must be one of {STAGE4_ATTENTION_MODES} in stage 4 (the soft mask is "
+                             f"stage 3's), got {self.attention_mode!r}")
+        if self.pooling not in (None, "mean", "lasttoken"):
+            raise ValueError(f"pooling must be mean, lasttoken or null, got {self.pooling!r}")
+        if self.export_format not in EXPORT_FORMATS:
+            raise ValueError(f"export_format must be one of {EXPORT_FORMATS}, got {self.export_format!r}")
+
+    def task_configs(self) -> list[TaskConfig]:
+        tasks = [t if isinstance(t, TaskConfig) else config_from_dict(TaskConfig, dict(t), f"tasks[{i}]")
+                 for i, t in enumerate(self.tasks)]
+        names = [t.name for t in tasks]
+        if not tasks or len(set(names)) != len(names):
+            raise ValueError(f"stage 4 needs at least one task and unique task names, got {names}")
+        return tasks
+
+
+# ---- data ------------------------------------------------------------------------------------------------------------
+def _negatives(row: dict[str, Any], what: str = "stage 4 data") -> list[str]:
+    """A row's ranked negative texts: a ``negatives`` list, else ``negative`` / ``negative_*`` columns in order.
+
+    Empty cells (``None``, ``""``) mean "no negative there" (rows of a table can have fewer); anything else that is
+    not a string is an error naming the row's file and line.
+    """
+    if row.get("negatives") is not None and not isinstance(row["negatives"], (list, tuple)):
+        raise DataError(f"{what}: column 'negatives' must be a list of texts, got {type(row['negatives']).__name__}",
+                        where=location_of(row), hint="write a JSON list, or use negative_1, negative_2, ... columns")
+    if isinstance(row.get("negatives"), (list, tuple)):
+        values = list(row["negatives"])
+    else:
+        keys = sorted((k for k in row if k == "negative" or k.startswith("negative_")),
+                      key=lambda k: (k != "negative", int(k.split("_")[1]) if k.split("_")[-1].isdigit() else 0))
+        values = [row[k] for k in keys]
+    for value in values:
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{what}: a negative must be a text, got {type(value).__name__} {value!r}",
+                            where=location_of(row), hint="write it as a string in the data file")
+    return [v for v in values if v not in (None, "")]
+
+
+def _task_rows(task: TaskConfig, demo_fn: Any, required: list[str], what: str, text: list[str],
+               numeric: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """A task's checked rows (each knows its file:line in ``_location``), read lazily one at a time through the data
+    layer (:func:`conan_hf.data.sources.iter_sources`): no list of the task's rows is built, and rows may differ in
+    their optional columns (``negatives`` on some rows only). The one place stage 4 reads its sources."""
+    yield from iter_sources(task.data, demo_fn, required, numeric=numeric, what=what, text=text)
+
+
+def iter_task_examples(task: TaskConfig, seed: int = 0) -> Iterator[tuple[dict[str, Any], list[str]]]:
+    """A task's examples in its loss's column order, each with its ranked candidate negatives (``[]`` for sts).
+
+    Examples are yielded one at a time, so that :func:`write_task_table` holds only a batch of them in Python.
+    """
+    from conan_hf import demo
+
+    what = f"stage 4 task {task.name!r} ({task.type})"
+    if task.type == "sts":
+        rows = _task_rows(task, demo.demo_sts, ["sentence1", "sentence2", "score"], what,
+                          ["sentence1", "sentence2"], numeric=("score",))
+        for r in rows:
+            yield {"sentence1": r["sentence1"], "sentence2": r["sentence2"], "score": r["score"]}, []
+        return
+    if task.type == "classification":
+        # Two passes over the rows (the distinct labels first): a list for now, see _task_rows.
+        rows = list(_task_rows(task, demo.demo_classification, ["text"], what, ["text", "positive"]))
+        labelled = bool(rows) and "positive" not in rows[0]
+        # Every row, not only the first, needs its label text. With labels, the label text is embedded as the
+        # positive: a label id (a number) would be trained as the text "3".
+        labels = sorted({row_text(r, "label", what) for r in rows}) if labelled else []
+        rng = random.Random(seed)
+        for r in rows:
+            if labelled:  # the other labels, shuffled per row in row order (as a fixed function of the seed)
+                others = [label for label in labels if label != r["label"]]
+                rng.shuffle(others)
+                yield {"anchor": r["text"], "positive": r["label"]}, others
+            else:
+                yield {"anchor": r["text"], "positive": row_text(r, "positive", what)}, _negatives(r, what)
+        return
+    demo_fn = demo.demo_retrieval if task.type == "retrieval" else demo.demo_clr
+    for r in _task_rows(task, demo_fn, ["query", "positive"], what, ["query", "positive"]):
+        yield {"anchor": r["query"], "positive": r["positive"]}, _negatives(r, what)
+
+
+def task_rows(task: TaskConfig, seed: int = 0) -> tuple[list[dict[str, Any]], list[list[str]]]:
+    """Training rows of a task in its loss's column order, and (for InfoNCE tasks) each row's candidate negatives,
+    as Python lists (small data and tests; :func:`write_task_table` is what the stage uses)."""
+    rows, candidates = [], []
+    for i, (example, negatives) in enumerate(iter_task_examples(task, seed)):
+        rows.append(example if task.type == "sts" else {"id": f"{task.name}/{i}", **example})
+        candidates.append(negatives)
+    return rows, candidates if task.type != "sts" else []
+
+
+@dataclass
+class TaskTable:
+    """A task's training rows as a memory-mapped Arrow table, and for pool tasks its candidate negatives.
+
+    ``dataset`` has the loss's columns (``id, anchor, positive`` for pool tasks: ``id`` is the example's row in the
+    stage's :class:`~conan_hf.dhnm.pool.NegativePool`; ``sentence1, sentence2, score`` for sts). The candidates are either
+    ``texts`` written in row order (row ``i``'s ``pool_sizes[i]`` candidates follow row ``i - 1``'s) or, for mined
+    pools, ``candidate_ids`` into ``texts``.
+    """
+
+    dataset: Any
+    texts: Any = None
+    pool_sizes: np.ndarray | None = None
+    candidate_ids: np.ndarray | None = None
+
+    @property
+    def width(self) -> int:
+        if self.candidate_ids is not None:
+            return int(self.candidate_ids.shape[1])
+        return int(self.pool_sizes.max(initial=0)) if self.pool_sizes is not None else 0
+
+    def candidate_block(self, start: int, stop: int, text_starts: np.ndarray | None) -> np.ndarray:
+        """``candidate_ids`` of rows ``start:stop`` (rows of ``texts``, ``-1`` padded to :attr:`width`)."""
+        if self.candidate_ids is not None:
+            return np.asarray(self.candidate_ids[start:stop], dtype=np.int64)
+        sizes = self.pool_sizes[start:stop].astype(np.int64)
+        ranks = np.arange(self.width, dtype=np.int64)[None, :]
+        return np.where(ranks < sizes[:, None], text_starts[start:stop, None] + ranks, -1)
+
+
+_TABLE_BATCH_ROWS = 8192  # rows buffered in Python before they are written to the Arrow file
+
+
+def write_task_table(task: TaskConfig, examples: Iterable[tuple[dict[str, Any], list[str]]], folder: Path,
+                     first_id: int = 0) -> TaskTable:
+    """Write a task's examples into memory-mapped Arrow files in ``folder`` (batch by batch, bounded memory).
+
+    Pool tasks get ``id`` = ``first_id`` + row index (the row in the stage's pool) and a text table of their
+    candidates in row order (``candidates.arrow``, column ``text``; no per-row Python objects are kept, only the
+    ``int32`` candidate count of each row).
+    """
+    import pyarrow as pa
+    from datasets import Dataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if task.type == "sts":
+        schema = pa.schema([("sentence1", pa.large_string()), ("sentence2", pa.large_string()),
+                            ("score", pa.float64())])
+    else:
+        schema = pa.schema([("id", pa.int64()), ("anchor", pa.large_string()), ("positive", pa.large_string())])
+    text_schema = pa.schema([("text", pa.large_string())])
+    rows_path, texts_path = folder / "rows.arrow", folder / "candidates.arrow"
+    sizes = array("i")
+    with pa.OSFile(str(rows_path), "wb") as rows_sink, pa.ipc.new_stream(rows_sink, schema) as rows_writer, \
+            pa.OSFile(str(texts_path), "wb") as texts_sink, pa.ipc.new_stream(texts_sink, text_schema) as texts_writer:
+        columns: dict[str, list] = {name: [] for name in schema.names}
+        texts: list[str] = []
+
+        def flush() -> None:
+            if columns[schema.names[0]]:
+                rows_writer.write_batch(pa.record_batch([pa.array(columns[n], type=schema.field(n).type)
+                                                         for n in schema.names], schema=schema))
+                for values in columns.values():
+                    values.clear()
+            if texts:
+                texts_writer.write_batch(pa.record_batch([pa.array(texts, type=pa.large_string())],
+                                                         schema=text_schema))
+                texts.clear()
+
+        for i, (example, negatives) in enumerate(examples):
+            if task.type != "sts":
+                columns["id"].append(first_id + i)
+                texts.extend(negatives)
+                sizes.append(len(negatives))
+            for name, value in example.items():
+                columns[name].append(value)
+            if len(columns[schema.names[0]]) >= _TABLE_BATCH_ROWS:
+                flush()
+        flush()
+    dataset = Dataset.from_file(str(rows_path))
+    if task.type == "sts":
+        return TaskTable(dataset)
+    return TaskTable(dataset, texts=Dataset.from_file(str(texts_path)), pool_sizes=np.frombuffer(sizes, np.int32))
+
+
+def build_negative_pool(tables: list[TaskTable], k: int, folder: Path) -> Any:
+    """One :class:`~conan_hf.dhnm.pool.NegativePool` over the pool tasks' tables, keyed by row index (the ``id``
+    column), its candidate ids in a memory-mapped ``candidate_ids.npy`` and its texts the tasks' memory-mapped
+    candidate tables (zero-copy chunks of one Arrow array)."""
+    import pyarrow as pa
+
+    from conan_hf.dhnm.pool import NegativePool
+
+    width = max(table.width for table in tables)
+    total = sum(len(table.dataset) for table in tables)
+    if width:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "candidate_ids.npy"
+        candidate_ids = np.lib.format.open_memmap(str(path), mode="w+", dtype=np.int64, shape=(total, width))
+    else:
+        candidate_ids = np.zeros((total, 0), dtype=np.int64)
+    chunks, row0, text0 = [], 0, 0
+    for table in tables:
+        if isinstance(table.texts, pa.Array):  # a mined pool's in-memory table
+            text_column = pa.chunked_array([table.texts])
+        elif isinstance(table.texts, pa.ChunkedArray):
+            text_column = table.texts
+        else:  # a memory-mapped Dataset written by write_task_table
+            text_column = table.texts.data.column("text")
+        chunks += [chunk.cast(pa.large_string()) for chunk in text_column.chunks]
+        text_starts = None
+        if table.candidate_ids is None:
+            text_starts = np.zeros(len(table.dataset), dtype=np.int64)
+            np.cumsum(table.pool_sizes[:-1], out=text_starts[1:])
+        n = len(table.dataset)
+        for start in range(0, n, 1 << 18):
+            stop = min(n, start + (1 << 18))
+            block = table.candidate_block(start, stop, text_starts)
+            candidate_ids[row0 + start:row0 + stop, :block.shape[1]] = np.where(block >= 0, block + text0, -1)
+            candidate_ids[row0 + start:row0 + stop, block.shape[1]:] = -1
+        row0 += n
+        text0 += len(text_column)
+    if width:
+        candidate_ids.flush()
+        del candidate_ids
+        candidate_ids = np.load(str(folder / "candidate_ids.npy"), mmap_mode="r")
+    return NegativePool.from_ids(None, candidate_ids, pa.chunked_array(chunks, type=pa.large_string()), k=k)
+
+
+# ---- batching --------------------------------------------------------------------------------------------------------
+class _VariableSize:
+    """accelerate shards batch samplers by whole batches, but only yields a group of batches whose last one has the
+    sampler's ``batch_size``; with per-task sizes that would silently drop batches, so the size is reported as
+    ``None`` (accelerate's "dynamic batch size" mode)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if len({sampler.batch_size for sampler in self.batch_samplers}) > 1:
+            self.batch_size = None
+
+
+class ProportionalTaskSampler(_VariableSize, ProportionalBatchSampler):
+    """sentence-transformers' proportional multi-dataset sampler, with per-task batch sizes."""
+
+
+class RoundRobinTaskSampler(_VariableSize, RoundRobinBatchSampler):
+    """sentence-transformers' round-robin multi-dataset sampler, with per-task batch sizes."""
+
+
+class MultiTaskTrainer(MainProcessSaveMixin, SentenceTransformerTrainer):
+    """SentenceTransformerTrainer with a batch size and a batch sampler per task of the training DatasetDict
+    (sentence-transformers uses one batch size for all datasets)."""
+
+    def __init__(self, *args, task_batch_sizes: dict[str, int], no_duplicate_tasks: set[str], **kwargs):
+        self.task_batch_sizes = task_batch_sizes
+        self.no_duplicate_tasks = no_duplicate_tasks
+        super().__init__(*args, **kwargs)
+
+    def get_batch_sampler(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):
+        name = next((n for n, d in (self.train_dataset or {}).items() if d is dataset), None)
+        if name is None:
+            return super().get_batch_sampler(dataset, batch_size, drop_last, valid_label_columns, generator, seed)
+        kwargs = dict(batch_size=self.task_batch_sizes[name], drop_last=drop_last,
+                      valid_label_columns=valid_label_columns, generator=generator, seed=seed)
+        if name in self.no_duplicate_tasks:
+            # In-batch negatives: a repeated text in the batch would be a false negative.
+            return NoDuplicatesBatchSampler(dataset, **kwargs)
+        return DefaultBatchSampler(RandomSampler(dataset, generator=generator), **kwargs)
+
+
+@dataclass
+class MultiTaskCollator(DHNMDataCollator):
+    """Batches of pool tasks get their negatives from the NegativePool (DHNM); other tasks (STS) are batched as plain
+    sentence-transformers batches. A batch always comes from a single task."""
+
+    pool_tasks: frozenset = frozenset()
+
+    def __call__(self, features):
+        if features and features[0].get("dataset_name") in self.pool_tasks:
+            return super().__call__(features)
+        return SentenceTransformerDataCollator.__call__(self, features)
+
+
+class _ScoreRecords:
+    """Gives :class:`conan_hf.dhnm.pool.DHNMCallback` the hard-negative scores of every task's InfoNCE loss at once."""
+
+    def __init__(self, losses):
+        self.sources = [m for loss in losses for m in loss.modules() if hasattr(m, "pop_hard_negative_scores")]
+
+    def pop_hard_negative_scores(self):
+        return [record for source in self.sources for record in source.pop_hard_negative_scores()]
+
+
+def dhnm_passes(config: SupervisedConfig, args: Any, rows: dict[str, int], batch_sizes: dict[str, int]) -> float:
+    """How many times the planned run batches each example: ``num_train_epochs``, or ``max_steps`` worth of batches
+    over the batches of one epoch (per-task ``rows // batch_size``, batches dropped at the end, shared by ranks)."""
+    if config.max_steps is None or config.max_steps <= 0:
+        return float(config.num_train_epochs)
+    per_epoch = sum(rows[name] // batch_sizes[name] for name in rows) / max(args.world_size, 1)
+    trained = config.max_steps * args.gradient_accumulation_steps
+    return trained / per_epoch if per_epoch else 0.0
+
+
+# ---- LoRA ------------------------------------------------------------------------------------------------------------
+#: peft's "every linear layer of the backbone": q/k/v/o and gate/up/down for Llama-shaped decoders, the attention
+#: and feed-forward projections for BERT-like encoders.
+LORA_TARGETS = "all-linear"
+
+
+def add_lora(model, settings: dict[str, Any]) -> None:
+    """Wrap the backbone in a peft `PeftModel` with LoRA adapters (only they train).
+
+    peft is called directly (`get_peft_model`) rather than through transformers' `add_adapter`, whose minimum peft
+    version moves with each transformers release (5.24 asks for a peft that does not exist yet)."""
+    from peft import LoraConfig, get_peft_model
+
+    settings = {"target_modules": LORA_TARGETS, **settings}
+    model[0].model = get_peft_model(model[0].model, LoraConfig(**settings))
+
+
+def merge_lora(model) -> int:
+    """Fold the LoRA weights into the backbone (`merge_and_unload`), so the saved model is a plain checkpoint;
+    returns how many layers were merged."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = model[0].model
+    if not isinstance(wrapped, PeftModel):
+        raise ValueError("merge_lora: the backbone carries no LoRA adapters (call add_lora first)")
+    merged = sum(isinstance(module, BaseTunerLayer) for module in wrapped.modules())
+    model[0].model = wrapped.merge_and_unload()
+    return merged
+
+
+# ---- the stage -------------------------------------------------------------------------------------------------------
+def run(config: SupervisedConfig) -> dict[str, Any]:
+    """Train stage 4; returns a summary with the final directory and the logged losses."""
+    done = start_stage(config, "supervised", 4)
+    if done is not None:
+        return done
+    from datasets import DatasetDict
+    from sentence_transformers import SentenceTransformerTrainingArguments
+
+    from conan_hf.losses import CoSENTLoss, InfoNCELoss, MatryoshkaLoss
+    from conan_hf.sentence import check_prompt_boundary, format_query_prompt
+    from conan_hf.dhnm.pool import DHNMCallback, NegativePool
+
+    setup_runtime(config)
+    tasks = config.task_configs()
+    prompts = {t.name: format_query_prompt(t.prompt) for t in tasks if t.prompt}
+    model = load_sentence_model(config.model, attention_mode=config.attention_mode, pooling=config.pooling,
+                                max_seq_length=config.max_seq_length, prompts=prompts)
+    attention = describe_attention(model)
+    if config.attention_mode == "causal" and attention["pooling"] != "lasttoken":
+        logger.warning("stage 4: causal attention with %s pooling: only the last token sees the whole text; "
+                       "last-token pooling (pooling: lasttoken) is the usual choice", attention["pooling"])
+    for name, prompt in prompts.items():
+        if not model[1].include_prompt:  # the pooled tokens must be exactly the text's
+            check_prompt_boundary(model.tokenizer, prompt, name=name)
+        # Mean pooling leaves prompt tokens out; a prompt that fills max_seq_length leaves nothing to pool (NaN).
+        length = len(model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if length >= config.max_seq_length:
+            raise ValueError(f"the prompt of task {name!r} is {length} tokens, which leaves no room for the text "
+                             f"within max_seq_length={config.max_seq_length}; shorten the prompt or raise "
+                             "max_seq_length")
+    if not model.prompts.get("query"):
+        first = next((t.name for t in tasks if t.type in ("retrieval", "clr") and t.name in prompts), None)
+        if first:  # so that `model.encode_query(...)` uses the retrieval instruction
+            model.prompts["query"] = prompts[first]
+    if config.lora:
+        add_lora(model, dict(config.lora))
+
+    # The rows and candidate negatives go to memory-mapped Arrow files (one folder per process, rewritten at each
+    # start: the same data gives the same files, so a resumed run's pools match its checkpoint); the pool holds
+    # row ids into them and the collator looks up the texts of each batch only.
+    table_dir = Path(config.output_dir) / "stage4_tables" / f"process-{int(os.environ.get('RANK', '0'))}"
+    shutil.rmtree(table_dir, ignore_errors=True)
+    datasets, losses, pool_tables, pool_sizes, num_pool_rows = {}, {}, [], {}, 0
+    for task in tasks:
+        table = write_task_table(task, iter_task_examples(task, seed=config.seed), table_dir / task.name,
+                                 first_id=num_pool_rows)
+        if not len(table.dataset):
+            raise ValueError(f"stage 4 task {task.name!r} has no rows")
+        datasets[task.name] = table.dataset
+        if task.type == "sts":
+            loss = CoSENTLoss(model, scale=config.cosent_scale)
+        else:
+            if not table.pool_sizes.any() and config.teacher and task.type in ("retrieval", "clr"):
+                mined = NegativePool.from_mining(table.dataset, config.teacher, k=config.num_negatives,
+                                                 num_candidates=config.pool_size)
+                table = TaskTable(table.dataset, texts=mined.text_table, pool_sizes=mined.pool_sizes,
+                                  candidate_ids=mined.candidate_ids)
+            if not table.pool_sizes.any():
+                logger.warning("stage 4 task %r has no hard negatives (give negatives in the data or a teacher to "
+                               "mine them); it trains on in-batch negatives only", task.name)
+            pool_tables.append(table)
+            num_pool_rows += len(table.dataset)
+            pool_sizes[task.name] = int(table.pool_sizes.sum(dtype=np.int64))
+            loss = InfoNCELoss(model, temperature=config.temperature,
+                               in_batch_negatives=task.type != "classification",
+                               mask_false_negatives=config.mask_false_negatives,
+                               false_negative_margin=config.false_negative_margin)
+        losses[task.name] = MatryoshkaLoss(model, loss, config.matryoshka_dims) if config.matryoshka else loss
+
+    pool = build_negative_pool(pool_tables, config.num_negatives, table_dir) if pool_tables else None
+    args = SentenceTransformerTrainingArguments(
+        **config.training_arguments_kwargs(),
+        prompts={t.name: ({"anchor": prompts[t.name]} if t.type != "sts" else
+                          {"sentence1": prompts[t.name], "sentence2": prompts[t.name]}) if t.name in prompts else {}
+                 for t in tasks},
+        multi_dataset_batch_sampler={"proportional": ProportionalTaskSampler, "round_robin": RoundRobinTaskSampler}[
+            config.multi_dataset_sampler],
+        dataloader_drop_last=True,
+    )
+    collator = MultiTaskCollator(preprocess_fn=model.preprocess, prompts=args.prompts, pool=pool,
+                                 pool_tasks=frozenset(t.name for t in tasks if t.type != "sts"))
+    callbacks = []
+    if pool is not None and config.dhnm:
+        callbacks.append(DHNMCallback(pool, _ScoreRecords(losses.values()), s0_min=config.dhnm_s0_min,
+                                      drop_ratio=config.dhnm_drop_ratio, s_max=config.dhnm_s_max))
+        passes = dhnm_passes(config, args, {t.name: len(datasets[t.name]) for t in tasks},
+                             {t.name: t.batch_size for t in tasks})
+        if passes < 2:
+            logger.warning("DHNM cannot act: the run visits each example %.2f times, and a replaced negative is only "
+                           "trained at the example's next visit; train at least 2 epochs (num_train_epochs: 2, the "
+                           "stage-4 default) or set dhnm: false", passes)
+    false_negatives = FalseNegativeCountCallback(list(losses.values())) if pool is not None else None
+    if false_negatives is not None:
+        callbacks.append(false_negatives)
+    trainer = MultiTaskTrainer(
+        model=model, args=args, train_dataset=DatasetDict(datasets), loss=losses, data_collator=collator,
+        callbacks=callbacks, task_batch_sizes={t.name: t.batch_size for t in tasks},
+        no_duplicate_tasks={t.name for t in tasks if t.type in ("retrieval", "clr")},
+    )
+    sizes = ", ".join(f"{t.name}: {len(datasets[t.name])} rows x {t.batch_size}" for t in tasks)
+    print_main(f"[stage 4] supervised multi-task training of {config.model} ({sizes}); "
+               f"{'LoRA' if config.lora else 'full'} fine-tuning, "
+               f"DHNM {'on' if any(isinstance(c, DHNMCallback) for c in callbacks) else 'off'}")
+    print_main(f"[stage 4] {attention['line']}")
+    result = train_with_resume(trainer, config)
+    if config.lora:
+        merge_lora(model)
+    dims = getattr(next(iter(losses.values())), "matryoshka_dims", None)
+    dhnm_callback = next((c for c in callbacks if isinstance(c, DHNMCallback)), None)
+    dhnm_totals = dhnm_callback.replacement_summary() if dhnm_callback is not None else None
+    note = ""
+    if dhnm_totals is not None:
+        fraction = dhnm_totals["used_fraction"]
+        note = (f"DHNM: {dhnm_totals['replaced']} replacements made, {dhnm_totals['used']} used by a later batch"
+                f"{f' ({fraction:.0%})' if fraction is not None else ''}, {dhnm_totals['pool_exhausted']} due with "
+                "the pool used up; ")
+    if false_negatives is not None:
+        note += f"{false_negatives.total} in-batch false negatives masked; "
+
+    def export(folder):
+        from conan_hf.export import export_embedder
+
+        report = export_embedder(model, folder, export_format=config.export_format).to_dict()
+        report.pop("path")  # the staging folder; the record's final_dir is where it ends up
+        # A few dimensions of the trained model's probe embeddings, for checks in processes without conan_hf.
+        report["probe"] = {name: [vector[:16] for vector in vectors] for name, vectors in report["probe"].items()}
+        return report
+
+    return finish_stage(
+        trainer, config, "supervised", 4, result, note=note, write_model=export,
+        attention={k: v for k, v in attention.items() if k != "line"},
+        tasks={t.name: {"type": t.type, "rows": len(datasets[t.name]), "batch_size": t.batch_size,
+                        "negative_candidates": pool_sizes.get(t.name, 0)} for t in tasks},
+        matryoshka_dims=sorted(dims) if dims else None, prompts=dict(model.prompts), dhnm=dhnm_totals,
+        false_negatives_masked=false_negatives.total if false_negatives is not None else None,
+    )
+
+
+@cli_errors("conan-train supervised")
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(SupervisedConfig, "supervised", argv, description=__doc__)
+    with stage_exits(config):
+        run(config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,528 @@
+"""Stage 3 (paper §3.1-3.2): weakly-supervised embedding training with the soft mask.
+
+    accelerate launch -m conan_hf.stages.weak --config trainers/configs/weak.yaml [--preset tiny]
+
+The stage-2 decoder becomes an embedding model (Transformer → Pooling → Normalize). Training pairs are
+(query, passage): the input is the query, the output the positive, and the row's instruction becomes the query's
+sentence-transformers *prompt* (``Instruct: {instruction}\nQuery:\n``), left out of mean pooling exactly as in
+stage 4 and at inference. A prompt is a property of a batch in sentence-transformers, so rows are grouped by
+instruction (one dataset per instruction, batches drawn from one group at a time in proportion to the group sizes);
+in-batch negatives then come from the same kind of task. The loss is InfoNCE (eq. 1) with in-batch negatives. The
+attention moves from causal to bidirectional along the soft mask (eq. 4): α(t) = t/τ with τ the number of training
+steps (App. C's linear schedule), set every step by :class:`conan_hf.training.callbacks.SoftMaskCallback`. Optionally, pairs a
+teacher embedder scores below 0.4 are dropped first (the paper used gte-Qwen2-7B-instruct), see
+:func:`conan_hf.data.teacher.filter_by_teacher`.
+
+Data (issue 11: no rank holds the pairs as Python objects). The sources are read by
+:func:`conan_hf.data.sources.load_sources`:
+
+- by default memory-mapped: parsed once per node into the ``datasets`` cache, converted to pairs in a batched ``map``
+  (a bad row names its file and line), grouped by instruction as index selections of that table
+  (:func:`instruction_groups`: one ``int32`` per row in memory), filtered by the teacher group by group (each
+  group's instruction its prompt; the teacher scores in chunks, see :func:`filter_groups_by_teacher`);
+- with ``streaming: true`` on a source: an ``IterableDataset`` of this rank's share of the files (split across
+  ranks), read lazily while training, so ``max_steps`` is required. Grouping by instruction then happens as the
+  pairs arrive (:func:`stream_instruction_batches`): each instruction fills its own batch, emitted when full, so every
+  batch still has one instruction and instructions get batches in proportion to their rows, in stream order rather
+  than shuffled; the batch's instruction becomes its prompt in :class:`InstructionPromptCollator`. With a teacher the
+  sources are read memory-mapped instead (the filter selects from the table).
+
+Output: ``final_dir``, a SentenceTransformer folder; when α reached 1 its backbone is saved bidirectional (α ≥ 1 is
+exactly bidirectional attention), ready for stage 4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+from sentence_transformers import SentenceTransformerTrainer
+from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+
+from conan_hf.errors import DataError, cli_errors, location_of
+from conan_hf.sentence import QUERY_PROMPT_FORMAT
+from conan_hf.data.sources import (
+    LOCATION,
+    load_sources,
+    main_process_first,
+    parse_sources,
+    progress_bars_on_terminals_only,
+    row_text,
+    unwrap_data_error,
+)
+from conan_hf.training.checkpoints import (
+    MainProcessSaveMixin,
+    check_stage_input,
+    finish_stage,
+    stage_exits,
+    start_stage,
+    train_with_resume,
+)
+from conan_hf.training.config import StageConfig, parse_config
+from conan_hf.training.distributed import print_main, setup_runtime
+from conan_hf.training.models import backbone, describe_attention, load_sentence_model, set_attention_mode
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class WeakConfig(StageConfig):
+    """Options of stage 3 (see :class:`conan_hf.training.config.StageConfig` for the shared ones).
+
+    Args:
+        model: the stage-2 output folder, or your own decoder (a local folder or Hub id of Llama, Qwen2, Qwen3,
+            Mistral, ... — any decoder `conan_hf.apply_soft_mask` supports; the stage applies the soft mask), or a
+            SentenceTransformer folder built on one.
+        data: sources with ``instruction``/``input``/``output`` columns, or ``query``/``positive`` columns (an
+            optional ``instruction`` column too).
+        prompt_format: how a row's instruction becomes the query prompt (``{instruction}``); rows without an
+            instruction get no prompt. It must end on a token boundary (checked at start).
+        pooling: ``mean`` or ``lasttoken``.
+        max_seq_length: texts are truncated to this many tokens.
+        temperature: τ of InfoNCE (eq. 1).
+        soft_mask_schedule: ``linear`` (α = t/τ, the paper), ``accelerating`` or ``decelerating`` (App. C).
+        soft_mask_steps: τ of the schedule; ``None`` = the number of training steps, so the last step trains at α = 1.
+        soft_mask_length: l of eq.4: ``sequence`` (each text's real length, the default: a text's mask does not
+            depend on its batch), ``max_seq_length`` (this stage's ``max_seq_length``, the paper's "training sequence
+            length") or a fixed int; see :mod:`conan_hf.soft_mask`.
+        teacher: a SentenceTransformer name/folder; if set, pairs it scores below ``teacher_threshold`` are dropped.
+        teacher_threshold: 0.4 in the paper.
+    """
+
+    output_dir: str = "runs/weak"
+    model: str = "runs/sft/final"
+    data: Any = dataclasses.field(default_factory=lambda: ["demo"])
+    prompt_format: str = QUERY_PROMPT_FORMAT
+    pooling: str = "mean"
+    max_seq_length: int = 512
+    temperature: float = 0.05
+    soft_mask_schedule: str = "linear"
+    soft_mask_steps: int | None = None
+    soft_mask_length: int | str = "sequence"
+    teacher: str | None = None
+    teacher_threshold: float = 0.4
+    per_device_train_batch_size: int = 64
+    # App. A: stages 3 and 4 use "the same optimizer parameters and learning rate as in the pre-training phase".
+    learning_rate: float = 1e-4
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.001
+    bf16: bool = True
+
+
+class WeakTrainer(MainProcessSaveMixin, SentenceTransformerTrainer):
+    """sentence-transformers' trainer, saving from the main process only (see `MainProcessSaveMixin`).
+
+    A streamed training set (:func:`stream_instruction_batches`) is already this rank's share of the sources
+    (:func:`conan_hf.data.sources.load_sources` splits a stream with ``split_dataset_by_node``), so accelerate must
+    not split it again: the stage sets ``dispatch_batches=False`` (no rank reads for the others) and the per-process
+    filter accelerate wraps around an iterable dataset is made a passthrough, as transformers does for its rank-aware
+    ``BatchRebalanceSampler``.
+    """
+
+    def get_train_dataloader(self):
+        from accelerate.data_loader import IterableDatasetShard
+        from datasets import IterableDataset
+
+        dataloader = super().get_train_dataloader()
+        if isinstance(self.train_dataset, IterableDataset) and self.args.world_size > 1:
+            shard = getattr(dataloader, "dataset", None)
+            if not isinstance(shard, IterableDatasetShard):
+                raise RuntimeError(f"stage 3: expected accelerate to wrap the stream in an IterableDatasetShard, got "
+                                   f"{type(shard).__name__}; this rank's stream would be split again")
+            shard.num_processes, shard.process_index = 1, 0
+        return dataloader
+
+
+#: What stage 3's messages call its data.
+WHAT = "stage 3 (weakly-supervised) data"
+#: The columns stage 3 reads from a source (after its column mapping): query/positive, or instruction/input/output.
+SOURCE_COLUMNS = ("instruction", "input", "output", "query", "positive")
+#: The columns of a pair: the instruction becomes the anchor's prompt.
+PAIR_COLUMNS = ("instruction", "anchor", "positive")
+
+
+def _pair(row: Mapping[str, Any], where: str) -> tuple[str, str, str]:
+    """(instruction, anchor, positive) of one row (a missing or ``None`` value is an absent column).
+
+    ``query``/``positive`` when the row has both, else ``input`` → anchor (``""`` if absent: the instruction alone is
+    the query) and ``output`` → positive; ``instruction`` is ``""`` for rows without one.
+    """
+    instruction = row_text(row, "instruction", WHAT, where, optional=True)
+    present = {column for column, value in row.items() if value is not None and column != LOCATION}
+    if {"query", "positive"} <= present:
+        return instruction, row_text(row, "query", WHAT, where), row_text(row, "positive", WHAT, where)
+    if not present & {"input", "instruction"} or "output" not in present:
+        raise DataError(f"{WHAT}: needs instruction/input/output or query/positive columns, got {sorted(present)}",
+                        where=where, hint="map the source's columns with `columns: {query: ..., positive: ...}`")
+    return instruction, row_text(row, "input", WHAT, where, optional=True), row_text(row, "output", WHAT, where)
+
+
+def to_pairs(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """(instruction, anchor, positive) dicts of a list of rows (small data: tests, the demo; the stage itself converts
+    its memory-mapped or streamed rows in a batched ``map``, :func:`load_pairs`, with the same rules).
+
+    Texts must be strings; errors name the row's file and line (``row.location``, see :func:`conan_hf.data.sources.
+    read_sources`), or its 1-based position for rows that do not carry one.
+    """
+    pairs = []
+    for index, row in enumerate(rows, 1):
+        instruction, anchor, positive = _pair(row, location_of(row, f"stage 3 data row {index}"))
+        pairs.append({"instruction": instruction, "anchor": anchor, "positive": positive})
+    return pairs
+
+
+def _pair_columns(batch: dict[str, list]) -> dict[str, list[str]]:
+    """Batched ``map`` function: source columns (with their ``_location``) → pair columns."""
+    out: dict[str, list[str]] = {column: [] for column in PAIR_COLUMNS}
+    names = [c for c in batch if c != LOCATION]
+    for index, where in enumerate(batch[LOCATION]):
+        pair = _pair({c: batch[c][index] for c in names}, where)
+        for column, value in zip(PAIR_COLUMNS, pair):
+            out[column].append(value)
+    return out
+
+
+def load_pairs(sources: Any, *, streaming: bool | None = None, cache_dir: str | None = None,
+               rank: int | None = None, world_size: int | None = None):
+    """Stage 3's (instruction, anchor, positive) pairs from its ``data:`` sources.
+
+    Read through :func:`conan_hf.data.sources.load_sources`: a memory-mapped ``Dataset`` (parsed once per node; the
+    pair conversion is a batched ``map`` written to the ``datasets`` cache, local rank 0 first) or, when a source says
+    ``streaming: true`` (or ``streaming=True``), an ``IterableDataset`` of this rank's share, converted lazily. Every
+    row is checked as it is read; errors name its file and 1-based line.
+    """
+    from conan_hf.demo import demo_instructions
+
+    with progress_bars_on_terminals_only():
+        data = load_sources(sources, demo_instructions, required=(), what=WHAT, text=SOURCE_COLUMNS,
+                            keep=SOURCE_COLUMNS, streaming=streaming, cache_dir=cache_dir, rank=rank,
+                            world_size=world_size)
+        return _to_pairs_dataset(data)
+
+
+def _to_pairs_dataset(data):
+    """The rows of ``load_sources`` as pairs (:func:`_pair_columns` in a batched ``map``)."""
+    from datasets import Dataset, Features, Value
+
+    features = Features({column: Value("string") for column in PAIR_COLUMNS})
+    if isinstance(data, Dataset):
+        with main_process_first():
+            try:
+                return data.map(_pair_columns, batched=True, remove_columns=data.column_names, features=features,
+                                desc="stage 3 pairs")
+            except Exception as error:  # noqa: BLE001 - datasets may wrap the DataError raised in the map
+                raise unwrap_data_error(error) from None
+    return data.map(_pair_columns, batched=True, remove_columns=[*SOURCE_COLUMNS, LOCATION], features=features)
+
+
+def instruction_groups(pairs) -> list[tuple[str, np.ndarray]]:
+    """``(instruction, row indices)`` of each distinct instruction of ``pairs`` (a ``Dataset``), in order of first
+    appearance, the indices ascending. Reads the instruction column in Arrow batches: memory is one ``int32`` per
+    row plus the distinct instructions, never the rows."""
+    codes = np.empty(len(pairs), dtype=np.int32)
+    seen: dict[str, int] = {}
+    start = 0
+    for batch in pairs.select_columns(["instruction"]).iter(batch_size=65536):
+        column = batch["instruction"]
+        codes[start:start + len(column)] = [seen.setdefault(instruction, len(seen)) for instruction in column]
+        start += len(column)
+    # rows of group 0, then group 1, ...; each group's rows in file order (int32 row ids: half the memory of int64)
+    order = np.argsort(codes, kind="stable").astype(np.int32 if len(codes) < 2**31 else np.int64)
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=len(seen)))])
+    return [(instruction, order[bounds[k]:bounds[k + 1]]) for instruction, k in seen.items()]
+
+
+def _group_datasets(pairs, groups: list[tuple[str, np.ndarray]],
+                    prompt_format: str) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
+    """One (anchor, positive) dataset per group, a selection of the memory-mapped ``pairs`` named ``instruction_<k>``,
+    and the sentence-transformers training prompts ``{name: {"anchor": prompt}}`` of the instructed groups."""
+    pairs = pairs.select_columns(["anchor", "positive"])
+    datasets, prompts = {}, {}
+    for k, (instruction, indices) in enumerate(groups):
+        name = f"instruction_{k}"
+        datasets[name] = pairs.select(indices)
+        if instruction:
+            prompts[name] = {"anchor": prompt_format.format(instruction=instruction)}
+    return datasets, prompts
+
+
+def group_by_instruction(pairs, prompt_format: str) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
+    """One dataset per instruction (named ``instruction_<k>`` in order of first appearance) of (anchor, positive)
+    pairs, and the sentence-transformers training prompts: ``{name: {"anchor": prompt}}`` for instructed groups.
+
+    The datasets are selections (index mappings) of ``pairs``: a memory-mapped ``pairs`` stays on disk."""
+    from datasets import Dataset
+
+    if not isinstance(pairs, Dataset):
+        raise TypeError("group_by_instruction expects a datasets.Dataset")
+    return _group_datasets(pairs, instruction_groups(pairs), prompt_format)
+
+
+def filter_groups_by_teacher(pairs, groups: list[tuple[str, np.ndarray]], teacher, threshold: float,
+                             prompt_format: str, show_progress_bar: bool = True):
+    """The optional teacher filter of stage 3 on instruction groups: pairs scored below ``threshold`` are dropped.
+
+    Each group is filtered by :func:`conan_hf.data.teacher.filter_by_teacher` with its instruction as the teacher's
+    query prompt (``prompt_format``; the teacher's own query prompt for rows without an instruction): one instruction
+    per query, and one prompt per encode call, as sentence-transformers encodes. The filter scores in chunks
+    and drops the embeddings (and splits the encoding across ranks under ``torch.distributed``).
+
+    Returns:
+        ``(groups, report)``: the groups with their kept rows (empty groups left out, the others in order of their
+        first kept row: the groups of the kept pairs), and one report over all pairs, its ``scores`` in row order.
+    """
+    from conan_hf.data.teacher import TeacherFilterReport, filter_by_teacher
+
+    if isinstance(teacher, str):
+        from sentence_transformers import SentenceTransformer
+
+        teacher = SentenceTransformer(teacher)
+    scores = np.full(len(pairs), np.nan, dtype=np.float32)
+    kept_groups = []
+    for instruction, indices in groups:
+        part = pairs.select(indices).select_columns(["anchor", "positive"])
+        kept, report = filter_by_teacher(part, teacher, threshold=threshold, query_column="anchor",
+                                         positive_column="positive", score_column=None,
+                                         query_prompt=prompt_format.format(instruction=instruction) if instruction
+                                         else None, show_progress_bar=show_progress_bar, verbose=False)
+        group_scores = np.asarray(report.scores, dtype=np.float32)
+        keep = np.flatnonzero(np.asarray(report.scores) >= threshold)  # filter_by_teacher's rule
+        if len(keep) != len(kept):
+            raise RuntimeError(f"teacher filter: kept {len(kept)} rows but {len(keep)} scores reach {threshold}")
+        scores[indices] = group_scores
+        if len(keep):
+            kept_groups.append((instruction, indices[keep]))
+    kept_groups.sort(key=lambda group: group[1][0])
+    total = len(pairs)
+    n_kept = sum(len(indices) for _, indices in kept_groups)
+    return kept_groups, TeacherFilterReport(threshold=threshold, total=total, kept=n_kept, dropped=total - n_kept,
+                                            scores=scores)
+
+
+def filter_pairs_by_teacher(dataset, teacher, threshold: float, prompt_format: str):
+    """The teacher filter of stage 3 on a pairs ``Dataset`` (see :func:`filter_groups_by_teacher`): the kept rows
+    in their order, and the report."""
+    groups, report = filter_groups_by_teacher(dataset, instruction_groups(dataset), teacher, threshold, prompt_format)
+    kept = np.sort(np.concatenate([indices for _, indices in groups])) if groups else np.zeros(0, dtype=np.int64)
+    return dataset.select(kept), report
+
+
+# ---- streams ---------------------------------------------------------------------------------------------------------
+def _instruction_batches(pairs: Iterable[Mapping[str, str]], batch_size: int,
+                         dropped: list[int] | None = None) -> Iterator[dict[str, str]]:
+    """Rows of ``pairs`` regrouped into runs of ``batch_size`` rows that share one instruction and no text.
+
+    Each instruction has open batches; a row joins the first of its instruction's open batches that holds neither
+    its anchor nor its positive (as sentence-transformers' ``NO_DUPLICATES`` sampler: a repeated text would be a
+    false in-batch negative), a new one if none; a batch is yielded, whole, as soon as it is full. Memory: the open
+    batches, about one per instruction. Rows left in open batches at the end of the stream are not trained on
+    (``dataloader_drop_last``), their count appended to ``dropped``.
+    """
+    open_batches: dict[str, list[tuple[list[dict[str, str]], set[str]]]] = {}
+    for pair in pairs:
+        instruction, anchor, positive = pair["instruction"], pair["anchor"], pair["positive"]
+        batches = open_batches.setdefault(instruction, [])
+        slot = next((i for i, (_, texts) in enumerate(batches) if anchor not in texts and positive not in texts),
+                    len(batches))
+        if slot == len(batches):
+            batches.append(([], set()))
+        rows, texts = batches[slot]
+        rows.append({"anchor": anchor, "positive": positive, "instruction": instruction})
+        texts.update((anchor, positive))
+        if len(rows) == batch_size:
+            del batches[slot]
+            yield from rows
+    left = sum(len(rows) for batches in open_batches.values() for rows, _ in batches)
+    if left:
+        logger.info("stage 3: end of the stream: %d pair(s) in unfilled instruction batches are not trained on", left)
+    if dropped is not None:
+        dropped.append(left)
+
+
+def stream_instruction_batches(pairs, batch_size: int):
+    """A streamed pairs ``IterableDataset`` (:func:`load_pairs`) as runs of ``batch_size`` rows of one instruction
+    (:func:`_instruction_batches`): what grouping by instruction means for a stream.
+
+    A stream cannot be split into one dataset per instruction without reading it once per instruction, so the groups
+    are formed as the rows arrive: every batch holds one instruction (one prompt, in-batch negatives of the same
+    task) and each instruction gets batches in proportion to its rows in the stream — the proportional sampling of the
+    memory-mapped path, in stream order instead of a random one. The rows keep their ``instruction`` for
+    :class:`InstructionPromptCollator`, which makes it the batch's prompt; the DataLoader's batches of
+    ``batch_size`` rows line up with the runs.
+    """
+    from datasets import Features, IterableDataset, Value
+
+    features = Features({"anchor": Value("string"), "positive": Value("string"), "instruction": Value("string")})
+    return IterableDataset.from_generator(_instruction_batches, features=features,
+                                          gen_kwargs={"pairs": pairs, "batch_size": batch_size})
+
+
+@dataclasses.dataclass
+class InstructionPromptCollator(SentenceTransformerDataCollator):
+    """sentence-transformers' collator for a streamed stage 3: the anchor's prompt is the batch's instruction (the
+    rows' ``instruction`` column, taken out before tokenising) in ``prompt_format``, so the instructions need not be
+    known before the stream is read.
+
+    The prompt reaches ``preprocess_fn`` exactly as from a ``prompts`` mapping (so pooling leaves it out the same
+    way); ``check_prompt`` is called once per distinct prompt (the token-boundary check).
+    """
+
+    prompt_format: str = QUERY_PROMPT_FORMAT
+    check_prompt: Callable[[str], None] | None = None
+    _checked: set[str] = dataclasses.field(default_factory=set, init=False, repr=False)
+    _instruction: str = dataclasses.field(default="", init=False, repr=False)  # of the batch being collated
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        instructions = {row["instruction"] for row in features}
+        if len(instructions) > 1:  # the runs of stream_instruction_batches and the DataLoader's batches disagree
+            raise RuntimeError(f"stage 3: a streamed batch mixes instructions {sorted(instructions)}")
+        self._instruction = instructions.pop() if instructions else ""
+        return super().__call__([{k: v for k, v in row.items() if k != "instruction"} for row in features])
+
+    def _resolve_prompts(self, batch: dict[str, Any]) -> dict[str, str]:
+        if not self._instruction:
+            return {}
+        prompt = self.prompt_format.format(instruction=self._instruction)
+        if self.check_prompt is not None and prompt not in self._checked:
+            self.check_prompt(prompt)
+            self._checked.add(prompt)
+        return {"anchor": prompt}
+
+
+def _init_process_group() -> None:
+    """Start the process group before reading, so the data layer knows this process's rank (a stream is split across
+    ranks, the memory-mapped cache is built by local rank 0 first). The Trainer would only start it later, when its
+    arguments are made; it then reuses this accelerate state. (On CPU, accelerate starts a process group only with
+    ``ACCELERATE_USE_CPU=1`` or a DeepSpeed config, as for the Trainer itself.)"""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState()
+
+
+def run(config: WeakConfig) -> dict[str, Any]:
+    """Train stage 3; returns a summary with the final directory, the logged losses and the final α."""
+    done = start_stage(config, "weak", 3, check_input=False)
+    if done is not None:
+        return done
+    from datasets import DatasetDict
+    from sentence_transformers import SentenceTransformerTrainingArguments
+    from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
+
+    from conan_hf.backbones import backbone_kind, get_attention_mode
+    from conan_hf.losses import InfoNCELoss
+    from conan_hf.sentence import check_prompt_boundary
+    from conan_hf.soft_mask import get_soft_mask_alpha, set_soft_mask_length
+    from conan_hf.training.callbacks import SoftMaskCallback
+
+    setup_runtime(config)
+    streamed = any(source.streaming for source in parse_sources(config.data, WHAT))
+    if streamed and config.teacher:
+        # The filter needs the pairs as a table to select the kept ones from: the sources are parsed into the
+        # memory-mapped cache (on disk, once per node) and the teacher streams over it in chunks.
+        print_main("[stage 3] teacher filter: streamed sources are read memory-mapped; the kept pairs are a selection")
+        streamed = False
+    if streamed and (config.max_steps is None or config.max_steps <= 0):
+        raise DataError(f"{WHAT}: a streamed source (`streaming: true`) has no length, so stage 3 needs max_steps",
+                        hint="set max_steps (e.g. --max_steps 10000), or drop `streaming: true` to read the sources "
+                             "memory-mapped")
+    kwargs = config.training_arguments_kwargs()  # sets accelerate's state up for DeepSpeed on CPU (gloo)
+    _init_process_group()
+    pairs = load_pairs(config.data, streaming=streamed)
+    check_stage_input(config, "weak")  # after the data checks, before the (slow) teacher filter
+    teacher_report, groups = None, None
+    if not streamed:
+        groups = instruction_groups(pairs)
+        if config.teacher:
+            groups, teacher_report = filter_groups_by_teacher(pairs, groups, config.teacher, config.teacher_threshold,
+                                                              config.prompt_format)
+            print_main(teacher_report.summary())
+            if not groups:
+                raise ValueError(f"the teacher filter (threshold {config.teacher_threshold}) dropped every pair")
+
+    # The stage applies the soft mask itself: a Conan backbone switches to attention_mode="soft", a stock decoder
+    # (Llama, Qwen2, Qwen3, Mistral, ...) gets conan_hf.apply_soft_mask; an encoder is refused (it has no causal start).
+    model = load_sentence_model(config.model, attention_mode="soft", pooling=config.pooling,
+                                max_seq_length=config.max_seq_length)
+    # "max_seq_length" becomes this stage's fixed max_seq_length, so l does not depend on how the collator pads.
+    set_soft_mask_length(model, config.max_seq_length if config.soft_mask_length == "max_seq_length"
+                         else config.soft_mask_length)
+    batch = config.per_device_train_batch_size
+    check = None if model[1].include_prompt else (
+        lambda prompt, name=None: check_prompt_boundary(model.tokenizer, prompt, name=name or repr(prompt)))
+    if streamed:
+        train_dataset: Any = stream_instruction_batches(pairs, batch)
+        collator = InstructionPromptCollator(preprocess_fn=model.preprocess, prompt_format=config.prompt_format,
+                                             check_prompt=check)
+        prompts: dict[str, dict[str, str]] = {}
+        extra_args: dict[str, Any] = {"batch_sampler": BatchSamplers.BATCH_SAMPLER}
+        described = "a stream of pairs, batched by instruction as they arrive"
+    else:
+        datasets, prompts = _group_datasets(pairs, groups, config.prompt_format)
+        del groups  # the selections hold their row ids in the datasets cache, not these arrays
+        if check is not None:
+            for name, prompt in prompts.items():
+                check(prompt["anchor"], name=f"{name} ({prompt['anchor']!r})")
+        small = {name: len(d) for name, d in datasets.items() if len(d) < batch}
+        if small:
+            logger.warning("stage 3: instruction group(s) %s have fewer pairs than a batch (%d) and are not trained "
+                           "on (batches hold one instruction each); lower per_device_train_batch_size to use them",
+                           small, batch)
+        train_dataset, collator = DatasetDict(datasets), None
+        extra_args = {"batch_sampler": BatchSamplers.NO_DUPLICATES,  # a duplicate would be a false in-batch negative
+                      "multi_dataset_batch_sampler": MultiDatasetBatchSamplers.PROPORTIONAL}
+        described = f"{sum(map(len, datasets.values()))} pairs in {len(datasets)} instruction group(s)"
+    if streamed:
+        # This rank's share of the stream: no rank reads for the others (see WeakTrainer).
+        kwargs["accelerator_config"] = {**(kwargs.get("accelerator_config") or {}), "dispatch_batches": False}
+    loss = InfoNCELoss(model, temperature=config.temperature)
+    args = SentenceTransformerTrainingArguments(**kwargs, **extra_args, prompts=prompts or None,
+                                                dataloader_drop_last=True)
+    callback = SoftMaskCallback(schedule=config.soft_mask_schedule, total_steps=config.soft_mask_steps)
+    trainer = WeakTrainer(model=model, args=args, train_dataset=train_dataset, loss=loss, callbacks=[callback],
+                          data_collator=collator)
+    print_main(f"[stage 3] weakly-supervised training of {config.model} on {described}, soft mask "
+               f"({config.soft_mask_schedule} α(t), τ = {config.soft_mask_steps or 'all steps'})")
+    print_main(f"[stage 3] {describe_attention(model)['line']}")
+    result = train_with_resume(trainer, config)
+    alpha = get_soft_mask_alpha(model)
+    if alpha >= 1.0:
+        set_attention_mode(model, "bidirectional")
+    elif backbone_kind(backbone(model)) != "conan":
+        # A Conan config stores attention_mode="soft" and α; a stock config has only is_causal.
+        logger.warning("stage 3 ended at α = %.3f < 1: a stock decoder cannot store a partial soft mask, so it is "
+                       "saved causal (stage 4 sets its own attention_mode)", alpha)
+        set_attention_mode(model, "causal")
+    teacher_summary = teacher_report.to_dict() if teacher_report else None
+    if teacher_summary:
+        teacher_summary.pop("scores", None)
+    if streamed:
+        groups_summary: Any = "streamed: grouped by instruction as the pairs arrive"
+        num_pairs = None
+    else:
+        groups_summary = {name: {"pairs": len(d), "prompt": prompts.get(name, {}).get("anchor")}
+                          for name, d in datasets.items()}
+        num_pairs = sum(map(len, datasets.values()))
+    return finish_stage(
+        trainer, config, "weak", 3, result, note=f"α = {alpha:.3f} at the end; ",
+        num_pairs=num_pairs, final_alpha=alpha, streamed=streamed,
+        instruction_groups=groups_summary, soft_mask_total_steps=callback.total_steps,
+        soft_mask_alphas=[(e["step"], e["soft_mask_alpha"]) for e in trainer.state.log_history
+                          if "loss" in e and "soft_mask_alpha" in e],
+        attention_mode=get_attention_mode(backbone(model)), teacher_filter=teacher_summary,
+    )
+
+
+@cli_errors("conan-train weak")
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(WeakConfig, "weak", argv, description=__doc__)
+    with stage_exits(config):
+        run(config)
+
+
+if __name__ == "__main__":
+    main()
