@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conan_hf.dhnm.pool import DHNM_STATE_NAME, DHNMCallback, DHNMDataCollator, NegativePool, dhnm_should_replace
+from conan_hf.dhnm import DHNM_STATE_NAME, DHNMCallback, DHNMDataCollator, NegativePool, dhnm_should_replace
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -900,7 +900,7 @@ CASE_MODULE = textwrap.dedent(
         SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments,
     )
     from conan_hf.losses import InfoNCELoss
-    from conan_hf.dhnm.pool import DHNMCallback, DHNMDataCollator, NegativePool
+    from conan_hf.dhnm import DHNMCallback, DHNMDataCollator, NegativePool
 
     SUBJECTS = {subjects!r}
     PLACES = {places!r}
