@@ -260,14 +260,14 @@ def case_dhnm(size: int, mode: str, data_dir: str, baseline_ref: str | None) -> 
     else:
         from datasets import Dataset
 
-        from conan_hf.dhnm.pool import NegativePool
+        from conan_hf.dhnm import NegativePool
 
         with Phase() as build:
             corpus = Dataset.from_file(os.path.join(data_dir, "corpus.arrow"))  # memory-mapped
             candidate_ids = np.load(os.path.join(data_dir, "candidate_ids.npy"),
                                     mmap_mode="r" if mode == "ids" else None)
             pool = NegativePool.from_ids(None, candidate_ids, corpus, k=K)
-        dhnm = sys.modules["conan_hf.dhnm.pool"]
+        dhnm = sys.modules["conan_hf.dhnm"]
         out["candidate_ids_bytes"] = int(candidate_ids.nbytes)
     out["build_s"], out["pool_bytes"], out["pool_anon_bytes"] = build.seconds, build.growth, build.anon_growth
     out["pool_peak_bytes"], out["state_bytes"] = build.peak_growth, pool.state_nbytes()

@@ -2,7 +2,8 @@
 
 - :class:`InfoNCELoss` — eq. 1, contrastive loss with in-batch negatives plus the example's hard negatives. It
   records the query–hard-negative cosine scores it has already computed, keyed by (example id, negative id), so
-  that Dynamic Hard Negative Mining (:mod:`conan_hf.dhnm.pool`) can read them without another forward pass.
+  that Dynamic Hard Negative Mining (:mod:`conan_hf.dhnm`) can read them without another forward pass; what it
+  reads and writes is the contract of :mod:`conan_hf.dhnm.contract` (it is a ``HardNegativeScoreSource``).
 - :class:`CoSENTLoss` — eq. 2, the ranking loss for score-labelled pairs. sentence-transformers' class computes
   exactly the paper's formula (``scale = 1 / τ``), so it is re-exported unchanged (``tests/test_losses.py`` proves it).
 - :class:`MatryoshkaLoss` — sentence-transformers' Matryoshka wrapper with the paper's default dimensions
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,6 +41,8 @@ from sentence_transformers.util import (
 )
 from torch import Tensor, nn
 
+from conan_hf.dhnm.contract import HardNegativeScores, split_dhnm_labels
+
 __all__ = [
     "CoSENTLoss",
     "HardNegativeScores",
@@ -65,36 +67,6 @@ CONAN_CITATION = """
 # Pairwise counterparts of the matrix similarity functions, for the "no in-batch negatives" variant which only
 # compares each query with its own candidates.
 _PAIRWISE = {cos_sim: pairwise_cos_sim, dot_score: pairwise_dot_score}
-
-
-@dataclass
-class HardNegativeScores:
-    """Query–hard-negative cosine scores of one loss computation (one micro-batch).
-
-    Attributes:
-        example_ids: ``(batch,)`` integer ids of the examples (for DHNM: the row of the example in its
-            :class:`conan_hf.dhnm.pool.NegativePool`).
-        negative_ids: ``(batch, num_negatives)`` integer ids of the negative in each negative column (for DHNM: the
-            rank of the candidate in the example's pool); ``-1`` marks an empty slot.
-        scores: ``(batch, num_negatives)`` cosine similarity between each query and each of its own hard negatives,
-            detached; ``NaN`` at empty slots.
-        dim: embedding dimension the scores were computed at (MatryoshkaLoss calls the loss once per dimension;
-            only the largest is kept).
-    """
-
-    example_ids: Tensor
-    negative_ids: Tensor
-    scores: Tensor
-    dim: int
-
-    def to_dict(self) -> dict[tuple[int, int], float]:
-        """``{(example_id, negative_id): score}`` for every filled slot."""
-        out = {}
-        for ex, negs, scores in zip(self.example_ids.tolist(), self.negative_ids.tolist(), self.scores.tolist()):
-            for neg, score in zip(negs, scores):
-                if neg >= 0:
-                    out[(ex, neg)] = score
-        return out
 
 
 class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
@@ -135,7 +107,7 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
 
         **Score record for DHNM.** When the labels carry ids — an integer tensor ``(batch, 1 + num_negatives)`` with
         the example id in column 0 and the id of the negative in each negative column (``-1`` = empty slot), as
-        produced by :class:`conan_hf.dhnm.pool.DHNMDataCollator` — every training-time call appends a
+        produced by :class:`conan_hf.dhnm.DHNMDataCollator` — every training-time call appends a
         :class:`HardNegativeScores` to a buffer read with :meth:`pop_hard_negative_scores`. The scores are the
         cosine similarities of each query with its own hard negatives, computed from the embeddings the loss
         already has (no extra forward pass). Empty slots are masked out of the softmax (their logit is
@@ -148,7 +120,7 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
         :math:`d_i^+`. Nothing else changes: without such duplicates the loss is exactly eq. 1. Identity is exact:
         the unpadded ``input_ids`` of every document are compared (across devices with ``gather_across_devices``).
         The number of masked (query, document) pairs of each training batch is counted; read it with
-        :meth:`pop_masked_false_negatives` (``conan_hf.dhnm.pool.FalseNegativeCountCallback`` logs it). The
+        :meth:`pop_masked_false_negatives` (``conan_hf.dhnm.FalseNegativeCountCallback`` logs it). The
         sentence-transformers batch samplers cannot prevent these duplicates when hard negatives are added at
         collate time (DHNM's pools), which is why the loss handles them.
 
@@ -308,7 +280,7 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
                 f"{(batch_size, 1 + num_negatives)} with the example id and the negative ids (-1 = empty slot); "
                 f"got {shape}. Remove the label/score column from the dataset, or batch it with DHNMDataCollator."
             )
-        valid = labels[:, 1:] >= 0
+        valid = split_dhnm_labels(labels)[1] >= 0
         return None if bool(valid.all()) else valid.to(embeddings[0].device)
 
     def _info_nce(
@@ -433,9 +405,10 @@ class InfoNCELoss(CachedLossMixin, MultipleNegativesRankingLoss):
             queries = F.normalize(embeddings[0].detach().float(), dim=-1)
             negatives = F.normalize(torch.stack([neg.detach() for neg in embeddings[2:]], dim=1).float(), dim=-1)
             scores = (negatives @ queries.unsqueeze(-1)).squeeze(-1)  # (batch, k) cosine of each own negative
-            negative_ids = labels[:, 1:].to(scores.device)
+            example_ids, negative_ids = split_dhnm_labels(labels)
+            negative_ids = negative_ids.to(scores.device)
             scores = scores.masked_fill(negative_ids < 0, float("nan"))
-        record = HardNegativeScores(labels[:, 0].detach(), negative_ids.detach(), scores, embeddings[0].size(-1))
+        record = HardNegativeScores(example_ids.detach(), negative_ids.detach(), scores, embeddings[0].size(-1))
         if self._score_buffer:
             last = self._score_buffer[-1]
             # MatryoshkaLoss runs the loss once per dimension on the same batch, largest first: keep only the

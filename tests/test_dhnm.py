@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conan_hf.dhnm.pool import DHNM_STATE_NAME, DHNMCallback, DHNMDataCollator, NegativePool, dhnm_should_replace
+from conan_hf.dhnm import DHNM_STATE_NAME, DHNMCallback, DHNMDataCollator, NegativePool, dhnm_should_replace
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -638,6 +638,50 @@ def st_model(tiny_model_dir):
     return SentenceTransformer(str(tiny_model_dir))
 
 
+class _RecordedScores(torch.nn.Module):
+    """A score source (conan_hf.dhnm.contract) handing over fixed records, as InfoNCELoss does after a step."""
+
+    def __init__(self, records):
+        super().__init__()
+        self.records = list(records)
+
+    def pop_hard_negative_scores(self):
+        records, self.records = self.records, []
+        return records
+
+
+def test_contract_routes_the_scores_of_every_task_loss_to_the_callback(st_model):
+    from conan_hf.dhnm import HardNegativeScores, HardNegativeScoreSource, MultiTaskScores, find_score_source
+    from conan_hf.losses import CoSENTLoss, InfoNCELoss, MatryoshkaLoss
+
+    info_nce = InfoNCELoss(st_model)
+    assert isinstance(info_nce, HardNegativeScoreSource)
+    assert not isinstance(CoSENTLoss(st_model), HardNegativeScoreSource)
+    assert find_score_source(MatryoshkaLoss(st_model, info_nce, [32, 16])) is info_nce
+    with pytest.raises(TypeError, match="does not record hard-negative scores"):
+        DHNMCallback(make_pool(), CoSENTLoss(st_model))
+
+    def record(rows, negs, scores):
+        return HardNegativeScores(torch.tensor(rows), torch.tensor(negs), torch.tensor(scores, dtype=torch.float64), 8)
+
+    first = [record([0, 1], [[0, 1], [0, 1]], [[0.9, 0.3], [0.8, 0.75]])]
+    second = [record([5], [[1, 0]], [[0.2, 0.95]]), record([6], [[0, -1]], [[0.5, float("nan")]])]
+    # A loss per task, one of them wrapped (as MatryoshkaLoss wraps InfoNCE), one without scores (CoSENT for STS).
+    losses = {"qa": _RecordedScores(first), "sts": CoSENTLoss(st_model),
+              "clr": torch.nn.Sequential(_RecordedScores(second))}
+    assert [len(source.records) for source in MultiTaskScores(losses).sources] == [1, 2]
+    pool, reference = make_pool(), make_pool()
+    callback = DHNMCallback(pool, losses)
+    callback.on_step_end(None, None, None)
+    # The same decisions as the task records applied to a pool directly, in task order (qa, then clr).
+    expected = reference.apply_scores([0, 1, 5, 6], [[0, 1], [0, 1], [1, 0], [0, -1]],
+                                      [[0.9, 0.3], [0.8, 0.75], [0.2, 0.95], [0.5, np.nan]])
+    assert callback.last_step_counts == expected and expected["checked"] == 7 and expected["replaced"] == 2
+    for name in ("active", "s0", "cursor", "fresh_bits"):
+        np.testing.assert_array_equal(getattr(pool, name), getattr(reference, name))
+    assert MultiTaskScores(losses).pop_hard_negative_scores() == []  # popped once
+
+
 def test_collator_fills_negatives_from_pool_and_passes_ids(st_model):
     pool = NegativePool([10, 11, 12], [["a0", "a1", "a2"], ["b0"], []], k=2)
     texts = []
@@ -900,7 +944,7 @@ CASE_MODULE = textwrap.dedent(
         SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments,
     )
     from conan_hf.losses import InfoNCELoss
-    from conan_hf.dhnm.pool import DHNMCallback, DHNMDataCollator, NegativePool
+    from conan_hf.dhnm import DHNMCallback, DHNMDataCollator, NegativePool
 
     SUBJECTS = {subjects!r}
     PLACES = {places!r}

@@ -314,7 +314,7 @@ def test_kill_9_mid_stage_then_resume_matches_uninterrupted_run(tiny_model_dir, 
     import numpy as np
     from safetensors.torch import load_file
 
-    from conan_hf.dhnm.pool import DHNM_STATE_NAME
+    from conan_hf.dhnm import DHNM_STATE_NAME
     from conan_hf.stages.supervised import SupervisedConfig, run
 
     options = {"preset": "tiny", "model": str(tiny_model_dir), "max_steps": "24", "save_steps": "4",

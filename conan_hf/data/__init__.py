@@ -19,7 +19,10 @@ _EXPORTS = {
         "DataFormatError", "Row", "Rows", "SquadRows", "beir_pairs", "beir_splits", "load_rows", "read_beir",
         "read_beir_corpus", "read_bitext", "read_qrels", "read_squad", "read_stsb_multi_mt", "read_table",
     ),
-    "teacher": ("MiningReport", "TeacherFilterReport", "filter_by_teacher", "mine_negative_pools", "teacher_scores"),
+    "teacher": (
+        "MinedPools", "MiningReport", "TeacherFilterReport", "filter_by_teacher", "mine_negative_ids",
+        "mine_negative_pools", "teacher_scores",
+    ),
     "translate": (
         "CompletedTranslation", "OpenAITranslator", "ParallelCorpusTranslator", "TransformersTranslator",
         "TranslationError", "Translator",

@@ -48,23 +48,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sentence_transformers import SentenceTransformerTrainer
-from sentence_transformers.base.sampler import (
-    DefaultBatchSampler,
-    NoDuplicatesBatchSampler,
-    ProportionalBatchSampler,
-    RoundRobinBatchSampler,
-)
-from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
-from torch.utils.data import RandomSampler
 
 from conan_hf.errors import DataError, cli_errors, location_of
 from conan_hf.data.sources import iter_sources, row_text
-from conan_hf.training.checkpoints import MainProcessSaveMixin, finish_stage, stage_exits, start_stage, train_with_resume
+from conan_hf.training.checkpoints import finish_stage, stage_exits, start_stage, train_with_resume
 from conan_hf.training.config import StageConfig, config_from_dict, parse_config
 from conan_hf.training.distributed import print_main, setup_runtime
+from conan_hf.training.lora import add_lora, merge_lora
 from conan_hf.training.models import describe_attention, load_sentence_model
-from conan_hf.dhnm.pool import DHNMDataCollator, FalseNegativeCountCallback
+from conan_hf.training.multitask import (
+    MultiTaskCollator,
+    MultiTaskTrainer,
+    ProportionalTaskSampler,
+    RoundRobinTaskSampler,
+)
+from conan_hf.dhnm import FalseNegativeCountCallback
+from conan_hf.dhnm import MultiTaskScores as _ScoreRecords
 
 logger = logging.getLogger(__name__)
 
@@ -406,70 +405,6 @@ def build_negative_pool(tables: list[TaskTable], k: int, folder: Path) -> Any:
     return NegativePool.from_ids(None, candidate_ids, pa.chunked_array(chunks, type=pa.large_string()), k=k)
 
 
-# ---- batching --------------------------------------------------------------------------------------------------------
-class _VariableSize:
-    """accelerate shards batch samplers by whole batches, but only yields a group of batches whose last one has the
-    sampler's ``batch_size``; with per-task sizes that would silently drop batches, so the size is reported as
-    ``None`` (accelerate's "dynamic batch size" mode)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if len({sampler.batch_size for sampler in self.batch_samplers}) > 1:
-            self.batch_size = None
-
-
-class ProportionalTaskSampler(_VariableSize, ProportionalBatchSampler):
-    """sentence-transformers' proportional multi-dataset sampler, with per-task batch sizes."""
-
-
-class RoundRobinTaskSampler(_VariableSize, RoundRobinBatchSampler):
-    """sentence-transformers' round-robin multi-dataset sampler, with per-task batch sizes."""
-
-
-class MultiTaskTrainer(MainProcessSaveMixin, SentenceTransformerTrainer):
-    """SentenceTransformerTrainer with a batch size and a batch sampler per task of the training DatasetDict
-    (sentence-transformers uses one batch size for all datasets)."""
-
-    def __init__(self, *args, task_batch_sizes: dict[str, int], no_duplicate_tasks: set[str], **kwargs):
-        self.task_batch_sizes = task_batch_sizes
-        self.no_duplicate_tasks = no_duplicate_tasks
-        super().__init__(*args, **kwargs)
-
-    def get_batch_sampler(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):
-        name = next((n for n, d in (self.train_dataset or {}).items() if d is dataset), None)
-        if name is None:
-            return super().get_batch_sampler(dataset, batch_size, drop_last, valid_label_columns, generator, seed)
-        kwargs = dict(batch_size=self.task_batch_sizes[name], drop_last=drop_last,
-                      valid_label_columns=valid_label_columns, generator=generator, seed=seed)
-        if name in self.no_duplicate_tasks:
-            # In-batch negatives: a repeated text in the batch would be a false negative.
-            return NoDuplicatesBatchSampler(dataset, **kwargs)
-        return DefaultBatchSampler(RandomSampler(dataset, generator=generator), **kwargs)
-
-
-@dataclass
-class MultiTaskCollator(DHNMDataCollator):
-    """Batches of pool tasks get their negatives from the NegativePool (DHNM); other tasks (STS) are batched as plain
-    sentence-transformers batches. A batch always comes from a single task."""
-
-    pool_tasks: frozenset = frozenset()
-
-    def __call__(self, features):
-        if features and features[0].get("dataset_name") in self.pool_tasks:
-            return super().__call__(features)
-        return SentenceTransformerDataCollator.__call__(self, features)
-
-
-class _ScoreRecords:
-    """Gives :class:`conan_hf.dhnm.pool.DHNMCallback` the hard-negative scores of every task's InfoNCE loss at once."""
-
-    def __init__(self, losses):
-        self.sources = [m for loss in losses for m in loss.modules() if hasattr(m, "pop_hard_negative_scores")]
-
-    def pop_hard_negative_scores(self):
-        return [record for source in self.sources for record in source.pop_hard_negative_scores()]
-
-
 def dhnm_passes(config: SupervisedConfig, args: Any, rows: dict[str, int], batch_sizes: dict[str, int]) -> float:
     """How many times the planned run batches each example: ``num_train_epochs``, or ``max_steps`` worth of batches
     over the batches of one epoch (per-task ``rows // batch_size``, batches dropped at the end, shared by ranks)."""
@@ -478,37 +413,6 @@ def dhnm_passes(config: SupervisedConfig, args: Any, rows: dict[str, int], batch
     per_epoch = sum(rows[name] // batch_sizes[name] for name in rows) / max(args.world_size, 1)
     trained = config.max_steps * args.gradient_accumulation_steps
     return trained / per_epoch if per_epoch else 0.0
-
-
-# ---- LoRA ------------------------------------------------------------------------------------------------------------
-#: peft's "every linear layer of the backbone": q/k/v/o and gate/up/down for Llama-shaped decoders, the attention
-#: and feed-forward projections for BERT-like encoders.
-LORA_TARGETS = "all-linear"
-
-
-def add_lora(model, settings: dict[str, Any]) -> None:
-    """Wrap the backbone in a peft `PeftModel` with LoRA adapters (only they train).
-
-    peft is called directly (`get_peft_model`) rather than through transformers' `add_adapter`, whose minimum peft
-    version moves with each transformers release (5.24 asks for a peft that does not exist yet)."""
-    from peft import LoraConfig, get_peft_model
-
-    settings = {"target_modules": LORA_TARGETS, **settings}
-    model[0].model = get_peft_model(model[0].model, LoraConfig(**settings))
-
-
-def merge_lora(model) -> int:
-    """Fold the LoRA weights into the backbone (`merge_and_unload`), so the saved model is a plain checkpoint;
-    returns how many layers were merged."""
-    from peft import PeftModel
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    wrapped = model[0].model
-    if not isinstance(wrapped, PeftModel):
-        raise ValueError("merge_lora: the backbone carries no LoRA adapters (call add_lora first)")
-    merged = sum(isinstance(module, BaseTunerLayer) for module in wrapped.modules())
-    model[0].model = wrapped.merge_and_unload()
-    return merged
 
 
 # ---- the stage -------------------------------------------------------------------------------------------------------
@@ -522,7 +426,7 @@ def run(config: SupervisedConfig) -> dict[str, Any]:
 
     from conan_hf.losses import CoSENTLoss, InfoNCELoss, MatryoshkaLoss
     from conan_hf.sentence import check_prompt_boundary, format_query_prompt
-    from conan_hf.dhnm.pool import DHNMCallback, NegativePool
+    from conan_hf.dhnm import DHNMCallback, NegativePool
 
     setup_runtime(config)
     tasks = config.task_configs()

@@ -1,0 +1,112 @@
+"""Multi-task training with a ``DatasetDict`` (one dataset and one loss per task), as stage 4 trains: a batch size and a
+batch sampler per task (:class:`MultiTaskTrainer`, :class:`ProportionalTaskSampler`, :class:`RoundRobinTaskSampler`),
+and one collator that fills the negatives of the DHNM tasks' batches from the :class:`~conan_hf.dhnm.pool.NegativePool`
+(:class:`MultiTaskCollator`). The scores of every task's InfoNCE loss reach
+:class:`~conan_hf.dhnm.callback.DHNMCallback` through :class:`~conan_hf.dhnm.contract.MultiTaskScores`.
+
+Example:
+    ::
+
+        from datasets import DatasetDict
+        from sentence_transformers import SentenceTransformerTrainingArguments
+        from conan_hf import CoSENTLoss, DHNMCallback, InfoNCELoss, MultiTaskScores
+        from conan_hf.training.multitask import MultiTaskCollator, MultiTaskTrainer, ProportionalTaskSampler
+
+        # "qa" rows: id, anchor, positive (ids are pool rows); "sts" rows: sentence1, sentence2, score
+        losses = {"qa": InfoNCELoss(model), "sts": CoSENTLoss(model)}
+        args = SentenceTransformerTrainingArguments(..., multi_dataset_batch_sampler=ProportionalTaskSampler,
+                                                    dataloader_drop_last=True)
+        trainer = MultiTaskTrainer(
+            model=model, args=args, train_dataset=DatasetDict({"qa": qa, "sts": sts}), loss=losses,
+            data_collator=MultiTaskCollator(preprocess_fn=model.preprocess, pool=pool, pool_tasks=frozenset({"qa"})),
+            callbacks=[DHNMCallback(pool, MultiTaskScores(losses))],
+            task_batch_sizes={"qa": 4, "sts": 32}, no_duplicate_tasks={"qa"},
+        )
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sentence_transformers import SentenceTransformerTrainer
+from sentence_transformers.base.sampler import (
+    DefaultBatchSampler,
+    NoDuplicatesBatchSampler,
+    ProportionalBatchSampler,
+    RoundRobinBatchSampler,
+)
+from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+from torch.utils.data import RandomSampler
+
+from conan_hf.dhnm.collator import DHNMDataCollator
+from conan_hf.training.checkpoints import MainProcessSaveMixin
+
+__all__ = ["MultiTaskCollator", "MultiTaskTrainer", "ProportionalTaskSampler", "RoundRobinTaskSampler"]
+
+
+class _VariableSize:
+    """accelerate shards batch samplers by whole batches, but only yields a group of batches whose last one has the
+    sampler's ``batch_size``; with per-task sizes that would silently drop batches, so the size is reported as
+    ``None`` (accelerate's "dynamic batch size" mode)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if len({sampler.batch_size for sampler in self.batch_samplers}) > 1:
+            self.batch_size = None
+
+
+class ProportionalTaskSampler(_VariableSize, ProportionalBatchSampler):
+    """sentence-transformers' proportional multi-dataset sampler, with per-task batch sizes."""
+
+
+class RoundRobinTaskSampler(_VariableSize, RoundRobinBatchSampler):
+    """sentence-transformers' round-robin multi-dataset sampler, with per-task batch sizes."""
+
+
+class MultiTaskTrainer(MainProcessSaveMixin, SentenceTransformerTrainer):
+    """SentenceTransformerTrainer with a batch size and a batch sampler per task of the training DatasetDict
+    (sentence-transformers uses one batch size for all datasets).
+
+    Args:
+        task_batch_sizes: per-device batch size of each task (``{name: size}``, every dataset of the DatasetDict).
+        no_duplicate_tasks: tasks batched with sentence-transformers' ``NoDuplicatesBatchSampler`` (tasks with
+            in-batch negatives, where a repeated text would be a false negative); the others are sampled at random.
+        *args, **kwargs: as for ``SentenceTransformerTrainer``; give ``args.multi_dataset_batch_sampler`` a
+            :class:`ProportionalTaskSampler` or :class:`RoundRobinTaskSampler` so tasks may differ in batch size.
+    """
+
+    def __init__(self, *args, task_batch_sizes: dict[str, int], no_duplicate_tasks: set[str], **kwargs):
+        self.task_batch_sizes = task_batch_sizes
+        self.no_duplicate_tasks = no_duplicate_tasks
+        super().__init__(*args, **kwargs)
+
+    def get_batch_sampler(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):
+        name = next((n for n, d in (self.train_dataset or {}).items() if d is dataset), None)
+        if name is None:
+            return super().get_batch_sampler(dataset, batch_size, drop_last, valid_label_columns, generator, seed)
+        kwargs = dict(batch_size=self.task_batch_sizes[name], drop_last=drop_last,
+                      valid_label_columns=valid_label_columns, generator=generator, seed=seed)
+        if name in self.no_duplicate_tasks:
+            # In-batch negatives: a repeated text in the batch would be a false negative.
+            return NoDuplicatesBatchSampler(dataset, **kwargs)
+        return DefaultBatchSampler(RandomSampler(dataset, generator=generator), **kwargs)
+
+
+@dataclass
+class MultiTaskCollator(DHNMDataCollator):
+    """Batches of pool tasks get their negatives from the NegativePool (DHNM); other tasks (STS) are batched as plain
+    sentence-transformers batches. A batch always comes from a single task (its ``dataset_name`` column, which
+    sentence-transformers adds for a DatasetDict, names it).
+
+    Args:
+        pool_tasks: names of the tasks whose rows have an ``id`` in ``pool`` (the rows of all pool tasks share one
+            :class:`~conan_hf.dhnm.pool.NegativePool`, so their ids must be distinct across tasks).
+        preprocess_fn, pool, id_column, negative_prefix, ...: as for :class:`~conan_hf.dhnm.DHNMDataCollator`.
+    """
+
+    pool_tasks: frozenset = frozenset()
+
+    def __call__(self, features):
+        if features and features[0].get("dataset_name") in self.pool_tasks:
+            return super().__call__(features)
+        return SentenceTransformerDataCollator.__call__(self, features)
