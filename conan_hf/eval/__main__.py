@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--languages", nargs="+", help="query languages (xling/plot) or a language filter (mteb)")
     parser.add_argument("--language", help="language of a local data file (default: guessed)")
     parser.add_argument("--name", help="task name for results (default: from the file name)")
-    parser.add_argument("--split", help="qrels split of a BEIR folder")
+    parser.add_argument("--split", help="the qrels split of a BEIR folder; for other files, the split the results are "
+                                        "labelled with (default: from the file name, e.g. dev for stsb-en-dev.csv)")
     parser.add_argument("--columns", nargs="+", metavar="NAME=COLUMN",
                         help="STS and pairs: the file's columns, as training's `columns:` (e.g. sentence1=text_a "
                              "sentence2=text_b score=label; an integer is a header-less CSV/TSV column index)")
