@@ -79,7 +79,7 @@ def main() -> None:
     dev = list(read_stsb_multi_mt(stsb, "en", split="dev"))
     before = stsb_spearman(load_sentence_model(stage3, max_seq_length=config.max_seq_length), dev)
     after_model = load_sentence_model(summary["final_dir"], max_seq_length=config.max_seq_length)
-    after = stsb_spearman(after_model, dev, prompt_name="sts")
+    after = stsb_spearman(after_model, dev, prompt_name="STS")
     after_no_prompt = stsb_spearman(after_model, dev)
     minutes = (time.perf_counter() - start) / 60
     device = describe_device()

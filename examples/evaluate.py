@@ -5,8 +5,13 @@
     python examples/evaluate.py --model runs/final --dim 256 --card        # Matryoshka dim; write runs/final/README.md
 
 Without ``--model`` a tiny random Conan model is built, which shows the plumbing (numbers are near chance).
-Runs STS (English STS-B, Chinese STS-B), retrieval (SciFact subset), bitext mining (Tatoeba deu-eng), MKQA-style
+Runs STS (English and Chinese STS-B dev), retrieval (SciFact subset), bitext mining (Tatoeba deu-eng), MKQA-style
 cross-lingual retrieval on XQuAD (Table 13 layout) and the Fig. 3 language-distribution plot.
+
+The model is encoded with the prompts it was trained with (its saved ``prompts``, none for a task type it has no
+prompt for), as plain ``mteb.evaluate`` would; the table names model, task, split, metric, score and prompt. SciFact
+has only train qrels: a model trained on them is scored on its training data, and a warning says so. Result files go
+to ``<output>/<model>/<task>.json``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="SentenceTransformer folder or Hub id (default: a tiny random Conan model)")
     parser.add_argument("--data-dir", default=os.environ.get("CONAN_DATA_DIR"), help="shared data folder")
-    parser.add_argument("--output", default="eval_results", help="mteb result files, summary.json, the plot")
+    parser.add_argument("--output", default="eval_results",
+                        help="<output>/<model>/<task>.json result files, summary.json, the plot")
     parser.add_argument("--dim", type=int, help="Matryoshka dimension")
     parser.add_argument("--limit", type=int, default=300, help="rows / queries per task (quick runs)")
     parser.add_argument("--card", action="store_true", help="write the model card (README.md) into --model")

@@ -266,9 +266,9 @@ def test_sts_through_mteb_equals_spearman_of_cosine(model, shared_data_dir, tmp_
     expected = spearmanr(np.sum(_unit(e1) * _unit(e2), axis=1), data.score)[0]
     assert report.main_scores[task.metadata.name] == pytest.approx(expected, abs=1e-6)
 
-    # mteb wrote its result file and we wrote summary.json next to it
+    # mteb's result file (the dev file is labelled split "dev") and summary.json next to it
     saved = json.loads((report.results_dir / f"{task.metadata.name}.json").read_text())
-    assert saved["scores"]["test"][0]["cosine_spearman"] == pytest.approx(expected, abs=1e-5)
+    assert saved["scores"]["dev"][0]["cosine_spearman"] == pytest.approx(expected, abs=1e-5)
     summary = json.loads((report.results_dir / "summary.json").read_text())
     assert summary["tasks"][0]["main_score"] == pytest.approx(expected, abs=1e-6)
 
@@ -276,7 +276,8 @@ def test_sts_through_mteb_equals_spearman_of_cosine(model, shared_data_dir, tmp_
     report32 = evaluate(model, [local_tasks.sts_task(path, limit=200)], output_folder=tmp_path, dim=32)
     expected32 = spearmanr(np.sum(_unit(e1[:, :32]) * _unit(e2[:, :32]), axis=1), data.score)[0]
     assert report32.main_scores[task.metadata.name] == pytest.approx(expected32, abs=1e-6)
-    assert report32.results_dir.name == "dim_32" and report32.results_dir != report.results_dir
+    assert report32.results_dir.name.endswith("-dim32") and report32.results_dir != report.results_dir
+    assert report32.results_dir.parent == report.results_dir.parent == tmp_path  # <output>/<model>[-dim<d>]/
     assert model.truncate_dim is None  # restored
 
 
@@ -303,7 +304,7 @@ def test_retrieval_with_task_instruction_equals_naive_ndcg(model, shared_data_di
     model.prompts = {"query": QUERY_PROMPT, "document": ""}  # an instruction-style model: template is detected
     try:
         assert detect_instruction_template(model.prompts) == "Instruct: {instruction}\nQuery:\n"
-        report = evaluate(model, [task])
+        report = evaluate(model, [task], instruction_template="auto")  # task instructions are opt-in
         data, _ = local_tasks.beir_retrieval_data(folder, limit_queries=10, limit_corpus=150)
         instruction = task.metadata.prompt["query"]
         qids, doc_ids = list(data.queries), list(data.corpus)

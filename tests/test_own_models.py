@@ -187,7 +187,7 @@ def test_stage4_fine_tunes_an_encoder(minilm_dir, tmp_path, capsys):
     assert any(not torch.equal(before[k], after[k]) for k in after)
     assert json.loads((final / "config.json").read_text())["model_type"] == "bert"
     model = SentenceTransformer(str(final))
-    assert model.encode(["What do pandas eat?"], prompt_name="qa").shape == (1, 384)
+    assert model.encode(["What do pandas eat?"], prompt_name="Retrieval-query").shape == (1, 384)
     assert summary["matryoshka_dims"][-1] == 384
     with pytest.raises(ValueError, match="is an encoder: its attention is bidirectional only"):
         supervised.run(supervised_config(str(minilm_dir), tmp_path / "causal", attention_mode="causal"))

@@ -177,10 +177,11 @@ def test_supervised_batches_have_per_task_sizes_and_negatives(tiny_model_dir, tm
     assert seen == {"qa": {3}, "cls": {5}, "sim": {16}}
     assert summary["tasks"]["qa"]["batch_size"] == 3
     assert summary["matryoshka_dims"] == [16, 32, 64, 128]
-    # The saved model has the task prompt, and `query` points at the retrieval instruction.
+    # The saved model has the task prompt under mteb's key for its type, and `query` points at it.
     record = json.loads((Path(summary["final_dir"]) / STAGE_RECORD).read_text())
-    assert record["summary"]["prompts"]["qa"] == "Instruct: find the answer\nQuery:\n"
-    assert record["summary"]["prompts"]["query"] == record["summary"]["prompts"]["qa"]
+    assert record["summary"]["prompts"]["Retrieval-query"] == "Instruct: find the answer\nQuery:\n"
+    assert record["summary"]["prompts"]["query"] == record["summary"]["prompts"]["Retrieval-query"]
+    assert record["summary"]["tasks"]["qa"]["prompt"] == "Instruct: find the answer\nQuery:\n"
 
 
 def test_lora_trains_only_adapters_and_merges_exactly(tiny_model_dir, tmp_path, restore_threads):

@@ -2,8 +2,9 @@
 
 * :mod:`~conan_hf.eval.tasks` — mteb tasks built from local files (STS, pair classification, BEIR and SQuAD
   retrieval, Tatoeba bitext, classification, clustering), so nothing needs the Hub.
-* :mod:`~conan_hf.eval.run` — :func:`evaluate` a SentenceTransformer on benchmarks / tasks with per-task query
-  instructions, an MRL dimension and mteb result files.
+* :mod:`~conan_hf.eval.run` — :func:`evaluate` a SentenceTransformer on benchmarks / tasks with the prompts it was
+  trained with (as plain ``mteb.evaluate`` does; task instructions on request), an MRL dimension and result files
+  ``<output>/<model>/<task>.json``.
 * :mod:`~conan_hf.eval.xling` — MKQA-style cross-lingual retrieval (Tables 3 and 13).
 * :mod:`~conan_hf.eval.plot` — the language-distribution plot of Fig. 3.
 * ``python -m conan_hf.eval`` / ``conan-eval`` — the command line.

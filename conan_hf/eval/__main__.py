@@ -17,11 +17,20 @@ Examples::
     # Fig. 3: language-distribution plot of parallel STS-B sentences
     python -m conan_hf.eval --model out/final --task plot --data $CONAN_DATA_DIR/sts/stsb-multi-mt \\
         --languages en de zh --limit 300 --plot fig3.png
+    # several models in one run, one table and one summary; results in results/<model>/<task>.json
+    python -m conan_hf.eval --model base/ out/final --data $CONAN_DATA_DIR/sts/stsb-multi-mt/stsb-en-dev.csv \
+        --output-folder results
     # Hub benchmarks (need the datasets from the Hub)
     python -m conan_hf.eval --model out/final --benchmark "MTEB(eng, v1)" --output-folder results
 
-The last line printed is a JSON object ``{task name: main score}``; strict JSON: a score that is undefined (NaN, e.g.
-a Spearman correlation when every gold score is the same) is ``null``, and a warning on stderr says why.
+Each model is encoded with the prompts it was trained with (its saved ``prompts``; none for a task type it has no
+prompt for), exactly as ``mteb.evaluate(SentenceTransformer(model), [task])`` does; ``--instruction`` and
+``--instruction-template`` add task instructions on request. The table names the model, task, split, metric, score and
+the prompts used. A warning on stderr says when an evaluated file or split is one the model was trained on.
+
+The last line printed is a JSON object ``{task name: main score}`` (``{model: {task name: main score}}`` for several
+models); strict JSON: a score that is undefined (NaN, e.g. a Spearman correlation when every gold score is the same)
+is ``null``, and a warning on stderr says why.
 Bad input (a malformed row, a NaN score in a data file, a missing file) stops with one line on stderr,
 ``conan-eval: error: <file>:<line>: <what>; <how to fix>``, and exit status 2.
 """
@@ -47,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog="conan-eval", description="Evaluate a SentenceTransformer (e.g. a Conan model) with mteb on local files "
         "or Hub benchmarks. The last printed line is a JSON summary {task: main score}.")
-    parser.add_argument("--model", required=True, help="SentenceTransformer directory or Hub id")
+    parser.add_argument("--model", required=True, nargs="+", action="extend",
+                        help="SentenceTransformer directory or Hub id; several (--model A B, or --model A --model B) "
+                             "are evaluated one after the other into one table and one summary")
     parser.add_argument("--task", choices=[*TASK_KINDS, "plot"], help="kind of local evaluation (inferred from --data)")
     parser.add_argument("--data", nargs="+", help="data file(s)/folder(s): see the module docstring")
     parser.add_argument("--format", choices=sorted(FORMAT_KINDS), help="data format (inferred when omitted)")
@@ -56,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--languages", nargs="+", help="query languages (xling/plot) or a language filter (mteb)")
     parser.add_argument("--language", help="language of a local data file (default: guessed)")
     parser.add_argument("--name", help="task name for results (default: from the file name)")
-    parser.add_argument("--split", help="qrels split of a BEIR folder")
+    parser.add_argument("--split", help="the qrels split of a BEIR folder; for other files, the split the results are "
+                                        "labelled with (default: from the file name, e.g. dev for stsb-en-dev.csv)")
     parser.add_argument("--columns", nargs="+", metavar="NAME=COLUMN",
                         help="STS and pairs: the file's columns, as training's `columns:` (e.g. sentence1=text_a "
                              "sentence2=text_b score=label; an integer is a header-less CSV/TSV column index)")
@@ -67,11 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit-corpus", type=int, help="BEIR: the relevant documents plus the first N documents")
     parser.add_argument("--dim", type=int, help="Matryoshka dimension to evaluate")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--output-folder", help="write mteb result files and summary.json here")
-    parser.add_argument("--instruction", help="query instruction for the local task (overrides the default)")
-    parser.add_argument("--instruction-template", default="auto",
-                        help="prompt template with {instruction}; 'auto' reads it from the model's query prompt; "
-                             "'none' disables task instructions")
+    parser.add_argument("--output-folder", help="write <model>/<task>.json result files and summary.json here")
+    parser.add_argument("--instruction", help="prompt (instruction) for the local task, replacing the model's own")
+    parser.add_argument("--instruction-template", default="none",
+                        help="opt-in: a template with {instruction} that turns each task's own instruction into a "
+                             "prompt for tasks the model has no prompt for; 'auto' reads it from the model's query "
+                             "prompt; 'none' (default): only the prompts the model was trained with")
     parser.add_argument("--plot", help="PNG path for --task plot")
     parser.add_argument("--plot-method", choices=["tsne", "pca"], default="tsne")
     parser.add_argument("--device", help="device for the model (default: sentence-transformers' choice)")
@@ -111,25 +124,46 @@ def _columns(items: list[str] | None) -> dict[str, str | int] | None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Execute the parsed command; returns the JSON summary."""
-    from .run import evaluate, load_model
+    """Execute the parsed command; returns the JSON summary (``{task: score}``, or ``{model: {task: score}}`` for
+    several models)."""
+    from .run import format_table
 
     if not args.data and not args.benchmark and not args.tasks:
         raise DataError("nothing to evaluate", hint="give --data (local files), --tasks or --benchmark")
+    kind = args.task or (FORMAT_KINDS[args.format] if args.format else None)
+    if args.data:
+        kind = kind or infer_task_kind(args.data[0])
+    if kind == "plot" and len(args.model) > 1:
+        raise DataError("--task plot draws one model", hint="give one --model")
+    summaries: dict[str, dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
+    for model_id in args.model:
+        name, summary, model_rows = _run_model(args, model_id, kind)
+        summaries[model_id if name in summaries else name] = summary
+        rows.extend(model_rows)
+    if rows:
+        print(format_table(rows))
+    return next(iter(summaries.values())) if len(summaries) == 1 else summaries
+
+
+def _run_model(args: argparse.Namespace, model_id: str, kind: str | None) -> tuple[str, dict[str, Any],
+                                                                                   list[dict[str, Any]]]:
+    """Evaluate one model: its name, ``{task: score}`` and its summary rows (printed as one table by :func:`run`)."""
+    from .run import evaluate, load_model
+
     loaded: list[Any] = []
 
     def model() -> Any:
         """The model, loaded on first use: data files are read (and checked) first, so bad data fails fast."""
         if not loaded:
-            loaded.append(load_model(args.model, device=args.device))
+            loaded.append(load_model(model_id, device=args.device))
         return loaded[0]
 
     template = None if args.instruction_template.lower() == "none" else args.instruction_template
     summary: dict[str, Any] = {}
-
-    kind = args.task or (FORMAT_KINDS[args.format] if args.format else None)
+    rows: list[dict[str, Any]] = []
+    name = model_id
     if args.data:
-        kind = kind or infer_task_kind(args.data[0])
         if kind == "plot":
             from .plot import plot_language_distribution
 
@@ -154,7 +188,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             instructions = {data.name: args.instruction} if args.instruction else None
             report = evaluate_cross_lingual(model(), data, batch_size=args.batch_size, output_folder=args.output_folder,
                                             dim=args.dim, instruction_template=template, instructions=instructions)
+            name = report.eval_report.settings["model_name"]
+            print(f"{name}: {data.name}")
             print(report.table())
+            rows.extend(report.eval_report.summary)
             summary[data.name] = report.average["recall_at_20"]
         else:
             from .tasks import task_from_path
@@ -168,15 +205,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report = evaluate(model(), [task], dim=args.dim, batch_size=args.batch_size,
                               output_folder=args.output_folder, instruction_template=template,
                               instructions=instructions, show_progress_bar=args.verbose)
-            print(report.table())
+            name = report.settings["model_name"]
+            rows.extend(report.summary)
             summary.update(report.main_scores)
     if args.benchmark or args.tasks:
         report = evaluate(model(), args.tasks, benchmark=args.benchmark, languages=args.languages, dim=args.dim,
                           batch_size=args.batch_size, output_folder=args.output_folder,
                           instruction_template=template, show_progress_bar=args.verbose)
-        print(report.table())
+        name = report.settings["model_name"]
+        rows.extend(report.summary)
         summary.update(report.main_scores)
-    return summary
+    return name, summary, rows
 
 
 def strict_json_summary(summary: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -2,27 +2,30 @@
 
 `evaluate` runs `mteb.evaluate` on named benchmarks (``"MTEB(eng, v1)"``, ``"MTEB(cmn, v1)"``), mteb task names, or
 local tasks from :mod:`conan_hf.eval.tasks`, and returns an :class:`EvalReport` whose summary (one row per task, main
-score first) feeds the command line and the model card. mteb computes every metric and writes its usual result files
-(``<output_folder>/results/<model>/<revision>/<Task>.json``); we add ``summary.json`` beside them.
+score first) feeds the command line and the model card. mteb computes every metric; each task's mteb result file goes
+to ``<output_folder>/<model>/<Task>.json`` (``<model>-dim<d>`` for a Matryoshka dimension), with ``summary.json``
+beside them.
 
-Instructions. Conan-Embedding-v2 prefixes *queries* with a task instruction (``"Instruct: {instruction}\\nQuery:\n"``).
-Prompts come, in this order, from
+Prompts. By default a model is scored exactly as it was trained, and exactly as plain
+``mteb.evaluate(SentenceTransformer(path), [task])`` scores it: with its own saved ``prompts`` (stage 4 saves them
+under mteb's keys, ``"Retrieval-query"``, ``"Classification"``, ``"STS"``, ``"query"``: see :mod:`conan_hf.prompts`),
+and none where it has none. On top of that, optionally:
 
-1. ``instructions={task name or task type: instruction}`` passed here,
-2. the model's own ``prompts`` keyed the mteb way (``"SciFact-query"``, ``"SciFact"``, ``"Retrieval-query"``,
-   ``"STS"``, ``"query"``, ``"document"``), which mteb resolves itself,
-3. the task's instruction (``task.metadata.prompt``, set by mteb for its tasks and by our local tasks) formatted with
-   the model's instruction template — detected from a ``"query"`` prompt of the form ``"Instruct: ...\\nQuery:\n"``
-   or given as ``instruction_template``.
+1. ``instructions={task name or task type: instruction}`` passed here (``--instruction`` on the command line),
+2. ``instruction_template`` (opt-in; ``"auto"`` detects it from a ``"query"`` prompt of the form
+   ``"Instruct: ...\\nQuery:\n"``): the task's own instruction (``task.metadata.prompt``) formatted with it, for tasks
+   the model has no prompt for.
 
 Retrieval instructions go to queries only; symmetric tasks (STS, classification, clustering, ...) prefix every text.
 
-A model's saved prompt names that mteb does not know (stage 4 saves one per training task: ``retrieval``, ``clr``,
-``classification``, ``sts``) are mapped to mteb keys by the task's type (see :func:`mteb_model_prompts`); the
-others are left out, so mteb sees only keys it accepts.
+Saved prompt names of older models that mteb does not know (``retrieval``, ``clr``, ``classification``, ``sts``) are
+mapped to mteb keys by the task's type (see :func:`mteb_model_prompts`); the others are left out, so mteb sees only
+keys it accepts. Each summary row records the prompts a task was encoded with.
 
 Results are filed under the model's name: ``local/<folder>`` for a local folder (``local/<parent>-final`` for a
 stage's ``final`` folder), the Hub id otherwise; ``summary.json`` records the model's path and never mixes two models.
+When an evaluated file or split is one the model (or a stage before it) was trained on, according to the
+``conan_stage.json`` records, a warning says so and the row's ``training_overlap`` lists it.
 
 Example::
 
@@ -37,6 +40,7 @@ Example::
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
@@ -46,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from conan_hf.prompts import TASK_TYPE_ORDER, TASK_TYPE_PROMPT_KEYS
 from conan_hf.sentence import QUERY_PROMPT_FORMAT as CONAN_INSTRUCTION_TEMPLATE
 
 if TYPE_CHECKING:
@@ -85,11 +90,8 @@ def load_model(model: str | Path | SentenceTransformer, *, device: str | None = 
     return SentenceTransformer(str(model), device=device, trust_remote_code=trust_remote_code)
 
 
-#: Stage-4 task types (``conan_hf.stages.supervised.TASK_TYPES``) → the mteb prompt key their prompt serves: the
-#: retrieval instruction goes to queries, the classification and STS prompts to every text of those task types.
-#: CLR (cross-lingual retrieval) serves ``Retrieval-query`` only when there is no retrieval prompt.
-TRAINING_TASK_PROMPT_KEYS = {"retrieval": "Retrieval-query", "classification": "Classification", "sts": "STS",
-                             "clr": "Retrieval-query"}
+#: Stage-4 task types → the mteb prompt key their prompt serves (see :mod:`conan_hf.prompts`).
+TRAINING_TASK_PROMPT_KEYS = TASK_TYPE_PROMPT_KEYS
 
 
 def _is_mteb_prompt_key(key: str) -> bool:
@@ -141,7 +143,7 @@ def mteb_model_prompts(
         else:
             pending.append((name, text))
     # retrieval before clr, so a clr prompt serves Retrieval-query only without a retrieval one
-    order = {"retrieval": 0, "classification": 1, "sts": 2, "clr": 3}
+    order = {task_type: rank for rank, task_type in enumerate(TASK_TYPE_ORDER)}
     pending.sort(key=lambda item: order.get(task_types.get(item[0], item[0]), 9))
     for name, text in pending:
         key = TRAINING_TASK_PROMPT_KEYS.get(task_types.get(name, name))
@@ -163,16 +165,81 @@ def _model_path(model: Any, st_model: SentenceTransformer) -> Path | None:
     return Path(source) if source and Path(source).exists() else None
 
 
+def stage_records(path: Path | None, max_depth: int = 8) -> list[dict[str, Any]]:
+    """The ``conan_stage.json`` records of a model folder and of the stages it was trained from (each record's
+    ``config.model``, while that is a folder with a record), newest first; empty when the folder has none."""
+    from conan_hf.training.checkpoints import STAGE_RECORD
+
+    records: list[dict[str, Any]] = []
+    seen: set[Path] = set()
+    while path is not None and len(records) < max_depth and path.resolve() not in seen:
+        seen.add(path.resolve())
+        try:
+            record = json.loads((path / STAGE_RECORD).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            break
+        if not isinstance(record, dict):
+            break
+        records.append(record)
+        previous = (record.get("config") or {}).get("model")
+        path = Path(previous) if isinstance(previous, str) and Path(previous).is_dir() else None
+    return records
+
+
 def _training_task_types(path: Path | None) -> dict[str, str]:
     """``{task name: type}`` of the stage-4 record in the model folder (empty when there is none)."""
-    record = path / "conan_stage.json" if path is not None else None
-    if record is None or not record.is_file():
-        return {}
-    try:
-        tasks = (json.loads(record.read_text(encoding="utf-8")).get("summary") or {}).get("tasks") or {}
-    except json.JSONDecodeError:
-        return {}
+    records = stage_records(path, max_depth=1)
+    tasks = ((records[0].get("summary") or {}).get("tasks") or {}) if records else {}
     return {name: info.get("type") for name, info in tasks.items() if isinstance(info, dict) and info.get("type")}
+
+
+def _data_entries(config: Any) -> Iterable[tuple[str, str]]:
+    """``(path, split)`` of every ``data:`` source in a stage config, stage 4's ``tasks`` included (the split of a
+    source defaults to ``train``, as in :class:`conan_hf.data.sources.Source`)."""
+    if isinstance(config, Mapping):
+        for key, value in config.items():
+            if key != "data":
+                yield from _data_entries(value)
+                continue
+            for entry in value if isinstance(value, list) else [value]:
+                if isinstance(entry, str):
+                    yield entry, "train"
+                elif isinstance(entry, Mapping) and isinstance(entry.get("path"), str):
+                    yield entry["path"], str(entry.get("split") or "train")
+    elif isinstance(config, list):
+        for item in config:
+            yield from _data_entries(item)
+
+
+def training_sources(path: Path | None) -> list[tuple[Path, str]]:
+    """``(resolved path, split)`` of the local data the model in ``path`` and its earlier stages were trained on,
+    from their ``conan_stage.json`` records (globs expanded; the demo corpus and Hub names left out)."""
+    sources = []
+    for record in stage_records(path):
+        for source, split in _data_entries(record.get("config") or {}):
+            matches = glob.glob(source) if any(c in source for c in "*?[") else [source]
+            sources.extend((Path(m).resolve(), split) for m in matches if source != "demo" and Path(m).exists())
+    return sources
+
+
+def training_overlap(task: AbsTask, sources: Sequence[tuple[Path, str]]) -> list[str]:
+    """The evaluated files / splits of a local task that are among the training ``sources``: the same file, the same
+    BEIR folder with the same split, or a file ``<split>.*`` inside the evaluated folder (its qrels)."""
+    location = str(task.metadata.dataset.get("path", ""))
+    if not location.startswith("local:") or not sources:
+        return []
+    splits = set(task.metadata.eval_splits)
+    found = []
+    for part in location[len("local:"):].split("|"):
+        evaluated = Path(part).resolve()
+        if not evaluated.exists():
+            continue
+        for trained, split in sources:
+            same = trained == evaluated and (trained.is_file() or split in splits)
+            inside = evaluated.is_dir() and evaluated in trained.parents and trained.stem in splits
+            if same or inside:
+                found.append(f"{trained} (split {split})" if trained.is_dir() else str(trained))
+    return sorted(set(found))
 
 
 def get_tasks(
@@ -203,6 +270,39 @@ def get_tasks(
 def _is_asymmetric(task: AbsTask) -> bool:
     return task.metadata.simplified_task_type == "retrieval" or "Retrieval" in task.metadata.type \
         or "Reranking" in task.metadata.type
+
+
+def encoded_prompts(task: AbsTask, prompts: Mapping[str, str] | None,
+                    model_prompts: Mapping[str, str | None] | None = None,
+                    default_prompt_name: str | None = None) -> dict[str, str | None]:
+    """The prompts a task's texts are encoded with: ``{"query": ..., "document": ...}`` for retrieval and reranking,
+    ``{"text": ...}`` otherwise (None: no prompt). mteb's lookup in ``prompts`` (its ``get_prompt_name``) first;
+    without a match, sentence-transformers falls back to the model's own ``"query"`` / ``"document"`` prompt
+    (``encode_query`` / ``encode_document``) or its default prompt (``encode``)."""
+    from mteb.models.abs_encoder import get_prompt_name
+    from mteb.types import PromptType
+
+    model_prompts = model_prompts or {}
+    sides = [PromptType.query, PromptType.document] if _is_asymmetric(task) else [None]
+    used: dict[str, str | None] = {}
+    for side in sides:
+        name = get_prompt_name(dict(prompts or {}), task.metadata, side)
+        if name is not None:
+            text = (prompts or {})[name]
+        elif side is not None:
+            text = model_prompts.get(side.value)
+        else:
+            text = model_prompts.get(default_prompt_name) if default_prompt_name else None
+        used[side.value if side is not None else "text"] = text or None
+    return used
+
+
+def describe_prompts(used: Mapping[str, str | None]) -> str:
+    """One line for :func:`encoded_prompts`: the prompt's repr or ``none`` (``query ..., document ...`` for
+    retrieval)."""
+    if list(used) == ["text"]:
+        return repr(used["text"]) if used["text"] else "none"
+    return ", ".join(f"{side} {repr(text) if text else 'none'}" for side, text in used.items())
 
 
 def _instruction_text(task: AbsTask, instructions: Mapping[str, str] | None) -> str | None:
@@ -270,13 +370,22 @@ class EvalReport:
         return {"settings": self.settings, "tasks": self.summary}
 
     def table(self) -> str:
-        """A plain-text table of the main scores."""
-        width = max([len(row["task"]) for row in self.summary] + [4])
-        lines = [f"{'Task':<{width}}  {'Type':<18}  {'Metric':<16}  Score"]
-        for row in self.summary:
-            lines.append(f"{row['task']:<{width}}  {row['type']:<18}  {row['main_score_name']:<16}  "
-                         f"{100 * row['main_score']:.2f}")
-        return "\n".join(lines)
+        """A plain-text table of the main scores: model, task, type, split, metric, score and prompt."""
+        return format_table(self.summary)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Summary rows (of one or several models) as a plain-text table, one line per task, scores in %."""
+    columns = [("Model", lambda r: r.get("model", "")), ("Task", lambda r: r["task"]), ("Type", lambda r: r["type"]),
+               ("Split", lambda r: ",".join(r.get("splits", []))), ("Metric", lambda r: r["main_score_name"]),
+               ("Score", lambda r: f"{100 * r['main_score']:.2f}")]
+    cells = [[str(get(row)) for _, get in columns] for row in rows]
+    widths = [max([len(name)] + [len(line[i]) for line in cells]) for i, (name, _) in enumerate(columns)]
+    lines = ["  ".join(f"{name:<{w}}" for (name, _), w in zip(columns, widths)) + "  Prompt"]
+    for row, line in zip(rows, cells):
+        lines.append("  ".join(f"{cell:<{w}}" for cell, w in zip(line, widths)) + "  "
+                     + describe_prompts(row.get("prompts") or {"text": None}))
+    return "\n".join(lines)
 
 
 def summarize_task_result(task: AbsTask | None, task_result: Any) -> dict[str, Any]:
@@ -312,7 +421,7 @@ def evaluate(
     benchmark: str | None = None,
     languages: Sequence[str] | None = None,
     instructions: Mapping[str, str] | None = None,
-    instruction_template: str | None = "auto",
+    instruction_template: str | None = None,
     dim: int | None = None,
     batch_size: int = 32,
     output_folder: str | Path | None = None,
@@ -330,14 +439,16 @@ def evaluate(
         tasks: mteb task names and/or task objects (e.g. from :mod:`conan_hf.eval.tasks`).
         benchmark: An mteb benchmark name such as ``"MTEB(eng, v1)"`` or ``"MTEB(cmn, v1)"`` (added to ``tasks``).
         languages: Language filter for task names (mteb codes, e.g. ``["eng"]``).
-        instructions: ``{task name or task type: instruction}`` overriding the task instructions.
-        instruction_template: How an instruction becomes a prompt, with ``{instruction}``; ``"auto"`` detects it
-            from the model's ``"query"`` prompt (see :func:`detect_instruction_template`); None uses no task
-            instructions beyond the model's own prompts.
+        instructions: ``{task name or task type: instruction}``: prompts for these tasks, overriding the model's
+            (formatted with ``instruction_template`` when one is given).
+        instruction_template: Opt-in. How a task's own instruction becomes a prompt for tasks the model has no
+            prompt for, with ``{instruction}``; ``"auto"`` detects it from the model's ``"query"`` prompt (see
+            :func:`detect_instruction_template`). None (default): the model's own prompts only, as trained.
         dim: Matryoshka dimension: embeddings are truncated to their first ``dim`` values (cosine similarity
-            re-normalises them). Results go to an mteb experiment folder ``dim_<dim>``.
+            re-normalises them). Results go to the folder ``<model>-dim<dim>``.
         batch_size: Encoding batch size.
-        output_folder: Where mteb writes its result files (a ``ResultCache``); None keeps results in memory only.
+        output_folder: Where the result files go (``<output_folder>/<model>/<Task>.json`` and ``summary.json``);
+            None keeps results in memory only.
         model_name: Name recorded in the results (default: ``local/<folder name>`` or the model card's name).
         revision: Revision recorded in the results (default ``"local"``).
         overwrite: Re-run tasks that already have results in ``output_folder``.
@@ -392,32 +503,63 @@ def evaluate(
 
         encoder = CachedEmbeddingWrapper(wrapper, embedding_cache)
 
-    cache = mteb.ResultCache(cache_path=str(output_folder)) if output_folder is not None else None
+    results_dir = Path(output_folder) / results_folder_name(name, dim) if output_folder is not None else None
+    done: list[Any] = []
+    if results_dir is not None and not overwrite:
+        from mteb.results import TaskResult
+
+        done = [TaskResult.from_disk(results_dir / f"{t.metadata.name}.json") for t in task_list
+                if (results_dir / f"{t.metadata.name}.json").is_file()]
+    finished = {result.task_name for result in done}
+    sources = training_sources(model_path)
+    overlaps = {task.metadata.name: training_overlap(task, sources) for task in task_list}
+    for task_name, found in overlaps.items():
+        if found:
+            logger.warning("%s evaluates data that %s was trained on (its conan_stage.json lists %s): the score is "
+                           "not a held-out score", task_name, name, "; ".join(found))
+    remaining = [t for t in task_list if t.metadata.name not in finished]
     previous_dim = st_model.truncate_dim
     st_model.truncate_dim = dim
     try:
         model_result = mteb.evaluate(
-            encoder, task_list, cache=cache, overwrite_strategy="always" if overwrite else "only-missing",
+            encoder, remaining, cache=None,
             encode_kwargs={"batch_size": batch_size, "show_progress_bar": show_progress_bar},
             show_progress_bar=show_progress_bar, raise_error=raise_error, co2_tracker=False,
-        )
+        ) if remaining else mteb.results.ModelResult(model_name=name, model_revision=meta_update["revision"],
+                                                     task_results=[])
     finally:
         st_model.truncate_dim = previous_dim
+    if results_dir is not None:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        for result in model_result.task_results:
+            result.to_disk(results_dir / f"{result.task_name}.json")
+    model_result.task_results = [*done, *model_result.task_results]
 
     by_name = {task.metadata.name: task for task in task_list}
-    summary = [summarize_task_result(by_name.get(res.task_name), res) for res in model_result.task_results]
+    summary = []
+    for result in model_result.task_results:
+        task = by_name.get(result.task_name)
+        row = {"model": name, **summarize_task_result(task, result)}
+        if task is not None:
+            row["prompts"] = encoded_prompts(task, prompts, saved_prompts, st_model.default_prompt_name)
+            row["training_overlap"] = overlaps[result.task_name]
+        summary.append(row)
     settings = {"model_name": name, "model_path": str(model_path.resolve()) if model_path else None,
                 "revision": meta_update["revision"], "dim": dim, "batch_size": batch_size,
                 "instruction_template": instruction_template, "prompts": prompts,
                 "mteb_version": mteb.__version__}
-    results_dir = None
-    if cache is not None:
-        results_dir = cache.get_task_result_path("x", wrapper.mteb_model_meta).parent
-        results_dir.mkdir(parents=True, exist_ok=True)
+    if results_dir is not None:
         _merge_summary(results_dir / SUMMARY_FILE, settings, summary)
     for error in model_result.exceptions or []:
         logger.error("Task %s failed: %s", error.task_name, error.exception)
     return EvalReport(model_result=model_result, summary=summary, settings=settings, results_dir=results_dir)
+
+
+def results_folder_name(model_name: str, dim: int | None = None) -> str:
+    """The results folder of a model: its name without ``local/``, ``/`` as ``__`` (a Hub id), ``-dim<d>`` added
+    for a Matryoshka dimension. ``results_folder_name("local/weak-final", 64) == "weak-final-dim64"``."""
+    folder = re.sub(r"[^\w.-]+", "_", model_name.removeprefix("local/").replace("/", "__"))
+    return f"{folder}-dim{dim}" if dim is not None else folder
 
 
 def _default_model_name(model: Any, st_model: SentenceTransformer, path: Path | None = None) -> str:
@@ -468,6 +610,8 @@ def load_summary(path: str | Path) -> dict[str, Any]:
 
 
 __all__ = [
-    "CONAN_INSTRUCTION_TEMPLATE", "TRAINING_TASK_PROMPT_KEYS", "EvalReport", "detect_instruction_template", "evaluate",
-    "get_tasks", "load_model", "load_summary", "mteb_model_prompts", "summarize_task_result", "task_prompts",
+    "CONAN_INSTRUCTION_TEMPLATE", "TRAINING_TASK_PROMPT_KEYS", "EvalReport", "describe_prompts",
+    "detect_instruction_template", "encoded_prompts", "evaluate", "format_table", "get_tasks", "load_model",
+    "load_summary", "mteb_model_prompts", "results_folder_name", "stage_records", "summarize_task_result",
+    "task_prompts", "training_overlap", "training_sources",
 ]

@@ -119,6 +119,20 @@ def guess_language(path: str | Path, texts: Sequence[str] = ()) -> str:
     return "eng-Latn"
 
 
+#: Split names recognised in a file name (``stsb-en-dev.csv`` is a dev split, ``SICK_trial.txt`` a trial split).
+SPLIT_NAMES = ("train", "dev", "validation", "trial", "test")
+
+
+def split_from_name(path: str | Path, default: str = "test") -> str:
+    """The split a data file holds, from a token of its name (``stsb-en-dev.csv`` → ``"dev"``), else ``default``.
+
+    >>> split_from_name("stsb-en-dev.csv"), split_from_name("SICK_trial.txt"), split_from_name("pairs.jsonl")
+    ('dev', 'trial', 'test')
+    """
+    tokens = re.split(r"[-_.]", Path(path).name.lower())
+    return next((token for token in tokens if token in SPLIT_NAMES), default)
+
+
 def task_name_from_path(prefix: str, path: str | Path) -> str:
     """A readable, file-derived task name such as ``LocalSTS-stsb-en-dev``."""
     path = Path(path)
@@ -530,18 +544,20 @@ def sts_task(
     name: str | None = None,
     language: str | None = None,
     limit: int | None = None,
-    split: str = "test",
+    split: str | None = None,
     prompt: str | None = None,
     columns: dict[str, str | int] | None = None,
     on_error: OnError = "raise",
 ) -> AbsTask:
     """An mteb STS task (main score: Spearman of cosine similarity) from an STS-B CSV, SICK TSV, ``s1\\ts2\\tscore``
     file, or a JSONL / table file with ``sentence1``, ``sentence2``, ``score`` columns (or a ``columns`` mapping, as
-    training takes it). See :func:`read_sts`."""
+    training takes it). See :func:`read_sts`. ``split`` labels the results (default: from the file name, see
+    :func:`split_from_name`)."""
     from mteb.abstasks.sts import AbsTaskSTS
 
     fmt = fmt or infer_sts_format(path)
     data = read_sts(path, fmt=fmt, limit=limit, columns=columns, on_error=on_error)
+    split = split or split_from_name(path)
     lang = to_langscript(language) if language else guess_language(path, data.sentence1)
     metadata = _metadata(name or task_name_from_path("LocalSTS", path), "STS", "cosine_spearman", [lang], split,
                          str(path), f"STS pairs from {Path(path).name} ({fmt} format).", prompt)
@@ -559,7 +575,7 @@ def pair_task(
     name: str | None = None,
     language: str | None = None,
     limit: int | None = None,
-    split: str = "test",
+    split: str | None = None,
     prompt: str | None = None,
     columns: dict[str, str | int] | None = None,
     on_error: OnError = "raise",
@@ -570,6 +586,7 @@ def pair_task(
     from mteb.abstasks.pair_classification import AbsTaskPairClassification
 
     data = read_pairs(path, limit=limit, columns=columns, on_error=on_error)
+    split = split or split_from_name(path)
     lang = to_langscript(language) if language else guess_language(path, data.sentence1)
     metadata = _metadata(name or task_name_from_path("LocalPairs", path), "PairClassification", "max_ap", [lang],
                          split, str(path), f"Sentence-pair classification from {Path(path).name}.", prompt)
@@ -645,13 +662,14 @@ def squad_retrieval_task(
     name: str | None = None,
     language: str | None = None,
     limit_queries: int | None = None,
-    split: str = "test",
+    split: str | None = None,
     prompt: str | dict[str, str] | None = None,
     on_error: OnError = "raise",
 ) -> AbsTask:
     """Monolingual retrieval from a SQuAD-format file (e.g. CMRC2018): each question retrieves its paragraph.
     See :func:`squad_retrieval_data`; ``on_error="skip"`` leaves out (and logs) questions without text."""
     data = squad_retrieval_data(path, limit_queries=limit_queries, on_error=on_error)
+    split = split or split_from_name(path)
     lang = to_langscript(language) if language else guess_language(path, list(data.queries.values()))
     return make_retrieval_task(
         name or task_name_from_path("LocalSQuADRetrieval", path), {"default": data}, [lang], split=split,
@@ -757,7 +775,7 @@ def clustering_task(
     limit: int | None = None,
     n_clusters: int = 10,
     max_documents_per_cluster: int | None = None,
-    split: str = "test",
+    split: str | None = None,
     prompt: str | None = None,
     on_error: OnError = "raise",
 ) -> AbsTask:
@@ -766,6 +784,7 @@ def clustering_task(
     from mteb.abstasks.clustering import AbsTaskClustering
 
     texts, labels = read_labelled(path, text_column, label_column, limit, on_error=on_error)
+    split = split or split_from_name(path)
     lang = to_langscript(language) if language else guess_language(path, texts)
     metadata = _metadata(name or task_name_from_path("LocalClustering", path), "Clustering", "v_measure", [lang],
                          split, str(path), f"Clustering of {Path(path).name} by its labels.", prompt)
@@ -863,6 +882,7 @@ __all__ = [
     "retrieval_task",
     "squad_retrieval_data",
     "squad_retrieval_task",
+    "split_from_name",
     "sts_task",
     "task_from_path",
     "tatoeba_files",

@@ -276,10 +276,15 @@ def evaluate_cross_lingual(
     if _is_mteb_encoder(model):
         import mteb
 
-        cache = mteb.ResultCache(cache_path=str(output_folder)) if output_folder is not None else None
-        result = mteb.evaluate(model, [task], cache=cache, overwrite_strategy="always", co2_tracker=False,
+        from .run import results_folder_name
+
+        result = mteb.evaluate(model, [task], cache=None, co2_tracker=False,
                                encode_kwargs={"batch_size": batch_size, "show_progress_bar": show_progress_bar},
                                show_progress_bar=show_progress_bar)
+        if output_folder is not None:  # the layout of conan_hf.eval.run.evaluate: <output>/<model>/<task>.json
+            folder = Path(output_folder) / results_folder_name(str(model.mteb_model_meta.name), dim)
+            folder.mkdir(parents=True, exist_ok=True)
+            result.task_results[0].to_disk(folder / f"{task.metadata.name}.json")
         eval_report = None
     else:
         import tempfile

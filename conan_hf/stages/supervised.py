@@ -425,6 +425,7 @@ def run(config: SupervisedConfig) -> dict[str, Any]:
     from sentence_transformers import SentenceTransformerTrainingArguments
 
     from conan_hf.losses import CoSENTLoss, InfoNCELoss, MatryoshkaLoss
+    from conan_hf.prompts import mteb_prompt_names
     from conan_hf.sentence import check_prompt_boundary, format_query_prompt
     from conan_hf.dhnm import DHNMCallback, NegativePool
 
@@ -432,7 +433,8 @@ def run(config: SupervisedConfig) -> dict[str, Any]:
     tasks = config.task_configs()
     prompts = {t.name: format_query_prompt(t.prompt) for t in tasks if t.prompt}
     model = load_sentence_model(config.model, attention_mode=config.attention_mode, pooling=config.pooling,
-                                max_seq_length=config.max_seq_length, prompts=prompts)
+                                max_seq_length=config.max_seq_length,
+                                prompts=mteb_prompt_names((t.name, t.type, prompts.get(t.name)) for t in tasks))
     attention = describe_attention(model)
     if config.attention_mode == "causal" and attention["pooling"] != "lasttoken":
         logger.warning("stage 4: causal attention with %s pooling: only the last token sees the whole text; "
@@ -547,7 +549,8 @@ def run(config: SupervisedConfig) -> dict[str, Any]:
     return finish_stage(
         trainer, config, "supervised", 4, result, note=note, write_model=export,
         attention={k: v for k, v in attention.items() if k != "line"},
-        tasks={t.name: {"type": t.type, "rows": len(datasets[t.name]), "batch_size": t.batch_size,
+        tasks={t.name: {"type": t.type, "prompt": prompts.get(t.name), "rows": len(datasets[t.name]),
+                        "batch_size": t.batch_size,
                         "negative_candidates": pool_sizes.get(t.name, 0)} for t in tasks},
         matryoshka_dims=sorted(dims) if dims else None, prompts=dict(model.prompts), dhnm=dhnm_totals,
         false_negatives_masked=false_negatives.total if false_negatives is not None else None,
