@@ -34,7 +34,6 @@ from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import torch
-
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase

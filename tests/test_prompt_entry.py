@@ -90,7 +90,7 @@ def test_every_entry_point_refuses_a_prompt_that_merges_into_the_text(conan, pla
             conan.prompts[task] = BAD
             try:
                 method = conan.encode_query if task == "query" else conan.encode_document
-                _one_line_error(lambda: method(["3"]), repr(BAD), fix)
+                _one_line_error(lambda method=method: method(["3"]), repr(BAD), fix)
             finally:
                 conan.prompts.pop(task) if saved is None else conan.prompts.update({task: saved})
     finally:
@@ -99,12 +99,12 @@ def test_every_entry_point_refuses_a_prompt_that_merges_into_the_text(conan, pla
     _one_line_error(lambda: collator([{"anchor": "pandas", "positive": "bamboo"}]), repr(BAD), fix)
     for model in (conan, plain):  # FastEncoder: through the Conan model's own check, and its own for a plain one
         encoder = FastEncoder(model, dtype="float32")
-        _one_line_error(lambda: encoder.encode(["a", "pandas"], prompt=BAD), repr(BAD), fix)
-        plain.prompts["query"] = BAD
-        try:
-            _one_line_error(lambda: FastEncoder(plain, dtype="float32").encode_query(["pandas"]), repr(BAD))
-        finally:
-            plain.prompts["query"] = GOOD
+        _one_line_error(lambda encoder=encoder: encoder.encode(["a", "pandas"], prompt=BAD), repr(BAD), fix)
+    plain.prompts["query"] = BAD
+    try:
+        _one_line_error(lambda: FastEncoder(plain, dtype="float32").encode_query(["pandas"]), "prompt 'query'", fix)
+    finally:
+        plain.prompts["query"] = GOOD
     # A prompt that fills max_seq_length leaves nothing to pool.
     _one_line_error(lambda: conan.encode(["x"], prompt="Instruct: " + "pandas " * 80 + "\n"), "max_seq_length=64")
 
