@@ -18,6 +18,10 @@ behave as usual) and only decides what each call gets:
 * **a truncation policy** — texts longer than ``max_seq_length`` tokens are cut to their first ``max_seq_length``
   tokens (as `SentenceTransformer` does), and each call says so once, with the count (``truncation="warn"``), or
   refuses (``"error"``), or stays silent (``"ignore"``);
+* **prompts checked** — when pooling leaves the prompt out, each prompted text must follow the prompt on a token
+  boundary (`conan_hf.sentence.check_prompt_boundary`, on the token ids the batching computes anyway): a prompt such
+  as ``"...Query: "`` under byte-level BPE, or a text whose leading whitespace joins the prompt's last token, is a
+  one-line `ValueError` naming the prompt, the text and the fix, never a silently shifted (or zero) embedding;
 * **empty texts** — a text with no token at all (``""`` with a tokenizer that adds no special tokens) is embedded as
   `SentenceTransformer.encode` embeds it next to other texts (an all-padding row: the zero vector under mean pooling),
   also when it would otherwise form a batch of its own, where `SentenceTransformer.encode` fails.
@@ -224,6 +228,13 @@ class FastEncoder:
             module.unpad_inputs = None  # re-evaluates whether flash-attention varlen (un-padded) inputs apply
         return bool(getattr(module, "can_flatten_inputs", False))
 
+    def _checks_prompts(self) -> bool:
+        """Whether prompted texts are checked here: pooling leaves the prompt out, and the model is not a
+        `ConanSentenceTransformer` (which checks them in its own ``preprocess``)."""
+        from .sentence import ConanSentenceTransformer, excludes_prompt
+
+        return excludes_prompt(self.model) and not isinstance(self.model, ConanSentenceTransformer)
+
     def _resolve_prompt(self, prompt: str | None, prompt_name: str | None, task: str | None) -> str | None:
         prompts = self.model.prompts or {}
         if prompt is not None:
@@ -237,17 +248,29 @@ class FastEncoder:
         default = getattr(self.model, "default_prompt_name", None)
         return prompts.get(default) if default else None
 
-    def token_lengths(self, sentences: Sequence[str], prompt: str | None = None) -> np.ndarray:
-        """Token count of each input as the model sees it (prompt and special tokens included), before truncation."""
+    def token_lengths(self, sentences: Sequence[str], prompt: str | None = None,
+                      check_prompt: bool = False) -> np.ndarray:
+        """Token count of each input as the model sees it (prompt and special tokens included), before truncation.
+
+        With ``check_prompt``, each prompted text is also checked with `conan_hf.sentence.check_prompt_boundary` on
+        the same token ids (a `ValueError` where the pooled tokens would not be exactly the text's).
+        """
+        from .sentence import check_prompt_boundary
+
         tokenizer = self.model.tokenizer
         if tokenizer is None:
             return np.array([len(s) for s in sentences])
-        texts = [prompt + s for s in sentences] if prompt else list(sentences)
+        sentences = list(sentences)
+        texts = [prompt + s for s in sentences] if prompt else sentences
+        name = next((key for key, value in (self.model.prompts or {}).items() if prompt and value == prompt), None)
         lengths = []
         for start in range(0, len(texts), 4096):  # bounded memory for the id lists of very large inputs
             # verbose=False: over-long inputs are expected here; the truncation policy reports them once.
             encoded = tokenizer(texts[start:start + 4096], add_special_tokens=True, truncation=False,
                                 return_attention_mask=False, return_token_type_ids=False, verbose=False)
+            if check_prompt and prompt:
+                check_prompt_boundary(tokenizer, prompt, sentences[start:start + 4096], name=name,
+                                      max_length=self.model.max_seq_length, joint_ids=encoded["input_ids"])
             lengths.extend(len(ids) for ids in encoded["input_ids"])
         return np.asarray(lengths)
 
@@ -306,6 +329,10 @@ class FastEncoder:
 
         Returns:
             ``(len(sentences), dim)`` embeddings (a vector for a single string); bit-packed for ``(u)binary``.
+
+        Raises:
+            ValueError: a prompt (given, named or the task's) after which some text would not pool exactly its own
+                tokens (see the module docstring), or that leaves no room within ``max_seq_length``.
         """
         from sentence_transformers import quantize_embeddings
 
@@ -330,7 +357,8 @@ class FastEncoder:
             raise ValueError("output_path writes float32 embeddings to a .npy file: it cannot be combined with "
                              f"precision={precision!r} or convert_to_tensor=True")
         prompt_text = self._resolve_prompt(prompt, prompt_name, task)
-        lengths = self._apply_truncation_policy(self.token_lengths(texts, prompt_text))
+        lengths = self._apply_truncation_policy(self.token_lengths(texts, prompt_text,
+                                                                   check_prompt=self._checks_prompts()))
         tokenless = [i for i, length in enumerate(lengths) if length == 0]
         with_tokens = [i for i, length in enumerate(lengths) if length > 0]
         batches = [[with_tokens[j] for j in batch]

@@ -26,6 +26,19 @@ What differs from `ConanModel` (and why the results are still identical):
 - No ``attention_mode`` / soft mask / ``soft_mask_*`` keys: the export is the finished embedder (the soft mask ends
   bidirectional, §3.2). Keep the remote-code format (``export_format="remote_code"``, `ConanModel`'s own save) for the
   causal and soft checkpoints of stages 1-3.
+- Saved prompts are checked before the export (`conan_hf.sentence.check_saved_prompts`): a prompt after which
+  sentence-transformers would not pool exactly a probe text's tokens is an error, since stock loading runs no check.
+- The empty text. A byte-level BPE tokenizer adds no special token, so ``""`` is zero tokens. Stock
+  sentence-transformers embeds it as an all-padding row of a batch with other texts: with mean pooling over no
+  token, the zero vector (cosine 0 to every text; ``encode(["", "hello"])`` works, with or without a prompt), and
+  `FastEncoder` and `ConanSentenceTransformer` give that same zero vector also for ``""`` alone. A batch of only
+  empty texts (``encode([""])``, or empty texts left over for the last batch) still fails in stock
+  sentence-transformers (a tensor of 0 tokens reaches the model). No stock setting avoids that without changing the
+  other texts' embeddings: the tokenizer's normalizer and pre-tokenizer never run on an empty string, padding never
+  widens a batch of width 0, and a post-processor that appends a token (EOS) appends it to *every* text, which
+  changes every embedding of a model trained without it (bidirectional attention and mean pooling both see it;
+  measured on the demo model: cosine 0.988-0.998 to the embeddings without it, retrieval scores shifted by up to
+  0.04). The export therefore saves the tokenizer as trained.
 - `ConanModel` refuses a KV cache in bidirectional mode; the stock model does not check (sentence-transformers never
   asks for one). There is no LM head: ``AutoModel`` is the embedding backbone.
 """
@@ -42,6 +55,7 @@ from transformers import LlamaConfig, LlamaModel, PreTrainedModel
 
 from .backbones import backbone_kind, get_attention_mode
 from .modeling_conan import ConanModel
+from .sentence import check_saved_prompts, excludes_prompt
 
 EXPORT_FORMATS = ("stock", "remote_code")
 
@@ -155,7 +169,8 @@ def export_embedder(
     precision.
 
     Raises:
-        ValueError: an unknown format, a soft-mask or LoRA backbone.
+        ValueError: an unknown format, a soft-mask or LoRA backbone, a saved prompt that does not end on a token
+            boundary (`conan_hf.sentence.check_saved_prompts`).
         RuntimeError: the stock model does not reproduce `model`'s embeddings.
     """
     if export_format not in EXPORT_FORMATS:
@@ -166,6 +181,8 @@ def export_embedder(
     tokenizer = transformer.tokenizer
     original_side = tokenizer.padding_side if tokenizer is not None else None
     saved = original if export_format == "remote_code" else stock_backbone(original)
+    if tokenizer is not None and excludes_prompt(model):
+        check_saved_prompts(tokenizer, model.prompts, model.max_seq_length)
     reference = _probe_embeddings(model)
     difference = None
     if export_format == "remote_code":

@@ -7,20 +7,33 @@ the representation without becoming part of it. Stages 3 and 4, and inference, f
 
 **Prompt boundary.** sentence-transformers measures a prompt by tokenising it alone and leaves that many leading
 tokens out of the pool. That is exact only when the prompt ends on a token boundary of the joined text: a prompt
-ending in a space (``"...Query: "``) loses it to the first word under byte-level BPE (``Ġthe``), so the first word
-would be left out of the pool as well (a one-word text pooled nothing). Conan's prompts therefore end with a line
-break (:data:`QUERY_PROMPT_FORMAT`), which GPT-2/Qwen-style pre-tokenizers, WordPiece and SentencePiece all keep
-as a boundary, and :func:`check_prompt_boundary` verifies any prompt against a tokenizer before training. (One
-case it cannot cover: a text that itself begins with a line break may merge with the prompt's under some
-tokenizers.) Saved models keep the prompts, so plain `SentenceTransformer` loading pools exactly the same tokens.
+ending in a space (``"...Query: "``) loses it to the first word under byte-level BPE (``Ġpandas``), so the first word
+would be left out of the pool as well (a one-word text pooled nothing: a zero vector). Conan's prompts therefore end
+with a line break (:data:`QUERY_PROMPT_FORMAT`), which GPT-2/Qwen-style pre-tokenizers, WordPiece and SentencePiece
+all keep as a boundary before ordinary text. :func:`check_prompt_boundary` verifies a prompt against a tokenizer:
+
+- on probe texts (:data:`BOUNDARY_PROBES`) for the saved prompts, when a model is built and when it is exported;
+- on the actual texts, each time a :class:`ConanSentenceTransformer` applies a prompt (its ``preprocess``, the one
+  place `encode`, `encode_query`, `encode_document` and the training collator prepend prompts), and in
+  :class:`~conan_hf.encode.FastEncoder` for any `SentenceTransformer`.
+
+A text that begins with whitespace can still join the prompt's final line break when the vocabulary merges runs of
+whitespace (``"\\n  x"`` → ``ĊĠ`` under GPT-2-style BPE, ``":\\n\\n"`` under Qwen2's pre-tokenizer): such a text
+is refused with a one-line error naming the prompt and the text (strip the leading whitespace), and the saved prompts
+are probed with :data:`LEADING_WHITESPACE_PROBES` so a warning says so up front. The empty text pools nothing after
+a prompt, as without one (the zero vector, see :meth:`ConanSentenceTransformer.preprocess`). Saved models keep the
+prompts, so plain `SentenceTransformer` loading pools exactly the same tokens (it runs no check).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
+import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -37,6 +50,12 @@ QUERY_PROMPT_FORMAT = "Instruct: {instruction}\nQuery:\n"
 BOUNDARY_PROBES = ("pandas", "the", "Paris is big", "(see note 3)", "42 apples", "-dash", "'s", "大熊猫吃竹子。",
                    " leading space")
 
+#: Texts that start with whitespace runs, which vocabularies with whitespace merges (``ĊĠ``, ``ĊĊ``) join with a
+#: prompt's final line break; a saved prompt that fails one of them gets a warning, the text itself an error.
+LEADING_WHITESPACE_PROBES = ("  x", "\tx", "\nx")
+
+logger = logging.getLogger(__name__)
+
 
 def format_query_prompt(instruction: str) -> str:
     """The prompt for a task instruction: ``"Instruct: {instruction}\nQuery:\n"``."""
@@ -48,7 +67,7 @@ def format_query_prompt(instruction: str) -> str:
 def measured_prompt_length(tokenizer: PreTrainedTokenizerBase, prompt: str) -> int:
     """The number of leading tokens sentence-transformers leaves out of the pool for ``prompt``: the prompt's own
     token count, less a trailing special token (EOS / SEP) the tokenizer appends."""
-    ids = tokenizer(prompt)["input_ids"]
+    ids = tokenizer(prompt, verbose=False)["input_ids"]
     return len(ids) - 1 if ids and ids[-1] in set(tokenizer.all_special_ids) else len(ids)
 
 
@@ -75,12 +94,38 @@ def prompt_tokens_in_joint_encoding(tokenizer: PreTrainedTokenizerBase, prompt: 
     return count
 
 
+def prompt_boundary_failures(tokenizer: PreTrainedTokenizerBase, prompt: str, texts: Sequence[str],
+                             joint_ids: Sequence[Sequence[int]] | None = None) -> Iterator[tuple[int, int | None]]:
+    """Yield ``(index, prompt tokens)`` for each text of ``texts`` after which sentence-transformers would not pool
+    exactly the text's tokens: the prompt's token count in ``tokenizer(prompt + text)`` (None where a token spans the
+    boundary) differs from the count it leaves out (:func:`measured_prompt_length`).
+
+    A text is fine at once when the joint encoding starts with the prompt's own ids (those tokens spell exactly the
+    prompt); only the others are compared by character offsets. ``joint_ids`` may pass ``tokenizer(prompt + text)``'s
+    ids when the caller has them (untruncated).
+    """
+    measured = measured_prompt_length(tokenizer, prompt)
+    prompt_ids = list(tokenizer(prompt, verbose=False)["input_ids"][:measured])
+    if joint_ids is None:
+        joint_ids = tokenizer([prompt + text for text in texts], verbose=False)["input_ids"] if texts else []
+    for index, (text, ids) in enumerate(zip(texts, joint_ids)):
+        if list(ids[:measured]) == prompt_ids:
+            continue
+        exact = prompt_tokens_in_joint_encoding(tokenizer, prompt, text)
+        if exact != measured:
+            yield index, exact
+
+
 def check_prompt_boundary(tokenizer: PreTrainedTokenizerBase, prompt: str,
-                          texts: tuple[str, ...] = BOUNDARY_PROBES, name: str | None = None) -> None:
+                          texts: Sequence[str] = BOUNDARY_PROBES, name: str | None = None,
+                          max_length: int | None = None, joint_ids: Sequence[Sequence[int]] | None = None) -> None:
     """Raise a `ValueError` if sentence-transformers would not pool exactly the text's tokens after ``prompt``.
 
-    For each probe text, the prompt length sentence-transformers measures must equal the number of prompt tokens in
-    the joint encoding (from its offsets) and no token may straddle the boundary.
+    For each text (the probes :data:`BOUNDARY_PROBES` by default, or the texts being encoded), the prompt length
+    sentence-transformers measures must equal the number of prompt tokens in the joint encoding (from its offsets)
+    and no token may straddle the boundary (see :func:`prompt_boundary_failures`). With ``max_length`` (the model's
+    ``max_seq_length``) the prompt must also leave room for the text. The message is one line naming the prompt, the
+    text and the fix.
 
     Example:
 
@@ -92,24 +137,56 @@ def check_prompt_boundary(tokenizer: PreTrainedTokenizerBase, prompt: str,
     """
     if not prompt:
         return
+    shown = repr(prompt) if len(prompt) <= 100 else f"{prompt[:100]!r}..."
+    label = f"prompt {name!r} ({shown})" if name and name != repr(prompt) else f"prompt {shown}"
     measured = measured_prompt_length(tokenizer, prompt)
-    for text in texts:
-        exact = prompt_tokens_in_joint_encoding(tokenizer, prompt, text)
-        if exact != measured:
-            label = f"prompt {name!r}" if name else f"prompt {prompt!r}"
-            what = ("a token spans the prompt and the text" if exact is None else
-                    f"sentence-transformers would leave {measured} tokens out of the pool, but the prompt is "
-                    f"{exact} tokens of the joined text")
-            raise ValueError(
-                f"{label} does not end on a token boundary for this tokenizer ({type(tokenizer).__name__}): "
-                f"followed by {text!r}, {what}, so the pooled tokens would not be exactly the text's. End the prompt "
-                f"with a line break, e.g. {format_query_prompt('...')!r}, or pool the prompt too (include_prompt=True)."
-            )
+    if max_length is not None and measured >= max_length:
+        raise ValueError(f"{label} is {measured} tokens, which leaves no room for the text within max_seq_length="
+                         f"{max_length} (nothing would be pooled); shorten the prompt or raise max_seq_length.")
+    for index, exact in prompt_boundary_failures(tokenizer, prompt, texts, joint_ids):
+        text = texts[index]
+        what = ("a token spans the prompt and the text" if exact is None else
+                f"sentence-transformers would leave {measured} tokens out of the pool, but the prompt is {exact} "
+                "tokens of the joined text")
+        fixes = []
+        if not prompt.endswith("\n"):
+            fixes.append(f"end the prompt with a line break, e.g. {format_query_prompt('...')!r}")
+        if text[:1].isspace():
+            fixes.append("strip the leading whitespace of the texts (text.lstrip())")
+        fixes.append("pool the prompt too (include_prompt=True)")
+        raise ValueError(
+            f"{label} does not end on a token boundary for this tokenizer ({type(tokenizer).__name__}): followed by "
+            f"{text[:40]!r}, {what}, so the pooled tokens would not be exactly the text's. Fix: "
+            f"{'; or '.join(fixes)}."
+        )
+
+
+def check_saved_prompts(tokenizer: PreTrainedTokenizerBase, prompts: dict[str, str] | None,
+                        max_length: int | None = None) -> None:
+    """Check each saved prompt with :func:`check_prompt_boundary` on :data:`BOUNDARY_PROBES` (an error), and log a
+    warning for a prompt that texts starting with whitespace (:data:`LEADING_WHITESPACE_PROBES`) would join: such
+    texts are refused when they are encoded with it."""
+    for name, prompt in (prompts or {}).items():
+        if not prompt:
+            continue
+        check_prompt_boundary(tokenizer, prompt, name=name, max_length=max_length)
+        joined = [LEADING_WHITESPACE_PROBES[i] for i, _ in
+                  prompt_boundary_failures(tokenizer, prompt, LEADING_WHITESPACE_PROBES)]
+        if joined:
+            logger.warning("prompt %r (%r): this tokenizer (%s) joins the prompt's last token with leading whitespace "
+                           "of a text (%s); encode() refuses such texts, strip their leading whitespace", name, prompt,
+                           type(tokenizer).__name__, ", ".join(repr(t[:-1]) for t in joined))
+
+
+def excludes_prompt(model: SentenceTransformer) -> bool:
+    """Whether a Pooling module of ``model`` leaves prompt tokens out (``include_prompt=False``)."""
+    return any(isinstance(module, Pooling) and not module.include_prompt for module in model.modules())
 
 
 class ConanSentenceTransformer(SentenceTransformer):
     """A `SentenceTransformer` that rejects malformed `encode` input with a clear error instead of returning an empty
-    array (for ``[]``) or failing deep inside tokenisation. Saved models load as a plain `SentenceTransformer`."""
+    array (for ``[]``) or failing deep inside tokenisation, checks every prompted text's boundary (see the module
+    docstring), and embeds a batch of empty texts. Saved models load as a plain `SentenceTransformer`."""
 
     def encode(self, inputs, *args, **kwargs):
         sentences = inputs
@@ -122,6 +199,32 @@ class ConanSentenceTransformer(SentenceTransformer):
         elif not isinstance(sentences, str):
             raise TypeError(f"encode() expects a string or a list of strings, got {type(sentences).__name__}.")
         return super().encode(inputs, *args, **kwargs)
+
+    def preprocess(self, inputs, prompt: str | None = None, **kwargs):
+        """sentence-transformers' `preprocess`, where every prompt is applied (`encode` and its variants, the
+        training collator), with two additions:
+
+        - when pooling leaves the prompt out, each text is checked with :func:`check_prompt_boundary` (a `ValueError`
+          naming the prompt and the text where the pooled tokens would not be exactly the text's);
+        - a batch whose texts have no token at all (``""`` under a tokenizer that adds no special token) gets one
+          padding column, so it runs and pools as an empty row of a mixed batch does (mean pooling: the zero vector)
+          instead of failing on a tensor of 0 tokens.
+        """
+        if prompt and self.tokenizer is not None and excludes_prompt(self):
+            texts = [item if isinstance(item, str) else item[0] for item in inputs
+                     if isinstance(item, str) or (isinstance(item, tuple) and item and isinstance(item[0], str))]
+            name = next((key for key, value in (self.prompts or {}).items() if value == prompt), None)
+            check_prompt_boundary(self.tokenizer, prompt, texts, name=name,
+                                  max_length=kwargs.get("max_length") or self.max_seq_length)
+        features = super().preprocess(inputs, prompt=prompt, **kwargs)
+        ids = features.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.ndim == 2 and ids.shape[1] == 0 and "attention_mask" in features:
+            pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
+            for key, value in features.items():
+                if isinstance(value, torch.Tensor) and value.ndim == 2 and value.shape[1] == 0:
+                    features[key] = torch.full((value.shape[0], 1), pad_id if key == "input_ids" else 0,
+                                               dtype=value.dtype)
+        return features
 
 
 def build_sentence_transformer(
@@ -187,8 +290,7 @@ def build_sentence_transformer(
         )
     dim = transformer.auto_model.config.hidden_size
     if not include_prompt:
-        for name, prompt in (prompts or {}).items():
-            check_prompt_boundary(transformer.tokenizer, prompt, name=name)
+        check_saved_prompts(transformer.tokenizer, prompts, max_seq_length)
     pool = Pooling(dim, pooling_mode=pooling, include_prompt=include_prompt)
     if truncate_dim is not None and not (0 < truncate_dim <= dim):
         raise ValueError(f"truncate_dim must be in [1, {dim}], got {truncate_dim}.")
@@ -248,7 +350,9 @@ def _resolve_tokenizer(tokenizer, path, vocab_size: int) -> PreTrainedTokenizerB
 __all__ = [
     "build_sentence_transformer",
     "check_prompt_boundary",
+    "check_saved_prompts",
     "ConanSentenceTransformer",
+    "excludes_prompt",
     "format_query_prompt",
     "QUERY_PROMPT_FORMAT",
 ]
