@@ -426,8 +426,8 @@ def test_main_job_runs_every_stage_and_hands_off(tmp_path):
         torch.testing.assert_close(torch.tensor(loaded[name])[:, :16], torch.tensor(export["probe"][name]),
                                    atol=1e-5, rtol=0)
     model = SentenceTransformer(str(output))
-    assert {"retrieval", "clr", "classification", "sts", "query"} <= set(model.prompts)
-    embeddings = model.encode(["What do pandas eat?", "熊猫吃什么？"], prompt_name="retrieval")
+    assert {"Retrieval-query", "Classification", "STS", "query"} <= set(model.prompts)
+    embeddings = model.encode(["What do pandas eat?", "熊猫吃什么？"], prompt_name="Retrieval-query")
     assert embeddings.shape == (2, 128)
     assert abs(float((embeddings**2).sum(axis=1)[0]) - 1.0) < 1e-4
     small = model.encode(["hello"], truncate_dim=32)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from conan_hf.errors import DataError, OneLineArgumentParser, cli_errors
+from conan_hf.training.checkpoints import read_stage_record
 from conan_hf.training.config import default_config_path, load_config
 from conan_hf.training.distributed import is_main_process, print_main
 
@@ -153,24 +154,33 @@ def use_demo_files(configs: dict[str, Any], paths: dict[str, str]) -> None:
                     task["data"] = [{"path": paths[task["type"]]}]
 
 
-def evaluate_embedder(model, clr_eval: list[dict], sts_eval: list[dict], use_prompts: bool = True) -> dict[str, float]:
+def trained_prompts(folder: str | Path) -> dict[str, str]:
+    """``{task name: prompt}`` of the stage-4 tasks recorded in ``folder/conan_stage.json`` (empty without one)."""
+    record = read_stage_record(folder) or {}
+    tasks = (record.get("summary") or {}).get("tasks") or {}
+    return {name: task["prompt"] for name, task in tasks.items() if isinstance(task, dict) and task.get("prompt")}
+
+
+def evaluate_embedder(model, clr_eval: list[dict], sts_eval: list[dict],
+                      prompts: dict[str, str] | None = None) -> dict[str, float]:
     """CLR accuracy@1 / MRR@10 (English query → its Chinese translation among all held-out Chinese sentences, with
     sentence-transformers' InformationRetrievalEvaluator) and the Spearman correlation of cosine similarity with the
-    STS scores. The model's ``clr`` / ``sts`` prompts are used when it has them (they are excluded from pooling)."""
+    STS scores. ``prompts`` (``{"clr": ..., "sts": ...}``, e.g. :func:`trained_prompts`) are the prompts the model
+    was trained with for those tasks; they are excluded from pooling, and a task without one is encoded without."""
     from scipy.stats import spearmanr
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
-    prompts = (getattr(model, "prompts", {}) or {}) if use_prompts else {}
+    prompts = prompts or {}
     queries = {f"q{i}": r["query"] for i, r in enumerate(clr_eval)}
     corpus = {f"d{i}": r["positive"] for i, r in enumerate(clr_eval)}
     relevant = {f"q{i}": {f"d{i}"} for i in range(len(clr_eval))}
     ir = InformationRetrievalEvaluator(queries, corpus, relevant, name="clr", write_csv=False, accuracy_at_k=[1],
                                        precision_recall_at_k=[1], mrr_at_k=[10], ndcg_at_k=[10], map_at_k=[10],
-                                       query_prompt_name="clr" if prompts.get("clr") else None)
+                                       query_prompt=prompts.get("clr"))
     ir_scores = ir(model)
-    sts_prompt = "sts" if prompts.get("sts") else None
-    first = model.encode([r["sentence1"] for r in sts_eval], prompt_name=sts_prompt, convert_to_tensor=True)
-    second = model.encode([r["sentence2"] for r in sts_eval], prompt_name=sts_prompt, convert_to_tensor=True)
+    sts_prompt = prompts.get("sts")
+    first = model.encode([r["sentence1"] for r in sts_eval], prompt=sts_prompt, convert_to_tensor=True)
+    second = model.encode([r["sentence2"] for r in sts_eval], prompt=sts_prompt, convert_to_tensor=True)
     cosine = model.similarity_pairwise(first, second).float().cpu().numpy()
     return {"clr_accuracy@1": ir_scores["clr_cosine_accuracy@1"], "clr_mrr@10": ir_scores["clr_cosine_mrr@10"],
             "sts_spearman": float(spearmanr(cosine, [r["score"] for r in sts_eval]).statistic)}
@@ -211,7 +221,8 @@ def run_pipeline(
         # A stage output keeps its saved attention and pooling (stage 4 may be causal with last-token pooling); stage
         # 3's input, a bare decoder, is evaluated bidirectional and mean-pooled.
         model = load_sentence_model(path, attention_mode=None, max_seq_length=128)
-        evaluation[label] = evaluate_embedder(model, demo_data["clr_eval"], demo_data["sts_eval"])
+        evaluation[label] = evaluate_embedder(model, demo_data["clr_eval"], demo_data["sts_eval"],
+                                              trained_prompts(path))
         print_main(f"[eval] {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in evaluation[label].items()))
 
     summaries: dict[str, Any] = {}
@@ -315,8 +326,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _first_prompt(model) -> str | None:
-    """The ``retrieval`` prompt of the demo tasks, else ``query``, else none (your own task names)."""
-    return next((name for name in ("retrieval", "query") if (model.prompts or {}).get(name)), None)
+    """The ``query`` prompt when the model has one (stage 4 saves its retrieval prompt under it), else none."""
+    return "query" if (model.prompts or {}).get("query") else None
 
 
 if __name__ == "__main__":
