@@ -470,8 +470,9 @@ def _stage4_objective(facts: Mapping[str, Any]) -> str:
         parts.append("CoSENT for STS")
     if facts["matryoshka"]:
         parts.append("Matryoshka representation learning")
-    base = STAGE_OBJECTIVES["supervised"]
-    return base.replace(" (", ": " + "; ".join(parts) + " (", 1) if parts else base
+    if not parts:
+        return STAGE_OBJECTIVES["supervised"]
+    return f"Supervised multi-task fine-tuning: {'; '.join(parts)} (§3.4–3.5, stage 4)"
 
 
 def _stage_fields(stage: Mapping[str, Any]) -> tuple[str, str, list[str], dict[str, Any], dict[str, Any]]:
