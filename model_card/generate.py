@@ -1,3 +1,8 @@
-"""Entry point of the design card: ``python -m model_card.generate``; the generator is :mod:`conan_hf.model_card`."""
+"""Entry point of the design card: ``python -m model_card.generate MODEL_DIR ...`` runs the card generator's command
+line (:func:`conan_hf.model_card.generate.main`, the same as ``python -m conan_hf.model_card``)."""
 
-from conan_hf.model_card.generate import *  # noqa: F401,F403
+from conan_hf.model_card.generate import *
+from conan_hf.model_card.generate import main
+
+if __name__ == "__main__":
+    main()

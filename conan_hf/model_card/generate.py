@@ -3,32 +3,23 @@
 Everything in the card is read from the run, never typed in by hand (a Hub-ready folder: YAML front matter with
 ``library_name``, ``pipeline_tag``, tags, ``license`` (apache-2.0 unless ``run_info`` says otherwise), ``language`` (the
 training data's, see :func:`training_languages`), ``base_model`` (see :func:`base_model`) and the mteb
-``model-index`` from the evaluation results passed in, only those):
+``model-index`` from the evaluation results passed in, only those, and only their evaluation splits):
 
-* the saved SentenceTransformer folder: ``config.json`` (architecture table), ``model*.safetensors`` headers
-  (parameter count), ``config_sentence_transformers.json`` (prompts, similarity), ``1_Pooling/config.json``,
-  ``tokenizer_config.json`` (maximum sequence length);
-* ``run_info``: what the training stages actually used (see :func:`load_run_info`);
+* the saved SentenceTransformer folder: ``config.json`` (architecture table; encoder or decoder, see
+  :func:`backbone_attention`), ``model*.safetensors`` headers (parameter count), ``config_sentence_transformers.json``
+  (prompts, similarity), ``1_Pooling/config.json``, ``tokenizer_config.json`` (maximum sequence length);
+* ``run_info``: what the training stages actually used (see :func:`load_run_info`): the Matryoshka section appears
+  only when Matryoshka representation learning was trained, DHNM only when stage 4 ran it on hard negatives the data
+  had (the ``tasks`` / ``dhnm`` entries of its record);
 * ``results``: evaluation results from :func:`conan_hf.eval.evaluate` / :func:`conan_hf.eval.evaluate_cross_lingual`
   (objects, their ``summary.json`` files, or a results folder), rendered as tables and as the ``model-index`` YAML
-  the Hub shows.
+  the Hub shows. Scores on a ``train`` split are shown in the table with a note, never in the model-index.
 
-``run_info`` format (a dict, a JSON file, a list of stage dicts / JSON files, or a folder of stage JSON files)::
-
-    {
-      "model_name": "conan-embedding-v2-demo",          # optional: title and model-index name
-      "repo_id": "me/conan-embedding-v2-demo",         # optional: used in the usage snippets
-      "description": "...", "license": "apache-2.0", "languages": ["en", "zh"], "tags": ["..."],
-      "matryoshka_dims": [64, 128],                    # optional; else from the supervised stage's config
-      "stages": [
-        {"stage": "pretrain", "config": {...}, "summary": {...}},   # = trainers' conan_stage.json records
-        {"name": "sft", "objective": "...", "datasets": ["..."], "hyperparameters": {...}}
-      ]
-    }
-
-A stage is either a ``conan_stage.json`` record written by the trainers (``stage``, ``config``, ``summary``) or a
-hand-written dict (``name``, ``objective``, ``datasets``, ``hyperparameters``). Without ``run_info`` the generator
-looks for ``conan_stage.json`` / ``run_info.json`` in the model folder.
+The title and the model id in the usage snippets are ``hub_model_id`` (``--hub-model-id``; else ``run_info``'s
+``hub_model_id`` / ``repo_id``, or a stage's recorded ``hub_model_id``), else the output folder's name (a stage's
+``<output_dir>/final`` is named after ``<output_dir>``). A decoder exported with stock classes runs bidirectionally
+through ``"is_causal": false`` in its ``config.json``, which transformers honours from version :data:`MIN_TRANSFORMERS`
+on; the card says so.
 
 Every ``python`` block of the card runs as written in a folder holding the model under its name (tests execute
 them). Whether they pass ``trust_remote_code=True`` follows the folder: only a ``config.json`` with ``auto_map``
@@ -37,6 +28,10 @@ them). Whether they pass ``trust_remote_code=True`` follows the folder: only a `
 Publishing: the folder (with this README.md) uploads as it is with sentence-transformers'
 ``SentenceTransformer("conan-v2").push_to_hub("you/conan-v2", local_model_path="conan-v2")``; without
 ``local_model_path`` sentence-transformers would save the model again and write its own card.
+
+Command line (see :func:`main`)::
+
+    python -m conan_hf.model_card runs/supervised/final --results results/ --hub-model-id me/conan-v2
 
 Example::
 
@@ -48,15 +43,30 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
 import string
-from collections.abc import Mapping, Sequence
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from conan_hf.errors import (
+    DataError,
+    DataFileNotFoundError,
+    OneLineArgumentParser,
+    cli_errors,
+)
+
 TEMPLATE_PATH = Path(__file__).with_name("template.md")
+#: The oldest transformers that runs a stock-exported decoder as it was trained: its ``config.json`` says
+#: ``"is_causal": false``, which transformers reads from 5.2.0 on (``masking_utils.create_causal_mask`` then builds a
+#: bidirectional mask, ``utils.generic.merge_with_config_defaults`` passes ``is_causal`` to the attention kernels);
+#: 5.0 and 5.1 ignore it and silently run the decoder causally. setup.cfg's floor is the same.
+MIN_TRANSFORMERS = "5.2"
 
 STAGE_OBJECTIVES = {
     "tokenizer": "Byte-level BPE tokenizer trained on the corpus (stage 0)",
@@ -64,8 +74,7 @@ STAGE_OBJECTIVES = {
     "sft": "Supervised fine-tuning of the LLM on instruction–response pairs (§3.1, stage 2)",
     "weak": "Weakly-supervised contrastive training (InfoNCE) with the soft mask moving attention from causal to "
             "bidirectional (§3.2, stage 3)",
-    "supervised": "Supervised multi-task fine-tuning: InfoNCE with dynamic hard-negative mining, CoSENT for STS, "
-                  "Matryoshka (§3.4–3.5, stage 4)",
+    "supervised": "Supervised multi-task fine-tuning (§3.4–3.5, stage 4)",
 }
 
 # Hyper-parameters worth a line in the card (a raw TrainingArguments dump has ~100 keys).
@@ -119,18 +128,137 @@ def _is_demo_source(source: Any) -> bool:
     return isinstance(path, str) and Path(path).parent.name == "demo-data"
 
 
+#: Rows read from each data source to tell its languages (:func:`data_languages`).
+LANGUAGE_SAMPLE_ROWS = 200
+#: Scripts that name one language (a text is counted in the script most of its letters are written in; Han text
+#: with any kana is Japanese). Latin text is English when English function words are frequent (see below); other
+#: scripts (Cyrillic, Arabic, Devanagari, ...) and other Latin-script languages are not told apart: "not recorded".
+_SCRIPT_LANGUAGES = {"HIRAGANA": "ja", "KATAKANA": "ja", "HANGUL": "ko", "CJK": "zh", "GREEK": "el", "HEBREW": "he",
+                     "THAI": "th"}
+#: English function words; in English running text they are a quarter or more of the words, in German, French,
+#: Spanish and other Latin-script languages a few percent.
+_ENGLISH_WORDS = frozenset(["the", "of", "and", "to", "is", "that", "for", "with", "are", "this", "from", "which", "have", "it", "by", "on", "as", "be", "not", "or"])
+_ENGLISH_SHARE = 0.10
+#: A language is listed when at least this share of a source's sampled texts is in it.
+_LANGUAGE_SHARE = 0.05
+
+
+def _script(text: str) -> str | None:
+    """The script most letters of ``text`` are written in (``"LATIN"``, ``"CJK"``, ``"CYRILLIC"``, ...), with
+    ``"KATAKANA"`` for Han text that has any kana; None when it has no letters."""
+    counts: Counter[str] = Counter()
+    for char in text:
+        if char.isalpha():
+            name = unicodedata.name(char, "")
+            counts[name.split(" ", 1)[0] if name else "OTHER"] += 1
+    if not counts:
+        return None
+    script = counts.most_common(1)[0][0]
+    if script == "CJK" and (counts["HIRAGANA"] or counts["KATAKANA"]):
+        return "KATAKANA"
+    return script
+
+
+def detect_languages(texts: Iterable[str]) -> list[str] | None:
+    """ISO 639-1 codes of the languages ``texts`` are written in, or None when some of them cannot be told (see
+    :data:`_SCRIPT_LANGUAGES`): every script with at least :data:`_LANGUAGE_SHARE` of the texts must name one
+    language, and Latin-script texts must be English (English function words at least :data:`_ENGLISH_SHARE` of
+    their words).
+
+    Example::
+
+        >>> detect_languages(["The cat is on the mat.", "大熊猫吃竹子。"])
+        ['en', 'zh']
+    """
+    scripts: Counter[str] = Counter()
+    latin_words: list[str] = []
+    for text in texts:
+        script = _script(text)
+        if script is None:
+            continue
+        scripts[script] += 1
+        if script == "LATIN":
+            words = re.findall(r"[a-z]+", text.lower())
+            if len(words) < 2:  # an id or a label ("doc12", "positive"), not running text
+                scripts[script] -= 1
+                continue
+            latin_words += words
+    total = sum(scripts.values())
+    languages = set()
+    for script, count in scripts.items():
+        if count < _LANGUAGE_SHARE * total:
+            continue
+        if script == "LATIN":
+            if not latin_words or sum(w in _ENGLISH_WORDS for w in latin_words) < _ENGLISH_SHARE * len(latin_words):
+                return None
+            languages.add("en")
+        elif script in _SCRIPT_LANGUAGES:
+            languages.add(_SCRIPT_LANGUAGES[script])
+        else:
+            return None
+    return sorted(languages) or None
+
+
+def _source_path(source: Any) -> str | None:
+    path = source.get("path") if isinstance(source, Mapping) else source
+    return str(path) if isinstance(path, (str, Path)) else None
+
+
+def _source_languages(source: Any) -> list[str] | None:
+    """The languages of one local data source, from its first :data:`LANGUAGE_SAMPLE_ROWS` rows (their texts, and a
+    ``language`` column as CLR data has); None for a source that is not on this machine (a Hub name is never
+    fetched) or cannot be read or told."""
+    import glob
+
+    from conan_hf.data.sources import LOCATION, iter_sources
+
+    path = _source_path(source)
+    if path is None or not (Path(path).exists() or glob.glob(path)):
+        return None
+    texts, named = [], set()
+    try:
+        for row in itertools.islice(iter_sources([source], None, (), what="model card"), LANGUAGE_SAMPLE_ROWS):
+            # conan_hf.data.clr rows: the query is in the row's `language`, the passages in the source language
+            language = row.get("language")
+            if isinstance(language, str):
+                named.add(language)
+            for key, value in row.items():
+                if key not in (LOCATION, "language") and not (key == "query" and isinstance(language, str)):
+                    values = value if isinstance(value, list) else [value]
+                    texts += [v for v in values if isinstance(v, str)]
+    except (DataError, OSError, ValueError):
+        return None
+    detected = detect_languages(texts)
+    return None if detected is None else sorted(named | set(detected))
+
+
+def data_languages(info: Mapping[str, Any]) -> list[str] | None:
+    """Languages of every data source of the recorded stages (:func:`detect_languages` on a sample of each; the demo
+    corpus: :data:`conan_hf.demo.LANGUAGES`), or None when there are no sources or one cannot be told."""
+    sources = [src for stage in info.get("stages") or [] for src in _data_sources(_stage_config(stage))]
+    if not sources:
+        return None
+    languages: set[str] = set()
+    for source in sources:
+        if _is_demo_source(source):
+            from conan_hf.demo import LANGUAGES
+
+            found: list[str] | None = list(LANGUAGES)
+        else:
+            found = _source_languages(source)
+        if found is None:
+            return None
+        languages.update(found)
+    return sorted(languages)
+
+
 def training_languages(info: Mapping[str, Any]) -> list[str] | None:
-    """Languages of the training data: ``run_info["languages"]`` when given; else, when every data source of the
-    recorded stages is the embedded demo corpus, its languages (:data:`conan_hf.demo.LANGUAGES`); else None (the card
-    then says "not recorded" rather than guess)."""
+    """Languages of the training data: ``run_info["languages"]`` when given, else :func:`data_languages` (the
+    recorded stages' data, read back); None when they cannot be told (the card then says "not recorded" rather than
+    guess)."""
     if info.get("languages"):
         return list(info["languages"])
-    sources = [src for stage in info.get("stages") or [] for src in _data_sources(_stage_config(stage))]
-    if sources and all(_is_demo_source(src) for src in sources):
-        from conan_hf.demo import LANGUAGES
-
-        return list(LANGUAGES)
-    return None
+    return data_languages(info)
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -155,6 +283,69 @@ def base_model(info: Mapping[str, Any]) -> str | None:
     return None
 
 
+def backbone_attention(config: Mapping[str, Any], info: Mapping[str, Any] | None = None) -> tuple[str, str]:
+    """``(kind, attention)`` of a saved model: kind ``"encoder"``, ``"decoder"`` or ``"unknown"``; attention
+    ``"bidirectional"``, ``"causal"`` or ``"soft"``.
+
+    Read from ``config.json`` first (the folder is the model): Conan's own architecture (``auto_map`` /
+    ``model_type: conan``) is a decoder run in its ``attention_mode``; a stock decoder exported by the stages carries
+    ``is_causal``. Else the stage records' ``attention`` entry (:func:`conan_hf.training.models.describe_attention`),
+    else transformers' registries (a masked-LM architecture is an encoder, a causal-LM one a causal decoder).
+    """
+    if config.get("auto_map") or config.get("model_type") == "conan":
+        return "decoder", str(config.get("attention_mode") or "causal")
+    if isinstance(config.get("is_causal"), bool):
+        return "decoder", "causal" if config["is_causal"] else "bidirectional"
+    for stage in reversed((info or {}).get("stages") or []):
+        attention = (stage.get("summary") or {}).get("attention")
+        if isinstance(attention, Mapping) and attention.get("kind") in ("encoder", "decoder", "conan"):
+            kind = "encoder" if attention["kind"] == "encoder" else "decoder"
+            return kind, str(attention.get("attention_mode") or "bidirectional")
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = config.get("model_type")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "encoder", "bidirectional"
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "decoder", "causal"
+    return "unknown", "bidirectional"
+
+
+def _backbone_phrase(config: Mapping[str, Any], kind: str, attention: str) -> str:
+    """E.g. "a 6-layer BERT encoder (`BertModel`, bidirectional attention)"."""
+    layers = config.get("num_hidden_layers")
+    size = f"{layers}-layer " if layers else ""
+    architecture = (config.get("architectures") or [None])[0] or config.get("model_type") or "transformer"
+    if kind == "encoder":
+        return f"a {size}encoder backbone (`{architecture}`, bidirectional attention)"
+    if kind == "decoder":
+        how = {"bidirectional": "run bidirectionally", "causal": "with causal attention",
+               "soft": "with the soft attention mask of stage 3"}.get(attention, f"with {attention} attention")
+        return f"a {size}decoder backbone (`{architecture}`) {how}"
+    return f"a {size}`{architecture}` backbone"
+
+
+def _hub_id(hub_model_id: str | None, info: Mapping[str, Any]) -> str | None:
+    """The Hub repo id: the argument, else ``run_info``'s ``hub_model_id`` / ``repo_id``, else the last stage's
+    recorded ``hub_model_id``. A malformed id is a :class:`DataError` naming ``--hub-model-id``."""
+    hub = hub_model_id or info.get("hub_model_id") or info.get("repo_id")
+    if not hub:
+        hub = next((_stage_config(stage).get("hub_model_id") for stage in reversed(info.get("stages") or [])
+                    if _stage_config(stage).get("hub_model_id")), None)
+    if hub and not re.fullmatch(r"(?:[A-Za-z0-9][\w.-]*/)?[\w.-]+", str(hub)):
+        raise DataError(f"--hub-model-id: {hub!r} is not a Hub repo id", hint="write it as NAME or OWNER/NAME")
+    return str(hub) if hub else None
+
+
+def _output_name(model_dir: Path) -> str:
+    """The name a stage's output goes by: the folder's, or for ``<output_dir>/final`` the ``<output_dir>``'s."""
+    folder = model_dir.resolve()
+    return folder.parent.name if folder.name == "final" and folder.parent.name else folder.name
+
+
 def _citation() -> str:
     from conan_hf.losses import CONAN_CITATION
 
@@ -162,10 +353,18 @@ def _citation() -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; a :class:`DataError` naming the file (and line) when it is missing or unreadable."""
+    if not path.is_file():
+        raise DataFileNotFoundError("no such file" if not path.exists() else "not a file", where=str(path))
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+        raise DataError(f"invalid JSON ({error.msg}, column {error.colno})", where=f"{path}:{error.lineno}") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"not UTF-8 text (byte {error.start})", where=str(path)) from None
+    if not isinstance(data, dict):
+        raise DataError(f"expected a JSON object, got {type(data).__name__}", where=str(path))
+    return data
 
 
 def count_parameters(model_dir: str | Path) -> int | None:
@@ -232,10 +431,57 @@ def load_run_info(run_info: Any, model_dir: str | Path | None = None) -> dict[st
     raise TypeError(f"run_info must be a dict, a JSON path, a folder or a list of stages, got {type(run_info)}")
 
 
+def stage4_facts(stage: Mapping[str, Any]) -> dict[str, Any]:
+    """What a stage-4 (``supervised``) record says the run did, read from its summary (see
+    :func:`conan_hf.stages.supervised.run`), never from its options alone.
+
+    Returns:
+        ``{"task_types": [...], "hard_negatives": int | None, "dhnm": dict | None, "matryoshka": bool}``:
+        ``hard_negatives`` is the number of candidate negatives the data gave (None when not recorded); ``dhnm`` the
+        replacement counts of DHNM when it ran on them (None when it did not, or no negatives to mine were there).
+    """
+    config = _stage_config(stage)
+    summary = stage.get("summary") or {}
+    tasks = summary.get("tasks") if isinstance(summary.get("tasks"), Mapping) else {}
+    types = [str(t.get("type")) for t in tasks.values() if isinstance(t, Mapping)] or [
+        str(t.get("type")) for t in config.get("tasks") or [] if isinstance(t, Mapping) and t.get("type")]
+    counts = [t.get("negative_candidates") for t in tasks.values() if isinstance(t, Mapping)]
+    negatives = sum(int(c or 0) for c in counts) if counts and all(c is not None for c in counts) else None
+    dhnm = summary.get("dhnm") if negatives and config.get("dhnm", True) and isinstance(summary.get("dhnm"),
+                                                                                         Mapping) else None
+    matryoshka = bool(summary.get("matryoshka_dims")) or (bool(config.get("matryoshka")) and
+                                                           "matryoshka_dims" not in summary)
+    return {"task_types": types, "hard_negatives": negatives, "dhnm": dhnm, "matryoshka": matryoshka}
+
+
+def _stage4_objective(facts: Mapping[str, Any]) -> str:
+    """The objective line of a stage-4 record: only the losses and mechanisms the run used."""
+    parts = []
+    if any(t != "sts" for t in facts["task_types"]):
+        infonce = "InfoNCE"
+        if facts["hard_negatives"]:
+            infonce += " with hard negatives from the data"
+            if facts["dhnm"] is not None:
+                infonce += ", replaced when they became easy by dynamic hard-negative mining (DHNM, eq. 6)"
+        elif facts["hard_negatives"] == 0:
+            infonce += " with in-batch negatives only (the data had no hard negatives)"
+        parts.append(infonce)
+    if "sts" in facts["task_types"]:
+        parts.append("CoSENT for STS")
+    if facts["matryoshka"]:
+        parts.append("Matryoshka representation learning")
+    if not parts:
+        return STAGE_OBJECTIVES["supervised"]
+    return f"Supervised multi-task fine-tuning: {'; '.join(parts)} (§3.4–3.5, stage 4)"
+
+
 def _stage_fields(stage: Mapping[str, Any]) -> tuple[str, str, list[str], dict[str, Any], dict[str, Any]]:
     """(name, objective, datasets, hyper-parameters, summary) of a stage in either accepted form."""
     name = str(stage.get("name") or stage.get("stage") or "stage")
     objective = stage.get("objective") or STAGE_OBJECTIVES.get(name, "")
+    facts = stage4_facts(stage) if name == "supervised" else None
+    if facts is not None and not stage.get("objective"):
+        objective = _stage4_objective(facts)
     config = stage.get("hyperparameters")
     explicit = config is not None
     if config is None:
@@ -250,6 +496,8 @@ def _stage_fields(stage: Mapping[str, Any]) -> tuple[str, str, list[str], dict[s
         config = interesting if interesting or len(config) > 30 else \
             {k: v for k, v in config.items() if k not in _SKIP_KEYS}
     hyper = {k: v for k, v in config.items() if k not in _SKIP_KEYS and k not in {"tasks", "data", "datasets"}}
+    if facts is not None and facts["dhnm"] is None:  # DHNM's options mean nothing for a run it did not act in
+        hyper = {k: v for k, v in hyper.items() if not k.startswith("dhnm")}
     summary = stage.get("summary") or {}
     return name, objective, [str(d) for d in datasets], hyper, summary
 
@@ -295,7 +543,7 @@ def _training_section(info: Mapping[str, Any]) -> str:
     parsed = [_stage_fields(stage) for stage in stages]
     for i, (name, objective, datasets, _, _) in enumerate(parsed, start=1):
         lines.append(f"| {i} | {_md_cell(name)} | {_md_cell(objective)} | {_md_cell(datasets) or '—'} |")
-    for name, _, _, hyper, summary in parsed:
+    for stage, (name, _, _, hyper, summary) in zip(stages, parsed):
         lines += ["", f"#### {name}", ""]
         if hyper:
             lines += ["| Hyper-parameter | Value |", "|---|---|"]
@@ -305,6 +553,10 @@ def _training_section(info: Mapping[str, Any]) -> str:
         scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}
         if scalars:
             lines += ["", "Run summary: " + ", ".join(f"{k} = {_format_value(v)}" for k, v in scalars.items())]
+        dhnm = stage4_facts(stage)["dhnm"] if name == "supervised" else None
+        if dhnm is not None:
+            note = f"DHNM: {dhnm.get('replaced', 0)} hard negatives replaced, {dhnm.get('used', 0)} of them trained on"
+            lines += ["", note + " at a later visit."]
     return "\n".join(lines)
 
 
@@ -314,9 +566,10 @@ def _matryoshka_dims(info: Mapping[str, Any], embedding_dim: int | None) -> list
     for stage in info.get("stages") or []:
         config = stage.get("config") or stage.get("hyperparameters") or {}
         summary = stage.get("summary") or {}
-        if summary.get("matryoshka_dims"):
-            return sorted(int(d) for d in summary["matryoshka_dims"])
-        if config.get("matryoshka"):
+        if "matryoshka_dims" in summary:  # a stage-4 record: the dims its loss trained, None without Matryoshka
+            if summary["matryoshka_dims"]:
+                return sorted(int(d) for d in summary["matryoshka_dims"])
+        elif config.get("matryoshka"):
             if config.get("matryoshka_dims"):
                 return sorted(int(d) for d in config["matryoshka_dims"])
             if embedding_dim:
@@ -336,9 +589,27 @@ def _result_rows(results: Any) -> list[dict[str, Any]]:
     if isinstance(results, (list, tuple)):
         return [row for item in results for row in _result_rows(item)]
     if isinstance(results, (str, Path)):
-        from conan_hf.eval.run import load_summary
+        from conan_hf.eval.run import SUMMARY_FILE
 
-        return _result_rows(load_summary(results))
+        path = Path(results)
+        if not path.exists():
+            raise DataFileNotFoundError("no such results file or folder", where=str(path))
+        files = sorted(path.rglob(SUMMARY_FILE)) if path.is_dir() else [path]
+        if not files:
+            raise DataFileNotFoundError(f"no {SUMMARY_FILE} under this folder", where=str(path),
+                                        hint="pass the folder conan-eval wrote, or its summary.json")
+        rows = []
+        for file in files:
+            try:
+                found = _result_rows(_read_json(file))
+            except DataError:
+                raise
+            except (ValueError, KeyError, TypeError) as error:
+                raise DataError(f"not an evaluation summary ({error})", where=str(file)) from None
+            if not all(isinstance(row, Mapping) and "task" in row and "main_score" in row for row in found):
+                raise DataError("not an evaluation summary (a task without `task` or `main_score`)", where=str(file))
+            rows += found
+        return rows
     if isinstance(results, Mapping):
         if "tasks" in results:
             return [dict(row) for row in results["tasks"]]
@@ -386,6 +657,19 @@ def _is_cross_lingual(row: Mapping[str, Any]) -> bool:
         re.fullmatch(r"[a-z_]+-[a-z_]+", s) for s in subsets) and all("recall_at_100" in v for v in subsets.values())
 
 
+def is_training_split(split: str) -> bool:
+    """Whether an evaluation split is a training split (``train``, ``train_small``, ...): a score on it may be on the
+    very examples the model was trained with, so it never goes into the model-index."""
+    return str(split).lower().startswith("train")
+
+
+def _row_splits(row: Mapping[str, Any]) -> list[str]:
+    """The splits a summary row was scored on (its ``splits``, or the ``<split>/`` prefixes of its subsets)."""
+    splits = list(row.get("splits") or [])
+    splits += [subset.split("/", 1)[0] for subset in row.get("subsets") or {} if "/" in subset]
+    return sorted(set(splits))
+
+
 def _evaluation_section(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "_No evaluation results were provided._"
@@ -403,8 +687,12 @@ def _evaluation_section(rows: list[dict[str, Any]]) -> str:
                 lines.append(f"| {language} | " + " | ".join(f"{100 * values[m]:.2f}" for m in metrics) + " |")
             averages = [sum(v[m] for v in table.values()) / len(table) for m in metrics]
             lines.append("| **Avg** | " + " | ".join(f"**{100 * a:.2f}**" for a in averages) + " |")
-    settings_note = "Scores are percentages, computed with mteb."
-    return "\n".join(lines + ["", settings_note])
+    notes = ["Scores are percentages, computed with mteb."]
+    trained_on = sorted({str(row["task"]) for row in rows if any(is_training_split(s) for s in _row_splits(row))})
+    if trained_on:
+        notes.append(f"Scored on a training split, which the model may have been trained on (not in the "
+                     f"model-index): {', '.join(trained_on)}.")
+    return "\n".join(lines + ["", " ".join(notes)])
 
 
 def _model_index(name: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -417,6 +705,8 @@ def _model_index(name: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 split, config = subset.split("/", 1)
             else:
                 split, config = (row.get("splits") or ["test"])[0], subset
+            if is_training_split(split):
+                continue
             metrics = [{"type": "main_score", "value": round(100 * scores.get("main_score", row["main_score"]), 3)}]
             metric_name = row.get("main_score_name")
             if metric_name and metric_name in scores and metric_name != "main_score":
@@ -455,22 +745,28 @@ def _pooling_code(mode: str) -> str:
             "embeddings = (hidden * mask).sum(dim=1) / mask.sum(dim=1)")
 
 
-def render_model_card(model_dir: str | Path, run_info: Any = None, results: Any = None) -> str:
+def render_model_card(model_dir: str | Path, run_info: Any = None, results: Any = None,
+                      hub_model_id: str | None = None) -> str:
     """The model card of ``model_dir`` as a string (see :func:`generate_model_card`)."""
     import yaml
 
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir} has no config.json; expected a saved SentenceTransformer folder")
+    if not model_dir.is_dir():
+        raise DataFileNotFoundError("no such model folder" if not model_dir.exists() else "not a folder",
+                                    where=str(model_dir), hint="pass a saved SentenceTransformer folder")
+    if not (model_dir / "config.json").is_file():
+        raise DataFileNotFoundError("no config.json; expected a saved SentenceTransformer folder",
+                                    where=str(model_dir))
+
+    def optional_json(*parts: str) -> dict[str, Any]:
+        path = model_dir.joinpath(*parts)
+        return _read_json(path) if path.exists() else {}
+
     config = _read_json(model_dir / "config.json")
-    st_config = _read_json(model_dir / "config_sentence_transformers.json") \
-        if (model_dir / "config_sentence_transformers.json").exists() else {}
-    pooling = _read_json(model_dir / "1_Pooling" / "config.json") if (model_dir / "1_Pooling" / "config.json").exists() \
-        else {}
-    tokenizer_config = _read_json(model_dir / "tokenizer_config.json") \
-        if (model_dir / "tokenizer_config.json").exists() else {}
-    bert_config = _read_json(model_dir / "sentence_bert_config.json") \
-        if (model_dir / "sentence_bert_config.json").exists() else {}
+    st_config = optional_json("config_sentence_transformers.json")
+    pooling = optional_json("1_Pooling", "config.json")
+    tokenizer_config = optional_json("tokenizer_config.json")
+    bert_config = optional_json("sentence_bert_config.json")
     info = load_run_info(run_info, model_dir)
     rows = _result_rows(results)
 
@@ -490,11 +786,13 @@ def render_model_card(model_dir: str | Path, run_info: Any = None, results: Any 
     similarity = st_config.get("similarity_fn_name") or "cosine"
     mrl_dims = _matryoshka_dims(info, embedding_dim)
     parameters = count_parameters(model_dir)
-    name = info.get("model_name") or model_dir.name
-    repo_id = info.get("repo_id") or name
+    hub = _hub_id(hub_model_id, info)
+    name = info.get("model_name") or (hub.rsplit("/", 1)[-1] if hub else _output_name(model_dir))
+    repo_id = hub or name
     languages = training_languages(info)
     license_name = info.get("license") or "apache-2.0"
     model_index = _model_index(name, rows)
+    kind, attention = backbone_attention(config, info)
     tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "conan-embedding"]
     if mrl_dims:
         tags.append("matryoshka")
@@ -523,8 +821,13 @@ def render_model_card(model_dir: str | Path, run_info: Any = None, results: Any 
     if isinstance(rope, Mapping) and rope.get("rope_theta"):
         architecture.append(f"| RoPE theta | {_format_value(rope['rope_theta'])} |")
 
+    stock_bidirectional = kind == "decoder" and config.get("is_causal") is False and not remote_code
+    requirements = f"Requires `sentence-transformers` and `transformers >= {MIN_TRANSFORMERS}`"
+    requirements += (": the decoder runs bidirectionally through `\"is_causal\": false` in its config.json, which "
+                     "older transformers ignore (they would silently run it causally)." if stock_bidirectional else ".")
     details = [
         f"| Parameters | {_human(parameters) if parameters else 'unknown'} |",
+        f"| Backbone | {kind}, {attention} attention |",
         f"| Embedding dimension | {embedding_dim} |",
         f"| Maximum sequence length | {max_seq_length} tokens |",
         f"| Pooling | {pooling_label} |",
@@ -533,18 +836,22 @@ def render_model_card(model_dir: str | Path, run_info: Any = None, results: Any 
         f"| License | {license_name} |",
     ]
     if mrl_dims:
-        mrl = ("Trained with Matryoshka Representation Learning: the first *d* values of an embedding form a usable "
-               f"*d*-dimensional embedding for *d* in {', '.join(str(d) for d in mrl_dims)}.")
         mrl_example = mrl_dims[0] if mrl_dims[0] < (embedding_dim or 0) else embedding_dim
+        mrl_section = (
+            "### Matryoshka dimensions\n\nTrained with Matryoshka Representation Learning: the first *d* values of "
+            "an embedding form a usable *d*-dimensional embedding for *d* in "
+            f"{', '.join(str(d) for d in mrl_dims)}.\n\n")
+        mrl_usage = string.Template(MRL_USAGE).substitute(
+            repo_id=repo_id, remote_code=", trust_remote_code=True" if remote_code else "", mrl_example=mrl_example)
+        fast_dim, fast_shape = f"dim={mrl_example}, ", str(mrl_example)
     else:
-        mrl = "No Matryoshka dimensions were recorded for this model; truncation is not guaranteed to work well."
-        mrl_example = max(1, (embedding_dim or 2) // 2)
+        mrl_section = mrl_usage = ""
+        fast_dim, fast_shape = "", str(embedding_dim)
 
     description = info.get("description") or (
-        f"A Conan-Embedding-v2 style text embedding model (arXiv 2509.12892) trained with conan-hf: "
-        f"a {config.get('num_hidden_layers', '?')}-layer decoder backbone "
-        f"run bidirectionally, mapping text to {embedding_dim}-dimensional vectors for retrieval, semantic "
-        "similarity, classification and clustering.")
+        "A text embedding model trained with conan-hf following the Conan-Embedding-v2 recipe (arXiv 2509.12892): "
+        f"{_backbone_phrase(config, kind, attention)}{f', fine-tuned from `{base}`' if base else ''}, mapping text "
+        f"to {embedding_dim}-dimensional vectors for retrieval, semantic similarity, classification and clustering.")
 
     substitutions = {
         "metadata": yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True, width=1000).strip(),
@@ -552,12 +859,15 @@ def render_model_card(model_dir: str | Path, run_info: Any = None, results: Any 
         "description": description,
         "details": "\n".join(details),
         "architecture": "\n".join(architecture) or "| (not recorded) | |",
-        "mrl": mrl,
-        "mrl_example": str(mrl_example),
+        "mrl_section": mrl_section,
+        "mrl_usage": mrl_usage,
+        "fast_dim": fast_dim,
+        "fast_shape": fast_shape,
         "prompts": _prompts_section(prompts, st_config.get("default_prompt_name")),
         "repo_id": repo_id,
         "remote_code": ", trust_remote_code=True" if remote_code else "",
         "transformers_note": " (the folder's own model code: `trust_remote_code=True`)" if remote_code else "",
+        "requirements": requirements,
         "embedding_dim": str(embedding_dim),
         "max_seq_length": str(max_seq_length),
         "transformers_example": '"Paris is the capital of France.", "巴黎是法国的首都。"',
@@ -570,8 +880,25 @@ def render_model_card(model_dir: str | Path, run_info: Any = None, results: Any 
     return template.substitute(substitutions)
 
 
-def generate_model_card(model_dir: str | Path, run_info: Any = None, results: Any = None) -> str:
-    """Render the model card of ``model_dir`` and write it to ``model_dir/README.md``; returns the text.
+#: The Matryoshka truncation snippet of the usage section (only for a model trained with Matryoshka).
+MRL_USAGE = """### Matryoshka truncation
+
+```python
+from sentence_transformers import SentenceTransformer
+
+# keep the first ${mrl_example} values of every embedding (re-normalised before cosine similarity)
+model = SentenceTransformer("${repo_id}"${remote_code}, truncate_dim=${mrl_example})
+embeddings = model.encode(["Matryoshka embeddings nest smaller ones inside."], normalize_embeddings=True)
+print(embeddings.shape)  # (1, ${mrl_example})
+```
+
+"""
+
+
+def generate_model_card(model_dir: str | Path, run_info: Any = None, results: Any = None,
+                        hub_model_id: str | None = None, output: str | Path | None = None) -> str:
+    """Render the model card of ``model_dir`` and write it to ``output`` (default ``model_dir/README.md``); returns
+    the text.
 
     Args:
         model_dir: A saved SentenceTransformer folder.
@@ -579,11 +906,54 @@ def generate_model_card(model_dir: str | Path, run_info: Any = None, results: An
             Default: ``run_info.json`` or ``conan_stage.json`` in ``model_dir`` when present.
         results: Evaluation results: an ``EvalReport``, a ``CrossLingualReport``, an mteb ``ModelResult``, a
             ``summary.json`` path or results folder, a ``{task: score}`` dict, or a list of these.
+        hub_model_id: The Hub repo id (``owner/name``) the card's title and snippets name; default: see the module
+            docstring.
+        output: Where to write the card.
+
+    Raises:
+        DataError: a missing or unreadable input, named with its file (and line).
     """
-    card = render_model_card(model_dir, run_info=run_info, results=results)
-    (Path(model_dir) / "README.md").write_text(card, encoding="utf-8")
+    card = render_model_card(model_dir, run_info=run_info, results=results, hub_model_id=hub_model_id)
+    Path(output or Path(model_dir) / "README.md").write_text(card, encoding="utf-8")
     return card
 
 
-__all__ = ["base_model", "count_parameters", "generate_model_card", "load_run_info", "render_model_card",
-           "training_languages"]
+def build_parser() -> OneLineArgumentParser:
+    """The command line of :func:`main` (``python -m conan_hf.model_card``)."""
+    parser = OneLineArgumentParser(
+        prog="python -m conan_hf.model_card",
+        description="Write the model card (README.md with Hub metadata) of a trained Conan embedding model, from "
+                    "the saved folder, its training record and evaluation results.")
+    parser.add_argument("model_dir", metavar="MODEL_DIR",
+                        help="a saved SentenceTransformer folder (e.g. runs/supervised/final)")
+    parser.add_argument("--run-info", metavar="PATH",
+                        help="training record: a run_info JSON, a stage record (conan_stage.json) or a folder of "
+                             "stage JSON files (default: MODEL_DIR/run_info.json or MODEL_DIR/conan_stage.json)")
+    parser.add_argument("--results", metavar="PATH", nargs="+", action="extend", default=[],
+                        help="evaluation results: summary.json files or results folders written by conan-eval")
+    parser.add_argument("--hub-model-id", metavar="ID",
+                        help="Hub repo id (OWNER/NAME) for the title and the usage snippets (default: the recorded "
+                             "hub_model_id, else the output folder's name)")
+    parser.add_argument("--output", metavar="README.md",
+                        help="where to write the card (default: MODEL_DIR/README.md)")
+    return parser
+
+
+@cli_errors("python -m conan_hf.model_card")
+def main(argv: Sequence[str] | None = None) -> Path:
+    """``python -m conan_hf.model_card MODEL_DIR [--run-info PATH] [--results PATH ...] [--hub-model-id ID]
+    [--output README.md]``: write the card and print where. Bad input (a missing folder or file, unreadable JSON) is
+    one line naming the file, exit status 2."""
+    args = build_parser().parse_args(argv)
+    output = Path(args.output) if args.output else Path(args.model_dir) / "README.md"
+    if args.output and not output.parent.is_dir():
+        raise DataFileNotFoundError("--output: its folder does not exist", where=str(output))
+    generate_model_card(args.model_dir, run_info=args.run_info, results=args.results or None,
+                        hub_model_id=args.hub_model_id, output=output)
+    print(f"wrote {output}")
+    return output
+
+
+__all__ = ["MIN_TRANSFORMERS", "backbone_attention", "base_model", "build_parser", "count_parameters",
+           "data_languages", "detect_languages", "generate_model_card", "is_training_split", "load_run_info", "main",
+           "render_model_card", "stage4_facts", "training_languages"]
