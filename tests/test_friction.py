@@ -469,7 +469,7 @@ def test_card_snippets_run_verbatim_with_and_without_remote_code(tiny_model_dir,
         assert bool(json.loads((folder / "config.json").read_text()).get("auto_map")) == remote_code
         card = generate_model_card(folder)
         blocks = _run_card_snippets(card, tmp_path, folder.name, remote_code)
-        assert len(blocks) == 4
+        assert len(blocks) == 3  # no Matryoshka record: no truncation snippet
         assert ("trust_remote_code=True" in card) == remote_code
 
 
