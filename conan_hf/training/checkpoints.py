@@ -127,7 +127,7 @@ def resolve_resume(config: StageConfig) -> str | None:
             raise DataError(
                 f"written by a run with different options (config fingerprint {saved} != {current}); "
                 f"resuming it would continue that run", where=str(found),
-                hint=f"start over with resume=no (main job: --set '*.resume=no'), use another output_dir, or resume "
+                hint=f"start over with --resume no (main job too), use another output_dir, or resume "
                      f"it explicitly with resume={found}",
             )
         logger.warning("Resuming from %s", found)
@@ -199,7 +199,7 @@ STAGE_INPUTS = {
     "weak": ("model", "sft", "runs/sft/final"),
     "supervised": ("model", "weak", "runs/weak/final"),
 }
-#: Where the main job (examples/finetune.py, default --work-dir) writes the same folders.
+#: Where the main job (examples/finetune.py, default --work_dir) writes the same folders.
 MAIN_JOB_OUTPUTS = {"tokenizer": "runs/finetune/tokenizer", "pretrain": "runs/finetune/pretrain/final",
                     "sft": "runs/finetune/sft/final", "weak": "runs/finetune/weak/final"}
 
