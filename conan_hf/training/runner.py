@@ -130,8 +130,10 @@ class StageRunner:
 
     @functools.cached_property
     def streamed(self) -> bool:
-        """Whether the stage's ``data`` sources are streamed (one says ``streaming: true``)."""
-        return is_streamed(getattr(self.config, "data", []), self.what)
+        """Whether the stage's ``data`` sources are streamed (one says ``streaming: true``; False for a stage without
+        ``data``)."""
+        data = getattr(self.config, "data", None)
+        return data is not None and is_streamed(data, self.what)
 
     @property
     def explicit_checkpoint(self) -> str | None:
