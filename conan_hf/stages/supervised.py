@@ -64,8 +64,8 @@ from conan_hf.sentence import format_query_prompt
 from conan_hf.training.checkpoints import MainProcessSaveMixin
 from conan_hf.training.config import StageConfig, config_from_dict, option, override
 from conan_hf.training.distributed import print_main
-from conan_hf.training.runner import StageRunner
 from conan_hf.training.models import describe_attention, load_sentence_model
+from conan_hf.training.runner import StageRunner
 from conan_hf.dhnm.pool import DHNMDataCollator, FalseNegativeCountCallback
 
 logger = logging.getLogger(__name__)
@@ -683,13 +683,14 @@ class SupervisedRunner(StageRunner):
         false_negatives = self.false_negatives
         if false_negatives is not None:
             note += f"{false_negatives.total} in-batch false negatives masked; "
-        return note, dict(
-            attention={k: v for k, v in self.attention.items() if k != "line"},
-            tasks={t.name: {"type": t.type, "rows": len(self.datasets[t.name]), "batch_size": t.batch_size,
-                            "negative_candidates": self.pool_sizes.get(t.name, 0)} for t in self.tasks},
-            matryoshka_dims=sorted(dims) if dims else None, prompts=dict(self.model.prompts), dhnm=dhnm_totals,
-            false_negatives_masked=false_negatives.total if false_negatives is not None else None,
-        )
+        return note, {
+            "attention": {k: v for k, v in self.attention.items() if k != "line"},
+            "tasks": {t.name: {"type": t.type, "rows": len(self.datasets[t.name]), "batch_size": t.batch_size,
+                               "negative_candidates": self.pool_sizes.get(t.name, 0)} for t in self.tasks},
+            "matryoshka_dims": sorted(dims) if dims else None, "prompts": dict(self.model.prompts),
+            "dhnm": dhnm_totals,
+            "false_negatives_masked": false_negatives.total if false_negatives is not None else None,
+        }
 
     def write_model(self):
         """The final model exported per ``export_format`` (:func:`conan_hf.export.export_embedder`); its report goes

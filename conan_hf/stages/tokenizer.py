@@ -12,10 +12,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-from collections.abc import Iterator
 
 from conan_hf.data.sources import load_sources
 from conan_hf.training.checkpoints import STAGE_RECORD, read_stage_record, write_json_atomic

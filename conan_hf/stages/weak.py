@@ -58,8 +58,8 @@ from conan_hf.data.sources import (
 from conan_hf.training.checkpoints import MainProcessSaveMixin, check_stage_input
 from conan_hf.training.config import StageConfig, option, override
 from conan_hf.training.distributed import print_main
-from conan_hf.training.runner import StageRunner
 from conan_hf.training.models import backbone, describe_attention, load_sentence_model, set_attention_mode
+from conan_hf.training.runner import StageRunner
 
 logger = logging.getLogger(__name__)
 
@@ -535,13 +535,13 @@ class WeakRunner(StageRunner):
             groups_summary = {name: {"pairs": len(d), "prompt": self.prompts.get(name, {}).get("anchor")}
                               for name, d in self.datasets.items()}
             num_pairs = sum(map(len, self.datasets.values()))
-        return f"α = {self.alpha:.3f} at the end; ", dict(
-            num_pairs=num_pairs, final_alpha=self.alpha, streamed=self.streamed,
-            instruction_groups=groups_summary, soft_mask_total_steps=self.callback.total_steps,
-            soft_mask_alphas=[(e["step"], e["soft_mask_alpha"]) for e in trainer.state.log_history
-                              if "loss" in e and "soft_mask_alpha" in e],
-            attention_mode=get_attention_mode(backbone(self.model)), teacher_filter=teacher_summary,
-        )
+        return f"α = {self.alpha:.3f} at the end; ", {
+            "num_pairs": num_pairs, "final_alpha": self.alpha, "streamed": self.streamed,
+            "instruction_groups": groups_summary, "soft_mask_total_steps": self.callback.total_steps,
+            "soft_mask_alphas": [(e["step"], e["soft_mask_alpha"]) for e in trainer.state.log_history
+                                 if "loss" in e and "soft_mask_alpha" in e],
+            "attention_mode": get_attention_mode(backbone(self.model)), "teacher_filter": teacher_summary,
+        }
 
 
 def run(config: WeakConfig) -> dict[str, Any]:
