@@ -187,3 +187,17 @@ def test_training_arguments_kwargs_has_no_side_effects(monkeypatch):
     kwargs = SFTConfig().training_arguments_kwargs()
     assert kwargs["accelerator_config"] == {"use_configured_state": True}
     assert dict(PartialState._shared_state) == before
+
+
+def test_main_job_names_its_own_options_for_a_missing_stage_input(tmp_path, capsys):
+    """A stage input the main job did not make: the message names the main job's options (--stages, --set), not the
+    stage's own --model."""
+    from conan_hf.stages import run_all
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_all.main(["--stages", "3", "--work_dir", str(tmp_path / "work"), "--no_eval", "--max_steps", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("finetune: error: "), err
+    assert f"{tmp_path / 'work' / 'sft' / 'final'} not found" in err
+    assert "--stages 2-3" in err and "--set weak.model=PATH" in err and "--model" not in err, err

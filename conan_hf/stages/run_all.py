@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from conan_hf.errors import DataError, OneLineArgumentParser, cli_errors
+from conan_hf.training.checkpoints import StageInputError
 from conan_hf.training.config import add_option, default_config_path, load_config
 from conan_hf.training.distributed import is_main_process, print_main
 
@@ -230,7 +231,14 @@ def run_pipeline(
             state.wait_for_everyone()
             summaries[stage] = {"final_dir": configs[stage].output_dir}
         else:
-            summaries[stage] = module.run(configs[stage])
+            try:
+                summaries[stage] = module.run(configs[stage])
+            except StageInputError as error:  # say it with the main job's options
+                raise StageInputError(
+                    f"{error.value} not found: run stage {STAGE_NUMBERS[error.producer]} ({error.producer}) too "
+                    f"(--stages {STAGE_NUMBERS[error.producer]}-{STAGE_NUMBERS[stage]}), or pass --set "
+                    f"{stage}.{error.option}=PATH", stage=stage, option=error.option, value=error.value,
+                    producer=error.producer) from None
         seconds[stage] = time.perf_counter() - start
         if stage in ("weak", "supervised"):
             evaluate(f"after stage {STAGE_NUMBERS[stage]} ({stage})", summaries[stage]["final_dir"])

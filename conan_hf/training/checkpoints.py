@@ -206,7 +206,16 @@ MAIN_JOB_OUTPUTS = {"tokenizer": "runs/finetune/tokenizer", "pretrain": "runs/fi
 
 class StageInputError(DataFileNotFoundError):
     """A stage's input folder (an earlier stage's output) does not exist; the message says how to make it. A
-    `DataError`, so the stage command lines report it as one line with exit status 2 (`conan_hf.errors.cli_errors`)."""
+    `DataError`, so the stage command lines report it as one line with exit status 2 (`conan_hf.errors.cli_errors`).
+
+    Attributes:
+        stage: the stage whose input is missing; option: its option naming the input; value: the missing path;
+        producer: the stage that makes it.
+    """
+
+    def __init__(self, message: str, *, stage: str = "", option: str = "", value: str = "", producer: str = ""):
+        super().__init__(message)
+        self.stage, self.option, self.value, self.producer = stage, option, value, producer
 
 
 def looks_local(value: str) -> bool:
@@ -239,7 +248,8 @@ def check_stage_input(config: Any, stage: str) -> None:
     alternative = MAIN_JOB_OUTPUTS.get(producer)
     if alternative and Path(alternative).exists():
         hint = f"; the main job wrote one to {alternative}: --{option} {alternative}"
-    raise StageInputError(f"{value} not found: {make}, or pass --{option} PATH{hint}")
+    raise StageInputError(f"{value} not found: {make}, or pass --{option} PATH{hint}", stage=stage, option=option,
+                          value=value, producer=producer)
 
 
 def read_stage_record(folder: str | os.PathLike) -> dict[str, Any] | None:
