@@ -13,13 +13,17 @@ the embedding stages, and writes ``./conan-v2`` (stock transformers classes: no 
 
 Options (see ``--help``):
 
-    --stages 3,4                     run only some stages (the others' outputs must exist in --work-dir)
+    --stages 3,4                     run only some stages (the others' outputs must exist in --work_dir)
     --stages 3,4 --set weak.model=Qwen/Qwen2.5-0.5B     stages 3-4 on your own decoder (or --stages 4 with
                                      --set supervised.model=<encoder or decoder>)
     --preset none                    the paper's full-size defaults (1.4B model) instead of the tiny preset
-    --config-dir my_configs/         your own <stage>.yaml files (real data: see trainers/configs/*.yaml)
+    --config_dir my_configs/         your own <stage>.yaml files, holding the keys you change (see --help of
+                                     `conan-train <stage>`)
     --set pretrain.data='[{path: corpus.jsonl}]' --set supervised.lora='{r: 16}'   override single options
-    --max-steps 5                    cap every stage (smoke tests)
+    --max_steps 5                    cap every stage (smoke tests)
+    --resume no                      train every stage again from the start (default: resume / skip what is done)
+
+Flags are spelled with underscores, as the stages' (``--max-steps`` etc. are accepted too).
 
 Multi-GPU / NPU / multi-node: pass an accelerate config, e.g.
 ``accelerate launch --config_file trainers/configs/accelerate/deepspeed_zero1_bf16.yaml examples/finetune.py

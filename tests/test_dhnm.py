@@ -1072,7 +1072,9 @@ def test_stage4_default_schedule_uses_replacements_and_masks_false_negatives(tin
         return batch
 
     histories = []
-    original_finish = supervised.finish_stage
+    from conan_hf.training import runner
+
+    original_finish = runner.finish_stage
 
     def finish(trainer, *args, **kwargs):
         histories.append([h for h in trainer.state.log_history if "loss" in h])
@@ -1080,7 +1082,7 @@ def test_stage4_default_schedule_uses_replacements_and_masks_false_negatives(tin
 
     threads = torch.get_num_threads()
     supervised.MultiTaskCollator.__call__ = spy
-    supervised.finish_stage = finish
+    runner.finish_stage = finish
     try:
         on = supervised.run(_stage4_config(tiny_model_dir, data_file, tmp_path / "on"))
         on_batches, batches[:] = list(batches), []
@@ -1088,7 +1090,7 @@ def test_stage4_default_schedule_uses_replacements_and_masks_false_negatives(tin
         off_batches = list(batches)
     finally:
         supervised.MultiTaskCollator.__call__ = original
-        supervised.finish_stage = original_finish
+        runner.finish_stage = original_finish
         torch.set_num_threads(threads)
 
     # DHNM changes training: the replaced negatives are trained in the second pass, so the weights differ.

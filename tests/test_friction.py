@@ -62,7 +62,7 @@ def _option_entries(help_text: str) -> list[str]:
 
 
 def test_stage_help_lists_every_option_with_meaning_and_defaults(capsys, monkeypatch):
-    from conan_hf.training.config import field_docs, parse_config
+    from conan_hf.training.config import field_help, parse_config
 
     monkeypatch.setenv("COLUMNS", "1000")  # one line per option
     for stage in STAGES:
@@ -73,11 +73,10 @@ def test_stage_help_lists_every_option_with_meaning_and_defaults(capsys, monkeyp
         lines = _option_entries(capsys.readouterr().out)
         shipped = yaml.safe_load((REPO / "conan_hf" / "stages" / "configs" / f"{stage}.yaml").read_text(encoding="utf-8"))
         tiny = shipped.pop("presets")["tiny"]
-        docs = field_docs(cls)
         for field in dataclasses.fields(cls):
             line = next((x for x in lines if x.startswith(f"--{field.name} ")), None)
             assert line is not None, f"{stage}: --{field.name} missing from --help"
-            meaning = docs.get(field.name, "")
+            meaning = field_help(field)
             assert meaning and meaning.split()[0] in line and "(undocumented)" not in line, (stage, field.name, line)
             default = shipped.get(field.name, field.default if field.default is not dataclasses.MISSING
                                   else field.default_factory())
@@ -86,9 +85,9 @@ def test_stage_help_lists_every_option_with_meaning_and_defaults(capsys, monkeyp
             assert f"(default: {shown}" in line, (stage, field.name, line)
             if field.name in tiny:
                 assert f"--preset tiny: {tiny[field.name]}" in line, (stage, field.name, line)
-    # the meanings come from the docstrings' Args sections, including a line documenting two fields
-    supervised_docs = field_docs(_config_class("supervised"))
-    assert supervised_docs["temperature"] == "InfoNCE τ"
+    # the meanings come from the fields' help metadata, a subclass's own default keeping the base field's meaning
+    supervised_docs = {f.name: field_help(f) for f in dataclasses.fields(_config_class("supervised"))}
+    assert supervised_docs["temperature"] == "InfoNCE τ (eq. 1)."
     assert supervised_docs["cosent_scale"].startswith("CoSENT's scale")
     assert supervised_docs["output_dir"].startswith("checkpoints go to")  # inherited from StageConfig
 
@@ -117,7 +116,7 @@ def test_user_values_win_over_the_preset_and_the_preset_shrinks_shipped_values(t
     cfg = parse_config(PretrainConfig, "pretrain", ["--preset", "tiny"])
     assert (cfg.model, cfg.seq_length, cfg.learning_rate, cfg.bf16) == (
         tiny["model"], tiny["seq_length"], tiny["learning_rate"], tiny["bf16"])
-    assert cfg.weight_decay == shipped["weight_decay"]  # not in the preset: the paper value
+    assert cfg.weight_decay == PretrainConfig().weight_decay == 0.001  # not in the preset: the paper value
 
     # a user's own YAML: its values win, the preset fills in the rest, flags win over both
     mine = tmp_path / "mine.yaml"
@@ -128,11 +127,10 @@ def test_user_values_win_over_the_preset_and_the_preset_shrinks_shipped_values(t
     cfg = parse_config(PretrainConfig, "pretrain", ["--config", str(mine), "--preset", "tiny", "--max_steps", "9"])
     assert cfg.max_steps == 9
 
-    # a copy of the shipped file with one value changed: that value is the user's, the rest still shrinks
+    # a copy of the shipped file with one value set: that value is the user's, the rest still shrinks
     copy = tmp_path / "configs" / "pretrain.yaml"
     copy.parent.mkdir()
-    copy.write_text(shipped_path.read_text(encoding="utf-8").replace("learning_rate: 1.0e-4", "learning_rate: 2.0e-4"),
-                    encoding="utf-8")
+    copy.write_text("learning_rate: 2.0e-4\n" + shipped_path.read_text(encoding="utf-8"), encoding="utf-8")
     cfg = load_config(PretrainConfig, copy, preset="tiny")  # the shipped counterpart is found by the file name
     assert (cfg.learning_rate, cfg.model, cfg.seq_length) == (2e-4, "tiny", tiny["seq_length"])
 

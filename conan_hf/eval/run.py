@@ -82,12 +82,16 @@ def detect_instruction_template(prompts: Mapping[str, str | None] | None) -> str
 
 def load_model(model: str | Path | SentenceTransformer, *, device: str | None = None,
                trust_remote_code: bool = True) -> SentenceTransformer:
-    """A SentenceTransformer from a path / Hub id (remote code allowed for Conan checkpoints), or the model itself."""
+    """A SentenceTransformer from a path / Hub id, as saved (:func:`conan_hf.training.models.load_sentence_model`;
+    remote code allowed for Conan checkpoints), or the model itself."""
     from sentence_transformers import SentenceTransformer
+
+    from conan_hf.training.models import load_sentence_model
 
     if isinstance(model, SentenceTransformer):
         return model
-    return SentenceTransformer(str(model), device=device, trust_remote_code=trust_remote_code)
+    return load_sentence_model(str(model), attention_mode=None, max_seq_length=None, device=device,
+                               trust_remote_code=trust_remote_code)
 
 
 #: Stage-4 task types → the mteb prompt key their prompt serves (see :mod:`conan_hf.prompts`).

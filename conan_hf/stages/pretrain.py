@@ -21,47 +21,30 @@ from pathlib import Path
 from typing import Any
 
 from conan_hf.data.sources import LOCATION, load_sources, main_process_first
-from conan_hf.errors import cli_errors
-from conan_hf.training.checkpoints import NO_RESUME, finish_stage, stage_exits, start_stage, train_with_resume
-from conan_hf.training.config import StageConfig, parse_config
-from conan_hf.training.distributed import print_main, setup_runtime
-from conan_hf.training.streaming import (
-    ResumableStream,
-    StreamPositionCallback,
-    StreamTrainer,
-    is_streamed,
-    stream_training_kwargs,
-)
+from conan_hf.training.config import StageConfig, option, override
+from conan_hf.training.distributed import print_main
+from conan_hf.training.runner import CausalLMRunner
+from conan_hf.training.streaming import ResumableStream
 
 IGNORE_INDEX = -100
 
 
 @dataclasses.dataclass
 class PretrainConfig(StageConfig):
-    """Options of stage 1 (see :class:`conan_hf.training.config.StageConfig` for the shared ones).
+    """Options of stage 1 (the shared ones: :class:`conan_hf.training.config.StageConfig`)."""
 
-    Args:
-        tokenizer: the stage-0 tokenizer folder.
-        model: ``"full"`` (the released 1.4B architecture), ``"tiny"`` (~3M parameters, for CPUs and tests), a path
-            to a ``config.json``, or a mapping of `ConanConfig` arguments.
-        model_overrides: `ConanConfig` arguments applied on top (e.g. ``{num_hidden_layers: 4}``).
-        data: text sources (see :mod:`conan_hf.data.sources`); ``streaming: true`` on one reads them lazily (then
-            ``max_steps`` is required).
-        text_column: the column holding the text in file/Hub sources.
-        seq_length: tokens per packed block.
-    """
-
-    output_dir: str = "runs/pretrain"
-    tokenizer: str = "runs/tokenizer"
-    model: Any = "full"
-    model_overrides: dict = dataclasses.field(default_factory=dict)
-    data: Any = dataclasses.field(default_factory=lambda: ["demo"])
-    text_column: str = "text"
-    seq_length: int = 2048
-    learning_rate: float = 1e-4
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.001
-    bf16: bool = True
+    output_dir: str = override(StageConfig, "output_dir", "runs/pretrain")
+    tokenizer: str = option("runs/tokenizer", help="the stage-0 tokenizer folder.")
+    model: Any = option("full", help="``full`` (the released 1.4B architecture), ``tiny`` (~3M parameters, for CPUs "
+                                     "and tests), a path to a ``config.json``, or a mapping of `ConanConfig` "
+                                     "arguments.")
+    model_overrides: dict = option(help="`ConanConfig` arguments applied on top (e.g. ``{num_hidden_layers: 4}``).",
+                                   factory=dict)
+    data: Any = option(help="text sources (see :mod:`conan_hf.data.sources`; ``demo``: the embedded corpus); "
+                            "``streaming: true`` on one reads them lazily (then ``max_steps`` is required).",
+                       factory=lambda: ["demo"])
+    text_column: str = option("text", help="the column holding the text in file/Hub sources.")
+    seq_length: int = option(2048, help="tokens per packed block.")
 
 
 class BlockPacker:
@@ -283,55 +266,62 @@ def pack_dataset(dataset, tokenizer, text_column: str, seq_length: int):
                            features=features, desc="tokenising and packing")
 
 
+class PretrainRunner(CausalLMRunner):
+    """Stage 1: the stage-0 tokenizer, the packed blocks of the texts, a new `ConanForCausalLM`."""
+
+    stage, number, config_class, what = "pretrain", 1, PretrainConfig, "stage 1 (pre-training) data"
+
+    def load_datasets(self):
+        """The texts packed into blocks of ``seq_length`` tokens (:func:`pack_dataset`)."""
+        from transformers import AutoTokenizer
+
+        from conan_hf.demo import demo_texts
+
+        config = self.config
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+        self.texts = load_sources(config.data, lambda: [{"text": t} for t in demo_texts()],
+                                  required=[config.text_column], text=[config.text_column], keep=[config.text_column],
+                                  what=self.what, streaming=self.streamed)
+        packed = pack_dataset(self.texts, self.tokenizer, config.text_column, config.seq_length)
+        if self.streamed:
+            self.num_tokens, self.num_blocks = None, None
+            return packed
+        import pyarrow.compute
+
+        self.num_tokens = int(pyarrow.compute.sum(packed.data.column("num_tokens")).as_py())
+        self.num_blocks = len(packed)
+        return packed.remove_columns("num_tokens")
+
+    def load_model(self):
+        return new_causal_lm(self.config.model, self.tokenizer, self.config.model_overrides)
+
+    def collator(self):
+        from transformers import default_data_collator
+
+        return default_data_collator
+
+    def create_trainer(self, model, datasets, args):
+        trainer = super().create_trainer(model, datasets, args)
+        if self.streamed:
+            print_main(f"[stage 1] pre-training {model.num_parameters():,} parameters on a stream of documents "
+                       f"(blocks of {self.config.seq_length} tokens, packed as they are read)")
+        else:
+            print_main(f"[stage 1] pre-training {model.num_parameters():,} parameters on {len(self.texts)} documents "
+                       f"({self.num_tokens:,} tokens, {self.num_blocks} packed blocks of {self.config.seq_length})")
+        return trainer
+
+    def summary(self, trainer):
+        return "", {"num_blocks": self.num_blocks, "num_tokens": self.num_tokens, "streamed": self.streamed}
+
+
 def run(config: PretrainConfig) -> dict[str, Any]:
     """Train stage 1; returns a summary with the final directory and the logged losses."""
-    done = start_stage(config, "pretrain", 1)
-    if done is not None:
-        return done
-    import pyarrow.compute
-    from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator
-
-    from conan_hf.demo import demo_texts
-
-    what = "stage 1 (pre-training) data"
-    setup_runtime(config)
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
-    streamed = is_streamed(config.data, what)
-    args_kwargs = config.training_arguments_kwargs()
-    if streamed:
-        args_kwargs = stream_training_kwargs(config, what, args_kwargs)
-    # First, so that the process group exists when the data layer splits a stream by rank or lets the main process
-    # of each node fill the datasets cache first.
-    args = TrainingArguments(**args_kwargs)
-    texts = load_sources(config.data, lambda: [{"text": t} for t in demo_texts()], required=[config.text_column],
-                         text=[config.text_column], keep=[config.text_column], what=what, streaming=streamed)
-    packed = pack_dataset(texts, tokenizer, config.text_column, config.seq_length)
-
-    model = new_causal_lm(config.model, tokenizer, config.model_overrides)
-    if streamed:
-        explicit = None if config.resume in NO_RESUME or config.resume == "auto" else config.resume
-        trainer = StreamTrainer(model=model, args=args, train_dataset=packed, data_collator=default_data_collator,
-                                processing_class=tokenizer, callbacks=[StreamPositionCallback(packed, explicit)])
-        num_tokens, num_blocks = None, None
-        print_main(f"[stage 1] pre-training {model.num_parameters():,} parameters on a stream of documents "
-                   f"(blocks of {config.seq_length} tokens, packed as they are read)")
-    else:
-        num_tokens, num_blocks = int(pyarrow.compute.sum(packed.data.column("num_tokens")).as_py()), len(packed)
-        trainer = Trainer(model=model, args=args, train_dataset=packed.remove_columns("num_tokens"),
-                          data_collator=default_data_collator, processing_class=tokenizer)
-        print_main(f"[stage 1] pre-training {model.num_parameters():,} parameters on {len(texts)} documents "
-                   f"({num_tokens:,} tokens, {num_blocks} packed blocks of {config.seq_length})")
-    result = train_with_resume(trainer, config)
-    model.config.use_cache = True
-    return finish_stage(trainer, config, "pretrain", 1, result, num_blocks=num_blocks, num_tokens=num_tokens,
-                        streamed=streamed)
+    return PretrainRunner(config).run()
 
 
-@cli_errors("conan-train pretrain")
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(PretrainConfig, "pretrain", argv, description=__doc__)
-    with stage_exits(config):
-        run(config)
+    """``conan-train pretrain [options]`` (see ``--help``)."""
+    PretrainRunner.main(argv, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from conan_hf.errors import DataError, OneLineArgumentParser, cli_errors
-from conan_hf.training.checkpoints import read_stage_record
-from conan_hf.training.config import default_config_path, load_config
+from conan_hf.training.checkpoints import StageInputError, read_stage_record
+from conan_hf.training.config import add_option, default_config_path, load_config
 from conan_hf.training.distributed import is_main_process, print_main
 
 STAGES = ("tokenizer", "pretrain", "sft", "weak", "supervised")
@@ -241,7 +241,14 @@ def run_pipeline(
             state.wait_for_everyone()
             summaries[stage] = {"final_dir": configs[stage].output_dir}
         else:
-            summaries[stage] = module.run(configs[stage])
+            try:
+                summaries[stage] = module.run(configs[stage])
+            except StageInputError as error:  # say it with the main job's options
+                raise StageInputError(
+                    f"{error.value} not found: run stage {STAGE_NUMBERS[error.producer]} ({error.producer}) too "
+                    f"(--stages {STAGE_NUMBERS[error.producer]}-{STAGE_NUMBERS[stage]}), or pass --set "
+                    f"{stage}.{error.option}=PATH", stage=stage, option=error.option, value=error.value,
+                    producer=error.producer) from None
         seconds[stage] = time.perf_counter() - start
         if stage in ("weak", "supervised"):
             evaluate(f"after stage {STAGE_NUMBERS[stage]} ({stage})", summaries[stage]["final_dir"])
@@ -286,25 +293,32 @@ def print_report(report: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import argparse
 
-    parser = OneLineArgumentParser(prog="finetune", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="conan-v2", help="final SentenceTransformer folder (%(default)s)")
-    parser.add_argument("--work-dir", default="runs/finetune", help="stage outputs and checkpoints (%(default)s)")
+    parser = OneLineArgumentParser(
+        prog="finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Flags are spelled with underscores (--max_steps), as the stages' and transformers'; dashes "
+               "(--max-steps) are accepted too.")
+    add_option(parser, "output_dir", default="conan-v2", help="final SentenceTransformer folder (%(default)s)")
+    add_option(parser, "work_dir", default="runs/finetune", help="stage outputs and checkpoints (%(default)s)")
     parser.add_argument("--stages", default="all", help="'all', '0-4', '3,4' or names (default: all)")
     parser.add_argument("--preset", default="tiny",
                         help="preset of the stage YAMLs: 'tiny' (CPU demo, default) or 'none' for the paper's "
                              "full-size defaults")
-    parser.add_argument("--config-dir", default=None,
-                        help="folder with your own <stage>.yaml files (default: trainers/configs)")
+    add_option(parser, "config_dir", default=None,
+               help="folder with your own <stage>.yaml files (default: conan_hf/stages/configs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
                         help="override a stage option, e.g. --set pretrain.max_steps=100 "
                              "--set 'supervised.lora={r: 8}' --set '*.max_steps=5' (repeatable)")
-    parser.add_argument("--max-steps", type=int, default=None, help="cap every training stage at this many steps")
-    parser.add_argument("--no-eval", action="store_true", help="skip the held-out demo evaluation")
+    add_option(parser, "max_steps", type=int, default=None, help="cap every training stage at this many steps")
+    parser.add_argument("--resume", default=None,
+                        help="every training stage's resume option: 'auto' (their default: continue from the latest "
+                             "complete checkpoint, skip a stage already done with the same options) or 'no' (train "
+                             "again from the start)")
+    add_option(parser, "no_eval", action="store_true", help="skip the held-out demo evaluation")
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.overrides)
-    if args.max_steps is not None:
-        overrides.setdefault("*", {})["max_steps"] = args.max_steps
+    for name in ("max_steps", "resume"):
+        if getattr(args, name) is not None:
+            overrides.setdefault("*", {})[name] = getattr(args, name)
     preset = None if args.preset in ("none", "None", "") else args.preset
     report = run_pipeline(parse_stages(args.stages), args.work_dir, args.output_dir, preset, args.config_dir,
                           overrides, demo_eval=not args.no_eval)

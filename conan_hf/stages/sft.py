@@ -18,17 +18,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from conan_hf.data.sources import LOCATION, load_sources, main_process_first
-from conan_hf.errors import cli_errors
-from conan_hf.training.checkpoints import NO_RESUME, finish_stage, stage_exits, start_stage, train_with_resume
-from conan_hf.training.config import StageConfig, parse_config
-from conan_hf.training.distributed import print_main, setup_runtime
-from conan_hf.training.streaming import (
-    ResumableStream,
-    StreamPositionCallback,
-    StreamTrainer,
-    is_streamed,
-    stream_training_kwargs,
-)
+from conan_hf.training.config import StageConfig, option, override
+from conan_hf.training.distributed import print_main
+from conan_hf.training.runner import CausalLMRunner
+from conan_hf.training.streaming import ResumableStream
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -36,23 +29,17 @@ IGNORE_INDEX = -100
 
 @dataclasses.dataclass
 class SFTConfig(StageConfig):
-    """Options of stage 2 (see :class:`conan_hf.training.config.StageConfig` for the shared ones).
+    """Options of stage 2 (the shared ones: :class:`conan_hf.training.config.StageConfig`)."""
 
-    Args:
-        model: the stage-1 output folder (a `ConanForCausalLM` with its tokenizer).
-        data: sources of ``instruction``, ``input`` (may be empty) and ``output`` columns; ``streaming: true`` on one
-            reads them lazily (then ``max_steps`` is required).
-        max_length: examples are truncated to this many tokens.
-    """
-
-    output_dir: str = "runs/sft"
-    model: str = "runs/pretrain/final"
-    data: Any = dataclasses.field(default_factory=lambda: ["demo"])
-    max_length: int = 2048
-    learning_rate: float = 2e-5
-    warmup_ratio: float = 0.02
-    weight_decay: float = 0.001
-    bf16: bool = True
+    output_dir: str = override(StageConfig, "output_dir", "runs/sft")
+    model: str = option("runs/pretrain/final", help="the stage-1 output folder (a `ConanForCausalLM` with its "
+                                                    "tokenizer).")
+    data: Any = option(help="sources of ``instruction``, ``input`` (may be empty) and ``output`` columns; "
+                            "``streaming: true`` on one reads them lazily (then ``max_steps`` is required).",
+                       factory=lambda: ["demo"])
+    max_length: int = option(2048, help="examples are truncated to this many tokens.")
+    learning_rate: float = override(StageConfig, "learning_rate", 2e-5)  # §3.1
+    warmup_ratio: float = override(StageConfig, "warmup_ratio", 0.02)
 
 
 #: The separators of an SFT prompt: the special token when the tokenizer has it (stage-0 tokenizers do), else a
@@ -195,56 +182,56 @@ def preprocess(rows, tokenizer, max_length: int, what: str = "stage 2 (SFT) data
     return examples
 
 
+class SFTRunner(CausalLMRunner):
+    """Stage 2: the stage-1 model and tokenizer, the SFT examples of the (instruction, input, output) rows."""
+
+    stage, number, config_class, what = "sft", 2, SFTConfig, "stage 2 (SFT) data"
+
+    def load_datasets(self):
+        """The SFT examples (:func:`preprocess`); a stream of them when ``data`` is streamed."""
+        from transformers import AutoTokenizer
+
+        from conan_hf.demo import demo_instructions
+
+        config = self.config
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.tokenizer.padding_side = "right"
+        rows = load_sources(config.data, demo_instructions, required=["instruction", "output"],
+                            text=list(SFT_COLUMNS), keep=list(SFT_COLUMNS), what=self.what, streaming=self.streamed)
+        dataset = preprocess(rows, self.tokenizer, config.max_length, self.what)
+        return ResumableStream(dataset, self.what) if self.streamed else dataset
+
+    def load_model(self):
+        from conan_hf import ConanForCausalLM
+
+        model = ConanForCausalLM.from_pretrained(self.config.model)
+        model.config.use_cache = False
+        return model
+
+    def collator(self):
+        from transformers import DataCollatorForSeq2Seq
+
+        return DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+
+    def create_trainer(self, model, datasets, args):
+        trainer = super().create_trainer(model, datasets, args)
+        self.num_examples = None if self.streamed else len(datasets)
+        on = "a stream of" if self.streamed else str(self.num_examples)
+        print_main(f"[stage 2] SFT of {self.config.model} on {on} (instruction, input, output) examples")
+        return trainer
+
+    def summary(self, trainer):
+        return "", {"num_examples": self.num_examples, "streamed": self.streamed}
+
+
 def run(config: SFTConfig) -> dict[str, Any]:
     """Train stage 2; returns a summary with the final directory and the logged losses."""
-    done = start_stage(config, "sft", 2)
-    if done is not None:
-        return done
-    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
-
-    from conan_hf import ConanForCausalLM
-    from conan_hf.demo import demo_instructions
-
-    what = "stage 2 (SFT) data"
-    setup_runtime(config)
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
-    tokenizer.padding_side = "right"
-    streamed = is_streamed(config.data, what)
-    args_kwargs = config.training_arguments_kwargs()
-    if streamed:
-        args_kwargs = stream_training_kwargs(config, what, args_kwargs)
-    # First, so that the process group exists when the data layer splits a stream by rank or lets the main process
-    # of each node fill the datasets cache first.
-    args = TrainingArguments(**args_kwargs)
-    rows = load_sources(config.data, demo_instructions, required=["instruction", "output"], text=list(SFT_COLUMNS),
-                        keep=list(SFT_COLUMNS), what=what, streaming=streamed)
-    dataset = preprocess(rows, tokenizer, config.max_length, what)
-
-    model = ConanForCausalLM.from_pretrained(config.model)
-    model.config.use_cache = False
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-    if streamed:
-        examples = ResumableStream(dataset, what)
-        explicit = None if config.resume in NO_RESUME or config.resume == "auto" else config.resume
-        trainer = StreamTrainer(model=model, args=args, train_dataset=examples, data_collator=collator,
-                                processing_class=tokenizer, callbacks=[StreamPositionCallback(examples, explicit)])
-        num_examples = None
-        print_main(f"[stage 2] SFT of {config.model} on a stream of (instruction, input, output) examples")
-    else:
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                          processing_class=tokenizer)
-        num_examples = len(dataset)
-        print_main(f"[stage 2] SFT of {config.model} on {len(dataset)} (instruction, input, output) examples")
-    result = train_with_resume(trainer, config)
-    model.config.use_cache = True
-    return finish_stage(trainer, config, "sft", 2, result, num_examples=num_examples, streamed=streamed)
+    return SFTRunner(config).run()
 
 
-@cli_errors("conan-train sft")
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(SFTConfig, "sft", argv, description=__doc__)
-    with stage_exits(config):
-        run(config)
+    """``conan-train sft [options]`` (see ``--help``)."""
+    SFTRunner.main(argv, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -49,21 +49,17 @@ from typing import Any
 
 import numpy as np
 
-from conan_hf.errors import DataError, cli_errors, location_of
 from conan_hf.data.sources import iter_sources, row_text
-from conan_hf.training.checkpoints import finish_stage, stage_exits, start_stage, train_with_resume
-from conan_hf.training.config import StageConfig, config_from_dict, parse_config
-from conan_hf.training.distributed import print_main, setup_runtime
+from conan_hf.dhnm import FalseNegativeCountCallback, MultiTaskScores
+from conan_hf.errors import DataError, location_of
+from conan_hf.prompts import mteb_prompt_names
+from conan_hf.sentence import format_query_prompt
+from conan_hf.training.config import StageConfig, config_from_dict, option, override
+from conan_hf.training.distributed import print_main
 from conan_hf.training.lora import add_lora, merge_lora
 from conan_hf.training.models import describe_attention, load_sentence_model
-from conan_hf.training.multitask import (
-    MultiTaskCollator,
-    MultiTaskTrainer,
-    ProportionalTaskSampler,
-    RoundRobinTaskSampler,
-)
-from conan_hf.dhnm import FalseNegativeCountCallback
-from conan_hf.dhnm import MultiTaskScores as _ScoreRecords
+from conan_hf.training.multitask import MultiTaskCollator, MultiTaskTrainer, ProportionalTaskSampler, RoundRobinTaskSampler
+from conan_hf.training.runner import StageRunner
 
 logger = logging.getLogger(__name__)
 
@@ -110,75 +106,71 @@ class TaskConfig:
 
 
 def _demo_tasks() -> list[dict[str, Any]]:
-    return [{"name": t, "type": t, "data": ["demo"], "prompt": DEMO_PROMPTS[t]} for t in TASK_TYPES]
+    return [{"name": t, "type": t, "data": ["demo"], "batch_size": DEFAULT_BATCH_SIZES[t], "prompt": DEMO_PROMPTS[t]}
+            for t in TASK_TYPES]
+
+
+def _eq6_default(name: str) -> float:
+    """The paper's eq. 6 threshold ``name`` (``s0_min`` 0.4, ``drop_ratio`` 1.2, ``s_max`` 0.7), as defined by
+    :func:`conan_hf.dhnm.dhnm_should_replace`."""
+    import inspect
+
+    from conan_hf.dhnm import dhnm_should_replace
+
+    return inspect.signature(dhnm_should_replace).parameters[name].default
 
 
 @dataclasses.dataclass
 class SupervisedConfig(StageConfig):
-    """Options of stage 4 (see :class:`conan_hf.training.config.StageConfig` for the shared ones).
+    """Options of stage 4 (the shared ones: :class:`conan_hf.training.config.StageConfig`; App. A: the optimizer
+    settings and learning rate of pre-training)."""
 
-    Args:
-        model: the stage-3 output folder (a SentenceTransformer; a stage-2 decoder folder also works).
-        tasks: list of :class:`TaskConfig` mappings.
-        num_negatives: active hard negatives per example (7 in the paper).
-        temperature: InfoNCE τ; cosent_scale: CoSENT's scale (1/τ of eq. 2).
-        matryoshka: wrap every loss in Matryoshka representation learning (App. A).
-        matryoshka_dims: ``None`` derives them from the embedding size (the paper's dims for 3584).
-        dhnm: replace hard negatives that became easy (eq. 6 with thresholds ``dhnm_s0_min``, ``dhnm_drop_ratio``,
-            ``dhnm_s_max``); ``false`` keeps each example's first ``num_negatives`` candidates. A replacement trains
-            at the example's next visit: with fewer than 2 passes over the data DHNM cannot act (a warning says so).
-        num_train_epochs: 2 by default (the paper states none): the second pass trains the first pass's
-            replacements.
-        mask_false_negatives: InfoNCE leaves documents identical to a query's positive out of its negatives.
-        false_negative_margin: ``None`` (default) or a margin m: InfoNCE also leaves out negatives scoring above the
-            positive's score minus m (:class:`conan_hf.losses.InfoNCELoss`).
-        dhnm_s0_min: a negative is replaced when its score S0 at activation is below this (0.4, eq. 6).
-        dhnm_drop_ratio: a negative is also replaced when ``dhnm_drop_ratio`` · S < S0 and S < ``dhnm_s_max``
-            (S its current score; 1.2, eq. 6).
-        dhnm_s_max: the upper bound on S of that second rule (0.7, eq. 6).
-        teacher: SentenceTransformer used to mine negative pools for retrieval/clr tasks whose data has none.
-        pool_size: candidates mined per example.
-        max_seq_length: texts are truncated to this many tokens.
-        lora: ``None`` (full fine-tuning) or LoRA settings, e.g. ``{r: 16, lora_alpha: 32, lora_dropout: 0.05}``.
-        pooling: ``mean`` or ``lasttoken`` for a model folder that is not yet a SentenceTransformer; ``None``:
-            ``lasttoken`` with causal attention, else ``mean`` (a SentenceTransformer keeps its saved pooling).
-        attention_mode: ``bidirectional`` (default; a stock decoder gets transformers' ``is_causal=False``) or
-            ``causal`` (the e5-mistral / gte-Qwen2 style, with last-token pooling and right padding). Encoders
-            (BERT-like) are bidirectional only.
-        multi_dataset_sampler: ``proportional`` (tasks sampled in proportion to their size) or ``round_robin``.
-        export_format: ``stock`` (default) writes the final embedder with stock transformers classes, loadable
-            without ``trust_remote_code`` (a Conan backbone becomes a ``LlamaModel`` with ``is_causal: false``, see
-            :mod:`conan_hf.export`); ``remote_code`` saves a Conan backbone with its own code files, as stages 1-3 do.
-    """
-
-    output_dir: str = "runs/supervised"
-    model: str = "runs/weak/final"
-    tasks: list = dataclasses.field(default_factory=_demo_tasks)
-    num_negatives: int = 7
-    temperature: float = 0.05
-    cosent_scale: float = 20.0
-    matryoshka: bool = True
-    matryoshka_dims: list | None = None
-    dhnm: bool = True
-    dhnm_s0_min: float = 0.4
-    dhnm_drop_ratio: float = 1.2
-    dhnm_s_max: float = 0.7
-    num_train_epochs: float = 2.0
-    mask_false_negatives: bool = True
-    false_negative_margin: float | None = None
-    teacher: str | None = None
-    pool_size: int = 32
-    lora: dict | None = None
-    pooling: str | None = None
-    attention_mode: str = "bidirectional"
-    max_seq_length: int = 512
-    multi_dataset_sampler: str = "proportional"
-    export_format: str = "stock"
-    # App. A: stages 3 and 4 use "the same optimizer parameters and learning rate as in the pre-training phase".
-    learning_rate: float = 1e-4
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.001
-    bf16: bool = True
+    output_dir: str = override(StageConfig, "output_dir", "runs/supervised")
+    model: str = option("runs/weak/final", help="the stage-3 output folder (a SentenceTransformer; a stage-2 decoder "
+                                                "folder also works), or your own encoder or decoder.")
+    tasks: list = option(help="list of :class:`TaskConfig` mappings (``name``, ``type``, ``data``, ``batch_size``, "
+                              "``prompt``).", factory=_demo_tasks)
+    num_negatives: int = option(7, help="active hard negatives per example (7 in the paper).")
+    temperature: float = option(0.05, help="InfoNCE τ (eq. 1).")
+    cosent_scale: float = option(20.0, help="CoSENT's scale (1/τ of eq. 2).")
+    matryoshka: bool = option(True, help="wrap every loss in Matryoshka representation learning (App. A).")
+    matryoshka_dims: list | None = option(None, help="``None`` derives them from the embedding size (the paper's "
+                                                     "dims for 3584: 256, 512, 1024, 1536, 2048, 3072, 3584).")
+    dhnm: bool = option(True, help="replace hard negatives that became easy (eq. 6 with thresholds ``dhnm_s0_min``, "
+                                   "``dhnm_drop_ratio``, ``dhnm_s_max``); ``false`` keeps each example's first "
+                                   "``num_negatives`` candidates. A replacement trains at the example's next visit: "
+                                   "with fewer than 2 passes over the data DHNM cannot act (a warning says so).")
+    dhnm_s0_min: float = option(_eq6_default("s0_min"), help="a negative is replaced when its score S0 at activation "
+                                                             "is below this (eq. 6).")
+    dhnm_drop_ratio: float = option(_eq6_default("drop_ratio"), help="a negative is also replaced when "
+                                    "``dhnm_drop_ratio`` · S < S0 and S < ``dhnm_s_max`` (S its current score; eq. 6).")
+    dhnm_s_max: float = option(_eq6_default("s_max"), help="the upper bound on S of that second rule (eq. 6).")
+    num_train_epochs: float = option(2.0, help="passes over the training data (when ``max_steps`` is ``-1``); 2 by "
+                                               "default (the paper states none): the second pass trains the first "
+                                               "pass's DHNM replacements.")
+    mask_false_negatives: bool = option(True, help="InfoNCE leaves documents identical to a query's positive out of "
+                                                   "its negatives.")
+    false_negative_margin: float | None = option(None, help="``None`` or a margin m: InfoNCE also leaves out "
+                                                 "negatives scoring above the positive's score minus m "
+                                                 "(:class:`conan_hf.losses.InfoNCELoss`).")
+    teacher: str | None = option(None, help="SentenceTransformer used to mine negative pools for retrieval/clr tasks "
+                                            "whose data has none.")
+    pool_size: int = option(32, help="candidates mined per example.")
+    lora: dict | None = option(None, help="``None`` (full fine-tuning) or LoRA settings, e.g. ``{r: 16, lora_alpha: "
+                                          "32, lora_dropout: 0.05}`` (Table 6).")
+    pooling: str | None = option(None, help="``mean`` or ``lasttoken`` for a model folder that is not yet a "
+                                            "SentenceTransformer; ``None``: ``lasttoken`` with causal attention, else "
+                                            "``mean`` (a SentenceTransformer keeps its saved pooling).")
+    attention_mode: str = option("bidirectional", help="``bidirectional`` (a stock decoder gets transformers' "
+                                 "``is_causal=False``) or ``causal`` (the e5-mistral / gte-Qwen2 style, with last-token "
+                                 "pooling and right padding). Encoders (BERT-like) are bidirectional only.")
+    max_seq_length: int = option(512, help="texts are truncated to this many tokens.")
+    multi_dataset_sampler: str = option("proportional", help="``proportional`` (tasks sampled in proportion to their "
+                                                             "size) or ``round_robin``.")
+    export_format: str = option("stock", help="``stock`` writes the final embedder with stock transformers classes, "
+                                "loadable without ``trust_remote_code`` (a Conan backbone becomes a ``LlamaModel`` "
+                                "with ``is_causal: false``, see :mod:`conan_hf.export`); ``remote_code`` saves a Conan "
+                                "backbone with its own code files, as stages 1-3 do.")
 
     def __post_init__(self) -> None:
         from conan_hf.export import EXPORT_FORMATS
@@ -281,7 +273,7 @@ class TaskTable:
     """A task's training rows as a memory-mapped Arrow table, and for pool tasks its candidate negatives.
 
     ``dataset`` has the loss's columns (``id, anchor, positive`` for pool tasks: ``id`` is the example's row in the
-    stage's :class:`~conan_hf.dhnm.pool.NegativePool`; ``sentence1, sentence2, score`` for sts). The candidates are either
+    stage's :class:`~conan_hf.dhnm.NegativePool`; ``sentence1, sentence2, score`` for sts). The candidates are either
     ``texts`` written in row order (row ``i``'s ``pool_sizes[i]`` candidates follow row ``i - 1``'s) or, for mined
     pools, ``candidate_ids`` into ``texts``.
     """
@@ -362,12 +354,12 @@ def write_task_table(task: TaskConfig, examples: Iterable[tuple[dict[str, Any], 
 
 
 def build_negative_pool(tables: list[TaskTable], k: int, folder: Path) -> Any:
-    """One :class:`~conan_hf.dhnm.pool.NegativePool` over the pool tasks' tables, keyed by row index (the ``id``
+    """One :class:`~conan_hf.dhnm.NegativePool` over the pool tasks' tables, keyed by row index (the ``id``
     column), its candidate ids in a memory-mapped ``candidate_ids.npy`` and its texts the tasks' memory-mapped
     candidate tables (zero-copy chunks of one Arrow array)."""
     import pyarrow as pa
 
-    from conan_hf.dhnm.pool import NegativePool
+    from conan_hf.dhnm import NegativePool
 
     width = max(table.width for table in tables)
     total = sum(len(table.dataset) for table in tables)
@@ -405,6 +397,7 @@ def build_negative_pool(tables: list[TaskTable], k: int, folder: Path) -> Any:
     return NegativePool.from_ids(None, candidate_ids, pa.chunked_array(chunks, type=pa.large_string()), k=k)
 
 
+# ---- batching --------------------------------------------------------------------------------------------------------
 def dhnm_passes(config: SupervisedConfig, args: Any, rows: dict[str, int], batch_sizes: dict[str, int]) -> float:
     """How many times the planned run batches each example: ``num_train_epochs``, or ``max_steps`` worth of batches
     over the batches of one epoch (per-task ``rows // batch_size``, batches dropped at the end, shared by ranks)."""
@@ -416,60 +409,78 @@ def dhnm_passes(config: SupervisedConfig, args: Any, rows: dict[str, int], batch
 
 
 # ---- the stage -------------------------------------------------------------------------------------------------------
-def run(config: SupervisedConfig) -> dict[str, Any]:
-    """Train stage 4; returns a summary with the final directory and the logged losses."""
-    done = start_stage(config, "supervised", 4)
-    if done is not None:
-        return done
-    from datasets import DatasetDict
-    from sentence_transformers import SentenceTransformerTrainingArguments
+class SupervisedRunner(StageRunner):
+    """Stage 4: the stage-3 model (or yours) with a prompt per task, each task's rows in a memory-mapped table with its
+    loss (InfoNCE with pool negatives, or CoSENT; Matryoshka over all), one negative pool with DHNM, per-task batch
+    sizes, and the final export."""
 
-    from conan_hf.losses import CoSENTLoss, InfoNCELoss, MatryoshkaLoss
-    from conan_hf.prompts import mteb_prompt_names
-    from conan_hf.sentence import check_prompt_boundary, format_query_prompt
-    from conan_hf.dhnm import DHNMCallback, NegativePool
+    stage, number, config_class = "supervised", 4, SupervisedConfig
 
-    setup_runtime(config)
-    tasks = config.task_configs()
-    prompts = {t.name: format_query_prompt(t.prompt) for t in tasks if t.prompt}
-    model = load_sentence_model(config.model, attention_mode=config.attention_mode, pooling=config.pooling,
-                                max_seq_length=config.max_seq_length,
-                                prompts=mteb_prompt_names((t.name, t.type, prompts.get(t.name)) for t in tasks))
-    attention = describe_attention(model)
-    if config.attention_mode == "causal" and attention["pooling"] != "lasttoken":
-        logger.warning("stage 4: causal attention with %s pooling: only the last token sees the whole text; "
-                       "last-token pooling (pooling: lasttoken) is the usual choice", attention["pooling"])
-    for name, prompt in prompts.items():
-        if not model[1].include_prompt:  # the pooled tokens must be exactly the text's
-            check_prompt_boundary(model.tokenizer, prompt, name=name)
-        # Mean pooling leaves prompt tokens out; a prompt that fills max_seq_length leaves nothing to pool (NaN).
-        length = len(model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        if length >= config.max_seq_length:
-            raise ValueError(f"the prompt of task {name!r} is {length} tokens, which leaves no room for the text "
-                             f"within max_seq_length={config.max_seq_length}; shorten the prompt or raise "
-                             "max_seq_length")
-    if not model.prompts.get("query"):
-        first = next((t.name for t in tasks if t.type in ("retrieval", "clr") and t.name in prompts), None)
-        if first:  # so that `model.encode_query(...)` uses the retrieval instruction
-            model.prompts["query"] = prompts[first]
-    if config.lora:
-        add_lora(model, dict(config.lora))
+    def build_trainer(self):
+        """Model first (its tokenizer checks the prompts), then the task tables, losses, pool and callbacks."""
+        self.tasks = self.config.task_configs()
+        self.prompts = {t.name: format_query_prompt(t.prompt) for t in self.tasks if t.prompt}
+        model = self.load_model()
+        datasets = self.load_datasets()
+        losses = self.build_losses(model)
+        pool = build_negative_pool(self.pool_tables, self.config.num_negatives, self.table_dir) \
+            if self.pool_tables else None
+        args = self.training_arguments()
+        callbacks = self.build_callbacks(pool, losses, args, datasets)
+        return self.create_trainer(model, datasets, args, losses=losses, pool=pool, callbacks=callbacks)
 
-    # The rows and candidate negatives go to memory-mapped Arrow files (one folder per process, rewritten at each
-    # start: the same data gives the same files, so a resumed run's pools match its checkpoint); the pool holds
-    # row ids into them and the collator looks up the texts of each batch only.
-    table_dir = Path(config.output_dir) / "stage4_tables" / f"process-{int(os.environ.get('RANK', '0'))}"
-    shutil.rmtree(table_dir, ignore_errors=True)
-    datasets, losses, pool_tables, pool_sizes, num_pool_rows = {}, {}, [], {}, 0
-    for task in tasks:
-        table = write_task_table(task, iter_task_examples(task, seed=config.seed), table_dir / task.name,
-                                 first_id=num_pool_rows)
-        if not len(table.dataset):
-            raise ValueError(f"stage 4 task {task.name!r} has no rows")
-        datasets[task.name] = table.dataset
-        if task.type == "sts":
-            loss = CoSENTLoss(model, scale=config.cosent_scale)
-        else:
+    def load_model(self):
+        """The model in ``attention_mode`` with the tasks' prompts (checked: on a token boundary, shorter than
+        ``max_seq_length``); ``query`` is the first retrieval task's prompt unless the model has one; LoRA adapters
+        when ``lora`` is set."""
+        from conan_hf.sentence import check_prompt_boundary
+
+        config, prompts = self.config, self.prompts
+        model = load_sentence_model(config.model, attention_mode=config.attention_mode, pooling=config.pooling,
+                                    max_seq_length=config.max_seq_length,
+                                    prompts=mteb_prompt_names((t.name, t.type, prompts.get(t.name)) for t in self.tasks))
+        self.attention = describe_attention(model)
+        if config.attention_mode == "causal" and self.attention["pooling"] != "lasttoken":
+            logger.warning("stage 4: causal attention with %s pooling: only the last token sees the whole text; "
+                           "last-token pooling (pooling: lasttoken) is the usual choice", self.attention["pooling"])
+        for name, prompt in prompts.items():
+            if not model[1].include_prompt:  # the pooled tokens must be exactly the text's
+                check_prompt_boundary(model.tokenizer, prompt, name=name)
+            # Mean pooling leaves prompt tokens out; a prompt that fills max_seq_length leaves nothing to pool (NaN).
+            length = len(model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            if length >= config.max_seq_length:
+                raise ValueError(f"the prompt of task {name!r} is {length} tokens, which leaves no room for the text "
+                                 f"within max_seq_length={config.max_seq_length}; shorten the prompt or raise "
+                                 "max_seq_length")
+        if not model.prompts.get("query"):
+            first = next((t.name for t in self.tasks if t.type in ("retrieval", "clr") and t.name in prompts), None)
+            if first:  # so that `model.encode_query(...)` uses the retrieval instruction
+                model.prompts["query"] = prompts[first]
+        if config.lora:
+            add_lora(model, dict(config.lora))
+        self.model = model
+        return model
+
+    def load_datasets(self) -> dict[str, Any]:
+        """Each task's rows, written to memory-mapped Arrow files (one folder per process, rewritten at each start:
+        the same data gives the same files, so a resumed run's pools match its checkpoint), with the candidate
+        negatives of the pool tasks (mined by ``teacher`` for retrieval tasks whose data has none) in
+        ``self.pool_tables``; the pool holds row ids into them and the collator looks up each batch's texts only."""
+        from conan_hf.dhnm import NegativePool
+
+        config = self.config
+        self.table_dir = Path(config.output_dir) / "stage4_tables" / f"process-{int(os.environ.get('RANK', '0'))}"
+        shutil.rmtree(self.table_dir, ignore_errors=True)
+        datasets: dict[str, Any] = {}
+        self.pool_tables, self.pool_sizes, num_pool_rows = [], {}, 0
+        for task in self.tasks:
+            table = write_task_table(task, iter_task_examples(task, seed=config.seed), self.table_dir / task.name,
+                                     first_id=num_pool_rows)
+            if not len(table.dataset):
+                raise ValueError(f"stage 4 task {task.name!r} has no rows")
+            datasets[task.name] = table.dataset
+            if task.type == "sts":
+                continue
             if not table.pool_sizes.any() and config.teacher and task.type in ("retrieval", "clr"):
                 mined = NegativePool.from_mining(table.dataset, config.teacher, k=config.num_negatives,
                                                  num_candidates=config.pool_size)
@@ -478,90 +489,134 @@ def run(config: SupervisedConfig) -> dict[str, Any]:
             if not table.pool_sizes.any():
                 logger.warning("stage 4 task %r has no hard negatives (give negatives in the data or a teacher to "
                                "mine them); it trains on in-batch negatives only", task.name)
-            pool_tables.append(table)
+            self.pool_tables.append(table)
             num_pool_rows += len(table.dataset)
-            pool_sizes[task.name] = int(table.pool_sizes.sum(dtype=np.int64))
-            loss = InfoNCELoss(model, temperature=config.temperature,
-                               in_batch_negatives=task.type != "classification",
-                               mask_false_negatives=config.mask_false_negatives,
-                               false_negative_margin=config.false_negative_margin)
-        losses[task.name] = MatryoshkaLoss(model, loss, config.matryoshka_dims) if config.matryoshka else loss
+            self.pool_sizes[task.name] = int(table.pool_sizes.sum(dtype=np.int64))
+        self.datasets = datasets
+        return datasets
 
-    pool = build_negative_pool(pool_tables, config.num_negatives, table_dir) if pool_tables else None
-    args = SentenceTransformerTrainingArguments(
-        **config.training_arguments_kwargs(),
-        prompts={t.name: ({"anchor": prompts[t.name]} if t.type != "sts" else
-                          {"sentence1": prompts[t.name], "sentence2": prompts[t.name]}) if t.name in prompts else {}
-                 for t in tasks},
-        multi_dataset_batch_sampler={"proportional": ProportionalTaskSampler, "round_robin": RoundRobinTaskSampler}[
-            config.multi_dataset_sampler],
-        dataloader_drop_last=True,
-    )
-    collator = MultiTaskCollator(preprocess_fn=model.preprocess, prompts=args.prompts, pool=pool,
-                                 pool_tasks=frozenset(t.name for t in tasks if t.type != "sts"))
-    callbacks = []
-    if pool is not None and config.dhnm:
-        callbacks.append(DHNMCallback(pool, _ScoreRecords(losses.values()), s0_min=config.dhnm_s0_min,
-                                      drop_ratio=config.dhnm_drop_ratio, s_max=config.dhnm_s_max))
-        passes = dhnm_passes(config, args, {t.name: len(datasets[t.name]) for t in tasks},
-                             {t.name: t.batch_size for t in tasks})
-        if passes < 2:
-            logger.warning("DHNM cannot act: the run visits each example %.2f times, and a replaced negative is only "
-                           "trained at the example's next visit; train at least 2 epochs (num_train_epochs: 2, the "
-                           "stage-4 default) or set dhnm: false", passes)
-    false_negatives = FalseNegativeCountCallback(list(losses.values())) if pool is not None else None
-    if false_negatives is not None:
-        callbacks.append(false_negatives)
-    trainer = MultiTaskTrainer(
-        model=model, args=args, train_dataset=DatasetDict(datasets), loss=losses, data_collator=collator,
-        callbacks=callbacks, task_batch_sizes={t.name: t.batch_size for t in tasks},
-        no_duplicate_tasks={t.name for t in tasks if t.type in ("retrieval", "clr")},
-    )
-    sizes = ", ".join(f"{t.name}: {len(datasets[t.name])} rows x {t.batch_size}" for t in tasks)
-    print_main(f"[stage 4] supervised multi-task training of {config.model} ({sizes}); "
-               f"{'LoRA' if config.lora else 'full'} fine-tuning, "
-               f"DHNM {'on' if any(isinstance(c, DHNMCallback) for c in callbacks) else 'off'}")
-    print_main(f"[stage 4] {attention['line']}")
-    result = train_with_resume(trainer, config)
-    if config.lora:
-        merge_lora(model)
-    dims = getattr(next(iter(losses.values())), "matryoshka_dims", None)
-    dhnm_callback = next((c for c in callbacks if isinstance(c, DHNMCallback)), None)
-    dhnm_totals = dhnm_callback.replacement_summary() if dhnm_callback is not None else None
-    note = ""
-    if dhnm_totals is not None:
-        fraction = dhnm_totals["used_fraction"]
-        note = (f"DHNM: {dhnm_totals['replaced']} replacements made, {dhnm_totals['used']} used by a later batch"
-                f"{f' ({fraction:.0%})' if fraction is not None else ''}, {dhnm_totals['pool_exhausted']} due with "
-                "the pool used up; ")
-    if false_negatives is not None:
-        note += f"{false_negatives.total} in-batch false negatives masked; "
+    def build_losses(self, model) -> dict[str, Any]:
+        """A loss per task: CoSENT (eq. 2) for sts, else InfoNCE (eq. 1; classification against the row's own
+        candidates only), each in Matryoshka representation learning when ``matryoshka`` is set."""
+        from conan_hf.losses import CoSENTLoss, InfoNCELoss, MatryoshkaLoss
 
-    def export(folder):
-        from conan_hf.export import export_embedder
+        config, losses = self.config, {}
+        for task in self.tasks:
+            if task.type == "sts":
+                loss = CoSENTLoss(model, scale=config.cosent_scale)
+            else:
+                loss = InfoNCELoss(model, temperature=config.temperature,
+                                   in_batch_negatives=task.type != "classification",
+                                   mask_false_negatives=config.mask_false_negatives,
+                                   false_negative_margin=config.false_negative_margin)
+            losses[task.name] = MatryoshkaLoss(model, loss, config.matryoshka_dims) if config.matryoshka else loss
+        self.losses = losses
+        return losses
 
-        report = export_embedder(model, folder, export_format=config.export_format).to_dict()
-        report.pop("path")  # the staging folder; the record's final_dir is where it ends up
-        # A few dimensions of the trained model's probe embeddings, for checks in processes without conan_hf.
-        report["probe"] = {name: [vector[:16] for vector in vectors] for name, vectors in report["probe"].items()}
-        return report
+    def training_arguments(self):
+        """sentence-transformers' arguments with each task's prompts and the multi-task batch sampler."""
+        from sentence_transformers import SentenceTransformerTrainingArguments
 
-    return finish_stage(
-        trainer, config, "supervised", 4, result, note=note, write_model=export,
-        attention={k: v for k, v in attention.items() if k != "line"},
-        tasks={t.name: {"type": t.type, "prompt": prompts.get(t.name), "rows": len(datasets[t.name]),
-                        "batch_size": t.batch_size,
-                        "negative_candidates": pool_sizes.get(t.name, 0)} for t in tasks},
-        matryoshka_dims=sorted(dims) if dims else None, prompts=dict(model.prompts), dhnm=dhnm_totals,
-        false_negatives_masked=false_negatives.total if false_negatives is not None else None,
-    )
+        prompts = self.prompts
+        return SentenceTransformerTrainingArguments(
+            **self.training_arguments_kwargs(),
+            prompts={t.name: ({"anchor": prompts[t.name]} if t.type != "sts" else
+                              {"sentence1": prompts[t.name], "sentence2": prompts[t.name]})
+                     if t.name in prompts else {} for t in self.tasks},
+            multi_dataset_batch_sampler={"proportional": ProportionalTaskSampler,
+                                         "round_robin": RoundRobinTaskSampler}[self.config.multi_dataset_sampler],
+            dataloader_drop_last=True,
+        )
+
+    def build_callbacks(self, pool, losses, args, datasets) -> list[Any]:
+        """DHNM (eq. 6) over the pool when ``dhnm`` is set (with a warning when the run cannot use its replacements),
+        and the count of masked in-batch false negatives."""
+        from conan_hf.dhnm import DHNMCallback
+
+        config, tasks, callbacks = self.config, self.tasks, []
+        if pool is not None and config.dhnm:
+            callbacks.append(DHNMCallback(pool, MultiTaskScores(losses.values()), s0_min=config.dhnm_s0_min,
+                                          drop_ratio=config.dhnm_drop_ratio, s_max=config.dhnm_s_max))
+            passes = dhnm_passes(config, args, {t.name: len(datasets[t.name]) for t in tasks},
+                                 {t.name: t.batch_size for t in tasks})
+            if passes < 2:
+                logger.warning("DHNM cannot act: the run visits each example %.2f times, and a replaced negative is "
+                               "only trained at the example's next visit; train at least 2 epochs (num_train_epochs: "
+                               "2, the stage-4 default) or set dhnm: false", passes)
+        self.false_negatives = FalseNegativeCountCallback(list(losses.values())) if pool is not None else None
+        if self.false_negatives is not None:
+            callbacks.append(self.false_negatives)
+        self.dhnm_callback = next((c for c in callbacks if isinstance(c, DHNMCallback)), None)
+        return callbacks
+
+    def create_trainer(self, model, datasets, args, *, losses=None, pool=None, callbacks=()):
+        from datasets import DatasetDict
+
+        tasks = self.tasks
+        collator = MultiTaskCollator(preprocess_fn=model.preprocess, prompts=args.prompts, pool=pool,
+                                     pool_tasks=frozenset(t.name for t in tasks if t.type != "sts"))
+        trainer = MultiTaskTrainer(
+            model=model, args=args, train_dataset=DatasetDict(datasets), loss=losses, data_collator=collator,
+            callbacks=list(callbacks), task_batch_sizes={t.name: t.batch_size for t in tasks},
+            no_duplicate_tasks={t.name for t in tasks if t.type in ("retrieval", "clr")},
+        )
+        sizes = ", ".join(f"{t.name}: {len(datasets[t.name])} rows x {t.batch_size}" for t in tasks)
+        print_main(f"[stage 4] supervised multi-task training of {self.config.model} ({sizes}); "
+                   f"{'LoRA' if self.config.lora else 'full'} fine-tuning, "
+                   f"DHNM {'on' if self.dhnm_callback is not None else 'off'}")
+        print_main(f"[stage 4] {self.attention['line']}")
+        return trainer
+
+    def after_training(self, trainer) -> None:
+        if self.config.lora:
+            merge_lora(self.model)
+
+    def summary(self, trainer):
+        dims = getattr(next(iter(self.losses.values())), "matryoshka_dims", None)
+        dhnm_totals = self.dhnm_callback.replacement_summary() if self.dhnm_callback is not None else None
+        note = ""
+        if dhnm_totals is not None:
+            fraction = dhnm_totals["used_fraction"]
+            note = (f"DHNM: {dhnm_totals['replaced']} replacements made, {dhnm_totals['used']} used by a later batch"
+                    f"{f' ({fraction:.0%})' if fraction is not None else ''}, {dhnm_totals['pool_exhausted']} due "
+                    "with the pool used up; ")
+        false_negatives = self.false_negatives
+        if false_negatives is not None:
+            note += f"{false_negatives.total} in-batch false negatives masked; "
+        return note, {
+            "attention": {k: v for k, v in self.attention.items() if k != "line"},
+            "tasks": {t.name: {"type": t.type, "prompt": self.prompts.get(t.name), "rows": len(self.datasets[t.name]),
+                               "batch_size": t.batch_size,
+                               "negative_candidates": self.pool_sizes.get(t.name, 0)} for t in self.tasks},
+            "matryoshka_dims": sorted(dims) if dims else None, "prompts": dict(self.model.prompts),
+            "dhnm": dhnm_totals,
+            "false_negatives_masked": false_negatives.total if false_negatives is not None else None,
+        }
+
+    def write_model(self):
+        """The final model exported per ``export_format`` (:func:`conan_hf.export.export_embedder`); its report goes
+        into the stage record."""
+
+        def export(folder):
+            from conan_hf.export import export_embedder
+
+            report = export_embedder(self.model, folder, export_format=self.config.export_format).to_dict()
+            report.pop("path")  # the staging folder; the record's final_dir is where it ends up
+            # A few dimensions of the trained model's probe embeddings, for checks in processes without conan_hf.
+            report["probe"] = {name: [vector[:16] for vector in vectors] for name, vectors in report["probe"].items()}
+            return report
+
+        return export
 
 
-@cli_errors("conan-train supervised")
+def run(config: SupervisedConfig) -> dict[str, Any]:
+    """Train stage 4; returns a summary with the final directory and the logged losses."""
+    return SupervisedRunner(config).run()
+
+
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(SupervisedConfig, "supervised", argv, description=__doc__)
-    with stage_exits(config):
-        run(config)
+    """``conan-train supervised [options]`` (see ``--help``)."""
+    SupervisedRunner.main(argv, description=__doc__)
 
 
 if __name__ == "__main__":

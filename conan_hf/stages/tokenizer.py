@@ -12,37 +12,28 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from collections.abc import Iterator
-
 from conan_hf.data.sources import load_sources
-from conan_hf.errors import cli_errors
-from conan_hf.training.checkpoints import STAGE_RECORD, read_stage_record, stage_exits, write_json_atomic
-from conan_hf.training.config import parse_config
+from conan_hf.training.checkpoints import STAGE_RECORD, read_stage_record, write_json_atomic
+from conan_hf.training.config import option
 from conan_hf.training.distributed import print_main
+from conan_hf.training.runner import StageRunner
 
 
 @dataclasses.dataclass
 class TokenizerConfig:
-    """Options of stage 0.
+    """Options of stage 0 (each field's ``metadata["help"]`` says what it means)."""
 
-    Args:
-        output_dir: the tokenizer folder (the next stage's ``tokenizer``).
-        data: text sources (see :mod:`conan_hf.data.sources`); ``"demo"`` is the embedded bilingual corpus.
-        text_column: the column holding the text in file/Hub sources.
-        vocab_size: target vocabulary size (150,000 in the paper).
-        min_frequency: minimum pair frequency for a BPE merge.
-        model_max_length: stored in the tokenizer (the model's context length).
-    """
-
-    output_dir: str = "runs/tokenizer"
-    data: Any = dataclasses.field(default_factory=lambda: ["demo"])
-    text_column: str = "text"
-    vocab_size: int = 150_000
-    min_frequency: int = 2
-    model_max_length: int = 32_768
+    output_dir: str = option("runs/tokenizer", help="the tokenizer folder (the next stage's ``tokenizer``).")
+    data: Any = option(help="text sources (see :mod:`conan_hf.data.sources`); ``demo`` is the embedded bilingual "
+                            "corpus.", factory=lambda: ["demo"])
+    text_column: str = option("text", help="the column holding the text in file/Hub sources.")
+    vocab_size: int = option(150_000, help="target vocabulary size (150,000 in the paper).")
+    min_frequency: int = option(2, help="minimum pair frequency for a BPE merge.")
+    model_max_length: int = option(32_768, help="stored in the tokenizer (the model's context length).")
 
 
 def _already_trained(out: Path, config: TokenizerConfig, digest: str) -> bool:
@@ -76,40 +67,56 @@ def texts_digest(texts: Iterator[str]) -> tuple[str, int]:
     return digest.hexdigest(), count
 
 
+class TokenizerRunner(StageRunner):
+    """Stage 0: no Trainer; its own "already done" check (same options and the same texts, by hash)."""
+
+    stage, number, config_class, what = "tokenizer", 0, TokenizerConfig, "stage 0 (tokenizer) data"
+
+    def run(self):
+        """Train and save the tokenizer; returns it.
+
+        The texts are never all in memory: one pass over the data layer's dataset (memory-mapped, or streamed with
+        ``streaming: true``) hashes them (an unchanged corpus is not trained on again), a second feeds the BPE
+        trainer."""
+        from conan_hf.tokenizer import train_tokenizer
+
+        config = self.config
+        dataset = self.load_datasets()
+        out = Path(config.output_dir)
+        digest, num_texts = texts_digest(iter_texts(dataset, config.text_column))
+        if _already_trained(out, config, digest):
+            # Rewriting an identical tokenizer would make every later stage see a newer input and train again.
+            print_main(f"[stage 0] already done: {out} (same options and texts; delete it to retrain)")
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(str(out))
+        tokenizer = train_tokenizer(iter_texts(dataset, config.text_column), vocab_size=config.vocab_size,
+                                    min_frequency=config.min_frequency, model_max_length=config.model_max_length)
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(str(out))
+        write_json_atomic(out / STAGE_RECORD, {"stage": "tokenizer", "config": dataclasses.asdict(config),
+                                               "summary": {"vocab_size": len(tokenizer), "num_texts": num_texts,
+                                                           "texts_sha256": digest}})
+        print_main(f"[stage 0] tokenizer: {len(tokenizer)} tokens from {num_texts} texts -> {out}")
+        return tokenizer
+
+    def load_datasets(self):
+        """The text column of the ``data`` sources (a data-layer dataset)."""
+        from conan_hf.demo import demo_texts
+
+        column = self.config.text_column
+        return load_sources(self.config.data, lambda: [{"text": t} for t in demo_texts()], required=[column],
+                            text=[column], keep=[column], what=self.what)
+
+
 def run(config: TokenizerConfig):
-    """Train and save the tokenizer; returns it.
-
-    The texts are never all in memory: one pass over the data layer's dataset (memory-mapped, or streamed with
-    ``streaming: true``) hashes them (an unchanged corpus is not trained on again), a second feeds the BPE trainer."""
-    from conan_hf.demo import demo_texts
-    from conan_hf.tokenizer import train_tokenizer
-
-    dataset = load_sources(config.data, lambda: [{"text": t} for t in demo_texts()], required=[config.text_column],
-                           text=[config.text_column], keep=[config.text_column], what="stage 0 (tokenizer) data")
-    out = Path(config.output_dir)
-    digest, num_texts = texts_digest(iter_texts(dataset, config.text_column))
-    if _already_trained(out, config, digest):
-        # Rewriting an identical tokenizer would make every later stage see a newer input and train again.
-        print_main(f"[stage 0] already done: {out} (same options and texts; delete it to retrain)")
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(out))
-    tokenizer = train_tokenizer(iter_texts(dataset, config.text_column), vocab_size=config.vocab_size,
-                                min_frequency=config.min_frequency, model_max_length=config.model_max_length)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(str(out))
-    write_json_atomic(out / STAGE_RECORD, {"stage": "tokenizer", "config": dataclasses.asdict(config),
-                                           "summary": {"vocab_size": len(tokenizer), "num_texts": num_texts,
-                                                       "texts_sha256": digest}})
-    print_main(f"[stage 0] tokenizer: {len(tokenizer)} tokens from {num_texts} texts -> {out}")
-    return tokenizer
+    """Train and save the tokenizer (see :meth:`TokenizerRunner.run`); returns it."""
+    return TokenizerRunner(config).run()
 
 
-@cli_errors("conan-train tokenizer")
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(TokenizerConfig, "tokenizer", argv, description=__doc__)
-    with stage_exits(config):
-        run(config)
+    """``conan-train tokenizer [options]`` (see ``--help``)."""
+    TokenizerRunner.main(argv, description=__doc__)
 
 
 if __name__ == "__main__":

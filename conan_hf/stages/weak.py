@@ -34,6 +34,7 @@ exactly bidirectional attention), ready for stage 4.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -43,7 +44,7 @@ import numpy as np
 from sentence_transformers import SentenceTransformerTrainer
 from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
 
-from conan_hf.errors import DataError, cli_errors, location_of
+from conan_hf.errors import DataError, location_of
 from conan_hf.sentence import QUERY_PROMPT_FORMAT
 from conan_hf.data.sources import (
     LOCATION,
@@ -54,63 +55,44 @@ from conan_hf.data.sources import (
     row_text,
     unwrap_data_error,
 )
-from conan_hf.training.checkpoints import (
-    MainProcessSaveMixin,
-    check_stage_input,
-    finish_stage,
-    stage_exits,
-    start_stage,
-    train_with_resume,
-)
-from conan_hf.training.config import StageConfig, parse_config
-from conan_hf.training.distributed import print_main, setup_runtime
+from conan_hf.training.checkpoints import MainProcessSaveMixin, check_stage_input
+from conan_hf.training.config import StageConfig, option, override
+from conan_hf.training.distributed import print_main
 from conan_hf.training.models import backbone, describe_attention, load_sentence_model, set_attention_mode
+from conan_hf.training.runner import StageRunner
 
 logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class WeakConfig(StageConfig):
-    """Options of stage 3 (see :class:`conan_hf.training.config.StageConfig` for the shared ones).
+    """Options of stage 3 (the shared ones: :class:`conan_hf.training.config.StageConfig`; App. A: the optimizer
+    settings and learning rate of pre-training)."""
 
-    Args:
-        model: the stage-2 output folder, or your own decoder (a local folder or Hub id of Llama, Qwen2, Qwen3,
-            Mistral, ... — any decoder `conan_hf.apply_soft_mask` supports; the stage applies the soft mask), or a
-            SentenceTransformer folder built on one.
-        data: sources with ``instruction``/``input``/``output`` columns, or ``query``/``positive`` columns (an
-            optional ``instruction`` column too).
-        prompt_format: how a row's instruction becomes the query prompt (``{instruction}``); rows without an
-            instruction get no prompt. It must end on a token boundary (checked at start).
-        pooling: ``mean`` or ``lasttoken``.
-        max_seq_length: texts are truncated to this many tokens.
-        temperature: τ of InfoNCE (eq. 1).
-        soft_mask_schedule: ``linear`` (α = t/τ, the paper), ``accelerating`` or ``decelerating`` (App. C).
-        soft_mask_steps: τ of the schedule; ``None`` = the number of training steps, so the last step trains at α = 1.
-        soft_mask_length: l of eq.4: ``sequence`` (each text's real length, the default: a text's mask does not
-            depend on its batch), ``max_seq_length`` (this stage's ``max_seq_length``, the paper's "training sequence
-            length") or a fixed int; see :mod:`conan_hf.soft_mask`.
-        teacher: a SentenceTransformer name/folder; if set, pairs it scores below ``teacher_threshold`` are dropped.
-        teacher_threshold: 0.4 in the paper.
-    """
-
-    output_dir: str = "runs/weak"
-    model: str = "runs/sft/final"
-    data: Any = dataclasses.field(default_factory=lambda: ["demo"])
-    prompt_format: str = QUERY_PROMPT_FORMAT
-    pooling: str = "mean"
-    max_seq_length: int = 512
-    temperature: float = 0.05
-    soft_mask_schedule: str = "linear"
-    soft_mask_steps: int | None = None
-    soft_mask_length: int | str = "sequence"
-    teacher: str | None = None
-    teacher_threshold: float = 0.4
-    per_device_train_batch_size: int = 64
-    # App. A: stages 3 and 4 use "the same optimizer parameters and learning rate as in the pre-training phase".
-    learning_rate: float = 1e-4
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.001
-    bf16: bool = True
+    output_dir: str = override(StageConfig, "output_dir", "runs/weak")
+    model: str = option("runs/sft/final", help="the stage-2 output folder, or your own decoder (a local folder or Hub "
+                        "id of Llama, Qwen2, Qwen3, Mistral, ... - any decoder `conan_hf.apply_soft_mask` supports; "
+                        "the stage applies the soft mask), or a SentenceTransformer folder built on one.")
+    data: Any = option(help="sources with ``instruction``/``input``/``output`` columns, or ``query``/``positive`` "
+                            "columns (an optional ``instruction`` column too).", factory=lambda: ["demo"])
+    prompt_format: str = option(QUERY_PROMPT_FORMAT, help="how a row's instruction becomes the query prompt "
+                                "(``{instruction}``); rows without an instruction get no prompt. It must end on a "
+                                "token boundary (checked at start).")
+    pooling: str = option("mean", help="``mean`` or ``lasttoken``.")
+    max_seq_length: int = option(512, help="texts are truncated to this many tokens.")
+    temperature: float = option(0.05, help="τ of InfoNCE (eq. 1).")
+    soft_mask_schedule: str = option("linear", help="``linear`` (α = t/τ, the paper), ``accelerating`` or "
+                                                    "``decelerating`` (App. C).")
+    soft_mask_steps: int | None = option(None, help="τ of the schedule; ``None`` = the number of training steps, so "
+                                                    "the last step trains at α = 1.")
+    soft_mask_length: int | str = option("sequence", help="l of eq.4: ``sequence`` (each text's real length, the "
+                                         "default: a text's mask does not depend on its batch), ``max_seq_length`` "
+                                         "(this stage's ``max_seq_length``, the paper's \"training sequence "
+                                         "length\") or a fixed int; see :mod:`conan_hf.soft_mask`.")
+    teacher: str | None = option(None, help="a SentenceTransformer name/folder (the paper: gte-Qwen2-7B-instruct); "
+                                            "if set, pairs it scores below ``teacher_threshold`` are dropped.")
+    teacher_threshold: float = option(0.4, help="0.4 in the paper.")
+    per_device_train_batch_size: int = override(StageConfig, "per_device_train_batch_size", 64)
 
 
 class WeakTrainer(MainProcessSaveMixin, SentenceTransformerTrainer):
@@ -404,66 +386,94 @@ def _init_process_group() -> None:
         PartialState()
 
 
-def run(config: WeakConfig) -> dict[str, Any]:
-    """Train stage 3; returns a summary with the final directory, the logged losses and the final α."""
-    done = start_stage(config, "weak", 3, check_input=False)
-    if done is not None:
-        return done
-    from datasets import DatasetDict
-    from sentence_transformers import SentenceTransformerTrainingArguments
-    from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
+class WeakRunner(StageRunner):
+    """Stage 3: the pairs grouped by instruction (optionally filtered by a teacher), the stage-2 decoder (or yours)
+    as a SentenceTransformer with the soft mask, InfoNCE and :class:`~conan_hf.training.callbacks.SoftMaskCallback`.
+    The data is read before the model is checked, so a bad data file is reported first."""
 
-    from conan_hf.backbones import backbone_kind, get_attention_mode
-    from conan_hf.losses import InfoNCELoss
-    from conan_hf.sentence import check_prompt_boundary
-    from conan_hf.soft_mask import get_soft_mask_alpha, set_soft_mask_length
-    from conan_hf.training.callbacks import SoftMaskCallback
+    stage, number, config_class, what = "weak", 3, WeakConfig, WHAT
+    check_input_first = False
 
-    setup_runtime(config)
-    streamed = any(source.streaming for source in parse_sources(config.data, WHAT))
-    if streamed and config.teacher:
-        # The filter needs the pairs as a table to select the kept ones from: the sources are parsed into the
-        # memory-mapped cache (on disk, once per node) and the teacher streams over it in chunks.
-        print_main("[stage 3] teacher filter: streamed sources are read memory-mapped; the kept pairs are a selection")
-        streamed = False
-    if streamed and (config.max_steps is None or config.max_steps <= 0):
-        raise DataError(f"{WHAT}: a streamed source (`streaming: true`) has no length, so stage 3 needs max_steps",
-                        hint="set max_steps (e.g. --max_steps 10000), or drop `streaming: true` to read the sources "
-                             "memory-mapped")
-    kwargs = config.training_arguments_kwargs()  # sets accelerate's state up for DeepSpeed on CPU (gloo)
-    _init_process_group()
-    pairs = load_pairs(config.data, streaming=streamed)
-    check_stage_input(config, "weak")  # after the data checks, before the (slow) teacher filter
-    teacher_report, groups = None, None
-    if not streamed:
-        groups = instruction_groups(pairs)
-        if config.teacher:
-            groups, teacher_report = filter_groups_by_teacher(pairs, groups, config.teacher, config.teacher_threshold,
-                                                              config.prompt_format)
-            print_main(teacher_report.summary())
-            if not groups:
-                raise ValueError(f"the teacher filter (threshold {config.teacher_threshold}) dropped every pair")
+    @functools.cached_property
+    def streamed(self) -> bool:
+        config = self.config
+        streamed = any(source.streaming for source in parse_sources(config.data, WHAT))
+        if streamed and config.teacher:
+            # The filter needs the pairs as a table to select the kept ones from: the sources are parsed into the
+            # memory-mapped cache (on disk, once per node) and the teacher streams over it in chunks.
+            print_main("[stage 3] teacher filter: streamed sources are read memory-mapped; the kept pairs are a "
+                       "selection")
+            streamed = False
+        return streamed
 
-    # The stage applies the soft mask itself: a Conan backbone switches to attention_mode="soft", a stock decoder
-    # (Llama, Qwen2, Qwen3, Mistral, ...) gets conan_hf.apply_soft_mask; an encoder is refused (it has no causal start).
-    model = load_sentence_model(config.model, attention_mode="soft", pooling=config.pooling,
-                                max_seq_length=config.max_seq_length)
-    # "max_seq_length" becomes this stage's fixed max_seq_length, so l does not depend on how the collator pads.
-    set_soft_mask_length(model, config.max_seq_length if config.soft_mask_length == "max_seq_length"
-                         else config.soft_mask_length)
-    batch = config.per_device_train_batch_size
-    check = None if model[1].include_prompt else (
-        lambda prompt, name=None: check_prompt_boundary(model.tokenizer, prompt, name=name or repr(prompt)))
-    if streamed:
-        train_dataset: Any = stream_instruction_batches(pairs, batch)
-        collator = InstructionPromptCollator(preprocess_fn=model.preprocess, prompt_format=config.prompt_format,
-                                             check_prompt=check)
-        prompts: dict[str, dict[str, str]] = {}
-        extra_args: dict[str, Any] = {"batch_sampler": BatchSamplers.BATCH_SAMPLER}
-        described = "a stream of pairs, batched by instruction as they arrive"
-    else:
-        datasets, prompts = _group_datasets(pairs, groups, config.prompt_format)
-        del groups  # the selections hold their row ids in the datasets cache, not these arrays
+    def build_trainer(self):
+        kwargs = self.training_arguments_kwargs()
+        _init_process_group()
+        pairs = self.load_datasets()
+        model = self.load_model()
+        return self.create_trainer(model, pairs, kwargs)
+
+    def training_arguments_kwargs(self) -> dict[str, Any]:
+        config = self.config
+        if self.streamed and (config.max_steps is None or config.max_steps <= 0):
+            raise DataError(f"{WHAT}: a streamed source (`streaming: true`) has no length, so stage 3 needs "
+                            "max_steps", hint="set max_steps (e.g. --max_steps 10000), or drop `streaming: true` to "
+                                              "read the sources memory-mapped")
+        kwargs = config.training_arguments_kwargs()
+        if self.streamed:
+            # This rank's share of the stream: no rank reads for the others (see WeakTrainer).
+            kwargs["accelerator_config"] = {**(kwargs.get("accelerator_config") or {}), "dispatch_batches": False}
+        return kwargs
+
+    def load_datasets(self):
+        """The pairs (:func:`load_pairs`); memory-mapped ones also as instruction groups (``self.groups``), filtered
+        by the teacher when there is one (``self.teacher_report``). The input model is checked after the data."""
+        config = self.config
+        pairs = load_pairs(config.data, streaming=self.streamed)
+        check_stage_input(config, "weak")  # after the data checks, before the (slow) teacher filter
+        self.teacher_report, self.groups = None, None
+        if not self.streamed:
+            self.groups = instruction_groups(pairs)
+            if config.teacher:
+                self.groups, self.teacher_report = filter_groups_by_teacher(
+                    pairs, self.groups, config.teacher, config.teacher_threshold, config.prompt_format)
+                print_main(self.teacher_report.summary())
+                if not self.groups:
+                    raise ValueError(f"the teacher filter (threshold {config.teacher_threshold}) dropped every pair")
+        return pairs
+
+    def load_model(self):
+        """The embedding model with the soft mask: a Conan backbone switches to ``attention_mode="soft"``, a stock
+        decoder gets :func:`conan_hf.apply_soft_mask`; an encoder is refused (it has no causal start)."""
+        from conan_hf.soft_mask import set_soft_mask_length
+
+        config = self.config
+        model = load_sentence_model(config.model, attention_mode="soft", pooling=config.pooling,
+                                    max_seq_length=config.max_seq_length)
+        # "max_seq_length" becomes this stage's fixed max_seq_length, so l does not depend on how the collator pads.
+        set_soft_mask_length(model, config.max_seq_length if config.soft_mask_length == "max_seq_length"
+                             else config.soft_mask_length)
+        return model
+
+    def training_datasets(self, model, pairs) -> tuple[Any, Any, dict[str, dict[str, str]], dict[str, Any], str]:
+        """(train dataset, collator, prompts, extra training arguments, a description): one dataset per instruction
+        with its prompt, or the stream batched by instruction as it arrives."""
+        from datasets import DatasetDict
+        from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
+
+        from conan_hf.sentence import check_prompt_boundary
+
+        config, batch = self.config, self.config.per_device_train_batch_size
+        check = None if model[1].include_prompt else (
+            lambda prompt, name=None: check_prompt_boundary(model.tokenizer, prompt, name=name or repr(prompt)))
+        if self.streamed:
+            collator = InstructionPromptCollator(preprocess_fn=model.preprocess, prompt_format=config.prompt_format,
+                                                 check_prompt=check)
+            return (stream_instruction_batches(pairs, batch), collator, {},
+                    {"batch_sampler": BatchSamplers.BATCH_SAMPLER},
+                    "a stream of pairs, batched by instruction as they arrive")
+        datasets, prompts = _group_datasets(pairs, self.groups, config.prompt_format)
+        self.groups = None  # the selections hold their row ids in the datasets cache, not these arrays
         if check is not None:
             for name, prompt in prompts.items():
                 check(prompt["anchor"], name=f"{name} ({prompt['anchor']!r})")
@@ -472,56 +482,76 @@ def run(config: WeakConfig) -> dict[str, Any]:
             logger.warning("stage 3: instruction group(s) %s have fewer pairs than a batch (%d) and are not trained "
                            "on (batches hold one instruction each); lower per_device_train_batch_size to use them",
                            small, batch)
-        train_dataset, collator = DatasetDict(datasets), None
         extra_args = {"batch_sampler": BatchSamplers.NO_DUPLICATES,  # a duplicate would be a false in-batch negative
                       "multi_dataset_batch_sampler": MultiDatasetBatchSamplers.PROPORTIONAL}
-        described = f"{sum(map(len, datasets.values()))} pairs in {len(datasets)} instruction group(s)"
-    if streamed:
-        # This rank's share of the stream: no rank reads for the others (see WeakTrainer).
-        kwargs["accelerator_config"] = {**(kwargs.get("accelerator_config") or {}), "dispatch_batches": False}
-    loss = InfoNCELoss(model, temperature=config.temperature)
-    args = SentenceTransformerTrainingArguments(**kwargs, **extra_args, prompts=prompts or None,
-                                                dataloader_drop_last=True)
-    callback = SoftMaskCallback(schedule=config.soft_mask_schedule, total_steps=config.soft_mask_steps)
-    trainer = WeakTrainer(model=model, args=args, train_dataset=train_dataset, loss=loss, callbacks=[callback],
-                          data_collator=collator)
-    print_main(f"[stage 3] weakly-supervised training of {config.model} on {described}, soft mask "
-               f"({config.soft_mask_schedule} α(t), τ = {config.soft_mask_steps or 'all steps'})")
-    print_main(f"[stage 3] {describe_attention(model)['line']}")
-    result = train_with_resume(trainer, config)
-    alpha = get_soft_mask_alpha(model)
-    if alpha >= 1.0:
-        set_attention_mode(model, "bidirectional")
-    elif backbone_kind(backbone(model)) != "conan":
-        # A Conan config stores attention_mode="soft" and α; a stock config has only is_causal.
-        logger.warning("stage 3 ended at α = %.3f < 1: a stock decoder cannot store a partial soft mask, so it is "
-                       "saved causal (stage 4 sets its own attention_mode)", alpha)
-        set_attention_mode(model, "causal")
-    teacher_summary = teacher_report.to_dict() if teacher_report else None
-    if teacher_summary:
-        teacher_summary.pop("scores", None)
-    if streamed:
-        groups_summary: Any = "streamed: grouped by instruction as the pairs arrive"
-        num_pairs = None
-    else:
-        groups_summary = {name: {"pairs": len(d), "prompt": prompts.get(name, {}).get("anchor")}
-                          for name, d in datasets.items()}
-        num_pairs = sum(map(len, datasets.values()))
-    return finish_stage(
-        trainer, config, "weak", 3, result, note=f"α = {alpha:.3f} at the end; ",
-        num_pairs=num_pairs, final_alpha=alpha, streamed=streamed,
-        instruction_groups=groups_summary, soft_mask_total_steps=callback.total_steps,
-        soft_mask_alphas=[(e["step"], e["soft_mask_alpha"]) for e in trainer.state.log_history
-                          if "loss" in e and "soft_mask_alpha" in e],
-        attention_mode=get_attention_mode(backbone(model)), teacher_filter=teacher_summary,
-    )
+        self.datasets = datasets
+        return (DatasetDict(datasets), None, prompts, extra_args,
+                f"{sum(map(len, datasets.values()))} pairs in {len(datasets)} instruction group(s)")
+
+    def create_trainer(self, model, pairs, kwargs):
+        from sentence_transformers import SentenceTransformerTrainingArguments
+
+        from conan_hf.losses import InfoNCELoss
+        from conan_hf.training.callbacks import SoftMaskCallback
+
+        config = self.config
+        train_dataset, collator, self.prompts, extra_args, described = self.training_datasets(model, pairs)
+        loss = InfoNCELoss(model, temperature=config.temperature)
+        args = SentenceTransformerTrainingArguments(**kwargs, **extra_args, prompts=self.prompts or None,
+                                                    dataloader_drop_last=True)
+        self.callback = SoftMaskCallback(schedule=config.soft_mask_schedule, total_steps=config.soft_mask_steps)
+        trainer = WeakTrainer(model=model, args=args, train_dataset=train_dataset, loss=loss,
+                              callbacks=[self.callback], data_collator=collator)
+        print_main(f"[stage 3] weakly-supervised training of {config.model} on {described}, soft mask "
+                   f"({config.soft_mask_schedule} α(t), τ = {config.soft_mask_steps or 'all steps'})")
+        print_main(f"[stage 3] {describe_attention(model)['line']}")
+        self.model = model
+        return trainer
+
+    def after_training(self, trainer) -> None:
+        """α ≥ 1 is exactly bidirectional attention: the model is saved so; a stock decoder that ended at α < 1 is
+        saved causal (its config cannot store a partial soft mask; a Conan config stores ``soft`` and α)."""
+        from conan_hf.backbones import backbone_kind
+        from conan_hf.soft_mask import get_soft_mask_alpha
+
+        self.alpha = get_soft_mask_alpha(self.model)
+        if self.alpha >= 1.0:
+            set_attention_mode(self.model, "bidirectional")
+        elif backbone_kind(backbone(self.model)) != "conan":
+            logger.warning("stage 3 ended at α = %.3f < 1: a stock decoder cannot store a partial soft mask, so it is "
+                           "saved causal (stage 4 sets its own attention_mode)", self.alpha)
+            set_attention_mode(self.model, "causal")
+
+    def summary(self, trainer):
+        from conan_hf.backbones import get_attention_mode
+
+        teacher_summary = self.teacher_report.to_dict() if self.teacher_report else None
+        if teacher_summary:
+            teacher_summary.pop("scores", None)
+        if self.streamed:
+            groups_summary: Any = "streamed: grouped by instruction as the pairs arrive"
+            num_pairs = None
+        else:
+            groups_summary = {name: {"pairs": len(d), "prompt": self.prompts.get(name, {}).get("anchor")}
+                              for name, d in self.datasets.items()}
+            num_pairs = sum(map(len, self.datasets.values()))
+        return f"α = {self.alpha:.3f} at the end; ", {
+            "num_pairs": num_pairs, "final_alpha": self.alpha, "streamed": self.streamed,
+            "instruction_groups": groups_summary, "soft_mask_total_steps": self.callback.total_steps,
+            "soft_mask_alphas": [(e["step"], e["soft_mask_alpha"]) for e in trainer.state.log_history
+                                 if "loss" in e and "soft_mask_alpha" in e],
+            "attention_mode": get_attention_mode(backbone(self.model)), "teacher_filter": teacher_summary,
+        }
 
 
-@cli_errors("conan-train weak")
+def run(config: WeakConfig) -> dict[str, Any]:
+    """Train stage 3; returns a summary with the final directory, the logged losses and the final α."""
+    return WeakRunner(config).run()
+
+
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(WeakConfig, "weak", argv, description=__doc__)
-    with stage_exits(config):
-        run(config)
+    """``conan-train weak [options]`` (see ``--help``)."""
+    WeakRunner.main(argv, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def resolve_resume(config: StageConfig) -> str | None:
             raise DataError(
                 f"written by a run with different options (config fingerprint {saved} != {current}); "
                 f"resuming it would continue that run", where=str(found),
-                hint=f"start over with resume=no (main job: --set '*.resume=no'), use another output_dir, or resume "
+                hint=f"start over with --resume no (main job too), use another output_dir, or resume "
                      f"it explicitly with resume={found}",
             )
         logger.warning("Resuming from %s", found)
@@ -199,14 +199,23 @@ STAGE_INPUTS = {
     "weak": ("model", "sft", "runs/sft/final"),
     "supervised": ("model", "weak", "runs/weak/final"),
 }
-#: Where the main job (examples/finetune.py, default --work-dir) writes the same folders.
+#: Where the main job (examples/finetune.py, default --work_dir) writes the same folders.
 MAIN_JOB_OUTPUTS = {"tokenizer": "runs/finetune/tokenizer", "pretrain": "runs/finetune/pretrain/final",
                     "sft": "runs/finetune/sft/final", "weak": "runs/finetune/weak/final"}
 
 
 class StageInputError(DataFileNotFoundError):
     """A stage's input folder (an earlier stage's output) does not exist; the message says how to make it. A
-    `DataError`, so the stage command lines report it as one line with exit status 2 (`conan_hf.errors.cli_errors`)."""
+    `DataError`, so the stage command lines report it as one line with exit status 2 (`conan_hf.errors.cli_errors`).
+
+    Attributes:
+        stage: the stage whose input is missing; option: its option naming the input; value: the missing path;
+        producer: the stage that makes it.
+    """
+
+    def __init__(self, message: str, *, stage: str = "", option: str = "", value: str = "", producer: str = ""):
+        super().__init__(message)
+        self.stage, self.option, self.value, self.producer = stage, option, value, producer
 
 
 def looks_local(value: str) -> bool:
@@ -239,7 +248,8 @@ def check_stage_input(config: Any, stage: str) -> None:
     alternative = MAIN_JOB_OUTPUTS.get(producer)
     if alternative and Path(alternative).exists():
         hint = f"; the main job wrote one to {alternative}: --{option} {alternative}"
-    raise StageInputError(f"{value} not found: {make}, or pass --{option} PATH{hint}")
+    raise StageInputError(f"{value} not found: {make}, or pass --{option} PATH{hint}", stage=stage, option=option,
+                          value=value, producer=producer)
 
 
 def read_stage_record(folder: str | os.PathLike) -> dict[str, Any] | None:

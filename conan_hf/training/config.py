@@ -1,27 +1,25 @@
-"""Stage configs: one dataclass per stage whose field defaults are the paper's (App. A), shipped YAML files, presets
-and command-line flags.
+"""Stage configs: one dataclass per stage, each field defined once with its type, default (the paper's, App. A) and
+help text (``metadata={"help": ...}``, see :func:`option`); shipped YAML files with overrides and presets; flags.
 
-A stage is ``config → datasets → Trainer → output_dir/final``. Each stage module defines a dataclass of its options
-(subclassing :class:`StageConfig`), a ``run(config)`` function and a ``main()`` that parses::
+Every field is also a command-line flag (``--max_steps 50``; ``--max-steps`` is accepted too), and ``--help`` lists
+them with their meaning and defaults::
 
-    accelerate launch -m conan_hf.stages.pretrain --config trainers/configs/pretrain.yaml --preset tiny --max_steps 50
+    accelerate launch -m conan_hf.stages.pretrain --preset tiny --max_steps 50
 
-Every dataclass field is also a command-line flag (``--max_steps 50``); ``--help`` lists them with their defaults and
-meanings. Precedence (later wins): dataclass defaults ← the stage's shipped YAML ← ``--preset`` ← the values your own
-YAML changes ← command-line flags (see :func:`load_config`).
+Precedence (later wins): dataclass defaults <- the stage's shipped YAML <- ``--preset`` <- the keys your own YAML
+sets <- command-line flags (see :func:`load_config`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import logging
 import os
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,64 +33,76 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "stages" / "configs"
 C = TypeVar("C", bound="StageConfig")
 
 
+def option(default: Any = dataclasses.MISSING, *, help: str, factory: Callable[[], Any] | None = None) -> Any:
+    """A config field: its default (or ``factory`` for a mutable one) and its ``--help`` text (``metadata["help"]``).
+
+    Example:
+        >>> @dataclasses.dataclass
+        ... class MyConfig:
+        ...     seq_length: int = option(2048, help="tokens per packed block")
+    """
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def override(base: type, name: str, default: Any = dataclasses.MISSING, *,
+             factory: Callable[[], Any] | None = None) -> Any:
+    """A subclass's own default for field ``name`` of ``base``, keeping the base field's help text (so the key's
+    meaning is written once). Example: ``learning_rate: float = override(StageConfig, "learning_rate", 2e-5)``."""
+    inherited = {f.name: f for f in dataclasses.fields(base)}[name]
+    return option(default, help=inherited.metadata["help"], factory=factory)
+
+
+def field_help(field: dataclasses.Field) -> str:
+    """The ``--help`` text of a config field (its ``metadata["help"]``)."""
+    return field.metadata.get("help", "")
+
+
 @dataclasses.dataclass
 class StageConfig:
-    """Options shared by all training stages. Defaults follow the paper's setup (App. A) where it states one.
+    """Options shared by all training stages; the defaults are the paper's setup (App. A) where it states one, and
+    each field's ``metadata["help"]`` says what it means (``conan-train <stage> --help`` lists them)."""
 
-    Args:
-        output_dir: checkpoints go to ``output_dir/checkpoint-N``, the finished model to ``final_dir``.
-        final_dir: where the finished model is written (default ``output_dir/final``); the next stage reads it.
-        resume: ``"auto"`` resumes from the latest complete checkpoint in ``output_dir`` if there is one (and skips
-            the stage when ``final_dir`` already holds its result for the same options), ``"no"`` starts over, or a
-            path to a checkpoint folder.
-        seed: seed of every random number generator (python, numpy, torch) and of the data order.
-        max_steps: stop after this many optimizer steps (``-1``: run ``num_train_epochs`` epochs).
-        num_train_epochs: passes over the training data (when ``max_steps`` is ``-1``).
-        per_device_train_batch_size: examples per batch on each device.
-        gradient_accumulation_steps: batches accumulated per optimizer step.
-        learning_rate: peak AdamW learning rate.
-        warmup_ratio: linear warm-up over this fraction of the total optimizer steps.
-        weight_decay: AdamW weight decay.
-        lr_scheduler_type: learning-rate schedule after warm-up (transformers' names: ``linear``, ``cosine``, ...).
-        max_grad_norm: gradient clipping norm.
-        bf16: bfloat16 mixed precision (the paper's setting on GPU/NPU).
-        gradient_checkpointing: recompute activations in the backward pass to save memory.
-        deepspeed: a DeepSpeed config (path to a JSON file, or a dict) for the HF Trainer; ``None`` leaves the choice
-            to ``accelerate launch --config_file ...`` (see ``trainers/configs/accelerate/``).
-        save_steps: write a checkpoint every this many steps.
-        save_total_limit: checkpoints kept (at least 2, so a crash while saving leaves an intact one).
-        logging_steps: log the loss every this many steps.
-        dataloader_num_workers: data-loading worker processes (0: in the main process).
-        report_to: experiment tracker of the Trainer (``none``, ``tensorboard``, ``wandb``, ...).
-        disable_tqdm: hide the progress bar.
-        num_threads: CPU threads for torch (``None``: torch's default). The tiny presets use 1: a model of a few
-            million parameters gains nothing from more, and multi-threaded kernels slow down sharply (30x measured)
-            when other processes share the cores.
-    """
-
-    output_dir: str = "runs/stage"
-    final_dir: str | None = None
-    resume: str = "auto"
-    seed: int = 42
-    max_steps: int = -1
-    num_train_epochs: float = 1.0
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    lr_scheduler_type: str = "linear"
-    max_grad_norm: float = 1.0
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    deepspeed: Any = None
-    save_steps: int = 500
-    save_total_limit: int = 2
-    logging_steps: int = 10
-    dataloader_num_workers: int = 0
-    report_to: str = "none"
-    disable_tqdm: bool = False
-    num_threads: int | None = None
+    output_dir: str = option("runs/stage", help="checkpoints go to ``output_dir/checkpoint-N``, the finished model to "
+                                                "``final_dir``.")
+    final_dir: str | None = option(None, help="where the finished model is written (default ``output_dir/final``); "
+                                              "the next stage reads it.")
+    resume: str = option("auto", help="``auto`` resumes from the latest complete checkpoint in ``output_dir`` if "
+                                      "there is one (and skips the stage when ``final_dir`` already holds its result "
+                                      "for the same options), ``no`` starts over, or a path to a checkpoint folder.")
+    seed: int = option(42, help="seed of every random number generator (python, numpy, torch) and of the data "
+                                "order.")
+    max_steps: int = option(-1, help="stop after this many optimizer steps (``-1``: run ``num_train_epochs`` "
+                                     "epochs).")
+    num_train_epochs: float = option(1.0, help="passes over the training data (when ``max_steps`` is ``-1``).")
+    per_device_train_batch_size: int = option(8, help="examples per batch on each device.")
+    gradient_accumulation_steps: int = option(1, help="batches accumulated per optimizer step.")
+    learning_rate: float = option(1e-4, help="peak AdamW learning rate (App. A: 1e-4 for pre-training, and the same "
+                                             "for stages 3 and 4).")
+    warmup_ratio: float = option(0.05, help="linear warm-up over this fraction of the total optimizer steps (App. A: "
+                                            "5%).")
+    weight_decay: float = option(0.001, help="AdamW weight decay (App. A: 0.001).")
+    lr_scheduler_type: str = option("cosine", help="learning-rate schedule after warm-up (transformers' names: "
+                                                   "``linear``, ``cosine``, ...; the paper states none).")
+    max_grad_norm: float = option(1.0, help="gradient clipping norm.")
+    bf16: bool = option(True, help="bfloat16 mixed precision (the paper's setting on GPU/NPU).")
+    gradient_checkpointing: bool = option(True, help="recompute activations in the backward pass to save memory.")
+    deepspeed: Any = option(None, help="a DeepSpeed config (path to a JSON file, or a dict) for the HF Trainer; "
+                                       "``None`` leaves the choice to ``accelerate launch --config_file ...`` (see "
+                                       "``conan_hf/stages/configs/accelerate/``).")
+    save_steps: int = option(1000, help="write a checkpoint every this many steps.")
+    save_total_limit: int = option(2, help="checkpoints kept (at least 2, so a crash while saving leaves an intact "
+                                           "one).")
+    logging_steps: int = option(10, help="log the loss every this many steps.")
+    dataloader_num_workers: int = option(0, help="data-loading worker processes (0: in the main process).")
+    report_to: str = option("none", help="experiment tracker of the Trainer (``none``, ``tensorboard``, ``wandb``, "
+                                         "...).")
+    disable_tqdm: bool = option(False, help="hide the progress bar.")
+    num_threads: int | None = option(None, help="CPU threads for torch (``None``: torch's default). The tiny presets "
+                                                "use 1: a model of a few million parameters gains nothing from more, "
+                                                "and multi-threaded kernels slow down sharply (30x measured) when "
+                                                "other processes share the cores.")
 
     #: Options that do not change what is trained; a checkpoint made with other values still resumes.
     RUN_ONLY_OPTIONS = ("resume", "final_dir", "save_steps", "save_total_limit", "logging_steps", "report_to",
@@ -107,7 +117,9 @@ class StageConfig:
         return Path(self.final_dir) if self.final_dir else Path(self.output_dir) / "final"
 
     def training_arguments_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `TrainingArguments` (or sentence-transformers' subclass)."""
+        """Keyword arguments for `TrainingArguments` (or sentence-transformers' subclass). No side effects: the
+        process state they refer to (DeepSpeed over gloo on CPU) is set up by
+        :func:`conan_hf.training.distributed.configure_process_state`, the runner's runtime-setup step."""
         if not 0 <= self.warmup_ratio < 1:
             raise DataError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}", hint="fix the stage config")
         kwargs = dict(
@@ -138,7 +150,7 @@ class StageConfig:
             # Not `restore_callback_states_from_checkpoint`: it re-creates callbacks and appends them after the commit
             # callback. Our callbacks (soft mask, DHNM) save and reload their own state files in the checkpoint.
         )
-        kwargs.update(distributed_kwargs(self.deepspeed))
+        kwargs.update(distributed_kwargs(self.deepspeed))  # pure: the process state is set up by the runner
         return kwargs
 
 
@@ -178,25 +190,20 @@ def load_config(
     overrides: dict[str, Any] | None = None,
     stage: str | None = None,
 ) -> C:
-    """Build a stage config from its dataclass, the stage's YAML files, a preset and ``overrides``.
+    """Build a stage config from its dataclass, the stage's shipped YAML, a preset, your YAML and ``overrides``.
 
     Precedence, later wins::
 
-        dataclass defaults ← shipped YAML (trainers/configs/<stage>.yaml) ← presets[preset] ← your YAML ← overrides
+        dataclass defaults <- shipped YAML (conan_hf/stages/configs/<stage>.yaml) <- presets[preset] <- your YAML
+        <- overrides
 
-    The shipped YAML's top-level values are the paper's defaults and a preset (``tiny``) shrinks them, so the preset
-    must win over them; but a value *you* wrote must win over the preset. "Your" values are the top-level keys of
-    ``path`` whose value differs from the shipped file's (or that the shipped file does not have). Hence:
-
-    - the shipped file itself (or a verbatim copy) + ``--preset tiny`` gives the tiny values;
-    - a YAML of your own with ``max_steps: 7`` (or a copy of the shipped file where you changed ``learning_rate``)
-      + ``--preset tiny`` keeps your 7 (your learning rate) and takes the rest of the preset;
-    - a value equal to the shipped file's counts as the paper default, so the preset still replaces it.
-
-    The preset comes from ``path`` when that file defines it, else from the shipped file. ``stage`` names the shipped
-    file; without it, it is the one in ``trainers/configs`` with the same file name as ``path``, if any (a file with
-    no shipped counterpart is its own base: its preset overrides its top-level values). ``overrides`` (command-line
-    flags, the main job's hand-off paths) win over everything. Preset values that lose to yours are logged.
+    The dataclass holds the defaults (the paper's values); the shipped YAML holds only values that differ from them
+    and its presets (``tiny``). ``path`` is your YAML: every key it sets wins over the preset (a value equal to the
+    default included); a ``path`` that is the shipped file itself adds nothing over it. The preset comes from
+    ``path`` when that file defines it, else from the shipped file. ``stage`` names the shipped file; without it,
+    it is the one in ``conan_hf/stages/configs`` with the same file name as ``path``, if any. ``overrides``
+    (command-line flags, the main job's hand-off paths) win over everything. Preset values that lose to yours are
+    logged.
 
     Raises a `DataError` naming the file and the key for unknown keys or presets, so a typo never goes unnoticed.
 
@@ -205,41 +212,35 @@ def load_config(
     ```python
     >>> from conan_hf.training.config import load_config
     >>> from conan_hf.stages.pretrain import PretrainConfig
-    >>> cfg = load_config(PretrainConfig, "trainers/configs/pretrain.yaml", preset="tiny", overrides={"max_steps": 5})
+    >>> cfg = load_config(PretrainConfig, "mine.yaml", preset="tiny", stage="pretrain", overrides={"max_steps": 5})
     ```
     """
-    values: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        source = str(path)
-        user_values, user_presets = _read_yaml_config(path)
-        shipped_path = default_config_path(stage) if stage else CONFIG_DIR / Path(path).name
-        shipped_values: dict[str, Any] = {}
-        shipped_presets: dict[str, Any] = {}
-        if shipped_path.is_file() and shipped_path.resolve() != Path(path).resolve():
-            shipped_values, shipped_presets = _read_yaml_config(shipped_path)
-            mine = {k for k, v in user_values.items() if k not in shipped_values or shipped_values[k] != v}
-        else:
-            mine = set()  # the shipped file itself, or a file with no shipped counterpart: the preset refines it
-        values.update(shipped_values)
-        values.update(user_values)
-        if preset is not None:
-            presets = user_presets if preset in user_presets else shipped_presets
-            if preset not in presets:
-                available = sorted(set(user_presets) | set(shipped_presets))
-                raise DataError(f"no preset {preset!r}", where=str(path),
-                                hint=f"choose one of {available or 'none'}")
-            kept = {}
-            for key, value in (presets[preset] or {}).items():
-                if key in mine:
-                    kept[key] = (user_values[key], value)
-                else:
-                    values[key] = value
-            if kept:
-                logger.warning("%s: your values win over preset %r: %s", path, preset,
-                               ", ".join(f"{k}={mine_value!r} (preset: {p!r})" for k, (mine_value, p) in kept.items()))
-    elif preset is not None:
+    if path is None and stage is None and preset is not None:
         raise DataError(f"preset {preset!r} needs a config file", hint="pass --config FILE")
+    shipped_path = default_config_path(stage) if stage else CONFIG_DIR / Path(path).name if path is not None else None
+    shipped_values: dict[str, Any] = {}
+    shipped_presets: dict[str, Any] = {}
+    if shipped_path is not None and shipped_path.is_file():
+        shipped_values, shipped_presets = _read_yaml_config(shipped_path)
+    user_values: dict[str, Any] = {}
+    user_presets: dict[str, Any] = {}
+    if path is not None and not (shipped_path is not None and shipped_path.is_file()
+                                 and shipped_path.resolve() == Path(path).resolve()):
+        user_values, user_presets = _read_yaml_config(path)
+    source = str(path if path is not None else shipped_path or "<defaults>")
+    values = dict(shipped_values)
+    if preset is not None:
+        presets = user_presets if preset in user_presets else shipped_presets
+        if preset not in presets:
+            available = sorted(set(user_presets) | set(shipped_presets))
+            raise DataError(f"no preset {preset!r}", where=source, hint=f"choose one of {available or 'none'}")
+        chosen = presets[preset] or {}
+        values.update(chosen)
+        lost = {k: (user_values[k], v) for k, v in chosen.items() if k in user_values and user_values[k] != v}
+        if lost:
+            logger.warning("%s: your values win over preset %r: %s", path, preset,
+                           ", ".join(f"{k}={mine!r} (preset: {p!r})" for k, (mine, p) in lost.items()))
+    values.update(user_values)
     values.update(overrides or {})
     return config_from_dict(cls, values, source)
 
@@ -292,44 +293,6 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     raise DataError(f"cannot read {value!r} as {hint}", where=where, hint="fix the value")
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """``{field: meaning}`` from the ``Args:`` sections of the docstrings of ``cls`` and its bases (a subclass's entry
-    wins). An entry is ``name: text`` with continuation lines indented deeper; ``a: ...; b: ...`` on one line documents
-    two fields."""
-    import re
-
-    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        lines = inspect.cleandoc(klass.__dict__.get("__doc__") or "").splitlines()
-        if "Args:" not in [line.strip() for line in lines]:
-            continue
-        start = [line.strip() for line in lines].index("Args:") + 1
-        entry_indent: int | None = None
-        current: str | None = None
-        for line in lines[start:]:
-            if not line.strip():
-                current = None
-                continue
-            indent = len(line) - len(line.lstrip())
-            if entry_indent is None:
-                entry_indent = indent
-            if indent < entry_indent:
-                break
-            match = re.match(r"(\w+):\s*(.*)", line.strip())
-            if indent == entry_indent and match:
-                current = match.group(1)
-                docs[current] = match.group(2)
-            elif current is not None:
-                docs[current] += " " + line.strip()
-    for name, text in list(docs.items()):  # "temperature: InfoNCE τ; cosent_scale: CoSENT's scale"
-        parts = re.split(r";\s+(\w+):\s+", text)
-        if len(parts) > 1 and all(p in names for p in parts[1::2]):
-            docs[name] = parts[0]
-            docs.update(dict(zip(parts[1::2], parts[2::2])))
-    return docs
-
-
 def _field_default(field: dataclasses.Field) -> Any:
     if field.default is not dataclasses.MISSING:
         return field.default
@@ -345,12 +308,22 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def parse_config(cls: type[C], stage: str, argv: list[str] | None = None, description: str | None = None) -> C:
-    """Command line of a stage: ``--config FILE --preset NAME`` plus one ``--<field> VALUE`` flag per option.
+def add_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, **kwargs: Any) -> None:
+    """Add ``--name`` (the documented spelling, underscores as in transformers) and ``--name-with-dashes`` (accepted,
+    not listed in ``--help``) to ``parser``; both fill the same destination."""
+    parser.add_argument(f"--{name}", **kwargs)
+    if "_" in name:
+        hidden = {k: v for k, v in kwargs.items() if k not in ("help", "metavar")}
+        parser.add_argument(f"--{name.replace('_', '-')}", **hidden, help=argparse.SUPPRESS)
 
-    ``--help`` lists every option with its meaning (from the dataclass docstrings), the value the shipped YAML gives
-    it and what the ``tiny`` preset changes. Values are read as the field's type (YAML syntax for lists and mappings:
-    ``--lora '{r: 8}'``).
+
+def parse_config(cls: type[C], stage: str, argv: list[str] | None = None, description: str | None = None) -> C:
+    """Command line of a stage: ``--config FILE --preset NAME`` plus one ``--<field> VALUE`` flag per option
+    (``--max_steps``; ``--max-steps`` is accepted too).
+
+    ``--help`` lists every option with its meaning (the field's ``metadata["help"]``), its default (the dataclass's,
+    or the shipped YAML's where it differs) and what the ``tiny`` preset changes. Values are read as the field's type
+    (YAML syntax for lists and mappings: ``--lora '{r: 8}'``).
     """
     shipped = default_config_path(stage)
     shipped_values, shipped_presets = _read_yaml_config(shipped) if shipped.is_file() else ({}, {})
@@ -358,24 +331,22 @@ def parse_config(cls: type[C], stage: str, argv: list[str] | None = None, descri
     parser = OneLineArgumentParser(
         prog=f"conan-train {stage}", description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Precedence (later wins): dataclass defaults <- the shipped YAML <- --preset <- the values your own "
-               "--config file changes <- these flags.")
+        epilog="Precedence (later wins): dataclass defaults <- the shipped YAML <- --preset <- the keys your own "
+               "--config file sets <- these flags. Flags are spelled with underscores (--max_steps); dashes "
+               "(--max-steps) are accepted too.")
     parser.add_argument("--config", default=str(shipped), help="stage YAML (default: %(default)s)")
     parser.add_argument("--preset", default=None,
                         help=f"a preset of the YAML file: {', '.join(sorted(shipped_presets)) or 'none shipped'}")
-    docs = field_docs(cls)
-    options = parser.add_argument_group("options (config keys; defaults are the shipped YAML's values)")
+    options = parser.add_argument_group("options (config keys)")
     for field in dataclasses.fields(cls):
         default = shipped_values.get(field.name, _field_default(field))
-        text = docs.get(field.name, "").strip() or "(undocumented)"
+        text = field_help(field).strip() or "(undocumented)"
         text += f" (default: {_show(default)}"
         if field.name in tiny:
             text += f"; --preset tiny: {_show(tiny[field.name])}"
         text += ")"
-        options.add_argument(f"--{field.name}", dest=f"field__{field.name}", default=argparse.SUPPRESS,
-                             metavar=field.name.upper(), help=text.replace("%", "%%"))
+        add_option(options, field.name, dest=f"field__{field.name}", default=argparse.SUPPRESS,
+                   metavar=field.name.upper(), help=text.replace("%", "%%"))
     args = parser.parse_args(argv)
     overrides = {k[len("field__"):]: v for k, v in vars(args).items() if k.startswith("field__")}
     return load_config(cls, args.config, args.preset, overrides, stage=stage)
-
-

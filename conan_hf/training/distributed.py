@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from conan_hf.training.config import StageConfig
 
 # ---- distributed set-up -------------------------------------------------------------------------------------------
 def _has_accelerator() -> bool:
@@ -19,25 +17,41 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-def distributed_kwargs(deepspeed: Any = None) -> dict[str, Any]:
-    """`TrainingArguments` kwargs that pick DeepSpeed and the process group.
+def _deepspeed_over_gloo(deepspeed: Any) -> bool:
+    """Whether this run is DeepSpeed with several processes on a machine without an accelerator (CPU tests, laptops):
+    DeepSpeed then communicates over gloo. DeepSpeed is used when ``deepspeed`` is given or ``accelerate launch`` was
+    configured for it."""
+    use_deepspeed = deepspeed is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return use_deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator()
 
-    DeepSpeed is used when ``deepspeed`` is given or ``accelerate launch`` was configured for it. On a machine without
-    an accelerator (CPU tests, laptops) DeepSpeed communicates over gloo, but accelerate only counts the processes when
-    it is told the backend, so the shared state is pre-configured with ``backend="gloo"`` and handed to the Trainer.
+
+def distributed_kwargs(deepspeed: Any = None) -> dict[str, Any]:
+    """`TrainingArguments` kwargs that pick DeepSpeed and the process group (no side effects).
+
+    For DeepSpeed over gloo (see :func:`configure_process_state`) the Trainer is told to use the accelerate state
+    set up beforehand (``accelerator_config={"use_configured_state": True}``).
     """
     kwargs: dict[str, Any] = {"deepspeed": deepspeed}
-    use_deepspeed = deepspeed is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if use_deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
-        from accelerate import PartialState
-        from accelerate.utils import DistributedType
-
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        if PartialState._shared_state and PartialState().distributed_type != DistributedType.DEEPSPEED:
-            PartialState._reset_state()  # an earlier non-DeepSpeed state (e.g. the main job's); the group stays up
-        PartialState(backend="gloo")
+    if _deepspeed_over_gloo(deepspeed):
         kwargs["accelerator_config"] = {"use_configured_state": True}
     return kwargs
+
+
+def configure_process_state(deepspeed: Any = None) -> None:
+    """Set accelerate's shared process state up for DeepSpeed over gloo (several processes, no accelerator):
+    accelerate only counts the processes when it is told the backend, so the state is created with
+    ``backend="gloo"`` (an earlier non-DeepSpeed state, e.g. the main job's, is replaced; the process group stays
+    up). Does nothing otherwise. The stage runner calls it in its runtime set-up, before the Trainer's arguments are
+    made (:func:`distributed_kwargs`)."""
+    if not _deepspeed_over_gloo(deepspeed):
+        return
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    if PartialState._shared_state and PartialState().distributed_type != DistributedType.DEEPSPEED:
+        PartialState._reset_state()
+    PartialState(backend="gloo")
 
 
 def deepspeed_zero1_config(bf16: bool | str = "auto") -> dict[str, Any]:
@@ -64,14 +78,14 @@ def wait_for_everyone() -> None:
 
 
 
-def setup_runtime(config: StageConfig) -> None:
-    """Seed every RNG (python, numpy, torch) and apply ``num_threads``."""
+def seed_everything(seed: int, num_threads: int | None = None) -> None:
+    """Seed every RNG (python, numpy, torch) and apply ``num_threads`` (torch's CPU threads; ``None`` keeps them)."""
     import torch
     from transformers import set_seed
 
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    set_seed(config.seed)
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    set_seed(seed)
 
 
 def print_main(*args, **kwargs) -> None:

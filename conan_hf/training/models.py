@@ -13,10 +13,13 @@ def load_sentence_model(
     path: str,
     attention_mode: str | None = "bidirectional",
     pooling: str | None = None,
-    max_seq_length: int = 512,
+    max_seq_length: int | None = 512,
     prompts: dict[str, str] | None = None,
+    *,
+    device: str | None = None,
+    trust_remote_code: bool = False,
 ):
-    """The embedding model a stage starts from, with its backbone in ``attention_mode``.
+    """The one loader of embedding models: the model a stage trains, and the model an evaluation encodes with.
 
     ``path`` (a local folder or a Hub id) is either
 
@@ -28,25 +31,34 @@ def load_sentence_model(
       else ``mean``).
 
     The backbone is put in ``attention_mode`` (see `conan_hf.backbones.set_attention_mode`: ``soft`` applies the soft
-    mask to a stock decoder; encoders are bidirectional only); ``None`` keeps a SentenceTransformer's saved attention
-    (evaluation of a finished model) and makes a bare model folder bidirectional. Stock backbones get right padding,
-    the side on which their position numbering matches the unpadded sequence (last-token pooling handles either
-    side). ``max_seq_length`` and ``prompts`` (added to any saved ones) are applied.
+    mask to a stock decoder; encoders are bidirectional only) and stock backbones get right padding, the side on which
+    their position numbering matches the unpadded sequence. ``attention_mode=None`` loads a SentenceTransformer folder
+    exactly as saved (evaluation of a finished model) and makes a bare model folder bidirectional.
+    ``max_seq_length`` (``None``: the saved one) and ``prompts`` (added to any saved ones) are applied.
+
+    Args:
+        device: where the model is put (sentence-transformers' default: the accelerator if there is one).
+        trust_remote_code: run a SentenceTransformer folder's own model code. ``False`` (the stages) loads Conan
+            checkpoints with the installed conan_hf classes (registered with the Auto classes on import), so
+            isinstance checks (soft-mask helpers) and fixes in the package apply.
+
+    Example:
+        >>> model = load_sentence_model("runs/weak/final", attention_mode=None)   # a finished model, as saved
     """
     from sentence_transformers import SentenceTransformer
 
     from conan_hf.backbones import padding_side_for
     from conan_hf.sentence import build_sentence_transformer
 
-    if _is_sentence_transformer_folder(path):
-        # The installed conan_hf classes (registered with the Auto classes on import) rather than the folder's copy of
-        # the remote code, so isinstance checks (soft-mask helpers) and fixes in the package apply.
-        model = SentenceTransformer(path, trust_remote_code=False)
+    as_saved = _is_sentence_transformer_folder(path)
+    if as_saved:
+        model = SentenceTransformer(path, device=device, trust_remote_code=trust_remote_code)
         saved = pooling_mode(model)
         if pooling is not None and saved is not None and saved != pooling:
             raise ValueError(f"{path} is a SentenceTransformer with {saved!r} pooling, but pooling={pooling!r} was "
                              f"asked for; set pooling: {saved} (or null) to keep the saved one")
-        model.max_seq_length = max_seq_length
+        if max_seq_length is not None:
+            model.max_seq_length = max_seq_length
         if prompts:
             model.prompts = {**model.prompts, **prompts}
     else:
@@ -54,8 +66,10 @@ def load_sentence_model(
         if pooling is None:
             pooling = "lasttoken" if attention_mode == "causal" else "mean"
         # attention_mode=None: a stock config must not receive Conan's `attention_mode` key (it would be saved).
-        model = build_sentence_transformer(path, pooling=pooling, prompts=prompts, max_seq_length=max_seq_length,
-                                           attention_mode=None)
+        model = build_sentence_transformer(path, pooling=pooling, prompts=prompts, attention_mode=None, device=device,
+                                           **({"max_seq_length": max_seq_length} if max_seq_length else {}))
+    if attention_mode is None and as_saved:
+        return model
     if attention_mode is not None:
         set_attention_mode(model, attention_mode)
     decoder = backbone(model)
