@@ -109,7 +109,8 @@ def build_configs(
 # ---- demo data and evaluation ---------------------------------------------------------------------------------------
 def prepare_demo_data(data_dir: str | Path, holdout: float = 0.2, seed: int = 0) -> dict[str, Any]:
     """Split the demo corpus: training files for the stages (JSONL under ``data_dir``) and held-out evaluation sets
-    (CLR pairs, STS pairs). Texts of held-out pairs are removed from every training file, including pre-training."""
+    (CLR pairs, STS pairs; also written as ``sts_heldout.jsonl`` / ``clr_heldout.jsonl``). Texts of held-out pairs
+    are removed from every training file, including pre-training."""
     from conan_hf import demo
     from conan_hf.data.sources import split_holdout
 
@@ -130,10 +131,13 @@ def prepare_demo_data(data_dir: str | Path, holdout: float = 0.2, seed: int = 0)
         "classification": clean(demo.demo_classification(), ("text",)),
         "sts": clean(sts_train, ("sentence1", "sentence2")),
     }
+    # The held-out sets too, so a user can evaluate the finished model on them (e.g. with conan_hf.eval); no stage
+    # reads them.
+    heldout = {"sts_heldout": sts_eval, "clr_heldout": clr_eval}
     paths = {}
     if is_main_process():
         data_dir.mkdir(parents=True, exist_ok=True)
-    for name, rows in files.items():
+    for name, rows in {**files, **heldout}.items():
         paths[name] = str(data_dir / f"{name}.jsonl")
         if is_main_process():
             with open(paths[name], "w", encoding="utf-8") as handle:

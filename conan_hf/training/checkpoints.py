@@ -70,10 +70,31 @@ class CheckpointCommitCallback(TrainerCallback):
         return control
 
 
+def uses_zero3(trainer) -> bool:
+    """Whether ``trainer`` runs under DeepSpeed ZeRO stage 3 (parameters sharded across ranks)."""
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
+    return plugin is not None and getattr(plugin, "zero_stage", 0) == 3
+
+
 class MainProcessSaveMixin:
     """For sentence-transformers trainers: under DeepSpeed, `Trainer.save_model` calls `_save` on every rank, and
     sentence-transformers' `_save` writes unconditionally (it assumes rank 0), so all ranks would write the same
     files at once. Only the process that should save does."""
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under ZeRO-3 every rank gathers the sharded parameters and rank 0 writes the full model (sentence-
+        transformers' `_save` would write the local shards); otherwise the Trainer's own saving."""
+        if not uses_zero3(self):
+            return super().save_model(output_dir, _internal_call)
+        import deepspeed
+
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+            if self.args.should_save:
+                os.makedirs(output_dir, exist_ok=True)
+                self.model.save_pretrained(output_dir, create_model_card=False)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(output_dir)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         if not self.args.should_save:
@@ -163,12 +184,16 @@ def save_final(trainer, config: StageConfig, stage: str, summary: dict[str, Any]
     if write_model is None:
         trainer.save_model(str(staging))
     else:
-        plugin = getattr(getattr(trainer, "accelerator", None), "state", None)
-        plugin = getattr(plugin, "deepspeed_plugin", None)
-        if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
-            raise ValueError("the final export reads the in-memory weights, which ZeRO-3 shards across ranks; use "
-                             "ZeRO stage 1 or 2 (the paper's set-up is ZeRO-1), or export_format: remote_code")
-        if trainer.is_world_process_zero():
+        if uses_zero3(trainer):
+            import deepspeed
+
+            # Training is over: drop ZeRO-3's module hooks (their collectives would wait for the other ranks while
+            # rank 0 runs the export's probe), then gather every parameter in full for the export.
+            trainer.model_wrapped.optimizer.destroy()
+            with deepspeed.zero.GatheredParameters(list(trainer.model.parameters()), modifier_rank=None):
+                if trainer.is_world_process_zero():
+                    write_model(staging)
+        elif trainer.is_world_process_zero():
             write_model(staging)
     wait_for_everyone()
     if trainer.is_world_process_zero():
