@@ -100,7 +100,7 @@ class StageConfig:
     logging_steps: int = option(10, help="log the loss every this many steps.")
     dataloader_num_workers: int = option(0, help="data-loading worker processes (0: in the main process).")
     report_to: str = option("none", help="experiment tracker of the Trainer (``none``, ``tensorboard``, ``wandb``, "
-                                         "...).")
+                                         "...; ``tensorboard`` needs ``pip install conan-hf[tensorboard]``).")
     disable_tqdm: bool = option(False, help="hide the progress bar.")
     num_threads: int | None = option(None, help="CPU threads for torch (``None``: torch's default). The tiny presets "
                                                 "use 1: a model of a few million parameters gains nothing from more, "
