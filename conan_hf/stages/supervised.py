@@ -29,6 +29,10 @@ weights (Table 6's comparison) and merges them into the saved model.
 default, or ``attention_mode: causal`` with last-token pooling) or an encoder (BERT-like, e.g. all-MiniLM-L6-v2).
 The attention in use is printed at the start.
 
+``eval_data`` gives dev sets of the training tasks (``{task name: data sources}``), evaluated every ``eval_steps``
+with ``eval_strategy: steps`` (Spearman for STS, nDCG@10 for retrieval / CLR; :mod:`conan_hf.training.evaluation`);
+``load_best_model_at_end`` then saves the checkpoint that scored best.
+
 Output: ``final_dir``, the finished SentenceTransformer (prompts per task; MRL dims in ``conan_stage.json`` and the
 model card), by default exported with stock transformers classes so that it loads without ``trust_remote_code``
 (``export_format``, see :mod:`conan_hf.export`).
