@@ -106,8 +106,10 @@ class StageConfig:
                                                 "use 1: a model of a few million parameters gains nothing from more, "
                                                 "and multi-threaded kernels slow down sharply (30x measured) when "
                                                 "other processes share the cores.")
-    push_to_hub: bool = option(False, help="the Trainer pushes the checkpoints and the final model to the Hugging "
-                                           "Face Hub repo ``hub_model_id`` (needs ``huggingface-cli login``).")
+    push_to_hub: bool = option(False, help="the Trainer pushes to the Hugging Face Hub repo ``hub_model_id`` as it "
+                                           "saves (the model files in ``output_dir``; needs ``huggingface-cli "
+                                           "login``). The finished model in ``final_dir`` is yours to push: "
+                                           "``SentenceTransformer(final_dir).push_to_hub(hub_model_id)``.")
     hub_model_id: str | None = option(None, help="the Hub repo (``NAME`` or ``OWNER/NAME``) for ``push_to_hub``; "
                                                  "also the model id in the title and usage of the model card.")
     hub_private_repo: bool | None = option(None, help="create the Hub repo as private (``None``: the Hub account's "
