@@ -505,7 +505,9 @@ def evaluate(
     if embedding_cache is not None:
         from mteb.models.cache_wrappers import CachedEmbeddingWrapper
 
-        encoder = CachedEmbeddingWrapper(wrapper, embedding_cache)
+        from conan_hf.eval.cache import EmbeddingCache
+
+        encoder = CachedEmbeddingWrapper(wrapper, embedding_cache, cache_backend=EmbeddingCache)
 
     results_dir = Path(output_folder) / results_folder_name(name, dim) if output_folder is not None else None
     done: list[Any] = []

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,10 +291,7 @@ def evaluate_cross_lingual(
         from .run import evaluate
 
         # The corpus is the same for every language subset: mteb's embedding cache encodes it once.
-        with tempfile.TemporaryDirectory(prefix="conan-xling-") as embedding_cache, warnings.catch_warnings():
-            # A fresh cache and repeated texts (the same question asked twice) are expected; mteb's cache warns.
-            for message in ("Hash collision or duplicate item", "Dimension file not found", "No existing files found"):
-                warnings.filterwarnings("ignore", message=message)
+        with tempfile.TemporaryDirectory(prefix="conan-xling-") as embedding_cache:
             eval_report = evaluate(model, [task], batch_size=batch_size, output_folder=output_folder, dim=dim,
                                    show_progress_bar=show_progress_bar,
                                    embedding_cache=evaluate_kwargs.pop("embedding_cache", embedding_cache),

@@ -29,6 +29,10 @@ weights (Table 6's comparison) and merges them into the saved model.
 default, or ``attention_mode: causal`` with last-token pooling) or an encoder (BERT-like, e.g. all-MiniLM-L6-v2).
 The attention in use is printed at the start.
 
+``eval_data`` gives dev sets of the training tasks (``{task name: data sources}``), evaluated every ``eval_steps``
+with ``eval_strategy: steps`` (Spearman for STS, nDCG@10 for retrieval / CLR; :mod:`conan_hf.training.evaluation`);
+``load_best_model_at_end`` then saves the checkpoint that scored best.
+
 Output: ``final_dir``, the finished SentenceTransformer (prompts per task; MRL dims in ``conan_stage.json`` and the
 model card), by default exported with stock transformers classes so that it loads without ``trust_remote_code``
 (``export_format``, see :mod:`conan_hf.export`).
@@ -45,7 +49,7 @@ from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -171,9 +175,31 @@ class SupervisedConfig(StageConfig):
                                 "loadable without ``trust_remote_code`` (a Conan backbone becomes a ``LlamaModel`` "
                                 "with ``is_causal: false``, see :mod:`conan_hf.export`); ``remote_code`` saves a Conan "
                                 "backbone with its own code files, as stages 1-3 do.")
+    eval_data: dict | None = option(None, help="dev sets of training tasks, evaluated during training: ``{task name: "
+                                    "data sources}`` (e.g. ``{stsb: [stsb-dev.csv]}``), read like that task's "
+                                    "``data`` and encoded with its prompt; an ``sts`` task's dev set is scored by "
+                                    "Spearman correlation (``eval_<task>_spearman_cosine``), a ``retrieval`` / ``clr`` "
+                                    "task's by nDCG@10 over its positives and negatives (``eval_<task>_cosine_ndcg@10``"
+                                    ").")
+    eval_strategy: str = option("no", help="when the ``eval_data`` dev sets are evaluated: ``no``, ``steps`` (every "
+                                           "``eval_steps``) or ``epoch``.")
+    eval_steps: int | None = option(None, help="evaluate every this many steps (``None``: ``logging_steps``).")
+    load_best_model_at_end: bool = option(False, help="end with the checkpoint that scored best on "
+                                          "``metric_for_best_model`` (needs ``eval_strategy: steps`` and "
+                                          "``save_steps`` a multiple of ``eval_steps``); that model is the one saved.")
+    metric_for_best_model: str | None = option(None, help="the dev metric that ranks checkpoints (``None``: the main "
+                                               "metric of the first ``eval_data`` task, e.g. "
+                                               "``stsb_spearman_cosine``).")
+
+    FINGERPRINT_IF_SET: ClassVar[dict[str, Any]] = {
+        **StageConfig.FINGERPRINT_IF_SET, "eval_data": None, "eval_strategy": "no", "eval_steps": None,
+        "load_best_model_at_end": False, "metric_for_best_model": None}
 
     def __post_init__(self) -> None:
         from conan_hf.export import EXPORT_FORMATS
+
+        super().__post_init__()
+        self._check_evaluation()
 
         if self.attention_mode not in STAGE4_ATTENTION_MODES:
             raise ValueError(f"attention_mode must be one of {STAGE4_ATTENTION_MODES} in stage 4 (the soft mask is "
@@ -182,6 +208,45 @@ class SupervisedConfig(StageConfig):
             raise ValueError(f"pooling must be mean, lasttoken or null, got {self.pooling!r}")
         if self.export_format not in EXPORT_FORMATS:
             raise ValueError(f"export_format must be one of {EXPORT_FORMATS}, got {self.export_format!r}")
+
+    def _check_evaluation(self) -> None:
+        """One line naming the option for evaluation options that do not fit together."""
+        if self.eval_strategy not in ("no", "steps", "epoch"):
+            raise DataError(f"--eval_strategy must be no, steps or epoch, got {self.eval_strategy!r}",
+                            hint="fix the option")
+        if self.eval_data is not None and not isinstance(self.eval_data, dict):
+            raise DataError(f"--eval_data must map task names to data sources, got {self.eval_data!r}",
+                            hint="write e.g. eval_data: {stsb: [stsb-dev.csv]}")
+        if self.eval_strategy != "no" and not self.eval_data:
+            raise DataError(f"--eval_strategy {self.eval_strategy} needs dev data", hint="set --eval_data "
+                            "'{TASK: [DEV_FILE]}' (a training task's dev set), or leave --eval_strategy no")
+        if self.load_best_model_at_end:
+            if self.eval_strategy != "steps":
+                raise DataError("--load_best_model_at_end needs --eval_strategy steps (checkpoints are saved every "
+                                "save_steps)", hint="set --eval_strategy steps and --eval_data")
+            every = self.eval_steps or self.logging_steps
+            if self.save_steps % every:
+                raise DataError(f"--load_best_model_at_end needs --save_steps ({self.save_steps}) to be a multiple of "
+                                f"--eval_steps ({every})", hint="change one of them")
+
+    def evaluation_kwargs(self) -> dict[str, Any]:
+        """The Trainer's evaluation arguments (``eval_strategy``, ``eval_steps``, ``load_best_model_at_end``,
+        ``metric_for_best_model``); none when ``eval_strategy`` is ``no``."""
+        from conan_hf.training.evaluation import dev_metric
+
+        if self.eval_strategy == "no":
+            return {}
+        metric = self.metric_for_best_model
+        if metric is None:
+            first = next(iter(self.eval_data))
+            types = {t.name: t.type for t in self.task_configs()}
+            metric = dev_metric(first, types[first]) if types.get(first) in ("sts", "retrieval", "clr") else None
+        return {"eval_strategy": self.eval_strategy, "eval_steps": self.eval_steps,
+                "load_best_model_at_end": self.load_best_model_at_end, "metric_for_best_model": metric}
+
+    def training_arguments_kwargs(self) -> dict[str, Any]:
+        """:meth:`StageConfig.training_arguments_kwargs` with :meth:`evaluation_kwargs`."""
+        return {**super().training_arguments_kwargs(), **self.evaluation_kwargs()}
 
     def task_configs(self) -> list[TaskConfig]:
         tasks = [t if isinstance(t, TaskConfig) else config_from_dict(TaskConfig, dict(t), f"tasks[{i}]")
@@ -425,9 +490,35 @@ class SupervisedRunner(StageRunner):
         losses = self.build_losses(model)
         pool = build_negative_pool(self.pool_tables, self.config.num_negatives, self.table_dir) \
             if self.pool_tables else None
+        evaluator = self.build_evaluator()
         args = self.training_arguments()
         callbacks = self.build_callbacks(pool, losses, args, datasets)
-        return self.create_trainer(model, datasets, args, losses=losses, pool=pool, callbacks=callbacks)
+        return self.create_trainer(model, datasets, args, losses=losses, pool=pool, callbacks=callbacks,
+                                   evaluator=evaluator)
+
+    def build_evaluator(self):
+        """The dev sets of ``eval_data`` as one sentence-transformers evaluator (each read like its training task's
+        data, encoded with its prompt; :func:`conan_hf.training.evaluation.dev_evaluator`), or None without
+        ``eval_data`` or with ``eval_strategy: no``."""
+        from sentence_transformers.evaluation import SequentialEvaluator
+
+        from conan_hf.training.evaluation import dev_evaluator
+
+        config = self.config
+        if not config.eval_data or config.eval_strategy == "no":
+            if config.eval_data:
+                logger.warning("stage 4: eval_data is not evaluated with eval_strategy: no")
+            return None
+        tasks = {t.name: t for t in self.tasks}
+        evaluators = []
+        for name, sources in config.eval_data.items():
+            if name not in tasks:
+                raise DataError(f"--eval_data names task {name!r}, which is not a training task",
+                                hint=f"use one of {sorted(tasks)}")
+            dev = dataclasses.replace(tasks[name], data=sources)
+            evaluators.append(dev_evaluator(name, dev.type, iter_task_examples(dev, seed=config.seed),
+                                            prompt=self.prompts.get(name)))
+        return evaluators[0] if len(evaluators) == 1 else SequentialEvaluator(evaluators)
 
     def load_model(self):
         """The model in ``attention_mode`` with the tasks' prompts (checked: on a token boundary, shorter than
@@ -534,12 +625,14 @@ class SupervisedRunner(StageRunner):
         from conan_hf.dhnm import DHNMCallback
 
         config, tasks, callbacks = self.config, self.tasks, []
+        self.dhnm_status = "DHNM on" if pool is not None and config.dhnm else "DHNM off"
         if pool is not None and config.dhnm:
             callbacks.append(DHNMCallback(pool, MultiTaskScores(losses.values()), s0_min=config.dhnm_s0_min,
                                           drop_ratio=config.dhnm_drop_ratio, s_max=config.dhnm_s_max))
             passes = dhnm_passes(config, args, {t.name: len(datasets[t.name]) for t in tasks},
                                  {t.name: t.batch_size for t in tasks})
             if passes < 2:
+                self.dhnm_status = f"DHNM on but idle ({passes:.2f} passes over the data; see the warning)"
                 logger.warning("DHNM cannot act: the run visits each example %.2f times, and a replaced negative is "
                                "only trained at the example's next visit; train at least 2 epochs (num_train_epochs: "
                                "2, the stage-4 default) or set dhnm: false", passes)
@@ -549,7 +642,7 @@ class SupervisedRunner(StageRunner):
         self.dhnm_callback = next((c for c in callbacks if isinstance(c, DHNMCallback)), None)
         return callbacks
 
-    def create_trainer(self, model, datasets, args, *, losses=None, pool=None, callbacks=()):
+    def create_trainer(self, model, datasets, args, *, losses=None, pool=None, callbacks=(), evaluator=None):
         from datasets import DatasetDict
 
         tasks = self.tasks
@@ -557,13 +650,12 @@ class SupervisedRunner(StageRunner):
                                      pool_tasks=frozenset(t.name for t in tasks if t.type != "sts"))
         trainer = MultiTaskTrainer(
             model=model, args=args, train_dataset=DatasetDict(datasets), loss=losses, data_collator=collator,
-            callbacks=list(callbacks), task_batch_sizes={t.name: t.batch_size for t in tasks},
+            callbacks=list(callbacks), evaluator=evaluator, task_batch_sizes={t.name: t.batch_size for t in tasks},
             no_duplicate_tasks={t.name for t in tasks if t.type in ("retrieval", "clr")},
         )
         sizes = ", ".join(f"{t.name}: {len(datasets[t.name])} rows x {t.batch_size}" for t in tasks)
         print_main(f"[stage 4] supervised multi-task training of {self.config.model} ({sizes}); "
-                   f"{'LoRA' if self.config.lora else 'full'} fine-tuning, "
-                   f"DHNM {'on' if self.dhnm_callback is not None else 'off'}")
+                   f"{'LoRA' if self.config.lora else 'full'} fine-tuning, {self.dhnm_status}")
         print_main(f"[stage 4] {self.attention['line']}")
         return trainer
 
@@ -583,7 +675,13 @@ class SupervisedRunner(StageRunner):
         false_negatives = self.false_negatives
         if false_negatives is not None:
             note += f"{false_negatives.total} in-batch false negatives masked; "
+        evaluation = self.evaluation_summary(trainer)
+        if evaluation is not None and evaluation["last"] is not None:
+            best = evaluation["best"]
+            note += (f"dev {evaluation['metric']}: {evaluation['last']:.4f} at the last evaluation"
+                     + (f", best {best['value']:.4f} at step {best['step']} (the saved model)" if best else "") + "; ")
         return note, {
+            **({"evaluation": evaluation} if evaluation is not None else {}),
             "attention": {k: v for k, v in self.attention.items() if k != "line"},
             "tasks": {t.name: {"type": t.type, "prompt": self.prompts.get(t.name), "rows": len(self.datasets[t.name]),
                                "batch_size": t.batch_size,
@@ -592,6 +690,24 @@ class SupervisedRunner(StageRunner):
             "dhnm": dhnm_totals,
             "false_negatives_masked": false_negatives.total if false_negatives is not None else None,
         }
+
+    def evaluation_summary(self, trainer) -> dict[str, Any] | None:
+        """The dev evaluations of the run: the ranking ``metric``, its ``last`` value, the ``best`` one with its step
+        when ``load_best_model_at_end`` loaded it, and every evaluation's ``eval_*`` metrics by step (``history``);
+        None when nothing was evaluated."""
+        args = trainer.args
+        history = [{"step": entry["step"], **{k: v for k, v in entry.items() if k.startswith("eval_")
+                                               and not k.endswith(("_runtime", "_per_second"))}}
+                   for entry in trainer.state.log_history if any(k.startswith("eval_") for k in entry)]
+        metric = args.metric_for_best_model
+        if not history or not metric:
+            return None
+        key = metric if metric.startswith("eval_") else f"eval_{metric}"
+        best = None
+        if args.load_best_model_at_end and trainer.state.best_model_checkpoint:
+            best = {"value": trainer.state.best_metric,
+                    "step": int(Path(trainer.state.best_model_checkpoint).name.rsplit("-", 1)[-1])}
+        return {"metric": key, "last": history[-1].get(key), "best": best, "history": history}
 
     def write_model(self):
         """The final model exported per ``export_format`` (:func:`conan_hf.export.export_embedder`); its report goes

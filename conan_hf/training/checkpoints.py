@@ -298,7 +298,8 @@ def completed_stage(config: StageConfig, number: int, stage: str | None = None) 
     record = read_stage_record(final)
     if record is None:
         return None
-    saved = record.get("config_fingerprint") or config_fingerprint(record.get("config") or {}, config.RUN_ONLY_OPTIONS)
+    saved = record.get("config_fingerprint") or config_fingerprint(record.get("config") or {}, config.RUN_ONLY_OPTIONS,
+                                                                   config.FINGERPRINT_IF_SET)
     if saved != config.fingerprint():
         logger.warning("%s holds a result trained with other options; training again (it will be replaced)", final)
         return None

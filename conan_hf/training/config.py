@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -87,6 +88,8 @@ class StageConfig:
                                                    "``linear``, ``cosine``, ...; the paper states none).")
     max_grad_norm: float = option(1.0, help="gradient clipping norm.")
     bf16: bool = option(True, help="bfloat16 mixed precision (the paper's setting on GPU/NPU).")
+    fp16: bool = option(False, help="float16 mixed precision, for GPUs without bfloat16 (V100, T4); with "
+                                    "``bf16: false`` (``--fp16 true --bf16 false``).")
     gradient_checkpointing: bool = option(True, help="recompute activations in the backward pass to save memory.")
     deepspeed: Any = option(None, help="a DeepSpeed config (path to a JSON file, or a dict) for the HF Trainer; "
                                        "``None`` leaves the choice to ``accelerate launch --config_file ...`` (see "
@@ -97,20 +100,38 @@ class StageConfig:
     logging_steps: int = option(10, help="log the loss every this many steps.")
     dataloader_num_workers: int = option(0, help="data-loading worker processes (0: in the main process).")
     report_to: str = option("none", help="experiment tracker of the Trainer (``none``, ``tensorboard``, ``wandb``, "
-                                         "...).")
+                                         "...; ``tensorboard`` needs ``pip install conan-hf[tensorboard]``).")
     disable_tqdm: bool = option(False, help="hide the progress bar.")
     num_threads: int | None = option(None, help="CPU threads for torch (``None``: torch's default). The tiny presets "
                                                 "use 1: a model of a few million parameters gains nothing from more, "
                                                 "and multi-threaded kernels slow down sharply (30x measured) when "
                                                 "other processes share the cores.")
+    push_to_hub: bool = option(False, help="the Trainer pushes to the Hugging Face Hub repo ``hub_model_id`` as it "
+                                           "saves (the model files in ``output_dir``; needs ``huggingface-cli "
+                                           "login``). The finished model in ``final_dir`` is yours to push: "
+                                           "``SentenceTransformer(final_dir).push_to_hub(hub_model_id)``.")
+    hub_model_id: str | None = option(None, help="the Hub repo (``NAME`` or ``OWNER/NAME``) for ``push_to_hub``; "
+                                                 "also the model id in the title and usage of the model card.")
+    hub_private_repo: bool | None = option(None, help="create the Hub repo as private (``None``: the Hub account's "
+                                                      "default).")
 
     #: Options that do not change what is trained; a checkpoint made with other values still resumes.
     RUN_ONLY_OPTIONS = ("resume", "final_dir", "save_steps", "save_total_limit", "logging_steps", "report_to",
-                        "disable_tqdm", "dataloader_num_workers", "num_threads")
+                        "disable_tqdm", "dataloader_num_workers", "num_threads", "push_to_hub", "hub_model_id",
+                        "hub_private_repo")
+    #: Options that enter the fingerprint only when they differ from these values, so that a run which does not use
+    #: them has the fingerprint of a config without them.
+    FINGERPRINT_IF_SET: typing.ClassVar[dict[str, Any]] = {"fp16": False}
+
+    def __post_init__(self) -> None:
+        if self.fp16 and self.bf16:
+            raise DataError("--fp16 and --bf16 are both on", hint="choose one mixed precision: --fp16 true --bf16 "
+                                                                  "false, or leave --fp16 off")
 
     def fingerprint(self) -> str:
-        """Hash of the options that define the training run (all but `RUN_ONLY_OPTIONS`)."""
-        return config_fingerprint(dataclasses.asdict(self), self.RUN_ONLY_OPTIONS)
+        """Hash of the options that define the training run (all but `RUN_ONLY_OPTIONS`, and the
+        `FINGERPRINT_IF_SET` ones only when set)."""
+        return config_fingerprint(dataclasses.asdict(self), self.RUN_ONLY_OPTIONS, self.FINGERPRINT_IF_SET)
 
     @property
     def final_path(self) -> Path:
@@ -137,7 +158,8 @@ class StageConfig:
             lr_scheduler_type=self.lr_scheduler_type,
             max_grad_norm=self.max_grad_norm,
             bf16=self.bf16,
-            gradient_checkpointing=self.gradient_checkpointing,
+            fp16=self.fp16,
+            **{checkpointing_argument(): self.gradient_checkpointing},
             save_strategy="steps",
             save_steps=self.save_steps,
             # Keep at least two: if a crash hits while the newest is being written, the previous one is intact.
@@ -147,6 +169,9 @@ class StageConfig:
             dataloader_num_workers=self.dataloader_num_workers,
             report_to=self.report_to,
             disable_tqdm=self.disable_tqdm,
+            push_to_hub=self.push_to_hub,
+            hub_model_id=self.hub_model_id,
+            hub_private_repo=self.hub_private_repo,
             # Not `restore_callback_states_from_checkpoint`: it re-creates callbacks and appends them after the commit
             # callback. Our callbacks (soft mask, DHNM) save and reload their own state files in the checkpoint.
         )
@@ -154,12 +179,27 @@ class StageConfig:
         return kwargs
 
 
-def config_fingerprint(values: dict[str, Any], run_only: Sequence[str] = StageConfig.RUN_ONLY_OPTIONS) -> str:
-    """`StageConfig.fingerprint` of a config given as a dict (e.g. the ``config`` of a stage record read back)."""
+def config_fingerprint(values: dict[str, Any], run_only: Sequence[str] = StageConfig.RUN_ONLY_OPTIONS,
+                       if_set: dict[str, Any] | None = None) -> str:
+    """`StageConfig.fingerprint` of a config given as a dict (e.g. the ``config`` of a stage record read back):
+    a hash of ``values`` without the ``run_only`` keys and without the ``if_set`` keys whose value is the one given
+    there (default: `StageConfig.FINGERPRINT_IF_SET`)."""
     import hashlib
 
-    kept = {k: v for k, v in values.items() if k not in run_only}
+    unset = StageConfig.FINGERPRINT_IF_SET if if_set is None else if_set
+    kept = {k: v for k, v in values.items() if k not in run_only and not (k in unset and v == unset[k])}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def checkpointing_argument() -> str:
+    """The `TrainingArguments` field that turns activation (gradient) checkpointing on: ``activation_checkpointing``
+    where the installed transformers has it (``gradient_checkpointing`` is then a deprecated alias that warns), else
+    ``gradient_checkpointing`` (e.g. transformers 5.2, the oldest that setup.cfg allows)."""
+    from transformers import TrainingArguments
+
+    names = {field.name for field in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
 # ---- configs ---------------------------------------------------------------------------------------------------------
