@@ -80,6 +80,7 @@ from .contract import (
     split_dhnm_labels,
 )
 from .pool import NegativePool, dhnm_should_replace
+from .requeue import RequeueBatchSampler, RequeueSchedule
 from .state import DHNM_STATE_NAME, FALSE_NEGATIVES_STATE_NAME, LEGACY_DHNM_STATE_NAME
 from .table import CandidateTexts, ExampleIndex, TextTable
 
@@ -98,6 +99,8 @@ __all__ = [
     "HardNegativeScores",
     "MultiTaskScores",
     "NegativePool",
+    "RequeueBatchSampler",
+    "RequeueSchedule",
     "TextTable",
     "dhnm_labels",
     "dhnm_should_replace",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,11 +24,20 @@ from .contract import (
     find_score_source,
 )
 from .pool import COUNT_KEYS, NegativePool
-from .state import _STATE_ARRAYS, DHNM_STATE_NAME, FALSE_NEGATIVES_STATE_NAME, LEGACY_DHNM_STATE_NAME
+from .requeue import REQUEUE_COUNT_KEYS, RequeueSchedule
+from .state import (
+    _OPTIONAL_STATE_ARRAYS,
+    _STATE_ARRAYS,
+    DHNM_STATE_NAME,
+    FALSE_NEGATIVES_STATE_NAME,
+    LEGACY_DHNM_STATE_NAME,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DHNMCallback", "FalseNegativeCountCallback"]
+
+_TOTAL_KEYS = (*COUNT_KEYS, *REQUEUE_COUNT_KEYS)
 
 
 def _all_gather_arrays(arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
@@ -49,9 +59,18 @@ class DHNMCallback(TrainerCallback):
     gathers them from all ranks (``torch.distributed.all_gather_object``, rank order), and calls
     :meth:`~conan_hf.dhnm.pool.NegativePool.apply_scores` — every rank sees the same scores in the same order, so
     every rank makes the same decisions and the pools stay identical. The counts (``checked``, ``replaced``, ``used``,
-    ``pool_exhausted``, ``nan_scores``, ``stale``) are summed since the previous log and added as ``dhnm_<name>`` to
-    the Trainer's training log (``logs`` and ``state.log_history``); ``logging_steps=1`` gives per-step counts.
-    Running totals are in :attr:`totals`, the last step's counts in :attr:`last_step_counts`.
+    ``pool_exhausted``, ``nan_scores``, ``stale``, and ``replaced`` / ``used`` by the clause of eq. 6 that made the
+    replacement: ``replaced_low_s0``, ``replaced_easy``, ``used_low_s0``, ``used_easy``) are summed since the previous
+    log and added as ``dhnm_<name>`` to the Trainer's training log (``logs`` and ``state.log_history``);
+    ``logging_steps=1`` gives per-step counts. Running totals are in :attr:`totals` (with the re-queue counts
+    ``requeued`` and ``requeue_late``), the pool's counts of the last step in :attr:`last_step_counts`.
+
+    Re-queueing (``requeue=True``, the default): the rows that just received a replacement are assigned to upcoming
+    batches of the same epoch (:class:`~conan_hf.dhnm.requeue.RequeueSchedule`, :attr:`requeue`), so a replacement
+    trains soon after it is made rather than at the example's next epoch. A trainer that draws its training batches
+    through :class:`~conan_hf.dhnm.requeue.RequeueBatchSampler` serves the schedule
+    (:class:`conan_hf.training.multitask.MultiTaskTrainer` does); with another trainer nothing is re-queued (a warning
+    says so) and replacements train at the example's next visit.
 
     ``on_save``: writes ``dhnm_state.npz`` (pool state arrays, thresholds, totals, step) into the checkpoint folder the
     Trainer just wrote, ``<output_dir>/checkpoint-<global_step>``.
@@ -71,6 +90,9 @@ class DHNMCallback(TrainerCallback):
             :class:`~conan_hf.dhnm.contract.HardNegativeScoreSource`.
         s0_min / drop_ratio / s_max: eq. 6 thresholds (0.4, 1.2, 0.7 in the paper).
         resume_from_checkpoint: checkpoint folder to restore the pools from (optional, see above).
+        requeue: re-queue examples holding fresh replacements into later batches of the epoch (``True``), or not
+            (``False``), or the :class:`~conan_hf.dhnm.requeue.RequeueSchedule` to use.
+        requeue_rows: with ``requeue=True``, re-queued rows per batch at most (``None``: the task's batch size).
 
     Example:
         ::
@@ -91,17 +113,22 @@ class DHNMCallback(TrainerCallback):
         drop_ratio: float = 1.2,
         s_max: float = 0.7,
         resume_from_checkpoint: str | os.PathLike | None = None,
+        requeue: bool | RequeueSchedule = True,
+        requeue_rows: int | None = None,
     ) -> None:
         self.pool = pool
+        self.requeue: RequeueSchedule | None = (
+            RequeueSchedule(requeue_rows) if requeue is True else requeue if isinstance(requeue, RequeueSchedule)
+            else None)
         if isinstance(loss, (Mapping, list, tuple)):
             self.score_source: HardNegativeScoreSource = MultiTaskScores(loss)
         else:
             self.score_source = find_score_source(loss)
         self.thresholds = {"s0_min": float(s0_min), "drop_ratio": float(drop_ratio), "s_max": float(s_max)}
         self.resume_from_checkpoint = None if resume_from_checkpoint is None else os.fspath(resume_from_checkpoint)
-        self.totals: dict[str, int] = dict.fromkeys(COUNT_KEYS, 0)
+        self.totals: dict[str, int] = dict.fromkeys(_TOTAL_KEYS, 0)
         self.last_step_counts: dict[str, int] = dict.fromkeys(COUNT_KEYS, 0)
-        self._since_log: dict[str, int] = dict.fromkeys(COUNT_KEYS, 0)
+        self._since_log: dict[str, int] = dict.fromkeys(_TOTAL_KEYS, 0)
 
     # ---- training events -----------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
@@ -113,6 +140,15 @@ class DHNMCallback(TrainerCallback):
         path = self._resume_path(args, state)
         if path is not None:
             self.load(path, expected_step=state.global_step if state.global_step > 0 else None)
+        if self.requeue is not None and not self.requeue.attached:
+            logger.warning("DHNM re-queueing is off: the trainer does not draw its batches through "
+                           "conan_hf.dhnm.requeue.RequeueBatchSampler (use conan_hf.training.multitask.MultiTaskTrainer"
+                           ", or DHNMCallback(requeue=False)); replacements train at the example's next visit")
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.requeue is not None:
+            # Mid-epoch resume: state.epoch is the resumed epoch plus a fraction, and the loaded assignments stay.
+            self.requeue.begin_epoch(int(state.epoch or 0))
 
     def on_step_end(self, args, state, control, **kwargs):
         records = self.score_source.pop_hard_negative_scores()
@@ -128,6 +164,9 @@ class DHNMCallback(TrainerCallback):
         rows, negs, scores = _all_gather_arrays((rows, _pad(negs, self.pool.k, -1), _pad(scores, self.pool.k, np.nan)))
         counts = self.pool.apply_scores(rows, negs, scores, **self.thresholds)
         self.last_step_counts = counts
+        if self.requeue is not None and self.requeue.attached:
+            # state.epoch = epoch + (steps done in it) / (steps in it): the current epoch is its ceiling minus one.
+            counts = {**counts, **self.requeue.schedule(self.pool.replaced_rows, epoch=math.ceil(state.epoch) - 1)}
         for key, value in counts.items():
             self.totals[key] += value
             self._since_log[key] += value
@@ -149,7 +188,7 @@ class DHNMCallback(TrainerCallback):
         # Trainer.log appended a copy of `logs` to the history just before calling us: put the counts there too.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(entry)
-        self._since_log = dict.fromkeys(COUNT_KEYS, 0)
+        self._since_log = dict.fromkeys(_TOTAL_KEYS, 0)
 
     def on_save(self, args, state, control, **kwargs):
         if not args.should_save:
@@ -169,6 +208,17 @@ class DHNMCallback(TrainerCallback):
         """
         made, used = self.totals["replaced"], self.totals["used"]
         return {**self.totals, "pending": made - used, "used_fraction": (used / made) if made else None}
+
+    def summary_note(self) -> str:
+        """One line for a stage summary: replacements made and used, by the clause of eq. 6 that made them."""
+        t = self.replacement_summary()
+        fraction = f" ({t['used_fraction']:.0%})" if t["used_fraction"] is not None else ""
+        requeue = (f", {t['requeued']} re-queued within their epoch ({t['requeue_late']} too late in it)"
+                   if self.requeue is not None and self.requeue.attached else ", re-queueing off")
+        return (f"DHNM: {t['replaced']} replacements made (dhnm_replaced_low_s0 {t['replaced_low_s0']}, "
+                f"dhnm_replaced_easy {t['replaced_easy']}), {t['used']} used by a later batch{fraction} "
+                f"(dhnm_used_low_s0 {t['used_low_s0']}, dhnm_used_easy {t['used_easy']}){requeue}, "
+                f"{t['pool_exhausted']} due with the pool used up; ")
 
     # ---- persistence ---------------------------------------------------------------------------------------------
     def state_dict(self, global_step: int | None = None) -> dict[str, Any]:
@@ -190,8 +240,12 @@ class DHNMCallback(TrainerCallback):
         """
         state = self.state_dict(global_step)
         pool_state = state.pop("pool")
-        arrays = {name: pool_state.pop(name) for name in _STATE_ARRAYS}
+        arrays = {name: pool_state.pop(name) for name in (*_STATE_ARRAYS, *_OPTIONAL_STATE_ARRAYS)}
         meta = {**state, "pool": pool_state}
+        if self.requeue is not None:
+            requeue = self.requeue.state_dict()
+            meta["requeue"] = {"epoch": requeue.pop("epoch")}
+            arrays.update({f"requeue_{name}": value for name, value in requeue.items()})
         path = os.path.join(checkpoint_dir, DHNM_STATE_NAME)
         tmp = path + ".tmp"
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
@@ -210,7 +264,10 @@ class DHNMCallback(TrainerCallback):
                 if missing:
                     raise ValueError(f"{path} is not a DHNM state: it lacks {missing} (has {saved.files})")
                 state = json.loads(str(saved["meta"]))
-                state["pool"].update({name: saved[name] for name in _STATE_ARRAYS})
+                state["pool"].update({name: saved[name] for name in (*_STATE_ARRAYS, *_OPTIONAL_STATE_ARRAYS)
+                                      if name in saved.files})
+                if "requeue" in state:
+                    state["requeue"].update({name: saved[f"requeue_{name}"] for name in ("task", "batch", "row")})
             copy = False  # the arrays were just read: adopt them rather than copy
         elif os.path.isfile(legacy):
             path = legacy
@@ -228,7 +285,9 @@ class DHNMCallback(TrainerCallback):
                 f"{expected_step}"
             )
         self.pool.load_state_dict(state["pool"], copy=copy)
-        self.totals = {key: int(state.get("totals", {}).get(key, 0)) for key in COUNT_KEYS}
+        self.totals = {key: int(state.get("totals", {}).get(key, 0)) for key in _TOTAL_KEYS}
+        if self.requeue is not None:
+            self.requeue.load_state_dict(state.get("requeue") or {"epoch": -1, "task": [], "batch": [], "row": []})
         if state.get("thresholds") and state["thresholds"] != self.thresholds:
             logger.warning("DHNM thresholds changed on resume: %s -> %s", state["thresholds"], self.thresholds)
 

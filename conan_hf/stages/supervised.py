@@ -136,6 +136,9 @@ class SupervisedConfig(StageConfig):
         dhnm_drop_ratio: a negative is also replaced when ``dhnm_drop_ratio`` · S < S0 and S < ``dhnm_s_max``
             (S its current score; 1.2, eq. 6).
         dhnm_s_max: the upper bound on S of that second rule (0.7, eq. 6).
+        dhnm_requeue: re-queue examples holding fresh replacements into later batches of the same epoch, so a
+            replacement trains soon after it is made (:mod:`conan_hf.dhnm.requeue`); ``false``: at the next visit.
+        dhnm_requeue_rows: re-queued rows per batch at most (``null``: the task's batch size).
         teacher: SentenceTransformer used to mine negative pools for retrieval/clr tasks whose data has none.
         pool_size: candidates mined per example.
         max_seq_length: texts are truncated to this many tokens.
@@ -163,6 +166,8 @@ class SupervisedConfig(StageConfig):
     dhnm_s0_min: float = 0.4
     dhnm_drop_ratio: float = 1.2
     dhnm_s_max: float = 0.7
+    dhnm_requeue: bool = True
+    dhnm_requeue_rows: int | None = None
     num_train_epochs: float = 2.0
     mask_false_negatives: bool = True
     false_negative_margin: float | None = None
@@ -500,10 +505,11 @@ def run(config: SupervisedConfig) -> dict[str, Any]:
     callbacks = []
     if pool is not None and config.dhnm:
         callbacks.append(DHNMCallback(pool, _ScoreRecords(losses.values()), s0_min=config.dhnm_s0_min,
-                                      drop_ratio=config.dhnm_drop_ratio, s_max=config.dhnm_s_max))
+                                      drop_ratio=config.dhnm_drop_ratio, s_max=config.dhnm_s_max,
+                                      requeue=config.dhnm_requeue, requeue_rows=config.dhnm_requeue_rows))
         passes = dhnm_passes(config, args, {t.name: len(datasets[t.name]) for t in tasks},
                              {t.name: t.batch_size for t in tasks})
-        if passes < 2:
+        if passes < 2 and not config.dhnm_requeue:
             logger.warning("DHNM cannot act: the run visits each example %.2f times, and a replaced negative is only "
                            "trained at the example's next visit; train at least 2 epochs (num_train_epochs: 2, the "
                            "stage-4 default) or set dhnm: false", passes)
@@ -528,10 +534,7 @@ def run(config: SupervisedConfig) -> dict[str, Any]:
     dhnm_totals = dhnm_callback.replacement_summary() if dhnm_callback is not None else None
     note = ""
     if dhnm_totals is not None:
-        fraction = dhnm_totals["used_fraction"]
-        note = (f"DHNM: {dhnm_totals['replaced']} replacements made, {dhnm_totals['used']} used by a later batch"
-                f"{f' ({fraction:.0%})' if fraction is not None else ''}, {dhnm_totals['pool_exhausted']} due with "
-                "the pool used up; ")
+        note = dhnm_callback.summary_note()
     if false_negatives is not None:
         note += f"{false_negatives.total} in-batch false negatives masked; "
 
