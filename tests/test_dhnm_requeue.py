@@ -45,7 +45,7 @@ def make_pool(n=16, k=2):
 
 
 def train(model_dir, out_dir, pool, *, thresholds, epochs=2, batch_size=2, requeue=True, stop_at=None, resume=None,
-          save_steps=None, batches=None):
+          save_steps=None, batches=None, **arg_overrides):
     """Stage-4 style training (MultiTaskTrainer, a DatasetDict task, MultiTaskCollator) of the tiny model with DHNM.
     ``batches`` collects (pool rows, candidate ranks) of every collated batch. Returns (trainer, callback)."""
     from datasets import DatasetDict
@@ -74,7 +74,7 @@ def train(model_dir, out_dir, pool, *, thresholds, epochs=2, batch_size=2, reque
         output_dir=str(out_dir), num_train_epochs=epochs, per_device_train_batch_size=batch_size, learning_rate=2e-3,
         lr_scheduler_type="constant", logging_steps=1, save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500, report_to=[], seed=1, use_cpu=True, disable_tqdm=True,
-        multi_dataset_batch_sampler=ProportionalTaskSampler, dataloader_drop_last=True,
+        multi_dataset_batch_sampler=ProportionalTaskSampler, dataloader_drop_last=True, **arg_overrides,
     )
     trainer = MultiTaskTrainer(
         model=model, args=args, train_dataset=DatasetDict({"qa": make_dataset(len(pool))}), loss={"qa": loss},
@@ -206,3 +206,52 @@ def test_mid_epoch_resume_gives_the_same_replacements_and_weights(tiny_model_dir
     full_weights, resumed_weights = _weights(full), _weights(resumed)
     assert full_weights.keys() == resumed_weights.keys()
     assert all(torch.equal(full_weights[k], resumed_weights[k]) for k in full_weights)
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    sys.path.insert(0, sys.argv[3])
+    import torch.distributed as dist
+    from test_dhnm_requeue import make_pool, step_logs, train
+
+    out = sys.argv[2]
+    pool, batches = make_pool(), []
+    trainer, dhnm = train(sys.argv[1], out, pool, thresholds={"s0_min": 2.0}, epochs=1, batches=batches,
+                          ddp_backend="gloo")
+    state = {
+        "world_size": dist.get_world_size(),
+        "pool": {name: getattr(pool, name).tolist() for name in ("active", "cursor", "fresh_bits", "easy_keys")},
+        "s0": [[None if v != v else v for v in row] for row in pool.s0.tolist()],
+        "assigned": sorted([list(key), rows] for key, rows in dhnm.requeue.assigned.items()),
+        "totals": dhnm.totals,
+        "logs": step_logs(trainer),
+        "batches": [b.tolist() for b in batches],
+    }
+    with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
+        json.dump(state, f)
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_ranks_make_identical_decisions_and_requeue_alike(tiny_model_dir, tmp_path):
+    script = tmp_path / "ddp_requeue.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run([*cmd, str(script), str(tiny_model_dir), str(tmp_path), str(REPO_ROOT / "tests")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world_size"] == r1["world_size"] == 2
+    # The same pools, S0 values, schedule and counts on both ranks ...
+    for key in ("pool", "s0", "assigned", "totals", "logs"):
+        assert r0[key] == r1[key], key
+    assert r0["totals"]["requeued"] > 0 and r0["totals"]["used"] > 0
+    # ... though each rank trained its own batches (8 batches of 16 examples, 4 per rank), some with re-queued rows.
+    assert len(r0["batches"]) == len(r1["batches"]) == 4 and r0["batches"] != r1["batches"]
+    assert max(len(b) for b in r0["batches"] + r1["batches"]) > 2
+    pool = make_pool()
+    carried = carried_replacements([np.array(b) for b in r0["batches"] + r1["batches"]], pool)
+    assert len(carried) == r0["totals"]["used"]
