@@ -11,9 +11,10 @@ Tasks and their losses:
 
 Every loss is wrapped in Matryoshka representation learning (App. A). Hard negatives come from a ranked pool per
 example; Dynamic Hard Negative Mining (§3.4, eq. 6, :mod:`conan_hf.dhnm.pool`) replaces the ones that became easy. A
-replacement is decided after the example's batch and trained at the example's next visit, so stage 4 trains
-``num_train_epochs: 2`` by default (App. A gives no epoch count): every replacement made in the first pass is carried
-by a batch of the second (``dhnm_used`` in the logs and the summary). InfoNCE masks in-batch false negatives:
+replacement is decided after the example's batch and trained at its next visit: a later batch of the same epoch
+re-visits the example (``dhnm_requeue``, :mod:`conan_hf.dhnm.requeue`). Stage 4 trains ``num_train_epochs: 2`` by
+default (App. A gives no epoch count), so the "became easy" clause, which needs a negative scored twice, acts
+(``dhnm_used`` / ``dhnm_used_easy`` in the logs and the summary). InfoNCE masks in-batch false negatives:
 documents identical to a query's positive, which the batch sampler cannot exclude when pool negatives are added at
 collate time (``infonce_false_negatives_masked``).
 The rows of every task and the candidate negatives are written, batch by batch, to memory-mapped Arrow files under
@@ -126,9 +127,10 @@ class SupervisedConfig(StageConfig):
         matryoshka_dims: ``None`` derives them from the embedding size (the paper's dims for 3584).
         dhnm: replace hard negatives that became easy (eq. 6 with thresholds ``dhnm_s0_min``, ``dhnm_drop_ratio``,
             ``dhnm_s_max``); ``false`` keeps each example's first ``num_negatives`` candidates. A replacement trains
-            at the example's next visit: with fewer than 2 passes over the data DHNM cannot act (a warning says so).
-        num_train_epochs: 2 by default (the paper states none): the second pass trains the first pass's
-            replacements.
+            at the example's next visit (re-queued within the epoch, ``dhnm_requeue``; without it, fewer than 2
+            passes over the data leave DHNM nothing to act on, and a warning says so).
+        num_train_epochs: 2 by default (the paper states none): the "became easy" clause needs a negative scored
+            twice.
         mask_false_negatives: InfoNCE leaves documents identical to a query's positive out of its negatives.
         false_negative_margin: ``None`` (default) or a margin m: InfoNCE also leaves out negatives scoring above the
             positive's score minus m (:class:`conan_hf.losses.InfoNCELoss`).
