@@ -99,33 +99,37 @@ def carried_replacements(batches, pool):
 
 
 # ---- the schedule -----------------------------------------------------------------------------------------------------
-def test_schedule_assigns_undrawn_batches_of_the_task_with_a_cap():
+def test_schedule_enters_rows_for_later_batches_of_their_task_with_a_cap():
     schedule = RequeueSchedule(max_rows=2)
-    # Two tasks: dataset indices 0-5 (pool rows 0-5) and 6-9 (pool rows 6-9); 3 and 2 batches per epoch.
-    schedule.attach(offsets=[0, 6], index_of_row=np.arange(10), caps=[2, 2], num_batches=[3, 2])
+    # Two tasks: dataset indices 0-5 (pool rows 0-5) and 6-9 (pool rows 6-9); pool row 10 is not trained.
+    index_of_row = np.array([*range(10), -1])
+    schedule.attach(offsets=[0, 6], index_of_row=index_of_row, caps=[2, 2])
+    assert schedule.begin_epoch(0, global_step=0) == 0
     schedule.start_iteration()
-    assert schedule.draw([0, 1]) == [0, 1]  # task 0, batch 0
-    assert schedule.draw([6, 7]) == [6, 7]  # task 1, batch 0
-    counts = schedule.schedule(np.array([0, 1, 2, 6]), epoch=0)
-    # Task 0: batch 1 takes two rows (the cap), batch 2 the third; task 1: batch 1.
-    assert counts == {"requeued": 4, "requeue_late": 0}
-    assert schedule.assigned == {(0, 1): [0, 1], (0, 2): [2], (1, 1): [6]}
-    # Row 0 again: an undrawn batch (1) re-visits it already, and will carry the newer replacement too.
-    assert schedule.schedule(np.array([0]), epoch=0) == {"requeued": 0, "requeue_late": 0}
-    assert schedule.draw([3, 0]) == [3, 0, 1]  # row 0 is in the batch already: only row 1 is appended
-    # Row 0 again, after its re-visit was drawn: a new assignment; task 0's last batch (2) has room for one more.
-    assert schedule.schedule(np.array([0, 4]), epoch=0) == {"requeued": 1, "requeue_late": 1}
-    assert schedule.assigned[(0, 2)] == [2, 0]
-    assert schedule.draw([4, 5]) == [4, 5, 2, 0] and schedule.draw([8, 9]) == [8, 9, 6]
-    # State round trip (what DHNMCallback writes into every checkpoint), then a new epoch drops the assignments.
+    assert schedule.draw([0, 1]) == [0, 1]  # position 0, task 0
+    assert schedule.schedule(np.array([0, 1, 2, 6, 10]), boundary=2) == {"requeued": 4}
+    assert schedule.draw([6, 7]) == [6, 7]  # position 1 < boundary: nothing yet
+    assert schedule.draw([3, 0]) == [3, 0, 1, 2]  # row 0 is in the batch: resolved without a copy; then 1 and 2
+    assert schedule.draw([8, 9]) == [8, 9, 6]  # task 1's first batch at or after position 2
+    assert schedule.schedule(np.array([3, 4, 5]), boundary=5) == {"requeued": 3}
+    assert schedule.draw([1, 2]) == [1, 2]  # position 4 < 5
+    assert schedule.draw([0, 1]) == [0, 1, 3, 4]  # at most 2 rows per batch: row 5 waits for the next batch
+    assert schedule.unresolved() == 1
+    state = schedule.state_dict()
+    assert state["epoch"] == 0 and state["row"].tolist() == [0, 1, 2, 6, 3, 4, 5]
+    # A resumed run loads the entries and redraws the batches its checkpoint trained: the same resolutions.
     other = RequeueSchedule(max_rows=2)
-    other.attach(offsets=[0, 6], index_of_row=np.arange(10), caps=[2, 2], num_batches=[3, 2])
-    other.load_state_dict(schedule.state_dict())
-    assert other.assigned == schedule.assigned and other.epoch == 0
-    other.begin_epoch(1)
-    assert other.assigned == {}
-    # Without a sampler serving it nothing is assigned.
-    assert RequeueSchedule().schedule(np.array([1]), epoch=0) == {"requeued": 0, "requeue_late": 0}
+    other.attach(offsets=[0, 6], index_of_row=index_of_row, caps=[2, 2])
+    other.load_state_dict(state)
+    other.start_iteration()
+    redrawn = [other.draw(b) for b in ([0, 1], [6, 7], [3, 0], [8, 9], [1, 2], [0, 1], [4, 3])]
+    assert redrawn[:6] == [[0, 1], [6, 7], [3, 0, 1, 2], [8, 9, 6], [1, 2], [0, 1, 3, 4]]
+    assert redrawn[6] == [4, 3, 5]
+    # A new epoch drops the entries and reports those no batch resolved.
+    assert schedule.begin_epoch(1, global_step=6) == 1 and schedule.entries == []
+    assert schedule.begin_epoch(1, global_step=6) == 0  # the same epoch (a resumed run's epoch begin): kept
+    # Without a sampler serving it nothing is entered.
+    assert RequeueSchedule().schedule(np.array([1]), boundary=0) == {"requeued": 0}
     with pytest.raises(ValueError, match="max_rows"):
         RequeueSchedule(max_rows=0)
 
@@ -199,7 +203,7 @@ def test_mid_epoch_resume_gives_the_same_replacements_and_weights(tiny_model_dir
     for name in ("active", "s0", "cursor", "fresh_bits", "easy_keys"):
         np.testing.assert_array_equal(getattr(resumed_pool, name), getattr(full_pool, name))
     assert resumed_cb.totals == full_cb.totals and full_cb.totals["requeued"] > 0
-    assert resumed_cb.requeue.assigned == full_cb.requeue.assigned
+    assert resumed_cb.requeue.entries == full_cb.requeue.entries
     # The steps after the checkpoint trained re-queued replacements, and logged the same counts in both runs.
     assert sum(log["dhnm_used"] for log in step_logs(full)[stop_at:]) > 0
     assert step_logs(resumed)[-(16 - stop_at):] == step_logs(full)[stop_at:]
@@ -223,7 +227,7 @@ DDP_SCRIPT = textwrap.dedent(
         "world_size": dist.get_world_size(),
         "pool": {name: getattr(pool, name).tolist() for name in ("active", "cursor", "fresh_bits", "easy_keys")},
         "s0": [[None if v != v else v for v in row] for row in pool.s0.tolist()],
-        "assigned": sorted([list(key), rows] for key, rows in dhnm.requeue.assigned.items()),
+        "entries": [list(entry) for entry in dhnm.requeue.entries],
         "totals": dhnm.totals,
         "logs": step_logs(trainer),
         "batches": [b.tolist() for b in batches],
@@ -246,7 +250,7 @@ def test_two_ranks_make_identical_decisions_and_requeue_alike(tiny_model_dir, tm
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world_size"] == r1["world_size"] == 2
     # The same pools, S0 values, schedule and counts on both ranks ...
-    for key in ("pool", "s0", "assigned", "totals", "logs"):
+    for key in ("pool", "s0", "entries", "totals", "logs"):
         assert r0[key] == r1[key], key
     assert r0["totals"]["requeued"] > 0 and r0["totals"]["used"] > 0
     # ... though each rank trained its own batches (8 batches of 16 examples, 4 per rank), some with re-queued rows.

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -147,8 +146,8 @@ class DHNMCallback(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         if self.requeue is not None:
-            # Mid-epoch resume: state.epoch is the resumed epoch plus a fraction, and the loaded assignments stay.
-            self.requeue.begin_epoch(int(state.epoch or 0))
+            # Mid-epoch resume: state.epoch is the resumed epoch plus a fraction, and the loaded entries stay.
+            self._add({"requeue_late": self.requeue.begin_epoch(int(state.epoch or 0), state.global_step)})
 
     def on_step_end(self, args, state, control, **kwargs):
         records = self.score_source.pop_hard_negative_scores()
@@ -165,13 +164,21 @@ class DHNMCallback(TrainerCallback):
         counts = self.pool.apply_scores(rows, negs, scores, **self.thresholds)
         self.last_step_counts = counts
         if self.requeue is not None and self.requeue.attached:
-            # state.epoch = epoch + (steps done in it) / (steps in it): the current epoch is its ceiling minus one.
-            counts = {**counts, **self.requeue.schedule(self.pool.replaced_rows, epoch=math.ceil(state.epoch) - 1)}
+            # Rows entered now may join batches from the first one of step n + 2 of the epoch on (n: steps done in
+            # it), which no rank has drawn yet whatever the prefetching (see conan_hf.dhnm.requeue).
+            per_step = args.world_size * args.gradient_accumulation_steps
+            boundary = (state.global_step - self.requeue.epoch_start_step + 1) * per_step
+            counts = {**counts, **self.requeue.schedule(self.pool.replaced_rows, boundary=boundary)}
+        self._add(counts)
+
+    def _add(self, counts: dict[str, int]) -> None:
         for key, value in counts.items():
             self.totals[key] += value
             self._since_log[key] += value
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self.requeue is not None:
+            self.totals["requeue_late"] += self.requeue.unresolved()  # entries the run ended before
         # Per run, not per step: in multi-task training, steps on tasks without hard negatives (STS) have no scores.
         if self.totals["checked"] == 0 and state.global_step > 0:
             logger.warning(
@@ -213,7 +220,7 @@ class DHNMCallback(TrainerCallback):
         """One line for a stage summary: replacements made and used, by the clause of eq. 6 that made them."""
         t = self.replacement_summary()
         fraction = f" ({t['used_fraction']:.0%})" if t["used_fraction"] is not None else ""
-        requeue = (f", {t['requeued']} re-queued within their epoch ({t['requeue_late']} too late in it)"
+        requeue = (f", {t['requeued']} re-queued within their epoch ({t['requeue_late']} of them too late in it)"
                    if self.requeue is not None and self.requeue.attached else ", re-queueing off")
         return (f"DHNM: {t['replaced']} replacements made (dhnm_replaced_low_s0 {t['replaced_low_s0']}, "
                 f"dhnm_replaced_easy {t['replaced_easy']}), {t['used']} used by a later batch{fraction} "
@@ -244,7 +251,7 @@ class DHNMCallback(TrainerCallback):
         meta = {**state, "pool": pool_state}
         if self.requeue is not None:
             requeue = self.requeue.state_dict()
-            meta["requeue"] = {"epoch": requeue.pop("epoch")}
+            meta["requeue"] = {"epoch": requeue.pop("epoch"), "epoch_start_step": requeue.pop("epoch_start_step")}
             arrays.update({f"requeue_{name}": value for name, value in requeue.items()})
         path = os.path.join(checkpoint_dir, DHNM_STATE_NAME)
         tmp = path + ".tmp"
@@ -267,7 +274,7 @@ class DHNMCallback(TrainerCallback):
                 state["pool"].update({name: saved[name] for name in (*_STATE_ARRAYS, *_OPTIONAL_STATE_ARRAYS)
                                       if name in saved.files})
                 if "requeue" in state:
-                    state["requeue"].update({name: saved[f"requeue_{name}"] for name in ("task", "batch", "row")})
+                    state["requeue"].update({name: saved[f"requeue_{name}"] for name in ("boundary", "task", "row")})
             copy = False  # the arrays were just read: adopt them rather than copy
         elif os.path.isfile(legacy):
             path = legacy
@@ -287,7 +294,7 @@ class DHNMCallback(TrainerCallback):
         self.pool.load_state_dict(state["pool"], copy=copy)
         self.totals = {key: int(state.get("totals", {}).get(key, 0)) for key in _TOTAL_KEYS}
         if self.requeue is not None:
-            self.requeue.load_state_dict(state.get("requeue") or {"epoch": -1, "task": [], "batch": [], "row": []})
+            self.requeue.load_state_dict(state.get("requeue") or {"epoch": -1, "boundary": [], "task": [], "row": []})
         if state.get("thresholds") and state["thresholds"] != self.thresholds:
             logger.warning("DHNM thresholds changed on resume: %s -> %s", state["thresholds"], self.thresholds)
 

@@ -1,24 +1,27 @@
 """Re-queueing of DHNM replacements: a replacement made at an example's visit trains later in the same epoch.
 
 **What.** After every optimizer step :class:`~conan_hf.dhnm.callback.DHNMCallback` applies eq. 6 and hands the pool rows
-that just received a replacement (``NegativePool.replaced_rows``) to :meth:`RequeueSchedule.schedule`. The schedule
-assigns each of them to an upcoming batch *of the example's own task* in the current epoch, at most ``max_rows`` rows
-per batch (default: the task's batch size, so a batch at most doubles). :class:`RequeueBatchSampler` wraps the
-training batch sampler and appends the rows assigned to a batch when it draws that batch; the collator reads the live
-pool, so the re-visited example carries its new negatives and the loss scores them (counted as ``used``). Each
-replacement gets at most one re-visit; one that finds no batch of its task left in the epoch (``requeue_late``) waits
-for the example's next ordinary visit. The number of batches per epoch is unchanged (batches grow instead), so the
-learning-rate schedule and ``max_steps`` are those of a run without re-queueing.
+that just received a replacement (``NegativePool.replaced_rows``) to :meth:`RequeueSchedule.schedule`, which enters each
+for a re-visit by an upcoming batch *of the example's own task* in the current epoch. :class:`RequeueBatchSampler`
+wraps the training batch sampler and appends the entered rows to the batches it draws, at most ``max_rows`` per batch
+(default: the task's batch size, so a batch at most doubles; the others wait for the task's next batch). The collator
+reads the live pool, so the re-visited example carries its new negatives and the loss scores them (counted as
+``used``); the re-visit also re-scores its other active negatives. One entry per replacement (one re-visit); an entry
+that no batch of its task resolves before the epoch ends counts as ``requeue_late`` and waits for the example's next
+ordinary visit. The number of batches per epoch is unchanged (batches grow instead), so the learning-rate schedule
+and ``max_steps`` are those of a run without re-queueing.
 
 **How resume stays exact and ranks agree.** The dataloader draws batches ahead of training (accelerate collates one
-batch ahead, the Trainer fetches a whole gradient-accumulation step), and a resumed run redraws, without training,
-the batches its checkpoint already trained. So a row is only ever assigned to a batch that *no* run has drawn yet: the
-schedule counts, per task, the batches the sampler drew in this epoch (``drawn``) and assigns to batch ``drawn`` or
-later; what a drawn batch holds is fixed from then on. The assignments are part of the DHNM state in every checkpoint
-(``dhnm_state.npz``); the callback makes them from the gathered scores, identically on every rank, and every rank's
-sampler draws the same batch sequence (accelerate hands each rank its share of it), so every rank appends the same
-rows to the same batches. A row already assigned to a batch not yet drawn is not assigned again: that batch will carry
-its newest negatives too.
+batch ahead on every rank; the Trainer fetches a whole gradient-accumulation step), and a resumed run redraws, without
+training, the batches its checkpoint trained. So an entry made after optimizer step ``n`` of the epoch may only be
+resolved at sampler positions ``>= (n + 1) * G`` (``G`` = world size x gradient accumulation steps: the first batch of
+step ``n + 2``), which no layout has drawn by then; the *boundary* depends only on ``n`` and ``G``, so 2 processes x 1
+micro-batch and 1 process x 2 micro-batches make the same batches. Only the callback makes entries (from the scores
+gathered from all ranks, so every rank makes the same ones), and the sampler resolves them as a pure function of the
+entries and its own batch sequence, which is the same on every rank (accelerate hands each rank its share of it). The
+entries of the epoch are saved in every checkpoint (``dhnm_state.npz``), what was resolved is not: a resumed run
+redraws the trained batches, which resolves the same entries again (an entry made later than a batch was drawn has a
+boundary beyond it, so it cannot change that batch).
 
 Example:
     ::
@@ -31,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,33 +42,37 @@ import numpy as np
 
 __all__ = ["REQUEUE_COUNT_KEYS", "RequeueBatchSampler", "RequeueSchedule"]
 
-#: Counts of :meth:`RequeueSchedule.schedule`: rows assigned to a later batch of the epoch, and replacements that
-#: found no batch of their task left in the epoch.
+#: Counts logged by :class:`~conan_hf.dhnm.callback.DHNMCallback`: rows entered for a re-visit later in the epoch, and
+#: entries no batch of their task resolved before the epoch (or training) ended.
 REQUEUE_COUNT_KEYS = ("requeued", "requeue_late")
 
 
 class RequeueSchedule:
     """Which upcoming batch of the epoch re-visits each example that holds a fresh replacement.
 
+    An *entry* ``(boundary, task, row)`` says: pool row ``row`` (of training dataset ``task``) joins the first batch
+    of its task drawn at a sampler position ``>= boundary`` that has room (positions count the batches of the epoch in
+    the sampler's order, over all ranks). Entries are made only by :meth:`schedule`; the sampler resolves them when it
+    draws (:meth:`draw`), in entry order, at most ``max_rows`` per batch (the others wait for the task's next batch).
+
     Args:
         max_rows: re-queued rows per batch at most; ``None``: the batch size of the batch's task.
 
     Attributes:
-        epoch: the epoch the assignments belong to (``-1``: none yet).
-        assigned: ``{(task, batch): [pool rows]}``; ``task`` indexes the training datasets (the tasks of a
-            ``DatasetDict`` in order; ``0`` for a single dataset), ``batch`` counts that task's batches in the epoch.
-        attached: whether a :class:`RequeueBatchSampler` serves the schedule (without one nothing is assigned).
+        epoch / epoch_start_step: the epoch the entries belong to (``-1``: none yet) and the global step it began at.
+        entries: every entry of the epoch, in the order made (saved in checkpoints).
+        attached: whether a :class:`RequeueBatchSampler` serves the schedule (without one nothing is entered).
 
     Example:
         >>> schedule = RequeueSchedule(max_rows=1)
-        >>> schedule.attach(offsets=[0], index_of_row=np.arange(4), caps=[2], num_batches=[2])
+        >>> schedule.attach(offsets=[0], index_of_row=np.arange(4), caps=[2])
         >>> schedule.start_iteration()
-        >>> schedule.draw([0, 1])  # batch 0 drawn
+        >>> schedule.draw([0, 1])  # position 0
         [0, 1]
-        >>> schedule.schedule(np.array([0, 2]), epoch=0)  # rows 0 and 2 got replacements: batch 1 has room for one
-        {'requeued': 1, 'requeue_late': 1}
-        >>> schedule.draw([3, 1])
-        [3, 1, 0]
+        >>> schedule.schedule(np.array([0, 2]), boundary=1)  # rows 0 and 2 got replacements: from position 1 on
+        {'requeued': 2}
+        >>> schedule.draw([3, 1]), schedule.draw([1, 3])  # one row per batch
+        ([3, 1, 0], [1, 3, 2])
     """
 
     def __init__(self, max_rows: int | None = None) -> None:
@@ -73,94 +81,91 @@ class RequeueSchedule:
         self.max_rows = max_rows
         self.attached = False
         self.epoch = -1
-        self.assigned: dict[tuple[int, int], list[int]] = {}
-        self._row_batch: dict[int, int] = {}  # latest batch each row is assigned to (derived from `assigned`)
-        self._next_free: list[int] = []  # per task: no batch below it (and at or after `drawn`) has room
-        self._drawn: list[int] = []  # per task: batches drawn by the sampler in its current iteration (not saved)
+        self.epoch_start_step = 0
+        self.entries: list[tuple[int, int, int]] = []
+        self._waiting: dict[int, deque] = {}  # per task: entries not resolved yet, in order (derived, not saved)
+        self._position = 0  # sampler position of the next batch drawn (not saved: a resumed run redraws)
 
     # ---- wiring (RequeueBatchSampler) ------------------------------------------------------------------------------
-    def attach(self, offsets: list[int], index_of_row: np.ndarray, caps: list[int], num_batches: list[int]) -> None:
+    def attach(self, offsets: list[int], index_of_row: np.ndarray, caps: list[int]) -> None:
         """Connect the sampler's layout: each task's first index in the concatenated dataset (``offsets``), the
-        dataset index of each pool row (``-1``: not trained), each task's batch size and batches per epoch."""
+        dataset index of each pool row (``-1``: not trained) and each task's batch size."""
         self._offsets = np.asarray(offsets, dtype=np.int64)
         self._index_of_row = np.asarray(index_of_row, dtype=np.int64)
         self._caps = [self.max_rows or cap for cap in caps]
-        self._num_batches = list(num_batches)
-        self._drawn = [0] * len(offsets)
-        self._next_free = [0] * len(offsets)
         self.attached = True
 
     def start_iteration(self) -> None:
-        """The sampler starts drawing an epoch's batches."""
-        self._drawn = [0] * len(self._drawn)
+        """The sampler starts drawing an epoch's batches (from position 0)."""
+        self._position = 0
 
     def task_of(self, index: int) -> int:
         """Task of a concatenated-dataset index."""
         return int(np.searchsorted(self._offsets, index, side="right")) - 1
 
     def draw(self, batch: list[int]) -> list[int]:
-        """The sampler draws ``batch`` (dataset indices): returns it with the indices of the rows assigned to it
-        appended (those not in it already)."""
+        """The sampler draws ``batch`` (dataset indices): returns it with the indices of the rows whose entries it
+        resolves appended (an entry whose row is in the batch already is resolved without a second copy)."""
+        position = self._position
+        self._position += 1
         task = self.task_of(batch[0]) if batch else 0
-        number = self._drawn[task]
-        self._drawn[task] += 1
-        rows = self.assigned.get((task, number))
-        if not rows:
+        waiting = self._waiting.get(task)
+        if not waiting:
             return batch
-        present = set(batch)
-        extra = [int(i) for i in self._index_of_row[np.asarray(rows, dtype=np.int64)] if int(i) not in present]
+        present, extra = set(batch), []
+        while waiting and waiting[0][0] <= position and len(extra) < self._caps[task]:
+            index = int(self._index_of_row[waiting.popleft()[2]])
+            if index not in present:
+                present.add(index)
+                extra.append(index)
         return [*batch, *extra]
 
     # ---- decisions (DHNMCallback, identical on every rank) --------------------------------------------------------
-    def begin_epoch(self, epoch: int) -> None:
-        """Drop the assignments of an earlier epoch (their batches are gone)."""
-        if epoch != self.epoch:
-            self.epoch = epoch
-            self.assigned.clear()
-            self._row_batch.clear()
-            self._next_free = [0] * len(self._next_free)
+    def begin_epoch(self, epoch: int, global_step: int) -> int:
+        """Start the entries of ``epoch`` (begun at ``global_step``) unless they are that epoch's already; returns the
+        number of entries of the previous epoch that no batch resolved (``requeue_late``)."""
+        if epoch == self.epoch:
+            return 0
+        late = self.unresolved()
+        self.epoch, self.epoch_start_step = epoch, global_step
+        self.entries, self._waiting = [], {}
+        return late
 
-    def schedule(self, rows: np.ndarray, epoch: int) -> dict[str, int]:
-        """Assign ``rows`` (pool rows that just got a replacement, in a fixed order) to undrawn batches of epoch
-        ``epoch``; returns the counts of :data:`REQUEUE_COUNT_KEYS`."""
-        counts = dict.fromkeys(REQUEUE_COUNT_KEYS, 0)
+    def unresolved(self) -> int:
+        """Entries no batch has resolved yet."""
+        return sum(len(waiting) for waiting in self._waiting.values())
+
+    def schedule(self, rows: np.ndarray, boundary: int) -> dict[str, int]:
+        """Enter ``rows`` (pool rows that just got a replacement, in a fixed order) for the batches of their task at
+        sampler positions ``>= boundary``; returns ``{"requeued": number of entries}`` (rows not trained: none)."""
         if not self.attached or len(rows) == 0:
-            return counts
-        self.begin_epoch(epoch)
+            return {"requeued": 0}
         rows = np.asarray(rows, dtype=np.int64)
         indices = self._index_of_row[rows]
+        count = 0
         for row, index in zip(rows[indices >= 0].tolist(), indices[indices >= 0].tolist()):
-            task = self.task_of(index)
-            drawn = self._drawn[task]
-            if self._row_batch.get(row, -1) >= drawn:
-                continue  # an undrawn batch re-visits the row already and will carry this replacement too
-            number, cap = max(self._next_free[task], drawn), self._caps[task]
-            while number < self._num_batches[task] and len(self.assigned.get((task, number), ())) >= cap:
-                number += 1
-            self._next_free[task] = number
-            if number >= self._num_batches[task]:
-                counts["requeue_late"] += 1
-                continue
-            self.assigned.setdefault((task, number), []).append(row)
-            self._row_batch[row] = number
-            counts["requeued"] += 1
-        return counts
+            self._enter((int(boundary), self.task_of(index), row))
+            count += 1
+        return {"requeued": count}
+
+    def _enter(self, entry: tuple[int, int, int]) -> None:
+        self.entries.append(entry)
+        self._waiting.setdefault(entry[1], deque()).append(entry)
 
     # ---- persistence -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """``epoch`` and the assignments as three ``int64`` arrays (``task``, ``batch``, ``row``), in order."""
-        triples = [(task, number, row) for (task, number), rows in self.assigned.items() for row in rows]
-        array = np.array(triples, dtype=np.int64).reshape(-1, 3)
-        return {"epoch": self.epoch, "task": array[:, 0], "batch": array[:, 1], "row": array[:, 2]}
+        """``epoch``, ``epoch_start_step`` and the entries as three ``int64`` arrays (``boundary``, ``task``,
+        ``row``), in order. What the sampler resolved is not saved: a resumed run redraws the batches its checkpoint
+        trained, which resolves the same entries again."""
+        array = np.array(self.entries, dtype=np.int64).reshape(-1, 3)
+        return {"epoch": self.epoch, "epoch_start_step": self.epoch_start_step, "boundary": array[:, 0],
+                "task": array[:, 1], "row": array[:, 2]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.assigned, self._row_batch = {}, {}
-        for task, number, row in zip(*(np.asarray(state[name], dtype=np.int64).tolist()
-                                       for name in ("task", "batch", "row"))):
-            self.assigned.setdefault((task, number), []).append(row)
-            self._row_batch[row] = max(number, self._row_batch.get(row, -1))
-        self._next_free = [0] * len(self._next_free)  # derivable: batches between `drawn` and it are full
+        self.epoch, self.epoch_start_step = int(state["epoch"]), int(state.get("epoch_start_step", 0))
+        self.entries, self._waiting = [], {}
+        for entry in zip(*(np.asarray(state[name], dtype=np.int64).tolist() for name in ("boundary", "task", "row"))):
+            self._enter(entry)
 
 
 class RequeueBatchSampler:
@@ -194,10 +199,7 @@ class RequeueBatchSampler:
             wanted = pool_datasets[position] if pool_datasets is not None else id_column in data.column_names
             if wanted:
                 index_of_row[pool.rows(list(data[id_column]))] = offset + np.arange(len(data), dtype=np.int64)
-        lengths = [len(s) for s in samplers]
-        if type(inner).__name__.startswith("RoundRobin"):  # every task gets as many batches as the smallest
-            lengths = [min(lengths)] * len(lengths)
-        schedule.attach(offsets, index_of_row, [s.batch_size for s in samplers], lengths)
+        schedule.attach(offsets, index_of_row, [s.batch_size for s in samplers])
         self.batch_size = None
         self.drop_last = getattr(inner, "drop_last", False)
 
