@@ -23,11 +23,11 @@ batch, so its replacement is trained at the example's next visit. Without more t
 trains no replacement, and at the default two epochs the "became easy" clause of eq. 6 (which needs a negative scored
 twice) would only fire in the last epoch, whose replacements never train. So the example is *re-queued*: the rows that
 just received a replacement are assigned to upcoming batches of their task in the same epoch
-(:mod:`conan_hf.dhnm.requeue`: :class:`~conan_hf.dhnm.requeue.RequeueSchedule` decided by the callback,
-:class:`~conan_hf.dhnm.requeue.RequeueBatchSampler` appending them when the batch is drawn; at most one re-visit per
-replacement, at most ``requeue_rows`` re-queued rows per batch, the number of batches unchanged). Rows are only assigned
-to batches no run has drawn yet and the schedule is saved in every checkpoint, so resume stays exact and every rank
-appends the same rows (see the module; ``docs/dhnm_requeue.md`` gives the reasons). A trainer must draw its training
+(:mod:`conan_hf.dhnm.requeue`: :class:`~conan_hf.dhnm.requeue.RequeueSchedule` entered by the callback,
+:class:`~conan_hf.dhnm.requeue.RequeueBatchSampler` appending the rows when it draws a batch; one re-visit per
+replacement, at most ``requeue_rows`` re-queued rows per batch, the number of batches unchanged). Rows only join
+batches that no rank has drawn yet, in any process layout, and the entries are saved in every checkpoint, so resume
+stays exact and every rank appends the same rows (see the module; ``docs/dhnm_requeue.md`` gives the reasons). A trainer must draw its training
 batches through the sampler: :class:`conan_hf.training.multitask.MultiTaskTrainer` (or
 :class:`~conan_hf.training.multitask.DHNMRequeueMixin`) does; with a plain ``SentenceTransformerTrainer`` nothing is
 re-queued (a warning says so). Counted per step and in ``DHNMCallback.replacement_summary()``: ``replaced`` (made),
