@@ -59,12 +59,18 @@ def test_rule_thresholds_are_configurable_and_nan_keeps():
 
 
 # ---- NegativePool ---------------------------------------------------------------------------------------------------
+COUNTS = ("checked", "replaced", "used", "pool_exhausted", "nan_scores", "stale", "replaced_low_s0", "replaced_easy",
+          "used_low_s0", "used_easy")
+
+
 def naive_apply(active, s0, cursor, pool_sizes, rows, negs, scores, s0_min=0.4, drop_ratio=1.2, s_max=0.7,
-                fresh=None):
+                fresh=None, reason=None):
     """Loop reference for NegativePool.apply_scores (mutates its arguments, returns counts). ``fresh`` (same shape
-    as ``active``) marks replacements not carried yet; None keeps its own all-False array."""
-    counts = dict(checked=0, replaced=0, used=0, pool_exhausted=0, nan_scores=0, stale=0)
+    as ``active``) marks replacements not carried yet; None keeps its own all-False array. ``reason`` (same shape,
+    str) records which clause of eq. 6 made each slot's replacement; None keeps its own."""
+    counts = dict.fromkeys(COUNTS, 0)
     fresh = np.zeros(active.shape, dtype=bool) if fresh is None else fresh
+    reason = np.full(active.shape, "", dtype=object) if reason is None else reason
     seen = set()
     for row, row_negs, row_scores in zip(rows, negs, scores):
         for neg, score in zip(row_negs, row_scores):
@@ -74,6 +80,7 @@ def naive_apply(active, s0, cursor, pool_sizes, rows, negs, scores, s0_min=0.4, 
             carried = [j for j in range(active.shape[1]) if active[row, j] == neg]
             if carried and fresh[row, carried[0]]:
                 counts["used"] += 1  # a replacement carried by a batch for the first time
+                counts[f"used_{reason[row, carried[0]]}"] += 1
                 fresh[row, carried[0]] = False
             if math.isnan(score):
                 counts["nan_scores"] += 1
@@ -92,8 +99,10 @@ def naive_apply(active, s0, cursor, pool_sizes, rows, negs, scores, s0_min=0.4, 
                     active[row, slot] = cursor[row]
                     s0[row, slot] = float("nan")
                     fresh[row, slot] = True
+                    reason[row, slot] = "low_s0" if first < s0_min else "easy"
                     cursor[row] += 1
                     counts["replaced"] += 1
+                    counts[f"replaced_{reason[row, slot]}"] += 1
                 else:
                     counts["pool_exhausted"] += 1
     return counts
@@ -115,6 +124,7 @@ def test_apply_scores_matches_loop_reference(seed):
     sizes = rng.integers(0, 9, size=n)
     pool = NegativePool(list(range(n)), [[f"c{i}-{j}" for j in range(s)] for i, s in enumerate(sizes)], k=k)
     active, s0, cursor, fresh = pool.active.copy(), pool.s0.copy(), pool.cursor.copy(), pool.fresh.copy()
+    reason = np.full(active.shape, "", dtype=object)
     for _ in range(6):
         rows = rng.choice(n, size=12, replace=True)  # repeated examples: the first occurrence wins
         negs = pool.active[rows].copy()
@@ -122,7 +132,7 @@ def test_apply_scores_matches_loop_reference(seed):
         scores = rng.uniform(-0.2, 1.0, size=negs.shape)
         scores[rng.random(scores.shape) < 0.05] = np.nan
         counts = pool.apply_scores(rows, negs, scores)
-        expected = naive_apply(active, s0, cursor, pool.pool_sizes, rows, negs, scores, fresh=fresh)
+        expected = naive_apply(active, s0, cursor, pool.pool_sizes, rows, negs, scores, fresh=fresh, reason=reason)
         assert counts == expected
         np.testing.assert_array_equal(pool.fresh, fresh)
         np.testing.assert_array_equal(pool.active, active)
@@ -139,7 +149,8 @@ def test_apply_scores_replacement_and_exhaustion():
     assert np.isnan(pool.s0[0, 0]) and pool.s0[0, 1] == 0.8
     # Candidate 1 drops to 0.6 (1.2 * 0.6 < 0.8, 0.6 < 0.7): replace, but the pool is used up -> it stays.
     counts = pool.apply_scores([0], [[2, 1]], [[0.9, 0.6]])
-    assert counts == dict(checked=2, replaced=0, used=1, pool_exhausted=1, nan_scores=0, stale=0)
+    assert counts == dict(checked=2, replaced=0, used=1, pool_exhausted=1, nan_scores=0, stale=0, replaced_low_s0=0,
+                          replaced_easy=0, used_low_s0=1, used_easy=0)
     assert pool.active.tolist() == [[2, 1]] and pool.s0[0].tolist() == [0.9, 0.8]
     # A NaN score is ignored: no S0, no decision.
     fresh = NegativePool(["y"], [["a", "b"]], k=1)
@@ -822,18 +833,21 @@ def run_and_replay(model_dir, out_dir, max_steps=10, **overrides):
     posts = [(s[2], s[3], s[4]) for s in steps[1:]] + [(pool.active, pool.s0, pool.cursor)]
     drop_replacements = 0
     new_negative_checks = 0
+    reason = np.full(pool.active.shape, "", dtype=object)  # the clause behind each slot's replacement, across steps
     for (_, step, active, s0, cursor, records, fresh), (post_active, post_s0, post_cursor) in zip(steps, posts):
         # The decisions follow eq. 6 on exactly the scores the loss recorded for this step.
         pre_active, pre_s0 = active.copy(), s0.copy()
         active, s0, cursor, fresh = active.copy(), s0.copy(), cursor.copy(), fresh.copy()
-        counts = {"checked": 0, "replaced": 0, "used": 0, "pool_exhausted": 0, "nan_scores": 0, "stale": 0}
+        counts = dict.fromkeys(COUNTS, 0)
         for rows, negs, scores in records:
-            step_counts = naive_apply(active, s0, cursor, pool.pool_sizes, rows, negs, scores, fresh=fresh)
+            step_counts = naive_apply(active, s0, cursor, pool.pool_sizes, rows, negs, scores, fresh=fresh,
+                                      reason=reason)
             counts = {k: counts[k] + step_counts[k] for k in counts}
         np.testing.assert_array_equal(post_active, active)
         np.testing.assert_array_equal(post_cursor, cursor)
         np.testing.assert_array_equal(post_s0, s0)
-        assert logs[step] == {f"dhnm_{k}": v for k, v in counts.items()}  # the counts reach the Trainer's logs
+        # The counts reach the Trainer's logs (nothing is re-queued: a plain SentenceTransformerTrainer's sampler).
+        assert logs[step] == {f"dhnm_{k}": v for k, v in {**counts, "requeued": 0, "requeue_late": 0}.items()}
         assert counts["checked"] == 4 * 2  # batch of 4, k = 2, every pair scored
 
         index = next(i for i, e in enumerate(events) if e[0] == "step_end" and e[1] == step)

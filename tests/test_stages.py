@@ -145,6 +145,8 @@ def test_supervised_batches_have_per_task_sizes_and_negatives(tiny_model_dir, tm
     config = config_from_dict(supervised.SupervisedConfig, {
         "model": str(tiny_model_dir), "output_dir": str(tmp_path), "max_seq_length": 32, "num_threads": 1,
         "bf16": False,
+        # DHNM's re-queued rows enlarge batches (tests/test_dhnm_requeue.py); here the sampler's own sizes are checked.
+        "dhnm_requeue": False,
         "tasks": [{"name": "qa", "type": "retrieval", "batch_size": 3, "prompt": "find the answer"},
                   {"name": "cls", "type": "classification", "batch_size": 5},
                   {"name": "sim", "type": "sts", "batch_size": 16}],

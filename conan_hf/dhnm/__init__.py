@@ -19,20 +19,21 @@ The pieces, one module each, in the order a training step uses them:
    (:mod:`conan_hf.dhnm.state`).
 
 **When a replacement trains (the design).** A negative is judged from the score the loss computed on the example's
-batch, so its replacement can only be trained at the example's *next* visit: with one pass over the data (each example
-batched once) DHNM changes nothing at all. The paper (§3.4, App. A) states no epoch count; eq. 6 compares a negative's
-score now with its score when it entered (``S_0``), which presumes that examples are seen repeatedly. So stage 4
-(:mod:`conan_hf.stages.supervised`) trains ``num_train_epochs: 2`` by default and warns when a run visits examples fewer
-than twice. Replacements are consumed by the ordinary schedule: the collator reads the live pool when it builds a batch,
-and every replacement made before an example's last visit is carried by that later visit. The ones made at the last
-visit are reported as ``pending``. Counted per step and in ``DHNMCallback.replacement_summary()``: ``replaced`` (made)
-and ``used`` (a later batch carried the replacement; the loss scored it).
-
-Re-queueing replaced examples into later batches of the same epoch was rejected: the Trainer fixes the number of
-batches per epoch before training (learning-rate schedule, ``max_steps``), accelerate collates one batch ahead and
-resumes by skipping batches at the sampler level, and ranks iterate the batch sampler in lock-step, so a sampler that
-depends on decisions made during training would lose exact resume and identical ranks; a static multi-epoch schedule
-keeps both (the batch order is a function of seed and epoch only, the content a function of the checkpointed pool).
+batch, so its replacement is trained at the example's next visit. Without more than that, one pass over the data
+trains no replacement, and at the default two epochs the "became easy" clause of eq. 6 (which needs a negative scored
+twice) would only fire in the last epoch, whose replacements never train. So the example is *re-queued*: the rows that
+just received a replacement are assigned to upcoming batches of their task in the same epoch
+(:mod:`conan_hf.dhnm.requeue`: :class:`~conan_hf.dhnm.requeue.RequeueSchedule` entered by the callback,
+:class:`~conan_hf.dhnm.requeue.RequeueBatchSampler` appending the rows when it draws a batch; one re-visit per
+replacement, at most ``requeue_rows`` re-queued rows per batch, the number of batches unchanged). Rows only join
+batches that no rank has drawn yet, in any process layout, and the entries are saved in every checkpoint, so resume
+stays exact and every rank appends the same rows (see the module; ``docs/dhnm_requeue.md`` gives the reasons). A trainer must draw its training
+batches through the sampler: :class:`conan_hf.training.multitask.MultiTaskTrainer` (or
+:class:`~conan_hf.training.multitask.DHNMRequeueMixin`) does; with a plain ``SentenceTransformerTrainer`` nothing is
+re-queued (a warning says so). Counted per step and in ``DHNMCallback.replacement_summary()``: ``replaced`` (made),
+``used`` (a later batch carried the replacement; the loss scored it), both also by the clause that made the
+replacement (``_low_s0``, ``_easy``), ``requeued`` and ``requeue_late`` (no batch of the task left in the epoch: the
+replacement waits for the next visit); replacements never carried are ``pending``.
 
 **In-batch false negatives.** Pool negatives are added by the collator, after the no-duplicates batch sampler has
 chosen the rows, so a row's negative can be another row's positive. :class:`conan_hf.losses.InfoNCELoss` masks any
@@ -64,7 +65,8 @@ Example:
 
     Multi-task (a ``DatasetDict`` with a loss per task): batch with
     :class:`conan_hf.training.multitask.MultiTaskCollator` and pass the loss mapping, ``DHNMCallback(pool, losses)``
-    (read through :class:`MultiTaskScores`).
+    (read through :class:`MultiTaskScores`); train with :class:`conan_hf.training.multitask.MultiTaskTrainer`, which
+    also re-queues examples holding fresh replacements (a plain ``SentenceTransformerTrainer`` does not).
 """
 
 from .callback import DHNMCallback, FalseNegativeCountCallback
@@ -80,6 +82,7 @@ from .contract import (
     split_dhnm_labels,
 )
 from .pool import NegativePool, dhnm_should_replace
+from .requeue import RequeueBatchSampler, RequeueSchedule
 from .state import DHNM_STATE_NAME, FALSE_NEGATIVES_STATE_NAME, LEGACY_DHNM_STATE_NAME
 from .table import CandidateTexts, ExampleIndex, TextTable
 
@@ -98,6 +101,8 @@ __all__ = [
     "HardNegativeScores",
     "MultiTaskScores",
     "NegativePool",
+    "RequeueBatchSampler",
+    "RequeueSchedule",
     "TextTable",
     "dhnm_labels",
     "dhnm_should_replace",

@@ -23,11 +23,20 @@ from .contract import (
     find_score_source,
 )
 from .pool import COUNT_KEYS, NegativePool
-from .state import _STATE_ARRAYS, DHNM_STATE_NAME, FALSE_NEGATIVES_STATE_NAME, LEGACY_DHNM_STATE_NAME
+from .requeue import REQUEUE_COUNT_KEYS, RequeueSchedule
+from .state import (
+    _OPTIONAL_STATE_ARRAYS,
+    _STATE_ARRAYS,
+    DHNM_STATE_NAME,
+    FALSE_NEGATIVES_STATE_NAME,
+    LEGACY_DHNM_STATE_NAME,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DHNMCallback", "FalseNegativeCountCallback"]
+
+_TOTAL_KEYS = (*COUNT_KEYS, *REQUEUE_COUNT_KEYS)
 
 
 def _all_gather_arrays(arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
@@ -49,9 +58,18 @@ class DHNMCallback(TrainerCallback):
     gathers them from all ranks (``torch.distributed.all_gather_object``, rank order), and calls
     :meth:`~conan_hf.dhnm.pool.NegativePool.apply_scores` — every rank sees the same scores in the same order, so
     every rank makes the same decisions and the pools stay identical. The counts (``checked``, ``replaced``, ``used``,
-    ``pool_exhausted``, ``nan_scores``, ``stale``) are summed since the previous log and added as ``dhnm_<name>`` to
-    the Trainer's training log (``logs`` and ``state.log_history``); ``logging_steps=1`` gives per-step counts.
-    Running totals are in :attr:`totals`, the last step's counts in :attr:`last_step_counts`.
+    ``pool_exhausted``, ``nan_scores``, ``stale``, and ``replaced`` / ``used`` by the clause of eq. 6 that made the
+    replacement: ``replaced_low_s0``, ``replaced_easy``, ``used_low_s0``, ``used_easy``) are summed since the previous
+    log and added as ``dhnm_<name>`` to the Trainer's training log (``logs`` and ``state.log_history``);
+    ``logging_steps=1`` gives per-step counts. Running totals are in :attr:`totals` (with the re-queue counts
+    ``requeued`` and ``requeue_late``), the pool's counts of the last step in :attr:`last_step_counts`.
+
+    Re-queueing (``requeue=True``, the default): the rows that just received a replacement are assigned to upcoming
+    batches of the same epoch (:class:`~conan_hf.dhnm.requeue.RequeueSchedule`, :attr:`requeue`), so a replacement
+    trains soon after it is made rather than at the example's next epoch. A trainer that draws its training batches
+    through :class:`~conan_hf.dhnm.requeue.RequeueBatchSampler` serves the schedule
+    (:class:`conan_hf.training.multitask.MultiTaskTrainer` does); with another trainer nothing is re-queued (a warning
+    says so) and replacements train at the example's next visit.
 
     ``on_save``: writes ``dhnm_state.npz`` (pool state arrays, thresholds, totals, step) into the checkpoint folder the
     Trainer just wrote, ``<output_dir>/checkpoint-<global_step>``.
@@ -71,6 +89,9 @@ class DHNMCallback(TrainerCallback):
             :class:`~conan_hf.dhnm.contract.HardNegativeScoreSource`.
         s0_min / drop_ratio / s_max: eq. 6 thresholds (0.4, 1.2, 0.7 in the paper).
         resume_from_checkpoint: checkpoint folder to restore the pools from (optional, see above).
+        requeue: re-queue examples holding fresh replacements into later batches of the epoch (``True``), or not
+            (``False``), or the :class:`~conan_hf.dhnm.requeue.RequeueSchedule` to use.
+        requeue_rows: with ``requeue=True``, re-queued rows per batch at most (``None``: the task's batch size).
 
     Example:
         ::
@@ -91,17 +112,22 @@ class DHNMCallback(TrainerCallback):
         drop_ratio: float = 1.2,
         s_max: float = 0.7,
         resume_from_checkpoint: str | os.PathLike | None = None,
+        requeue: bool | RequeueSchedule = True,
+        requeue_rows: int | None = None,
     ) -> None:
         self.pool = pool
+        self.requeue: RequeueSchedule | None = (
+            RequeueSchedule(requeue_rows) if requeue is True else requeue if isinstance(requeue, RequeueSchedule)
+            else None)
         if isinstance(loss, (Mapping, list, tuple)):
             self.score_source: HardNegativeScoreSource = MultiTaskScores(loss)
         else:
             self.score_source = find_score_source(loss)
         self.thresholds = {"s0_min": float(s0_min), "drop_ratio": float(drop_ratio), "s_max": float(s_max)}
         self.resume_from_checkpoint = None if resume_from_checkpoint is None else os.fspath(resume_from_checkpoint)
-        self.totals: dict[str, int] = dict.fromkeys(COUNT_KEYS, 0)
+        self.totals: dict[str, int] = dict.fromkeys(_TOTAL_KEYS, 0)
         self.last_step_counts: dict[str, int] = dict.fromkeys(COUNT_KEYS, 0)
-        self._since_log: dict[str, int] = dict.fromkeys(COUNT_KEYS, 0)
+        self._since_log: dict[str, int] = dict.fromkeys(_TOTAL_KEYS, 0)
 
     # ---- training events -----------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
@@ -113,6 +139,15 @@ class DHNMCallback(TrainerCallback):
         path = self._resume_path(args, state)
         if path is not None:
             self.load(path, expected_step=state.global_step if state.global_step > 0 else None)
+        if self.requeue is not None and not self.requeue.attached:
+            logger.warning("DHNM re-queueing is off: the trainer does not draw its batches through "
+                           "conan_hf.dhnm.requeue.RequeueBatchSampler (use conan_hf.training.multitask.MultiTaskTrainer"
+                           ", or DHNMCallback(requeue=False)); replacements train at the example's next visit")
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.requeue is not None:
+            # Mid-epoch resume: state.epoch is the resumed epoch plus a fraction, and the loaded entries stay.
+            self._add({"requeue_late": self.requeue.begin_epoch(int(state.epoch or 0), state.global_step)})
 
     def on_step_end(self, args, state, control, **kwargs):
         records = self.score_source.pop_hard_negative_scores()
@@ -128,11 +163,22 @@ class DHNMCallback(TrainerCallback):
         rows, negs, scores = _all_gather_arrays((rows, _pad(negs, self.pool.k, -1), _pad(scores, self.pool.k, np.nan)))
         counts = self.pool.apply_scores(rows, negs, scores, **self.thresholds)
         self.last_step_counts = counts
+        if self.requeue is not None and self.requeue.attached:
+            # Rows entered now may join batches from the first one of step n + 2 of the epoch on (n: steps done in
+            # it), which no rank has drawn yet whatever the prefetching (see conan_hf.dhnm.requeue).
+            per_step = args.world_size * args.gradient_accumulation_steps
+            boundary = (state.global_step - self.requeue.epoch_start_step + 1) * per_step
+            counts = {**counts, **self.requeue.schedule(self.pool.replaced_rows, boundary=boundary)}
+        self._add(counts)
+
+    def _add(self, counts: dict[str, int]) -> None:
         for key, value in counts.items():
             self.totals[key] += value
             self._since_log[key] += value
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self.requeue is not None:
+            self.totals["requeue_late"] += self.requeue.unresolved()  # entries the run ended before
         # Per run, not per step: in multi-task training, steps on tasks without hard negatives (STS) have no scores.
         if self.totals["checked"] == 0 and state.global_step > 0:
             logger.warning(
@@ -149,7 +195,7 @@ class DHNMCallback(TrainerCallback):
         # Trainer.log appended a copy of `logs` to the history just before calling us: put the counts there too.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(entry)
-        self._since_log = dict.fromkeys(COUNT_KEYS, 0)
+        self._since_log = dict.fromkeys(_TOTAL_KEYS, 0)
 
     def on_save(self, args, state, control, **kwargs):
         if not args.should_save:
@@ -169,6 +215,17 @@ class DHNMCallback(TrainerCallback):
         """
         made, used = self.totals["replaced"], self.totals["used"]
         return {**self.totals, "pending": made - used, "used_fraction": (used / made) if made else None}
+
+    def summary_note(self) -> str:
+        """One line for a stage summary: replacements made and used, by the clause of eq. 6 that made them."""
+        t = self.replacement_summary()
+        fraction = f" ({t['used_fraction']:.0%})" if t["used_fraction"] is not None else ""
+        requeue = (f", {t['requeued']} re-queued within their epoch ({t['requeue_late']} of them too late in it)"
+                   if self.requeue is not None and self.requeue.attached else ", re-queueing off")
+        return (f"DHNM: {t['replaced']} replacements made (dhnm_replaced_low_s0 {t['replaced_low_s0']}, "
+                f"dhnm_replaced_easy {t['replaced_easy']}), {t['used']} used by a later batch{fraction} "
+                f"(dhnm_used_low_s0 {t['used_low_s0']}, dhnm_used_easy {t['used_easy']}){requeue}, "
+                f"{t['pool_exhausted']} due with the pool used up; ")
 
     # ---- persistence ---------------------------------------------------------------------------------------------
     def state_dict(self, global_step: int | None = None) -> dict[str, Any]:
@@ -190,8 +247,12 @@ class DHNMCallback(TrainerCallback):
         """
         state = self.state_dict(global_step)
         pool_state = state.pop("pool")
-        arrays = {name: pool_state.pop(name) for name in _STATE_ARRAYS}
+        arrays = {name: pool_state.pop(name) for name in (*_STATE_ARRAYS, *_OPTIONAL_STATE_ARRAYS)}
         meta = {**state, "pool": pool_state}
+        if self.requeue is not None:
+            requeue = self.requeue.state_dict()
+            meta["requeue"] = {"epoch": requeue.pop("epoch"), "epoch_start_step": requeue.pop("epoch_start_step")}
+            arrays.update({f"requeue_{name}": value for name, value in requeue.items()})
         path = os.path.join(checkpoint_dir, DHNM_STATE_NAME)
         tmp = path + ".tmp"
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
@@ -210,7 +271,10 @@ class DHNMCallback(TrainerCallback):
                 if missing:
                     raise ValueError(f"{path} is not a DHNM state: it lacks {missing} (has {saved.files})")
                 state = json.loads(str(saved["meta"]))
-                state["pool"].update({name: saved[name] for name in _STATE_ARRAYS})
+                state["pool"].update({name: saved[name] for name in (*_STATE_ARRAYS, *_OPTIONAL_STATE_ARRAYS)
+                                      if name in saved.files})
+                if "requeue" in state:
+                    state["requeue"].update({name: saved[f"requeue_{name}"] for name in ("boundary", "task", "row")})
             copy = False  # the arrays were just read: adopt them rather than copy
         elif os.path.isfile(legacy):
             path = legacy
@@ -228,7 +292,9 @@ class DHNMCallback(TrainerCallback):
                 f"{expected_step}"
             )
         self.pool.load_state_dict(state["pool"], copy=copy)
-        self.totals = {key: int(state.get("totals", {}).get(key, 0)) for key in COUNT_KEYS}
+        self.totals = {key: int(state.get("totals", {}).get(key, 0)) for key in _TOTAL_KEYS}
+        if self.requeue is not None:
+            self.requeue.load_state_dict(state.get("requeue") or {"epoch": -1, "boundary": [], "task": [], "row": []})
         if state.get("thresholds") and state["thresholds"] != self.thresholds:
             logger.warning("DHNM thresholds changed on resume: %s -> %s", state["thresholds"], self.thresholds)
 

@@ -21,7 +21,10 @@ from .table import CandidateTexts, ExampleIndex, TextTable
 __all__ = ["COUNT_KEYS", "NegativePool", "dhnm_should_replace"]
 
 #: The counts :meth:`NegativePool.apply_scores` returns (and :class:`~conan_hf.dhnm.callback.DHNMCallback` logs).
-COUNT_KEYS = ("checked", "replaced", "used", "pool_exhausted", "nan_scores", "stale")
+#: ``replaced`` and ``used`` are also split by the clause of eq. 6 that made the replacement: ``_low_s0``
+#: (``S_0 < s0_min``) and ``_easy`` (``drop_ratio * S < S_0`` and ``S < s_max``, with ``S_0 >= s0_min``).
+COUNT_KEYS = ("checked", "replaced", "used", "pool_exhausted", "nan_scores", "stale",
+              "replaced_low_s0", "replaced_easy", "used_low_s0", "used_easy")
 
 
 def dhnm_should_replace(s0: Any, s: Any, s0_min: float = 0.4, drop_ratio: float = 1.2, s_max: float = 0.7) -> Any:
@@ -230,6 +233,11 @@ class NegativePool(NegativePoolStateMixin):
         self.s0 = np.full((self._num_examples, k), np.nan, dtype=np.float64)
         self.cursor = num_active.astype(rank_dtype)
         self.fresh_bits = np.zeros((self._num_examples, (k + 7) // 8), dtype=np.uint8)
+        # Sorted keys ``row * k + slot`` of the fresh slots whose replacement the "became easy" clause made (the
+        # others were made by the S0 clause): grows with the replacements not yet carried, not with the pools.
+        self.easy_keys = np.zeros(0, dtype=np.int64)
+        #: Pool rows that received a replacement in the last :meth:`apply_scores` call (sorted).
+        self.replaced_rows = np.zeros(0, dtype=np.int64)
 
     def _pool_sizes_checked(self, block: int = 1 << 18) -> np.ndarray:
         """Candidates per example, checking ``candidate_ids`` block by block (bounded temporary memory)."""
@@ -489,8 +497,12 @@ class NegativePool(NegativePoolStateMixin):
         Returns:
             counts: ``checked`` (pairs judged), ``replaced``, ``used`` (replacements carried for the first time),
             ``pool_exhausted`` (replacement due but no candidate left: the negative stays), ``nan_scores`` (ignored
-            NaN scores) and ``stale``.
+            NaN scores) and ``stale``; ``replaced`` and ``used`` split by the clause that made the replacement
+            (``replaced_low_s0`` / ``replaced_easy``, ``used_low_s0`` / ``used_easy``, see :data:`COUNT_KEYS`).
+            The rows that received a replacement are left in :attr:`replaced_rows` (read by
+            :class:`~conan_hf.dhnm.requeue.RequeueSchedule`).
         """
+        self.replaced_rows = np.zeros(0, dtype=np.int64)
         rows = np.asarray(example_rows, dtype=np.int64).reshape(-1)
         negs = np.asarray(negative_ids, dtype=np.int64)
         vals = np.asarray(scores, dtype=np.float64)
@@ -523,6 +535,9 @@ class NegativePool(NegativePoolStateMixin):
         carried_rows = rows[carried_rows]
         used = self._fresh_at(carried_rows, carried_slots)
         counts["used"] = int(used.sum())
+        used_easy = self._pop_easy(carried_rows[used].astype(np.int64) * self.k + carried_slots[used])
+        counts["used_easy"] = used_easy
+        counts["used_low_s0"] = counts["used"] - used_easy
         self._set_fresh(carried_rows[used], carried_slots[used], False)
 
         nan = np.isnan(vals)
@@ -540,10 +555,11 @@ class NegativePool(NegativePoolStateMixin):
         self.s0[rows[first_time], slots[first_time]] = vals[first_time]
         s0 = np.where(first_time, vals, s0)
         replace = dhnm_should_replace(s0, vals, s0_min=s0_min, drop_ratio=drop_ratio, s_max=s_max)
+        easy = ~(s0 < s0_min)  # of the replaced: made by the "became easy" clause (eq. 6 checks S0 < s0_min first)
 
-        r_rows, r_slots = rows[replace], slots[replace]
+        r_rows, r_slots, r_easy = rows[replace], slots[replace], easy[replace]
         order = np.argsort(r_rows, kind="stable")
-        r_rows, r_slots = r_rows[order], r_slots[order]
+        r_rows, r_slots, r_easy = r_rows[order], r_slots[order], r_easy[order]
         # The j-th replacement of an example (in score order) takes the candidate j places after its cursor.
         _, start, per_row = np.unique(r_rows, return_index=True, return_counts=True)
         rank_in_row = np.arange(r_rows.size) - np.repeat(start, per_row)
@@ -554,8 +570,26 @@ class NegativePool(NegativePoolStateMixin):
         self._set_fresh(r_rows[ok], r_slots[ok], True)
         np.add.at(self.cursor, r_rows[ok], 1)
         counts["replaced"] = int(ok.sum())
+        counts["replaced_easy"] = int((ok & r_easy).sum())
+        counts["replaced_low_s0"] = counts["replaced"] - counts["replaced_easy"]
         counts["pool_exhausted"] = int((~ok).sum())
+        new_easy = r_rows[ok & r_easy].astype(np.int64) * self.k + r_slots[ok & r_easy]
+        if new_easy.size:
+            self.easy_keys = np.union1d(self.easy_keys, new_easy)
+        self.replaced_rows = np.unique(r_rows[ok]).astype(np.int64)
         return counts
+
+    def _pop_easy(self, keys: np.ndarray) -> int:
+        """Remove ``keys`` (``row * k + slot`` of replacements now carried) from :attr:`easy_keys`; returns how many
+        were there (O(fresh easy replacements), nothing when there are none)."""
+        if not self.easy_keys.size or not keys.size:
+            return 0
+        position = np.searchsorted(self.easy_keys, keys)
+        hit = position < self.easy_keys.size
+        hit[hit] = self.easy_keys[position[hit]] == keys[hit]
+        if hit.any():
+            self.easy_keys = np.delete(self.easy_keys, position[hit])
+        return int(hit.sum())
 
 
 def _check_k(k: Any) -> None:

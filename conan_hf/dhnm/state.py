@@ -21,6 +21,9 @@ LEGACY_DHNM_STATE_NAME = "dhnm_state.json"
 FALSE_NEGATIVES_STATE_NAME = "false_negatives_state.json"
 _STATE_VERSION = 3  # 3: numpy arrays (.npz); 1 and 2: JSON lists (dhnm_state.json), still loaded
 _STATE_ARRAYS = ("active", "s0", "cursor", "fresh_bits")
+#: Arrays a version-3 state may lack (saved by earlier releases): ``easy_keys`` (which fresh replacements the
+#: "became easy" clause made; missing: none, all pending replacements count as made by the S0 clause).
+_OPTIONAL_STATE_ARRAYS = ("easy_keys",)
 #: Prefix of the fingerprint of pools held as row ids (earlier states carry a bare sha256 hex of the texts).
 _FINGERPRINT_PREFIX = "ids-v1:"
 
@@ -74,7 +77,8 @@ class NegativePoolStateMixin:
         """The state: metadata plus the live state arrays (not copies; ``DHNMCallback.save`` writes them as is).
 
         Version 3. ``fresh_bits`` is the bit-packed ``fresh`` flag array (little bit order, slot ``j`` of an example
-        is bit ``j % 8`` of byte ``j // 8``).
+        is bit ``j % 8`` of byte ``j // 8``); ``easy_keys`` the sorted ``row * k + slot`` of the fresh slots whose
+        replacement the "became easy" clause of eq. 6 made.
         """
         return {
             "version": _STATE_VERSION,
@@ -85,6 +89,7 @@ class NegativePoolStateMixin:
             "s0": self.s0,
             "cursor": self.cursor,
             "fresh_bits": self.fresh_bits,
+            "easy_keys": self.easy_keys,
         }
 
     def load_state_dict(self, state: dict[str, Any], copy: bool = True) -> None:
@@ -124,6 +129,10 @@ class NegativePoolStateMixin:
                 loaded[name] = np.array(value, dtype=dtype, copy=True if copy else None)
             self.active, self.s0, self.cursor = loaded["active"], loaded["s0"], loaded["cursor"]
             self.fresh_bits = loaded["fresh_bits"]
+            easy = np.array(state.get("easy_keys", ()), dtype=np.int64).reshape(-1)
+            if easy.size and (easy.min() < 0 or easy.max() >= len(self) * self.k or np.any(np.diff(easy) <= 0)):
+                raise ValueError("DHNM state array 'easy_keys' must hold sorted, distinct row * k + slot keys")
+            self.easy_keys = easy
             return
         # Versions 1 and 2: JSON lists, S0 NaN as null, `fresh` as flat indices into (num_examples, k).
         self.active = np.asarray(state["active"], dtype=np.int64).reshape(shape).astype(rank_dtype)
@@ -135,3 +144,4 @@ class NegativePoolStateMixin:
         fresh = np.zeros(shape, dtype=bool)
         fresh.reshape(-1)[np.asarray(state.get("fresh", []), dtype=np.int64)] = True
         self.fresh_bits = np.packbits(fresh, axis=1, bitorder="little")
+        self.easy_keys = np.zeros(0, dtype=np.int64)

@@ -142,8 +142,13 @@ class SupervisedConfig(StageConfig):
                                                      "dims for 3584: 256, 512, 1024, 1536, 2048, 3072, 3584).")
     dhnm: bool = option(True, help="replace hard negatives that became easy (eq. 6 with thresholds ``dhnm_s0_min``, "
                                    "``dhnm_drop_ratio``, ``dhnm_s_max``); ``false`` keeps each example's first "
-                                   "``num_negatives`` candidates. A replacement trains at the example's next visit: "
-                                   "with fewer than 2 passes over the data DHNM cannot act (a warning says so).")
+                                   "``num_negatives`` candidates. A replacement trains when its example is re-queued "
+                                   "later in the same epoch (``dhnm_requeue``), else at the example's next visit.")
+    dhnm_requeue: bool = option(True, help="re-queue examples holding fresh replacements into later batches of the "
+                                           "same epoch, so a replacement trains soon after it is made "
+                                           "(:mod:`conan_hf.dhnm.requeue`); ``false``: only at the next visit.")
+    dhnm_requeue_rows: int | None = option(None, help="re-queued rows per batch at most (``None``: the task's batch "
+                                                      "size).")
     dhnm_s0_min: float = option(_eq6_default("s0_min"), help="a negative is replaced when its score S0 at activation "
                                                              "is below this (eq. 6).")
     dhnm_drop_ratio: float = option(_eq6_default("drop_ratio"), help="a negative is also replaced when "
@@ -628,10 +633,11 @@ class SupervisedRunner(StageRunner):
         self.dhnm_status = "DHNM on" if pool is not None and config.dhnm else "DHNM off"
         if pool is not None and config.dhnm:
             callbacks.append(DHNMCallback(pool, MultiTaskScores(losses.values()), s0_min=config.dhnm_s0_min,
-                                          drop_ratio=config.dhnm_drop_ratio, s_max=config.dhnm_s_max))
+                                          drop_ratio=config.dhnm_drop_ratio, s_max=config.dhnm_s_max,
+                                          requeue=config.dhnm_requeue, requeue_rows=config.dhnm_requeue_rows))
             passes = dhnm_passes(config, args, {t.name: len(datasets[t.name]) for t in tasks},
                                  {t.name: t.batch_size for t in tasks})
-            if passes < 2:
+            if passes < 2 and not config.dhnm_requeue:
                 self.dhnm_status = f"DHNM on but idle ({passes:.2f} passes over the data; see the warning)"
                 logger.warning("DHNM cannot act: the run visits each example %.2f times, and a replaced negative is "
                                "only trained at the example's next visit; train at least 2 epochs (num_train_epochs: "
@@ -668,10 +674,7 @@ class SupervisedRunner(StageRunner):
         dhnm_totals = self.dhnm_callback.replacement_summary() if self.dhnm_callback is not None else None
         note = ""
         if dhnm_totals is not None:
-            fraction = dhnm_totals["used_fraction"]
-            note = (f"DHNM: {dhnm_totals['replaced']} replacements made, {dhnm_totals['used']} used by a later batch"
-                    f"{f' ({fraction:.0%})' if fraction is not None else ''}, {dhnm_totals['pool_exhausted']} due "
-                    "with the pool used up; ")
+            note = self.dhnm_callback.summary_note()
         false_negatives = self.false_negatives
         if false_negatives is not None:
             note += f"{false_negatives.total} in-batch false negatives masked; "

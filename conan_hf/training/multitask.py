@@ -39,9 +39,11 @@ from sentence_transformers.sentence_transformer.data_collator import SentenceTra
 from torch.utils.data import RandomSampler
 
 from conan_hf.dhnm.collator import DHNMDataCollator
+from conan_hf.dhnm.requeue import RequeueBatchSampler, RequeueSchedule
 from conan_hf.training.checkpoints import MainProcessSaveMixin
 
-__all__ = ["MultiTaskCollator", "MultiTaskTrainer", "ProportionalTaskSampler", "RoundRobinTaskSampler"]
+__all__ = ["DHNMRequeueMixin", "MultiTaskCollator", "MultiTaskTrainer", "ProportionalTaskSampler",
+           "RoundRobinTaskSampler"]
 
 
 class _VariableSize:
@@ -63,9 +65,57 @@ class RoundRobinTaskSampler(_VariableSize, RoundRobinBatchSampler):
     """sentence-transformers' round-robin multi-dataset sampler, with per-task batch sizes."""
 
 
-class MultiTaskTrainer(MainProcessSaveMixin, SentenceTransformerTrainer):
+class DHNMRequeueMixin:
+    """A SentenceTransformerTrainer mixin that draws the *training* batches through
+    :class:`~conan_hf.dhnm.requeue.RequeueBatchSampler` when a callback (a
+    :class:`~conan_hf.dhnm.callback.DHNMCallback`) holds a :class:`~conan_hf.dhnm.requeue.RequeueSchedule` as
+    ``requeue``: examples holding fresh DHNM replacements are re-visited by later batches of the same epoch (see
+    :mod:`conan_hf.dhnm.requeue`). Evaluation batches are left as they are. Without such a callback nothing changes.
+
+    Example:
+        ::
+
+            class MyTrainer(DHNMRequeueMixin, SentenceTransformerTrainer):
+                pass
+
+            trainer = MyTrainer(..., data_collator=DHNMDataCollator(...), callbacks=[DHNMCallback(pool, loss)])
+    """
+
+    _building_train_loader = False
+
+    def get_train_dataloader(self):
+        self._building_train_loader = True
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self._building_train_loader = False
+
+    def _requeue(self, sampler, dataset):
+        if not self._building_train_loader:
+            return sampler
+        holder = next((c for c in self.callback_handler.callbacks
+                       if isinstance(getattr(c, "requeue", None), RequeueSchedule)), None)
+        if holder is None:
+            return sampler
+        collator = self.data_collator
+        id_column = getattr(collator, "id_column", "id")
+        names = list(self.train_dataset) if hasattr(self.train_dataset, "keys") else None
+        pool_tasks = getattr(collator, "pool_tasks", None)
+        pool_datasets = [name in pool_tasks for name in names] if names is not None and pool_tasks else None
+        return RequeueBatchSampler(sampler, holder.requeue, dataset, holder.pool, pool_datasets, id_column)
+
+    def get_multi_dataset_batch_sampler(self, dataset, batch_samplers, generator=None, seed=0):
+        sampler = super().get_multi_dataset_batch_sampler(dataset, batch_samplers, generator=generator, seed=seed)
+        return self._requeue(sampler, dataset)
+
+    def get_batch_sampler(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):
+        sampler = super().get_batch_sampler(dataset, batch_size, drop_last, valid_label_columns, generator, seed)
+        return self._requeue(sampler, dataset) if dataset is self.train_dataset else sampler
+
+
+class MultiTaskTrainer(DHNMRequeueMixin, MainProcessSaveMixin, SentenceTransformerTrainer):
     """SentenceTransformerTrainer with a batch size and a batch sampler per task of the training DatasetDict
-    (sentence-transformers uses one batch size for all datasets).
+    (sentence-transformers uses one batch size for all datasets), and DHNM re-queueing (:class:`DHNMRequeueMixin`).
 
     Args:
         task_batch_sizes: per-device batch size of each task (``{name: size}``, every dataset of the DatasetDict).
@@ -81,7 +131,8 @@ class MultiTaskTrainer(MainProcessSaveMixin, SentenceTransformerTrainer):
         super().__init__(*args, **kwargs)
 
     def get_batch_sampler(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):
-        name = next((n for n, d in (self.train_dataset or {}).items() if d is dataset), None)
+        tasks = self.train_dataset if hasattr(self.train_dataset, "items") else {}
+        name = next((n for n, d in tasks.items() if d is dataset), None)
         if name is None:
             return super().get_batch_sampler(dataset, batch_size, drop_last, valid_label_columns, generator, seed)
         kwargs = dict(batch_size=self.task_batch_sizes[name], drop_last=drop_last,
