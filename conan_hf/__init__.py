@@ -54,6 +54,7 @@ _LAZY = {
     # multi-task training (a DatasetDict with a loss per task), as stage 4 trains
     "MultiTaskCollator": ("training.multitask", "MultiTaskCollator"),
     "MultiTaskTrainer": ("training.multitask", "MultiTaskTrainer"),
+    "DHNMRequeueMixin": ("training.multitask", "DHNMRequeueMixin"),
     "ProportionalTaskSampler": ("training.multitask", "ProportionalTaskSampler"),
     "RoundRobinTaskSampler": ("training.multitask", "RoundRobinTaskSampler"),
     # the soft-mask schedule (paper §3.2, App. C) as a Trainer callback; LoRA
@@ -115,6 +116,7 @@ __all__ = [
     "mine_negative_ids",
     "MultiTaskCollator",
     "MultiTaskTrainer",
+    "DHNMRequeueMixin",
     "ProportionalTaskSampler",
     "RoundRobinTaskSampler",
     "SoftMaskCallback",
