@@ -179,7 +179,11 @@ def test_stream_batches_never_repeat_a_text():
 
 def test_instruction_prompt_collator_takes_the_batch_instruction(tiny_model_dir):
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+    from sentence_transformers.sentence_transformer.data_collator import (
+        SentenceTransformerDataCollator,
+    )
+
+    from conan_hf.sentence import prompt_tokens_in_joint_encoding
 
     model = SentenceTransformer(str(tiny_model_dir))
     checked: list[tuple[str, list[str] | None]] = []
@@ -203,8 +207,6 @@ def test_instruction_prompt_collator_takes_the_batch_instruction(tiny_model_dir)
     plain = collator([{**r, "instruction": ""} for r in rows])  # no instruction: no prompt
     assert "anchor_prompt_length" not in plain
     # Mixed instructions: each row's own prompt, its length per row (sentence-transformers' count for that prompt).
-    from conan_hf.sentence import prompt_tokens_in_joint_encoding
-
     mixed = [rows[0], {**rows[1], "instruction": "Other task."}, {**rows[2], "instruction": ""}]
     batch = collator(mixed)
     prompts = [prompt, PROMPT_FORMAT.format(instruction="Other task."), ""]

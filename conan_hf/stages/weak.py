@@ -5,12 +5,14 @@
 The stage-2 decoder becomes an embedding model (Transformer → Pooling → Normalize). Training pairs are
 (query, passage): the input is the query, the output the positive, and the row's instruction becomes the query's
 sentence-transformers *prompt* (``Instruct: {instruction}\nQuery:\n``), left out of mean pooling exactly as in
-stage 4 and at inference. A prompt is a property of a batch in sentence-transformers, so rows are grouped by
-instruction (one dataset per instruction, batches drawn from one group at a time in proportion to the group sizes);
-in-batch negatives then come from the same kind of task. The loss is InfoNCE (eq. 1) with in-batch negatives. The
-attention moves from causal to bidirectional along the soft mask (eq. 4): α(t) = t/τ with τ the number of training
-steps (App. C's linear schedule), set every step by :class:`conan_hf.training.callbacks.SoftMaskCallback`. Optionally, pairs a
-teacher embedder scores below 0.4 are dropped first (the paper used gte-Qwen2-7B-instruct), see
+stage 4 and at inference. Every pair read is trained each epoch: rows are batched by instruction where the data
+allows (:func:`instruction_batches`: batches of one instruction, in proportion to the instructions' sizes, so
+in-batch negatives come from the same kind of task), and the rest — the instructions' remainders and instructions
+with fewer pairs than a batch — in mixed batches, each row with its own prompt and its own prompt length left out of
+the pool (:class:`InstructionPromptCollator`, :func:`exclude_row_prompts`). The loss is InfoNCE (eq. 1) with in-batch
+negatives. The attention moves from causal to bidirectional along the soft mask (eq. 4): α(t) = t/τ with τ the number
+of training steps (App. C's linear schedule), set every step by :class:`conan_hf.training.callbacks.SoftMaskCallback`.
+Optionally, pairs a teacher embedder scores below 0.4 are dropped first (the paper used gte-Qwen2-7B-instruct), see
 :func:`conan_hf.data.teacher.filter_by_teacher`.
 
 Data (issue 11: no rank holds the pairs as Python objects). The sources are read by
@@ -19,13 +21,16 @@ Data (issue 11: no rank holds the pairs as Python objects). The sources are read
 - by default memory-mapped: parsed once per node into the ``datasets`` cache, converted to pairs in a batched ``map``
   (a bad row names its file and line), grouped by instruction as index selections of that table
   (:func:`instruction_groups`: one ``int32`` per row in memory), filtered by the teacher group by group (each
-  group's instruction its prompt; the teacher scores in chunks, see :func:`filter_groups_by_teacher`);
+  group's instruction its prompt; the teacher scores in chunks, see :func:`filter_groups_by_teacher`), batched each
+  epoch by :class:`InstructionBatchSampler`;
 - with ``streaming: true`` on a source: an ``IterableDataset`` of this rank's share of the files (split across
   ranks), read lazily while training, so ``max_steps`` is required. Grouping by instruction then happens as the
-  pairs arrive (:func:`stream_instruction_batches`): each instruction fills its own batch, emitted when full, so every
-  batch still has one instruction and instructions get batches in proportion to their rows, in stream order rather
-  than shuffled; the batch's instruction becomes its prompt in :class:`InstructionPromptCollator`. With a teacher the
-  sources are read memory-mapped instead (the filter selects from the table).
+  pairs arrive (:func:`stream_instruction_batches`): each instruction fills its own batch, emitted when full, so
+  instructions get batches in proportion to their rows, in stream order rather than shuffled; the rows left at the end
+  of the stream make mixed batches. With a teacher the sources are read memory-mapped instead (the filter selects from
+  the table).
+
+The stage summary counts the pairs read and the pairs trained (that reached a batch).
 
 Output: ``final_dir``, a SentenceTransformer folder; when α reached 1 its backbone is saved bidirectional (α ≥ 1 is
 exactly bidirectional attention), ready for stage 4.
