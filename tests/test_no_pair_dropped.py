@@ -140,3 +140,20 @@ def test_stage4_trains_an_sts_task_smaller_than_its_batch(tiny_model_dir, tmp_pa
     assert summary["global_step"] >= 1 and names.count("sim") >= 1
     assert summary["tasks"]["sim"]["rows"] == summary["tasks"]["sim"]["rows_trained"] == 5
     assert "sim: 5 rows read, 5 trained" in capsys.readouterr().out
+
+
+def test_stage4_refuses_a_task_of_one_row(tiny_model_dir, tmp_path):
+    """A task of one row has nothing to compare it with in a batch: one line naming the task, exit 2."""
+    import subprocess
+    import sys
+
+    sts = tmp_path / "one.jsonl"
+    sts.write_text(json.dumps({"sentence1": "a cat", "sentence2": "a cat sits", "score": 0.5}) + "\n", encoding="utf-8")
+    tasks = json.dumps([{"name": "sim", "type": "sts", "batch_size": 8, "data": [str(sts)]}])
+    result = subprocess.run([sys.executable, "-m", "conan_hf.stages", "supervised", "--model", str(tiny_model_dir),
+                             "--output_dir", str(tmp_path / "sup"), "--max_seq_length", "32", "--bf16", "false",
+                             "--tasks", tasks], capture_output=True, text=True, timeout=300, check=False,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "task 'sim' has 1 row(s); a task needs at least 2" in last

@@ -477,8 +477,9 @@ class SupervisedRunner(StageRunner):
             table = write_task_table(task, iter_task_examples(task, seed=config.seed), self.table_dir / task.name,
                                      first_id=num_pool_rows)
             if len(table.dataset) < 2:  # InfoNCE's in-batch negatives and CoSENT's ranked pairs need two rows
-                raise ValueError(f"stage 4 task {task.name!r} has {len(table.dataset) or 'no'} row(s); a task needs "
-                                 "at least 2 (its loss compares rows of a batch)")
+                raise DataError(f"stage 4 task {task.name!r} has {len(table.dataset) or 'no'} row(s); a task needs "
+                                "at least 2 (its loss compares rows of a batch)",
+                                hint="add rows to its data, or leave the task out")
             datasets[task.name] = table.dataset
             if task.type == "sts":
                 continue
