@@ -395,9 +395,9 @@ class InstructionBatchSampler(DefaultBatchSampler):
         self.rows_per_batch = batch_size
         self.batch_size = None  # variable: accelerate shards such a sampler batch by batch, dropping none
         self.trained = np.zeros(len(dataset), dtype=bool)
-        self._epoch_batches: tuple[int, list[list[int]]] | None = None
+        self._epoch_batches: tuple[int, list[np.ndarray]] | None = None
 
-    def batches(self) -> list[list[int]]:
+    def batches(self) -> list[np.ndarray]:
         """This epoch's batches (row indices), computed once per epoch."""
         if self._epoch_batches is None or self._epoch_batches[0] != self.epoch:
             order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.dataset))
@@ -410,14 +410,15 @@ class InstructionBatchSampler(DefaultBatchSampler):
                     for index, anchor, positive in zip(chunk, rows["anchor"], rows["positive"]):
                         yield int(self.codes[index]), (anchor, positive), index
 
-            self._epoch_batches = (self.epoch, list(instruction_batches(items(), self.rows_per_batch,
-                                                                        join_lone_row=True)))
+            # int64 arrays, not lists of Python ints: about 8 bytes per row in memory
+            self._epoch_batches = (self.epoch, [np.asarray(batch, dtype=np.int64) for batch in
+                                                instruction_batches(items(), self.rows_per_batch, join_lone_row=True)])
         return self._epoch_batches[1]
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.batches():
             self.trained[batch] = True
-            yield batch
+            yield batch.tolist()
 
     def __len__(self) -> int:
         return len(self.batches())
