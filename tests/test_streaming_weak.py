@@ -123,17 +123,21 @@ def test_bad_rows_name_their_file_and_line(tmp_path, streaming):
 # ---- a stream, batched by instruction ----------------------------------------------------------------------------
 def _stream_reference(pairs: list[tuple[str, str, str]], batch_size: int) -> tuple[list[list[tuple]], int]:
     """Without repeated texts: each instruction's pairs in stream order, cut into batches of ``batch_size``; a batch is
-    emitted when its last pair arrives. Returns the batches in emission order and the pairs left over."""
+    emitted when its last pair arrives; then the pairs left over (by instruction in order of first appearance, each in
+    stream order) in mixed batches of ``batch_size``, the last one smaller. Returns the batches in emission order and
+    the number of pairs left over."""
     seen: dict[str, list[tuple[int, tuple]]] = {}
     for position, pair in enumerate(pairs):
         seen.setdefault(pair[0], []).append((position, pair))
-    batches = []
+    batches, rest = [], []
     for items in seen.values():
-        for start in range(0, len(items) - batch_size + 1, batch_size):
+        full = len(items) - len(items) % batch_size
+        for start in range(0, full, batch_size):
             chunk = items[start:start + batch_size]
             batches.append((chunk[-1][0], [pair for _, pair in chunk]))
+        rest += [pair for _, pair in items[full:]]
     batches.sort()
-    return [b for _, b in batches], len(pairs) - batch_size * len(batches)
+    return [b for _, b in batches] + [rest[i:i + batch_size] for i in range(0, len(rest), batch_size)], len(rest)
 
 
 def test_stream_batches_hold_one_instruction_in_arrival_order():
@@ -142,12 +146,17 @@ def test_stream_batches_hold_one_instruction_in_arrival_order():
     weights = [0.1, 0.5, 0.3, 0.1]
     pairs = [(instructions[rng.choice(4, p=weights)], f"anchor {i}", f"positive {i}") for i in range(500)]
     stream = [{"instruction": i, "anchor": a, "positive": p} for i, a, p in pairs]
-    dropped: list[int] = []
-    out = list(weak._instruction_batches(stream, 8, dropped))
+    counts: dict[str, int] = {}
+    out = list(weak._instruction_batches(stream, 8, counts))
     batches = [out[i:i + 8] for i in range(0, len(out), 8)]
     expected, left = _stream_reference(pairs, 8)
     assert [[(r["instruction"], r["anchor"], r["positive"]) for r in b] for b in batches] == expected
-    assert dropped == [left] and 0 < left < 8 * len(instructions)
+    assert counts == {"read": 500} and len(out) == 500  # every pair read is batched
+    assert 0 < left < 8 * len(instructions) and len(batches[-1]) == left % 8
+    mixed = (left + 7) // 8
+    assert all(len({r["instruction"] for r in b}) > 1 for b in batches[-mixed:])
+    batches = batches[:-mixed]  # the batches of one instruction, before the mixed remainders
+    assert all(len({r["instruction"] for r in b}) == 1 for b in batches)
     # proportional: each instruction's share of the batches follows its share of the stream
     share = {i: sum(b[0]["instruction"] == i for b in batches) / len(batches) for i in instructions}
     assert all(abs(share[i] - w) < 0.1 for i, w in zip(instructions, weights))
@@ -161,21 +170,30 @@ def test_stream_batches_never_repeat_a_text():
     # clashes (its batch is gone) and completes the second; ("w","4") and ("v","5") make the third.
     assert [(r["anchor"], r["positive"]) for r in out] == [("x", "1"), ("y", "3"), ("x", "2"), ("z", "1"),
                                                            ("w", "4"), ("v", "5")]
+    # The remainders at the end of the stream follow the same rule across instructions.
+    tail = [{"instruction": i, "anchor": a, "positive": p} for i, a, p in [("A", "x", "1"), ("B", "x", "2"),
+                                                                          ("C", "y", "3")]]
+    out = list(weak._instruction_batches(tail, 2))
+    assert [r["anchor"] for r in out] == ["x", "y", "x"]  # ("x","1") + ("y","3"), then ("x","2") alone
 
 
 def test_instruction_prompt_collator_takes_the_batch_instruction(tiny_model_dir):
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+    from sentence_transformers.sentence_transformer.data_collator import (
+        SentenceTransformerDataCollator,
+    )
+
+    from conan_hf.sentence import prompt_tokens_in_joint_encoding
 
     model = SentenceTransformer(str(tiny_model_dir))
-    checked: list[str] = []
+    checked: list[tuple[str, list[str] | None]] = []
     collator = weak.InstructionPromptCollator(preprocess_fn=model.preprocess, prompt_format=PROMPT_FORMAT,
-                                              check_prompt=checked.append)
+                                              check_prompt=lambda prompt, texts=None: checked.append((prompt, texts)))
     rows = [{"anchor": f"what is {i}", "positive": f"it is {i}", "instruction": "Answer it."} for i in range(3)]
     batch = collator(rows)
     collator(rows)
     prompt = PROMPT_FORMAT.format(instruction="Answer it.")
-    assert checked == [prompt]  # once per distinct prompt
+    assert checked == [(prompt, None)]  # once per distinct prompt
     # the same tensors as sentence-transformers' own collator given that prompt for the anchor column
     reference = SentenceTransformerDataCollator(preprocess_fn=model.preprocess, prompts={"anchor": prompt})(
         [{"anchor": r["anchor"], "positive": r["positive"]} for r in rows])
@@ -188,8 +206,15 @@ def test_instruction_prompt_collator_takes_the_batch_instruction(tiny_model_dir)
     assert int(torch.as_tensor(batch["anchor_prompt_length"]).flatten()[0]) > 0
     plain = collator([{**r, "instruction": ""} for r in rows])  # no instruction: no prompt
     assert "anchor_prompt_length" not in plain
-    with pytest.raises(RuntimeError, match="mixes instructions"):
-        collator([rows[0], {**rows[1], "instruction": "Other."}])
+    # Mixed instructions: each row's own prompt, its length per row (sentence-transformers' count for that prompt).
+    mixed = [rows[0], {**rows[1], "instruction": "Other task."}, {**rows[2], "instruction": ""}]
+    batch = collator(mixed)
+    prompts = [prompt, PROMPT_FORMAT.format(instruction="Other task."), ""]
+    assert batch["anchor_prompt_length"].tolist() == [
+        prompt_tokens_in_joint_encoding(model.tokenizer, p, r["anchor"]) if p else 0 for p, r in zip(prompts, mixed)]
+    assert torch.equal(batch["anchor_input_ids"], SentenceTransformerDataCollator(preprocess_fn=model.preprocess)(
+        [{"anchor": p + r["anchor"], "positive": r["positive"]} for p, r in zip(prompts, mixed)])["anchor_input_ids"])
+    assert (prompts[1], None) in checked and (prompt, [rows[0]["anchor"]]) in checked
 
 
 # ---- teacher filter ------------------------------------------------------------------------------------------------
@@ -262,7 +287,7 @@ model_dir, pattern, out = sys.argv[1:4]
 pairs = weak.load_pairs([{"path": pattern, "streaming": True}])  # this rank's files (split_dataset_by_node)
 model = SentenceTransformer(model_dir)
 args = SentenceTransformerTrainingArguments(output_dir=out + "/run", per_device_train_batch_size=4, max_steps=2,
-                                            dataloader_drop_last=True, report_to="none", save_strategy="no", use_cpu=True,
+                                            dataloader_drop_last=False, report_to="none", save_strategy="no", use_cpu=True,
                                             accelerator_config={"dispatch_batches": False})
 trainer = weak.WeakTrainer(model=model, args=args, train_dataset=weak.stream_instruction_batches(pairs, 4),
                            loss=InfoNCELoss(model), data_collator=weak.InstructionPromptCollator(model.preprocess))

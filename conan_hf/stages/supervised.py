@@ -470,10 +470,10 @@ def build_negative_pool(tables: list[TaskTable], k: int, folder: Path) -> Any:
 # ---- batching --------------------------------------------------------------------------------------------------------
 def dhnm_passes(config: SupervisedConfig, args: Any, rows: dict[str, int], batch_sizes: dict[str, int]) -> float:
     """How many times the planned run batches each example: ``num_train_epochs``, or ``max_steps`` worth of batches
-    over the batches of one epoch (per-task ``rows // batch_size``, batches dropped at the end, shared by ranks)."""
+    over the batches of one epoch (per-task ``ceil(rows / batch_size)``, the last one smaller, shared by ranks)."""
     if config.max_steps is None or config.max_steps <= 0:
         return float(config.num_train_epochs)
-    per_epoch = sum(rows[name] // batch_sizes[name] for name in rows) / max(args.world_size, 1)
+    per_epoch = sum(-(-rows[name] // batch_sizes[name]) for name in rows) / max(args.world_size, 1)
     trained = config.max_steps * args.gradient_accumulation_steps
     return trained / per_epoch if per_epoch else 0.0
 
@@ -572,8 +572,10 @@ class SupervisedRunner(StageRunner):
         for task in self.tasks:
             table = write_task_table(task, iter_task_examples(task, seed=config.seed), self.table_dir / task.name,
                                      first_id=num_pool_rows)
-            if not len(table.dataset):
-                raise ValueError(f"stage 4 task {task.name!r} has no rows")
+            if len(table.dataset) < 2:  # InfoNCE's in-batch negatives and CoSENT's ranked pairs need two rows
+                raise DataError(f"stage 4 task {task.name!r} has {len(table.dataset) or 'no'} row(s); a task needs "
+                                "at least 2 (its loss compares rows of a batch)",
+                                hint="add rows to its data, or leave the task out")
             datasets[task.name] = table.dataset
             if task.type == "sts":
                 continue
@@ -621,8 +623,8 @@ class SupervisedRunner(StageRunner):
                      if t.name in prompts else {} for t in self.tasks},
             multi_dataset_batch_sampler={"proportional": ProportionalTaskSampler,
                                          "round_robin": RoundRobinTaskSampler}[self.config.multi_dataset_sampler],
-            dataloader_drop_last=True,
-        )
+            dataloader_drop_last=False,  # every row is trained: a task's last batch (or a small task's only one)
+        )                                # may be smaller than its batch size
 
     def build_callbacks(self, pool, losses, args, datasets) -> list[Any]:
         """DHNM (eq. 6) over the pool when ``dhnm`` is set (with a warning when the run cannot use its replacements),
@@ -652,8 +654,9 @@ class SupervisedRunner(StageRunner):
         from datasets import DatasetDict
 
         tasks = self.tasks
-        collator = MultiTaskCollator(preprocess_fn=model.preprocess, prompts=args.prompts, pool=pool,
-                                     pool_tasks=frozenset(t.name for t in tasks if t.type != "sts"))
+        self.collator = collator = MultiTaskCollator(
+            preprocess_fn=model.preprocess, prompts=args.prompts, pool=pool,
+            pool_tasks=frozenset(t.name for t in tasks if t.type != "sts"))
         trainer = MultiTaskTrainer(
             model=model, args=args, train_dataset=DatasetDict(datasets), loss=losses, data_collator=collator,
             callbacks=list(callbacks), evaluator=evaluator, task_batch_sizes={t.name: t.batch_size for t in tasks},
@@ -678,6 +681,11 @@ class SupervisedRunner(StageRunner):
         false_negatives = self.false_negatives
         if false_negatives is not None:
             note += f"{false_negatives.total} in-batch false negatives masked; "
+        # Each epoch batches every row of a task once, so the rows that reached a batch are the rows collated, up to
+        # the task's size (a resumed run counts the batches since it resumed; a multi-process run this process's).
+        read = {t.name: len(self.datasets[t.name]) for t in self.tasks}
+        trained = {name: min(rows, self.collator.rows_collated.get(name, 0)) for name, rows in read.items()}
+        note = ", ".join(f"{name}: {read[name]} rows read, {trained[name]} trained" for name in read) + "; " + note
         evaluation = self.evaluation_summary(trainer)
         if evaluation is not None and evaluation["last"] is not None:
             best = evaluation["best"]
@@ -686,8 +694,8 @@ class SupervisedRunner(StageRunner):
         return note, {
             **({"evaluation": evaluation} if evaluation is not None else {}),
             "attention": {k: v for k, v in self.attention.items() if k != "line"},
-            "tasks": {t.name: {"type": t.type, "prompt": self.prompts.get(t.name), "rows": len(self.datasets[t.name]),
-                               "batch_size": t.batch_size,
+            "tasks": {t.name: {"type": t.type, "prompt": self.prompts.get(t.name), "rows": read[t.name],
+                               "rows_trained": trained[t.name], "batch_size": t.batch_size,
                                "negative_candidates": self.pool_sizes.get(t.name, 0)} for t in self.tasks},
             "matryoshka_dims": sorted(dims) if dims else None, "prompts": dict(self.model.prompts),
             "dhnm": dhnm_totals,

@@ -5,12 +5,14 @@
 The stage-2 decoder becomes an embedding model (Transformer → Pooling → Normalize). Training pairs are
 (query, passage): the input is the query, the output the positive, and the row's instruction becomes the query's
 sentence-transformers *prompt* (``Instruct: {instruction}\nQuery:\n``), left out of mean pooling exactly as in
-stage 4 and at inference. A prompt is a property of a batch in sentence-transformers, so rows are grouped by
-instruction (one dataset per instruction, batches drawn from one group at a time in proportion to the group sizes);
-in-batch negatives then come from the same kind of task. The loss is InfoNCE (eq. 1) with in-batch negatives. The
-attention moves from causal to bidirectional along the soft mask (eq. 4): α(t) = t/τ with τ the number of training
-steps (App. C's linear schedule), set every step by :class:`conan_hf.training.callbacks.SoftMaskCallback`. Optionally, pairs a
-teacher embedder scores below 0.4 are dropped first (the paper used gte-Qwen2-7B-instruct), see
+stage 4 and at inference. Every pair read is trained each epoch: rows are batched by instruction where the data
+allows (:func:`instruction_batches`: batches of one instruction, in proportion to the instructions' sizes, so
+in-batch negatives come from the same kind of task), and the rest — the instructions' remainders and instructions
+with fewer pairs than a batch — in mixed batches, each row with its own prompt and its own prompt length left out of
+the pool (:class:`InstructionPromptCollator`, :func:`exclude_row_prompts`). The loss is InfoNCE (eq. 1) with in-batch
+negatives. The attention moves from causal to bidirectional along the soft mask (eq. 4): α(t) = t/τ with τ the number
+of training steps (App. C's linear schedule), set every step by :class:`conan_hf.training.callbacks.SoftMaskCallback`.
+Optionally, pairs a teacher embedder scores below 0.4 are dropped first (the paper used gte-Qwen2-7B-instruct), see
 :func:`conan_hf.data.teacher.filter_by_teacher`.
 
 Data (issue 11: no rank holds the pairs as Python objects). The sources are read by
@@ -19,13 +21,16 @@ Data (issue 11: no rank holds the pairs as Python objects). The sources are read
 - by default memory-mapped: parsed once per node into the ``datasets`` cache, converted to pairs in a batched ``map``
   (a bad row names its file and line), grouped by instruction as index selections of that table
   (:func:`instruction_groups`: one ``int32`` per row in memory), filtered by the teacher group by group (each
-  group's instruction its prompt; the teacher scores in chunks, see :func:`filter_groups_by_teacher`);
+  group's instruction its prompt; the teacher scores in chunks, see :func:`filter_groups_by_teacher`), batched each
+  epoch by :class:`InstructionBatchSampler`;
 - with ``streaming: true`` on a source: an ``IterableDataset`` of this rank's share of the files (split across
   ranks), read lazily while training, so ``max_steps`` is required. Grouping by instruction then happens as the
-  pairs arrive (:func:`stream_instruction_batches`): each instruction fills its own batch, emitted when full, so every
-  batch still has one instruction and instructions get batches in proportion to their rows, in stream order rather
-  than shuffled; the batch's instruction becomes its prompt in :class:`InstructionPromptCollator`. With a teacher the
-  sources are read memory-mapped instead (the filter selects from the table).
+  pairs arrive (:func:`stream_instruction_batches`): each instruction fills its own batch, emitted when full, so
+  instructions get batches in proportion to their rows, in stream order rather than shuffled; the rows left at the end
+  of the stream make mixed batches. With a teacher the sources are read memory-mapped instead (the filter selects from
+  the table).
+
+The stage summary counts the pairs read and the pairs trained (that reached a batch).
 
 Output: ``final_dir``, a SentenceTransformer folder; when α reached 1 its backbone is saved bidirectional (α ≥ 1 is
 exactly bidirectional attention), ready for stage 4.
@@ -37,15 +42,18 @@ import dataclasses
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
+import torch
 from sentence_transformers import SentenceTransformerTrainer
+from sentence_transformers.base.sampler import DefaultBatchSampler
 from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+from sentence_transformers.sentence_transformer.modules import Pooling
 
 from conan_hf.errors import DataError, location_of
-from conan_hf.sentence import QUERY_PROMPT_FORMAT
+from conan_hf.sentence import QUERY_PROMPT_FORMAT, excludes_prompt
 from conan_hf.data.sources import (
     LOCATION,
     load_sources,
@@ -96,7 +104,8 @@ class WeakConfig(StageConfig):
 
 
 class WeakTrainer(MainProcessSaveMixin, SentenceTransformerTrainer):
-    """sentence-transformers' trainer, saving from the main process only (see `MainProcessSaveMixin`).
+    """sentence-transformers' trainer, saving from the main process only (see `MainProcessSaveMixin`), batching a
+    memory-mapped training set with :class:`InstructionBatchSampler` when given each row's ``instruction_codes``.
 
     A streamed training set (:func:`stream_instruction_batches`) is already this rank's share of the sources
     (:func:`conan_hf.data.sources.load_sources` splits a stream with ``split_dataset_by_node``), so accelerate must
@@ -104,6 +113,19 @@ class WeakTrainer(MainProcessSaveMixin, SentenceTransformerTrainer):
     filter accelerate wraps around an iterable dataset is made a passthrough, as transformers does for its rank-aware
     ``BatchRebalanceSampler``.
     """
+
+    def __init__(self, *args, instruction_codes: np.ndarray | None = None, **kwargs):
+        self.instruction_codes = instruction_codes
+        self.train_dataloader_sampler: InstructionBatchSampler | None = None
+        super().__init__(*args, **kwargs)
+
+    def get_batch_sampler(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):
+        if self.instruction_codes is None or dataset is not self.train_dataset:
+            return super().get_batch_sampler(dataset, batch_size, drop_last, valid_label_columns, generator, seed)
+        if self.train_dataloader_sampler is None:  # one sampler for the run: its `trained` marks span the epochs
+            self.train_dataloader_sampler = InstructionBatchSampler(dataset, batch_size, self.instruction_codes,
+                                                                    seed=seed)
+        return self.train_dataloader_sampler
 
     def get_train_dataloader(self):
         from accelerate.data_loader import IterableDatasetShard
@@ -293,86 +315,223 @@ def filter_pairs_by_teacher(dataset, teacher, threshold: float, prompt_format: s
     return dataset.select(kept), report
 
 
-# ---- streams ---------------------------------------------------------------------------------------------------------
-def _instruction_batches(pairs: Iterable[Mapping[str, str]], batch_size: int,
-                         dropped: list[int] | None = None) -> Iterator[dict[str, str]]:
-    """Rows of ``pairs`` regrouped into runs of ``batch_size`` rows that share one instruction and no text.
+# ---- batches ---------------------------------------------------------------------------------------------------------
+def instruction_batches(items: Iterable[tuple[Hashable, tuple[str, ...], Any]], batch_size: int, *,
+                        join_lone_row: bool = False) -> Iterator[list[Any]]:
+    """Batches of ``batch_size`` items that share one instruction where the data allows, mixed batches for the rest:
+    every item lands in exactly one batch.
 
-    Each instruction has open batches; a row joins the first of its instruction's open batches that holds neither
-    its anchor nor its positive (as sentence-transformers' ``NO_DUPLICATES`` sampler: a repeated text would be a
-    false in-batch negative), a new one if none; a batch is yielded, whole, as soon as it is full. Memory: the open
-    batches, about one per instruction. Rows left in open batches at the end of the stream are not trained on
-    (``dataloader_drop_last``), their count appended to ``dropped``.
+    ``items`` are ``(instruction key, texts, payload)``. Each instruction has open batches; an item joins the first
+    of its instruction's open batches that holds none of its texts (as sentence-transformers' ``NO_DUPLICATES``
+    sampler: a repeated text would be a false in-batch negative), a new one if none, and a batch is yielded as soon as
+    it is full. At the end the items left in unfilled batches (the remainders of the instructions, and instructions
+    with fewer items than a batch) are packed, by the same no-repeat rule, into mixed batches of ``batch_size``, the
+    last ones smaller; with ``join_lone_row`` a last batch of one item (no in-batch negative) joins another batch that
+    holds none of its texts. Memory: the open batches, about one per instruction.
+
+    Example:
+        >>> items = [(i % 3, (f"q{i}", f"p{i}"), i) for i in range(7)]
+        >>> list(instruction_batches(items, 2))
+        [[0, 3], [1, 4], [2, 5], [6]]
+
+    Yields:
+        lists of payloads.
     """
-    open_batches: dict[str, list[tuple[list[dict[str, str]], set[str]]]] = {}
-    for pair in pairs:
-        instruction, anchor, positive = pair["instruction"], pair["anchor"], pair["positive"]
-        batches = open_batches.setdefault(instruction, [])
-        slot = next((i for i, (_, texts) in enumerate(batches) if anchor not in texts and positive not in texts),
-                    len(batches))
+    # A batch: its rows as (payload, texts), and the texts it holds.
+    Batch = tuple[list[tuple[Any, tuple[str, ...]]], set[str]]
+    open_batches: dict[Hashable, list[Batch]] = {}
+    held: list[Batch] = []  # with join_lone_row: the last full batch, kept back for a lone last row
+
+    def place(batches: list[Batch], texts: tuple[str, ...], payload: Any) -> Iterator[list[Any]]:
+        slot = next((i for i, (_, seen) in enumerate(batches) if seen.isdisjoint(texts)), len(batches))
         if slot == len(batches):
             batches.append(([], set()))
-        rows, texts = batches[slot]
-        rows.append({"anchor": anchor, "positive": positive, "instruction": instruction})
-        texts.update((anchor, positive))
+        rows, seen = batches[slot]
+        rows.append((payload, texts))
+        seen.update(texts)
         if len(rows) == batch_size:
-            del batches[slot]
-            yield from rows
-    left = sum(len(rows) for batches in open_batches.values() for rows, _ in batches)
-    if left:
-        logger.info("stage 3: end of the stream: %d pair(s) in unfilled instruction batches are not trained on", left)
-    if dropped is not None:
-        dropped.append(left)
+            full = batches.pop(slot)
+            if join_lone_row:
+                yield from ([p for p, _ in rows] for rows, _ in held)
+                held[:] = [full]
+            else:
+                yield [p for p, _ in rows]
+
+    for key, texts, payload in items:
+        yield from place(open_batches.setdefault(key, []), texts, payload)
+    mixed: list[Batch] = []
+    for batches in open_batches.values():
+        for rows, _ in batches:
+            for payload, texts in rows:
+                yield from place(mixed, texts, payload)
+    rest = held + mixed
+    if join_lone_row and len(rest) > 1 and len(rest[-1][0]) == 1:
+        (row,), texts = rest[-1]
+        host = next((rows for rows, seen in rest[:-1] if seen.isdisjoint(texts)), None)
+        if host is not None:
+            host.append(row)
+            rest.pop()
+    for rows, _ in rest:
+        yield [p for p, _ in rows]
 
 
-def stream_instruction_batches(pairs, batch_size: int):
-    """A streamed pairs ``IterableDataset`` (:func:`load_pairs`) as runs of ``batch_size`` rows of one instruction
+class InstructionBatchSampler(DefaultBatchSampler):
+    """The batches of a memory-mapped stage 3 over its kept pairs: each epoch the pairs in a fresh random order
+    (``seed`` and the epoch), regrouped by :func:`instruction_batches` — one instruction per batch where the data
+    allows, the remainders in mixed batches, so every pair is in exactly one batch per epoch and instructions get
+    batches in proportion to their pairs.
+
+    Args:
+        dataset: the pairs (``anchor``/``positive`` columns), read in chunks for the no-repeat rule.
+        codes: each row's instruction number.
+        batch_size: rows per batch (the last batches of an epoch may be smaller; a last single row joins another).
+
+    ``trained`` marks the rows yielded so far (on every rank: the batches of all ranks).
+    """
+
+    def __init__(self, dataset, batch_size: int, codes: np.ndarray, seed: int = 0, **kwargs):
+        super().__init__(dataset, batch_size=batch_size, drop_last=False, seed=seed, **kwargs)
+        self.dataset, self.codes = dataset, codes
+        self.rows_per_batch = batch_size
+        self.batch_size = None  # variable: accelerate shards such a sampler batch by batch, dropping none
+        self.trained = np.zeros(len(dataset), dtype=bool)
+        self._epoch_batches: tuple[int, list[np.ndarray]] | None = None
+
+    def batches(self) -> list[np.ndarray]:
+        """This epoch's batches (row indices), computed once per epoch."""
+        if self._epoch_batches is None or self._epoch_batches[0] != self.epoch:
+            order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.dataset))
+            texts = self.dataset.select_columns(["anchor", "positive"])
+
+            def items():
+                for start in range(0, len(order), 4096):
+                    chunk = order[start:start + 4096].tolist()
+                    rows = texts[chunk]
+                    for index, anchor, positive in zip(chunk, rows["anchor"], rows["positive"]):
+                        yield int(self.codes[index]), (anchor, positive), index
+
+            # int64 arrays, not lists of Python ints: about 8 bytes per row in memory
+            self._epoch_batches = (self.epoch, [np.asarray(batch, dtype=np.int64) for batch in
+                                                instruction_batches(items(), self.rows_per_batch, join_lone_row=True)])
+        return self._epoch_batches[1]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches():
+            self.trained[batch] = True
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+
+def _instruction_batches(pairs: Iterable[Mapping[str, str]], batch_size: int,
+                         counts: dict[str, int] | None = None) -> Iterator[dict[str, str]]:
+    """Rows of ``pairs`` regrouped by :func:`instruction_batches` into runs of ``batch_size`` rows (the runs of one
+    instruction as they fill, then the remainders in mixed runs at the end of the stream, the last one smaller), so
+    the DataLoader's batches of ``batch_size`` rows line up with them. ``counts["read"]`` counts the rows read."""
+
+    def items():
+        for pair in pairs:
+            if counts is not None:
+                counts["read"] = counts.get("read", 0) + 1
+            row = {"anchor": pair["anchor"], "positive": pair["positive"], "instruction": pair["instruction"]}
+            yield row["instruction"], (row["anchor"], row["positive"]), row
+
+    for batch in instruction_batches(items(), batch_size):
+        yield from batch
+
+
+def stream_instruction_batches(pairs, batch_size: int, counts: dict[str, int] | None = None):
+    """A streamed pairs ``IterableDataset`` (:func:`load_pairs`) as runs of ``batch_size`` rows
     (:func:`_instruction_batches`): what grouping by instruction means for a stream.
 
     A stream cannot be split into one dataset per instruction without reading it once per instruction, so the groups
-    are formed as the rows arrive: every batch holds one instruction (one prompt, in-batch negatives of the same
-    task) and each instruction gets batches in proportion to its rows in the stream — the proportional sampling of the
-    memory-mapped path, in stream order instead of a random one. The rows keep their ``instruction`` for
-    :class:`InstructionPromptCollator`, which makes it the batch's prompt; the DataLoader's batches of
-    ``batch_size`` rows line up with the runs.
+    are formed as the rows arrive: a run holds one instruction (in-batch negatives of the same task) and each
+    instruction gets runs in proportion to its rows in the stream, in stream order instead of a random one; the rows
+    left at the end of the stream (remainders, rare instructions) make mixed runs, so every row read is trained. The
+    rows keep their ``instruction`` for :class:`InstructionPromptCollator`, which makes it the row's prompt.
+    ``counts["read"]`` counts the rows read (this process).
     """
     from datasets import Features, IterableDataset, Value
 
     features = Features({"anchor": Value("string"), "positive": Value("string"), "instruction": Value("string")})
     return IterableDataset.from_generator(_instruction_batches, features=features,
-                                          gen_kwargs={"pairs": pairs, "batch_size": batch_size})
+                                          gen_kwargs={"pairs": pairs, "batch_size": batch_size, "counts": counts})
 
 
 @dataclasses.dataclass
 class InstructionPromptCollator(SentenceTransformerDataCollator):
-    """sentence-transformers' collator for a streamed stage 3: the anchor's prompt is the batch's instruction (the
-    rows' ``instruction`` column, taken out before tokenising) in ``prompt_format``, so the instructions need not be
-    known before the stream is read.
+    """sentence-transformers' collator for stage 3: each row's anchor gets its own instruction (the rows'
+    ``instruction`` column, taken out before tokenising) as prompt, in ``prompt_format``; rows without one get none.
 
-    The prompt reaches ``preprocess_fn`` exactly as from a ``prompts`` mapping (so pooling leaves it out the same
-    way); ``check_prompt`` is called once per distinct prompt (the token-boundary check).
+    A batch of one prompt is collated exactly as sentence-transformers collates a ``prompts`` mapping (one
+    ``anchor_prompt_length``). A batch of several prompts is tokenised with each row's prompt prepended (what
+    sentence-transformers' ``preprocess`` does with a prompt) and gets a per-row ``anchor_prompt_length`` (the count
+    sentence-transformers measures for that prompt, 0 without one), which :func:`exclude_row_prompts` leaves out of
+    the pool row by row. ``check_prompt(prompt, texts)`` is called once per distinct prompt with ``texts=None`` (the
+    token-boundary probes) and for the texts of each prompt of a mixed batch. ``rows`` counts the rows collated.
     """
 
     prompt_format: str = QUERY_PROMPT_FORMAT
-    check_prompt: Callable[[str], None] | None = None
+    check_prompt: Callable[..., None] | None = None
+    rows: int = dataclasses.field(default=0, init=False)
     _checked: set[str] = dataclasses.field(default_factory=set, init=False, repr=False)
-    _instruction: str = dataclasses.field(default="", init=False, repr=False)  # of the batch being collated
+    _prompt: str = dataclasses.field(default="", init=False, repr=False)  # of the batch being collated, if one
+
+    def _check(self, prompt: str, texts: list[str] | None = None) -> None:
+        if self.check_prompt is not None and (texts is not None or prompt not in self._checked):
+            self.check_prompt(prompt, texts)
+            self._checked.add(prompt)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        instructions = {row["instruction"] for row in features}
-        if len(instructions) > 1:  # the runs of stream_instruction_batches and the DataLoader's batches disagree
-            raise RuntimeError(f"stage 3: a streamed batch mixes instructions {sorted(instructions)}")
-        self._instruction = instructions.pop() if instructions else ""
-        return super().__call__([{k: v for k, v in row.items() if k != "instruction"} for row in features])
+        from conan_hf.sentence import measured_prompt_length
+
+        self.rows += len(features)
+        prompts = [self.prompt_format.format(instruction=row["instruction"]) if row["instruction"] else ""
+                   for row in features]
+        rows = [{k: v for k, v in row.items() if k != "instruction"} for row in features]
+        distinct = set(prompts)
+        if len(distinct) == 1:
+            self._prompt = prompts[0]
+            return super().__call__(rows)
+        self._prompt = ""
+        tokenizer = self.preprocess_fn.__self__.tokenizer
+        lengths = {}
+        for prompt in distinct - {""}:
+            self._check(prompt)
+            self._check(prompt, [row["anchor"] for row, p in zip(rows, prompts) if p == prompt])
+            lengths[prompt] = measured_prompt_length(tokenizer, prompt)
+        batch = super().__call__([{**row, "anchor": prompt + row["anchor"]} for row, prompt in zip(rows, prompts)])
+        batch["anchor_prompt_length"] = torch.tensor([lengths.get(prompt, 0) for prompt in prompts])
+        return batch
 
     def _resolve_prompts(self, batch: dict[str, Any]) -> dict[str, str]:
-        if not self._instruction:
+        if not self._prompt:
             return {}
-        prompt = self.prompt_format.format(instruction=self._instruction)
-        if self.check_prompt is not None and prompt not in self._checked:
-            self.check_prompt(prompt)
-            self._checked.add(prompt)
-        return {"anchor": prompt}
+        self._check(self._prompt)
+        return {"anchor": self._prompt}
+
+
+def exclude_row_prompts(module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """A forward pre-hook for sentence-transformers' ``Pooling`` (stage 3 registers it while training) that leaves a
+    per-row prompt length (``prompt_length`` of shape ``(batch,)`` with different values, from
+    :class:`InstructionPromptCollator`) out of the pool row by row: the first ``prompt_length[i]`` real tokens of row
+    ``i`` are masked for pooling only, as ``Pooling`` masks one length for all rows (left padding included). The
+    features the model's other modules saw are not changed (the hook passes a copy on). A batch with one prompt
+    length passes through unchanged."""
+    features = args[0] if args else kwargs["features"]
+    lengths = features.get("prompt_length")
+    if (module.include_prompt or not isinstance(lengths, torch.Tensor) or lengths.ndim != 1
+            or bool((lengths == lengths[0]).all())):
+        return None
+    if "cu_seq_lens_q" in features:
+        raise ValueError("stage 3: per-row prompt lengths need padded batches, not flattened (FA2 unpadded) ones")
+    features = {key: value for key, value in features.items() if key != "prompt_length"}
+    mask = features["attention_mask"]
+    start = mask.to(torch.int32).argmax(dim=1)  # left padding, if any
+    positions = torch.arange(mask.size(1), device=mask.device).unsqueeze(0)
+    features["attention_mask"] = mask.masked_fill(positions < (start + lengths.to(mask.device)).unsqueeze(1), 0)
+    return ((features, *args[1:]), kwargs) if args else (args, {**kwargs, "features": features})
 
 
 def _init_process_group() -> None:
@@ -455,53 +614,55 @@ class WeakRunner(StageRunner):
                              else config.soft_mask_length)
         return model
 
-    def training_datasets(self, model, pairs) -> tuple[Any, Any, dict[str, dict[str, str]], dict[str, Any], str]:
-        """(train dataset, collator, prompts, extra training arguments, a description): one dataset per instruction
-        with its prompt, or the stream batched by instruction as it arrives."""
-        from datasets import DatasetDict
-        from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
-
-        from conan_hf.sentence import check_prompt_boundary
+    def training_datasets(self, model, pairs) -> tuple[Any, Any, str]:
+        """(train dataset, collator, a description): the kept pairs with their ``instruction`` column, batched by
+        :class:`InstructionBatchSampler` (see :meth:`WeakTrainer.get_batch_sampler`), or the stream batched by
+        instruction as it arrives; either way :class:`InstructionPromptCollator` gives each row its prompt."""
+        from conan_hf.sentence import BOUNDARY_PROBES, check_prompt_boundary
 
         config, batch = self.config, self.config.per_device_train_batch_size
-        check = None if model[1].include_prompt else (
-            lambda prompt, name=None: check_prompt_boundary(model.tokenizer, prompt, name=name or repr(prompt)))
+        check = None if not excludes_prompt(model) else (
+            lambda prompt, texts=None: check_prompt_boundary(model.tokenizer, prompt, texts or BOUNDARY_PROBES,
+                                                             max_length=model.max_seq_length))
+        self.collator = InstructionPromptCollator(preprocess_fn=model.preprocess, prompt_format=config.prompt_format,
+                                                  check_prompt=check)
         if self.streamed:
-            collator = InstructionPromptCollator(preprocess_fn=model.preprocess, prompt_format=config.prompt_format,
-                                                 check_prompt=check)
-            return (stream_instruction_batches(pairs, batch), collator, {},
-                    {"batch_sampler": BatchSamplers.BATCH_SAMPLER},
+            self.stream_counts: dict[str, int] = {}
+            return (stream_instruction_batches(pairs, batch, self.stream_counts), self.collator,
                     "a stream of pairs, batched by instruction as they arrive")
-        datasets, prompts = _group_datasets(pairs, self.groups, config.prompt_format)
-        self.groups = None  # the selections hold their row ids in the datasets cache, not these arrays
-        if check is not None:
-            for name, prompt in prompts.items():
-                check(prompt["anchor"], name=f"{name} ({prompt['anchor']!r})")
-        small = {name: len(d) for name, d in datasets.items() if len(d) < batch}
-        if small:
-            logger.warning("stage 3: instruction group(s) %s have fewer pairs than a batch (%d) and are not trained "
-                           "on (batches hold one instruction each); lower per_device_train_batch_size to use them",
-                           small, batch)
-        extra_args = {"batch_sampler": BatchSamplers.NO_DUPLICATES,  # a duplicate would be a false in-batch negative
-                      "multi_dataset_batch_sampler": MultiDatasetBatchSamplers.PROPORTIONAL}
-        self.datasets = datasets
-        return (DatasetDict(datasets), None, prompts, extra_args,
-                f"{sum(map(len, datasets.values()))} pairs in {len(datasets)} instruction group(s)")
+        self.pairs_read = len(pairs)
+        kept = np.sort(np.concatenate([indices for _, indices in self.groups]))
+        codes = np.empty(len(pairs), dtype=np.int32)
+        for k, (instruction, indices) in enumerate(self.groups):
+            codes[indices] = k
+            if instruction:
+                self.collator._check(config.prompt_format.format(instruction=instruction))
+        self.group_sizes = {instruction: len(indices) for instruction, indices in self.groups}
+        self.groups = None  # the selection holds its row ids in the datasets cache, not these arrays
+        self.codes = codes[kept]
+        train = pairs if len(kept) == len(pairs) else pairs.select(kept)
+        return (train.select_columns(["anchor", "positive", "instruction"]), self.collator,
+                f"{len(kept)} pairs of {len(self.group_sizes)} instruction(s)")
 
     def create_trainer(self, model, pairs, kwargs):
         from sentence_transformers import SentenceTransformerTrainingArguments
+        from sentence_transformers.base.sampler import BatchSamplers
 
         from conan_hf.losses import InfoNCELoss
         from conan_hf.training.callbacks import SoftMaskCallback
 
         config = self.config
-        train_dataset, collator, self.prompts, extra_args, described = self.training_datasets(model, pairs)
+        train_dataset, collator, described = self.training_datasets(model, pairs)
         loss = InfoNCELoss(model, temperature=config.temperature)
-        args = SentenceTransformerTrainingArguments(**kwargs, **extra_args, prompts=self.prompts or None,
-                                                    dataloader_drop_last=True)
+        # Every pair is trained: the last batch of a stream (or of an epoch's mixed batches) may be smaller.
+        args = SentenceTransformerTrainingArguments(**kwargs, batch_sampler=BatchSamplers.BATCH_SAMPLER,
+                                                    dataloader_drop_last=False)
         self.callback = SoftMaskCallback(schedule=config.soft_mask_schedule, total_steps=config.soft_mask_steps)
         trainer = WeakTrainer(model=model, args=args, train_dataset=train_dataset, loss=loss,
-                              callbacks=[self.callback], data_collator=collator)
+                              callbacks=[self.callback], data_collator=collator,
+                              instruction_codes=None if self.streamed else self.codes)
+        self.hooks = [module.register_forward_pre_hook(exclude_row_prompts, with_kwargs=True)
+                      for module in model.modules() if isinstance(module, Pooling)]
         print_main(f"[stage 3] weakly-supervised training of {config.model} on {described}, soft mask "
                    f"({config.soft_mask_schedule} α(t), τ = {config.soft_mask_steps or 'all steps'})")
         print_main(f"[stage 3] {describe_attention(model)['line']}")
@@ -514,6 +675,8 @@ class WeakRunner(StageRunner):
         from conan_hf.backbones import backbone_kind
         from conan_hf.soft_mask import get_soft_mask_alpha
 
+        for hook in self.hooks:
+            hook.remove()
         self.alpha = get_soft_mask_alpha(self.model)
         if self.alpha >= 1.0:
             set_attention_mode(self.model, "bidirectional")
@@ -530,13 +693,20 @@ class WeakRunner(StageRunner):
             teacher_summary.pop("scores", None)
         if self.streamed:
             groups_summary: Any = "streamed: grouped by instruction as the pairs arrive"
-            num_pairs = None
+            num_pairs = read = self.stream_counts.get("read", 0)
+            trained = self.collator.rows  # rows batched (this process), over all passes of the stream
+            line = f"{read} pairs read, {trained} trained (this process); "
         else:
-            groups_summary = {name: {"pairs": len(d), "prompt": self.prompts.get(name, {}).get("anchor")}
-                              for name, d in self.datasets.items()}
-            num_pairs = sum(map(len, self.datasets.values()))
-        return f"α = {self.alpha:.3f} at the end; ", {
-            "num_pairs": num_pairs, "final_alpha": self.alpha, "streamed": self.streamed,
+            groups_summary = {f"instruction_{k}": {"pairs": size, "prompt": self.config.prompt_format.format(
+                instruction=instruction) if instruction else None}
+                for k, (instruction, size) in enumerate(self.group_sizes.items())}
+            num_pairs, read = len(self.codes), self.pairs_read
+            trained = int(trainer.train_dataloader_sampler.trained.sum())
+            filtered = f" ({read - num_pairs} dropped by the teacher filter)" if read != num_pairs else ""
+            line = f"{read} pairs read, {trained} trained{filtered}; "
+        return f"{line}α = {self.alpha:.3f} at the end; ", {
+            "num_pairs": num_pairs, "pairs_read": read, "pairs_trained": trained, "final_alpha": self.alpha,
+            "streamed": self.streamed,
             "instruction_groups": groups_summary, "soft_mask_total_steps": self.callback.total_steps,
             "soft_mask_alphas": [(e["step"], e["soft_mask_alpha"]) for e in trainer.state.log_history
                                  if "loss" in e and "soft_mask_alpha" in e],

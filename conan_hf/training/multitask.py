@@ -14,8 +14,7 @@ Example:
 
         # "qa" rows: id, anchor, positive (ids are pool rows); "sts" rows: sentence1, sentence2, score
         losses = {"qa": InfoNCELoss(model), "sts": CoSENTLoss(model)}
-        args = SentenceTransformerTrainingArguments(..., multi_dataset_batch_sampler=ProportionalTaskSampler,
-                                                    dataloader_drop_last=True)
+        args = SentenceTransformerTrainingArguments(..., multi_dataset_batch_sampler=ProportionalTaskSampler)
         trainer = MultiTaskTrainer(
             model=model, args=args, train_dataset=DatasetDict({"qa": qa, "sts": sts}), loss=losses,
             data_collator=MultiTaskCollator(preprocess_fn=model.preprocess, pool=pool, pool_tasks=frozenset({"qa"})),
@@ -26,7 +25,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sentence_transformers import SentenceTransformerTrainer
 from sentence_transformers.base.sampler import (
@@ -48,13 +47,12 @@ __all__ = ["DHNMRequeueMixin", "MultiTaskCollator", "MultiTaskTrainer", "Proport
 
 class _VariableSize:
     """accelerate shards batch samplers by whole batches, but only yields a group of batches whose last one has the
-    sampler's ``batch_size``; with per-task sizes that would silently drop batches, so the size is reported as
-    ``None`` (accelerate's "dynamic batch size" mode)."""
+    sampler's ``batch_size``; with per-task sizes, or a task's last batch smaller than its size, that would silently
+    drop batches, so the size is reported as ``None`` (accelerate's "dynamic batch size" mode)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if len({sampler.batch_size for sampler in self.batch_samplers}) > 1:
-            self.batch_size = None
+        self.batch_size = None
 
 
 class ProportionalTaskSampler(_VariableSize, ProportionalBatchSampler):
@@ -156,8 +154,13 @@ class MultiTaskCollator(DHNMDataCollator):
     """
 
     pool_tasks: frozenset = frozenset()
+    #: rows collated per task (this process): a row trained in a batch is counted once per visit
+    rows_collated: dict = field(default_factory=dict, init=False)
 
     def __call__(self, features):
+        if features:
+            name = features[0].get("dataset_name")
+            self.rows_collated[name] = self.rows_collated.get(name, 0) + len(features)
         if features and features[0].get("dataset_name") in self.pool_tasks:
             return super().__call__(features)
         return SentenceTransformerDataCollator.__call__(self, features)
