@@ -623,8 +623,10 @@ class SupervisedRunner(StageRunner):
                      if t.name in prompts else {} for t in self.tasks},
             multi_dataset_batch_sampler={"proportional": ProportionalTaskSampler,
                                          "round_robin": RoundRobinTaskSampler}[self.config.multi_dataset_sampler],
-            dataloader_drop_last=False,  # every row is trained: a task's last batch (or a small task's only one)
-        )                                # may be smaller than its batch size
+            # Each task's sampler keeps its last, smaller batch (MultiTaskTrainer); dropping only applies to accelerate's
+            # sharding of whole batches over processes, as for any Trainer.
+            dataloader_drop_last=True,
+        )
 
     def build_callbacks(self, pool, losses, args, datasets) -> list[Any]:
         """DHNM (eq. 6) over the pool when ``dhnm`` is set (with a warning when the run cannot use its replacements),

@@ -133,7 +133,8 @@ class MultiTaskTrainer(DHNMRequeueMixin, MainProcessSaveMixin, SentenceTransform
         name = next((n for n, d in tasks.items() if d is dataset), None)
         if name is None:
             return super().get_batch_sampler(dataset, batch_size, drop_last, valid_label_columns, generator, seed)
-        kwargs = dict(batch_size=self.task_batch_sizes[name], drop_last=drop_last,
+        # A task's last, smaller batch is kept (every row trains each epoch), whatever the DataLoader's drop_last.
+        kwargs = dict(batch_size=self.task_batch_sizes[name], drop_last=False,
                       valid_label_columns=valid_label_columns, generator=generator, seed=seed)
         if name in self.no_duplicate_tasks:
             # In-batch negatives: a repeated text in the batch would be a false negative.
