@@ -84,7 +84,8 @@ class StageRunner:
 
     def start(self) -> dict[str, Any] | None:
         """The recorded summary if the stage is already done, else None (its input checked unless
-        ``check_input_first`` is False)."""
+        ``check_input_first`` is False); a ``report_to`` tracker that is not installed is refused first."""
+        self.config.check_report_to()
         return start_stage(self.config, self.stage, self.number, check_input=self.check_input_first)
 
     def setup_runtime(self) -> None:
