@@ -22,8 +22,18 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["DataError", "DataFileNotFoundError", "DEFAULT_SCORE_RANGE", "OneLineArgumentParser",
-           "USER_ERROR_EXIT_CODE", "check_score_range", "cli_errors", "finite_float", "location_of", "score_range_of"]
+__all__ = [
+    "DEFAULT_SCORE_RANGE",
+    "USER_ERROR_EXIT_CODE",
+    "DataError",
+    "DataFileNotFoundError",
+    "OneLineArgumentParser",
+    "check_score_range",
+    "cli_errors",
+    "finite_float",
+    "location_of",
+    "score_range_of",
+]
 
 #: The scale of STS gold scores unless a task declares its own (STS-B's 0-5).
 DEFAULT_SCORE_RANGE = (0.0, 5.0)

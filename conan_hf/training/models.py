@@ -96,7 +96,7 @@ def _check_decoder(path: str, attention_mode: str, where: str) -> None:
         config = AutoConfig.from_pretrained(path)
         with torch.device("meta"):
             kind = backbone_kind(AutoModel.from_config(config))
-    except Exception:  # undecidable here: set_attention_mode says it after loading
+    except Exception:  # noqa: BLE001 -- undecidable here: set_attention_mode says it after loading
         return
     if kind == "encoder":
         raise DataError(f"{type(config).__name__.removesuffix('Config')} (model_type={config.model_type!r}) is an "
