@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "sentence2=text_b score=label; an integer is a header-less CSV/TSV column index)")
     parser.add_argument("--limit", type=int, help="use only the first N rows / queries / sentences")
     parser.add_argument("--score-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
-                        help="STS: the scale of the gold scores (default: 1 5 for SICK, else 0 5); a score outside it "
-                             "stops with file:line")
+                        help="STS: the scale of the gold scores (default: 0 5); a score outside it stops with "
+                             "file:line")
     parser.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                         help="a malformed row of a local data file: stop with file:line (default), or leave it out "
                              "and log it, as a training source's `on_error:`")

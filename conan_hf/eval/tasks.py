@@ -559,14 +559,12 @@ def sts_task(
     """An mteb STS task (main score: Spearman of cosine similarity) from an STS-B CSV, SICK TSV, ``s1\\ts2\\tscore``
     file, or a JSONL / table file with ``sentence1``, ``sentence2``, ``score`` columns (or a ``columns`` mapping, as
     training takes it). See :func:`read_sts`. ``split`` labels the results (default: from the file name, see
-    :func:`split_from_name`). ``score_range`` is the scale of the gold scores (default ``[1, 5]`` for SICK, else
-    ``[0, 5]``): a score outside it is an error naming its file:line."""
+    :func:`split_from_name`). ``score_range`` is the scale of the gold scores (default ``[0, 5]``, which holds STS-B's
+    0-5 and SICK's 1-5): a score outside it is an error naming its file:line."""
     from mteb.abstasks.sts import AbsTaskSTS
 
     fmt = fmt or infer_sts_format(path)
-    if score_range is None:
-        score_range = (1.0, 5.0) if fmt == "sick" else DEFAULT_SCORE_RANGE
-    low, high = score_range_of(score_range, "--score-range")
+    low, high = score_range_of(DEFAULT_SCORE_RANGE if score_range is None else score_range, "--score-range")
     data = read_sts(path, fmt=fmt, limit=limit, columns=columns, on_error=on_error, score_range=(low, high))
     split = split or split_from_name(path)
     lang = to_langscript(language) if language else guess_language(path, data.sentence1)

@@ -135,7 +135,8 @@ class SupervisedConfig(StageConfig):
     model: str = option("runs/weak/final", help="the stage-3 output folder (a SentenceTransformer; a stage-2 decoder "
                                                 "folder also works), or your own encoder or decoder.")
     tasks: list = option(help="list of :class:`TaskConfig` mappings (``name``, ``type``, ``data``, ``batch_size``, "
-                              "``prompt``).", factory=_demo_tasks)
+                              "``prompt``; sts tasks also ``score_range``, the gold scores' scale, default [0, 5]).",
+                         factory=_demo_tasks)
     num_negatives: int = option(7, help="active hard negatives per example (7 in the paper).")
     temperature: float = option(0.05, help="InfoNCE τ (eq. 1).")
     cosent_scale: float = option(20.0, help="CoSENT's scale (1/τ of eq. 2).")
