@@ -127,9 +127,10 @@ def resolve_resume(config: StageConfig) -> str | None:
         current = config.fingerprint() if hasattr(config, "fingerprint") else None
         if saved and current and saved != current:
             changed = changed_options(marker.get("config"), config)
-            what = f"with other options ({changed})" if changed else f"with other options (config fingerprint {saved} != {current})"
+            what = changed or f"config fingerprint {saved} != {current}"
             raise DataError(
-                f"written by a run {what}; resuming it would continue that run", where=str(found),
+                f"written by a run with different options ({what}); resuming it would continue that run",
+                where=str(found),
                 hint=f"start over with --resume no (main job too), use another output_dir, or resume "
                      f"it explicitly with resume={found}",
             )
