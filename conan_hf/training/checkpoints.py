@@ -310,16 +310,18 @@ def completed_stage(config: StageConfig, number: int, stage: str | None = None) 
 
 def start_stage(config: Any, stage: str, number: int, check_input: bool = True) -> dict[str, Any] | None:
     """What every stage's ``run`` does first: return the recorded summary when the stage is already done (see
-    `completed_stage`), else check that the checkpoint ``resume`` asks for can be resumed (see `resolve_resume`) and
-    that its input exists (see `check_stage_input`; ``check_input=False`` for a stage
-    that reads its data first, so a bad data file is reported before a missing model) and return None."""
+    `completed_stage`), else check that its input exists (see `check_stage_input`) and that the checkpoint ``resume``
+    asks for can be resumed (see `resolve_resume`), and return None. ``check_input=False`` skips both checks here for
+    a stage that reads its data first, so that a bad data file is reported before a missing model or a refused
+    resume."""
     if isinstance(config, StageConfig):
         done = completed_stage(config, number, stage)
         if done is not None:
             return done
-        resolve_resume(config)  # a checkpoint that cannot be resumed is refused before anything is loaded
     if check_input:
         check_stage_input(config, stage)
+        if isinstance(config, StageConfig):
+            resolve_resume(config)  # a checkpoint that cannot be resumed is refused before anything is loaded
     return None
 
 
