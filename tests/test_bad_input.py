@@ -144,3 +144,37 @@ def test_bad_input_is_one_line_naming_it_with_exit_2(tmp_path, tiny_model_dir, a
     assert says in line, line
     for path in absent:
         assert not (tmp_path / path).exists(), f"{path} left behind by the failed run"
+
+
+def test_conan_clr_where_every_translation_fails_is_an_error_and_writes_nothing(tmp_path):
+    """A translator that answers every request with an error (HTTP 503): the run used to end "wrote 0 rows", exit 0.
+    Now exit 2, the last line names --base-url, and no output file is left (the warnings before it say why)."""
+    import http.server
+    import threading
+
+    class Busy(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (the name http.server calls)
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(503)
+            self.end_headers()
+            self.wfile.write(b"busy")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    _write_fixtures(tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    try:
+        result = subprocess.run([sys.executable, *_clr("queries.jsonl", "--backend", "openai", "--base-url", base_url,
+                                                       "--max-retries", "0", "--timeout", "5")],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    finally:
+        server.shutdown()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"conan-clr: error: --base-url {base_url}: the translator failed on every text (1 of 1)")
+    assert not list(tmp_path.glob("clr*"))
