@@ -22,8 +22,21 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["DataError", "DataFileNotFoundError", "OneLineArgumentParser", "USER_ERROR_EXIT_CODE", "cli_errors",
-           "finite_float", "location_of"]
+__all__ = [
+    "DEFAULT_SCORE_RANGE",
+    "USER_ERROR_EXIT_CODE",
+    "DataError",
+    "DataFileNotFoundError",
+    "OneLineArgumentParser",
+    "check_score_range",
+    "cli_errors",
+    "finite_float",
+    "location_of",
+    "score_range_of",
+]
+
+#: The scale of STS gold scores unless a task declares its own (STS-B's 0-5).
+DEFAULT_SCORE_RANGE = (0.0, 5.0)
 
 #: Exit status of a command line stopped by a :class:`DataError` (argparse uses 2 for bad arguments as well).
 USER_ERROR_EXIT_CODE = 2
@@ -73,6 +86,32 @@ def finite_float(value: Any) -> float:
     if not math.isfinite(number):
         raise ValueError(f"{value!r} is not a finite number")
     return number
+
+
+def check_score_range(score: float, score_range: Any, where: str | None, option: str = "score_range") -> None:
+    """Raise a :class:`DataError` at ``where`` when an STS gold ``score`` is outside ``score_range`` (``[low, high]``,
+    ends included): a score off the task's scale (7.5 on 0-5) is a data error, and would distort CoSENT's ranking and
+    the evaluation's similarity scale. ``option`` is how the user declares another scale (named in the hint).
+
+    Example:
+        >>> check_score_range(4.5, (0, 5), "sts.csv:3")   # fine; 7.5 raises "sts.csv:3: score 7.5 is outside ..."
+    """
+    low, high = score_range
+    if not low <= score <= high:
+        raise DataError(f"score {score:g} is outside the task's range [{low:g}, {high:g}]", where=where,
+                        hint=f"fix the row, or declare the scale with {option}")
+
+
+def score_range_of(value: Any, where: str) -> tuple[float, float]:
+    """``value`` (two numbers, low < high) as a score range, else a :class:`DataError` at ``where``."""
+    try:
+        low, high = (finite_float(v) for v in value)
+    except (TypeError, ValueError):
+        raise DataError(f"score_range must be two numbers [LOW, HIGH], got {value!r}", where=where,
+                        hint="e.g. score_range: [0, 5]") from None
+    if not low < high:
+        raise DataError(f"score_range must have LOW < HIGH, got {value!r}", where=where, hint="e.g. [0, 5]")
+    return low, high
 
 
 def _one_line(text: str) -> str:

@@ -72,7 +72,7 @@ from tqdm.auto import tqdm
 from ..errors import DataError, OneLineArgumentParser, cli_errors, location_of
 from .cache import RunMemo, TranslationCache
 from .sources import LOCATION
-from .translate import CompletedTranslation, ParallelCorpusTranslator, Translator
+from .translate import CompletedTranslation, ParallelCorpusTranslator, TranslationError, Translator
 from .validate import TranslationValidator
 
 logger = logging.getLogger(__name__)
@@ -923,6 +923,27 @@ def _make_translator(args: argparse.Namespace) -> Translator:
     return ParallelCorpusTranslator.from_stsb_multi_mt(args.parallel[0], split=args.split)
 
 
+def _translator_option(args: argparse.Namespace) -> str:
+    """The option that names the translator, with its value (for messages)."""
+    return f"--base-url {args.base_url}" if args.backend == "openai" else f"--backend {args.backend}"
+
+
+def _check_reachable(base_url: str, timeout: float) -> None:
+    """Refuse, before any row is read, an OpenAI-compatible translator whose host does not accept connections."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(base_url)
+    if not parts.hostname:
+        raise DataError("not a URL", where=f"--base-url {base_url}", hint="e.g. --base-url http://localhost:8000/v1")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=min(timeout, 10.0)).close()
+    except OSError as error:
+        raise DataError(f"the translator is unreachable ({error})", where=f"--base-url {base_url}",
+                        hint="start the server or fix --base-url") from None
+
+
 @cli_errors("conan-clr")
 def main(argv: Sequence[str] | None = None) -> int:
     """``conan-clr``: build a CLR set from the command line, streaming; writes OUTPUT and the rejected rows (JSONL)
@@ -934,6 +955,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DataError(f"--{name.replace('_', '-')} must be >= {0 if name == 'prefetch_batches' else 1}, "
                             f"got {getattr(args, name)}", hint="see conan-clr --help")
     source = RowStream(args.source, _parse_columns(args.columns), split=args.split, limit=args.limit)
+    if args.backend == "openai":
+        _check_reachable(args.base_url, args.timeout)
     translator = _make_translator(args)
     output = Path(args.output)
     try:
@@ -942,8 +965,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             cache_dir=args.cache_dir, source_language=args.source_language, batch_size=args.batch_size,
             prefetch_batches=args.prefetch_batches, show_progress_bar=not args.no_progress, allow_empty=False,
         )  # fmt: skip
+    except TranslationError as error:  # a refusal that retrying cannot fix (HTTP 4xx, a missing model, ...)
+        raise DataError(str(error), where=_translator_option(args), hint="check the translator and its options") \
+            from None
     finally:
         translator.close()
+    failed = report.rejected.get("failed", 0)
+    if failed and failed == report.num_source_rows - report.untranslated:  # not one translation came back
+        for path in (output, Path(report.rejected_file or "")):
+            if path.name:
+                path.unlink(missing_ok=True)
+        raise DataError(f"the translator failed on every text ({failed} of {failed}); nothing was written",
+                        where=_translator_option(args), hint="check the translator (the warnings above say why)")
     report_path = Path(args.report) if args.report else output.with_suffix(".report.json")
     report_path.write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8")
     print(report.summary())

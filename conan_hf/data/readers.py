@@ -132,6 +132,30 @@ def open_text(path: Path, encoding: str = "utf-8", newline: str | None = None):
     return path.open(encoding=encoding, newline=newline)
 
 
+def undecodable(path: Path, encoding: str, error: UnicodeDecodeError) -> DataFormatError:
+    """The `DataFormatError` for a file that is not ``encoding`` text: ``file:line`` of the first line that does not
+    decode (found by reading the file again as bytes), the bad byte and its column."""
+    import gzip
+
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    with opener(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, 1):
+            try:
+                raw.decode(encoding)
+            except UnicodeDecodeError as bad:
+                byte = raw[bad.start:bad.start + 1].hex()
+                return DataFormatError(path, line_no, f"not {encoding} text (byte 0x{byte} at column {bad.start + 1})",
+                                       hint=f"convert the file to {encoding}, e.g. `iconv -f latin1 -t utf-8`")
+    return DataFormatError(path, None, f"not {encoding} text ({error.reason})",
+                           hint=f"convert the file to {encoding}")
+
+
+def invalid_json(path: Path, error: json.JSONDecodeError, line: int | None = None) -> DataFormatError:
+    """The `DataFormatError` of a JSON syntax error: Python's line (or ``line``, the file line of a JSON-lines record)
+    and column."""
+    return DataFormatError(path, line or error.lineno, f"invalid JSON ({error.msg} at column {error.colno})")
+
+
 def _detect_format(path: Path) -> str:
     suffix = _format_suffix(path)
     if suffix in (".jsonl", ".ndjson"):
@@ -141,9 +165,12 @@ def _detect_format(path: Path) -> str:
         # JSON lines start with a complete object on line one; a JSON array or a pretty-printed object does not.
         with open_text(path) as handle:
             first = ""
-            for first in handle:
-                if first.strip():
-                    break
+            try:
+                for first in handle:
+                    if first.strip():
+                        break
+            except UnicodeDecodeError as error:
+                raise undecodable(path, "utf-8", error) from None
         first = first.strip()
         if first.startswith("{"):
             try:
@@ -218,7 +245,7 @@ def _iter_records(path: Path, fmt: str, header: bool, delimiter: str | None, pol
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                policy.bad(path, line_no, f"invalid JSON ({err.msg} at column {err.colno})")
+                policy.bad(path, line_no, invalid_json(path, err, line_no).reason)
                 continue
             if not isinstance(record, dict):
                 policy.bad(path, line_no, f"expected a JSON object, got {type(record).__name__}")
@@ -226,7 +253,10 @@ def _iter_records(path: Path, fmt: str, header: bool, delimiter: str | None, pol
             yield line_no, record
     elif fmt == "json":
         with open_text(path, encoding=encoding) as handle:
-            data = json.load(handle)
+            try:
+                data = json.load(handle)
+            except json.JSONDecodeError as err:
+                raise invalid_json(path, err) from None
         if isinstance(data, dict) and "data" in data:
             raise DataFormatError(path, None, "SQuAD-format JSON, not a table of rows",
                                   hint="read it with read_squad() (load_rows does so for SQuAD files)")
@@ -296,6 +326,14 @@ def _iter_records(path: Path, fmt: str, header: bool, delimiter: str | None, pol
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(TABLE_FORMATS)}")
 
 
+def _decoded(records: Iterator[Any], path: Path, encoding: str) -> Iterator[Any]:
+    """``records``, with a `UnicodeDecodeError` of the file reported as :func:`undecodable` (file:line)."""
+    try:
+        yield from records
+    except UnicodeDecodeError as error:
+        raise undecodable(path, encoding, error) from None
+
+
 def iter_table(
     path: str | os.PathLike,
     columns: Mapping[str, str | int] | None = None,
@@ -329,7 +367,8 @@ def iter_table(
         raise ValueError(f"types given for columns not in the mapping: {sorted(unknown)}")
     policy = policy or _ErrorPolicy(on_error)
     location = f"{path}:" if fmt != "parquet" else f"{path} "
-    for line, record in _iter_records(path, fmt, header, delimiter, policy, encoding, byte_range):
+    for line, record in _decoded(_iter_records(path, fmt, header, delimiter, policy, encoding, byte_range), path,
+                                 encoding):
         if isinstance(record, list):
             mapping = columns or {str(i): i for i in range(len(record))}
             if max(mapping.values()) >= len(record):
@@ -420,7 +459,9 @@ def read_squad(path: str | os.PathLike, on_error: OnError = "raise") -> SquadRow
         try:
             data = json.load(handle)
         except json.JSONDecodeError as err:
-            raise DataFormatError(path, err.lineno, f"invalid JSON ({err.msg})") from None
+            raise invalid_json(path, err) from None
+        except UnicodeDecodeError as err:
+            raise undecodable(path, "utf-8", err) from None
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise DataFormatError(path, 1, "not SQuAD format: expected an object with a 'data' list")
     policy = _ErrorPolicy(on_error)
@@ -718,7 +759,7 @@ _FILE_SUFFIXES = {".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".txt", ".tab", 
 
 
 def _is_squad(path: Path) -> bool:
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8", errors="replace") as handle:  # only looks for two keys
         head = handle.read(4096)
     return '"data"' in head and '"paragraphs"' in head
 

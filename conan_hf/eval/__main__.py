@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="STS and pairs: the file's columns, as training's `columns:` (e.g. sentence1=text_a "
                              "sentence2=text_b score=label; an integer is a header-less CSV/TSV column index)")
     parser.add_argument("--limit", type=int, help="use only the first N rows / queries / sentences")
+    parser.add_argument("--score-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                        help="STS: the scale of the gold scores (default: 0 5); a score outside it stops with "
+                             "file:line")
     parser.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                         help="a malformed row of a local data file: stop with file:line (default), or leave it out "
                              "and log it, as a training source's `on_error:`")
@@ -199,7 +202,7 @@ def _run_model(args: argparse.Namespace, model_id: str, kind: str | None) -> tup
             options = {"fmt": args.format if kind == "sts" else None, "name": args.name, "language": args.language,
                        "split": args.split, "limit": args.limit, "limit_queries": args.limit,
                        "limit_corpus": args.limit_corpus, "columns": _columns(args.columns),
-                       "on_error": args.on_error}
+                       "on_error": args.on_error, "score_range": args.score_range}
             task = task_from_path(kind, args.data, **options)
             instructions = {task.metadata.name: args.instruction} if args.instruction else None
             report = evaluate(model(), [task], dim=args.dim, batch_size=args.batch_size,

@@ -57,7 +57,8 @@ if TYPE_CHECKING:
 
 from conan_hf.data import readers
 from conan_hf.data.readers import DataFormatError, OnError, Row, Rows
-from conan_hf.errors import DataError, DataFileNotFoundError, finite_float
+from conan_hf.errors import (DEFAULT_SCORE_RANGE, DataError, DataFileNotFoundError, check_score_range, finite_float,
+                             location_of, score_range_of)
 
 logger = logging.getLogger(__name__)
 
@@ -248,6 +249,7 @@ def read_sts(
     limit: int | None = None,
     columns: dict[str, str | int] | None = None,
     on_error: OnError = "raise",
+    score_range: Sequence[float] | None = None,
 ) -> PairData:
     """Read an STS file (STS-B CSV, SICK TSV, ``s1\\ts2\\tscore`` TSV, or the JSONL / table files training reads)
     into :class:`PairData`, through :func:`conan_hf.data.readers.read_table` (a bad row: ``file:line: column ...``).
@@ -260,6 +262,7 @@ def read_sts(
             of a header-less CSV/TSV), exactly as a stage-4 ``sts`` task's ``columns:``; the format then comes from
             the file's extension (``fmt="jsonl"`` forces JSON lines).
         on_error: ``"raise"`` or ``"skip"`` (bad rows are logged and counted), as for training sources.
+        score_range: ``(low, high)``: a score outside it is an error naming its file:line (None: not checked).
     """
     path = _check_file(path)
     fmt = fmt or infer_sts_format(path)
@@ -275,6 +278,9 @@ def read_sts(
         table_format, mapping = STS_FORMATS[fmt]
     rows = readers.read_table(path, mapping, format=table_format, types=_STS_TYPES,  # type: ignore[arg-type]
                               on_error=on_error)
+    if score_range is not None:
+        for row in rows[:limit]:
+            check_score_range(row["score"], score_range, location_of(row, str(path)), "--score-range LOW HIGH")
     return _pairs(rows, "score", limit, path)
 
 
@@ -548,24 +554,26 @@ def sts_task(
     prompt: str | None = None,
     columns: dict[str, str | int] | None = None,
     on_error: OnError = "raise",
+    score_range: Sequence[float] | None = None,
 ) -> AbsTask:
     """An mteb STS task (main score: Spearman of cosine similarity) from an STS-B CSV, SICK TSV, ``s1\\ts2\\tscore``
     file, or a JSONL / table file with ``sentence1``, ``sentence2``, ``score`` columns (or a ``columns`` mapping, as
     training takes it). See :func:`read_sts`. ``split`` labels the results (default: from the file name, see
-    :func:`split_from_name`)."""
+    :func:`split_from_name`). ``score_range`` is the scale of the gold scores (default ``[0, 5]``, which holds STS-B's
+    0-5 and SICK's 1-5): a score outside it is an error naming its file:line."""
     from mteb.abstasks.sts import AbsTaskSTS
 
     fmt = fmt or infer_sts_format(path)
-    data = read_sts(path, fmt=fmt, limit=limit, columns=columns, on_error=on_error)
+    low, high = score_range_of(DEFAULT_SCORE_RANGE if score_range is None else score_range, "--score-range")
+    data = read_sts(path, fmt=fmt, limit=limit, columns=columns, on_error=on_error, score_range=(low, high))
     split = split or split_from_name(path)
     lang = to_langscript(language) if language else guess_language(path, data.sentence1)
     metadata = _metadata(name or task_name_from_path("LocalSTS", path), "STS", "cosine_spearman", [lang], split,
                          str(path), f"STS pairs from {Path(path).name} ({fmt} format).", prompt)
-    low, high = (1, 5) if fmt == "sick" else (0, 5)
     return _instantiate(
         AbsTaskSTS, metadata,
         lambda: _datasets(split, {"sentence1": data.sentence1, "sentence2": data.sentence2, "score": data.score}),
-        min_score=min(low, min(data.score)), max_score=max(high, max(data.score)),
+        min_score=low, max_score=high,
     )
 
 

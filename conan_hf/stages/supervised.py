@@ -40,6 +40,7 @@ model card), by default exported with stock transformers classes so that it load
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -55,7 +56,7 @@ import numpy as np
 
 from conan_hf.data.sources import iter_sources, row_text
 from conan_hf.dhnm import FalseNegativeCountCallback, MultiTaskScores
-from conan_hf.errors import DataError, location_of
+from conan_hf.errors import DEFAULT_SCORE_RANGE, DataError, check_score_range, location_of, score_range_of
 from conan_hf.prompts import mteb_prompt_names
 from conan_hf.sentence import format_query_prompt
 from conan_hf.training.config import StageConfig, config_from_dict, option, override
@@ -94,6 +95,8 @@ class TaskConfig:
         batch_size: per-device batch size of this task (default: 4, or 32 for sts).
         prompt: instruction for the query side, formatted as ``Instruct: {prompt}\\nQuery:\\n`` (a sentence-transformers
             prompt, left out of mean pooling); ``None``: no prompt.
+        score_range: sts only: the scale of the gold scores, ``[low, high]`` (default ``[0, 5]``, STS-B's); a row
+            whose score is outside it is an error naming its file:line (e.g. ``score_range: [1, 5]`` for SICK).
     """
 
     name: str
@@ -101,10 +104,13 @@ class TaskConfig:
     data: Any = dataclasses.field(default_factory=lambda: ["demo"])
     batch_size: int | None = None
     prompt: str | None = None
+    score_range: list | None = None
 
     def __post_init__(self) -> None:
         if self.type not in TASK_TYPES:
             raise ValueError(f"task {self.name!r}: type must be one of {TASK_TYPES}, got {self.type!r}")
+        self.score_range = score_range_of(DEFAULT_SCORE_RANGE if self.score_range is None else self.score_range,
+                                          f"task {self.name!r}")
         if self.batch_size is None:
             self.batch_size = DEFAULT_BATCH_SIZES[self.type]
 
@@ -133,7 +139,8 @@ class SupervisedConfig(StageConfig):
     model: str = option("runs/weak/final", help="the stage-3 output folder (a SentenceTransformer; a stage-2 decoder "
                                                 "folder also works), or your own encoder or decoder.")
     tasks: list = option(help="list of :class:`TaskConfig` mappings (``name``, ``type``, ``data``, ``batch_size``, "
-                              "``prompt``).", factory=_demo_tasks)
+                              "``prompt``; sts tasks also ``score_range``, the gold scores' scale, default [0, 5]).",
+                         factory=_demo_tasks)
     num_negatives: int = option(7, help="active hard negatives per example (7 in the paper).")
     temperature: float = option(0.05, help="InfoNCE τ (eq. 1).")
     cosent_scale: float = option(20.0, help="CoSENT's scale (1/τ of eq. 2).")
@@ -305,6 +312,8 @@ def iter_task_examples(task: TaskConfig, seed: int = 0) -> Iterator[tuple[dict[s
         rows = _task_rows(task, demo.demo_sts, ["sentence1", "sentence2", "score"], what,
                           ["sentence1", "sentence2"], numeric=("score",))
         for r in rows:
+            check_score_range(r["score"], task.score_range, location_of(r, what),
+                              f"score_range: [LOW, HIGH] in task {task.name!r}")
             yield {"sentence1": r["sentence1"], "sentence2": r["sentence2"], "score": r["score"]}, []
         return
     if task.type == "classification":
@@ -390,9 +399,30 @@ def write_task_table(task: TaskConfig, examples: Iterable[tuple[dict[str, Any], 
         schema = pa.schema([("id", pa.int64()), ("anchor", pa.large_string()), ("positive", pa.large_string())])
     text_schema = pa.schema([("text", pa.large_string())])
     rows_path, texts_path = folder / "rows.arrow", folder / "candidates.arrow"
+    partial = [path.with_name(f".{path.name}.partial-{os.getpid()}") for path in (rows_path, texts_path)]
     sizes = array("i")
-    with pa.OSFile(str(rows_path), "wb") as rows_sink, pa.ipc.new_stream(rows_sink, schema) as rows_writer, \
-            pa.OSFile(str(texts_path), "wb") as texts_sink, pa.ipc.new_stream(texts_sink, text_schema) as texts_writer:
+    try:
+        _write_table_files(task, examples, partial, schema, text_schema, first_id, sizes)
+    except BaseException:
+        for path in partial:
+            path.unlink(missing_ok=True)
+        raise
+    for path, final in zip(partial, (rows_path, texts_path)):
+        os.replace(path, final)
+    dataset = Dataset.from_file(str(rows_path))
+    if task.type == "sts":
+        return TaskTable(dataset)
+    return TaskTable(dataset, texts=Dataset.from_file(str(texts_path)), pool_sizes=np.frombuffer(sizes, np.int32))
+
+
+def _write_table_files(task: TaskConfig, examples: Iterable[tuple[dict[str, Any], list[str]]], paths: list[Path],
+                       schema: Any, text_schema: Any, first_id: int, sizes: array) -> None:
+    """:func:`write_task_table`'s writing: the rows and candidate texts into the Arrow stream files ``paths``, the
+    candidate count of each pool row appended to ``sizes``."""
+    import pyarrow as pa
+
+    with pa.OSFile(str(paths[0]), "wb") as rows_sink, pa.ipc.new_stream(rows_sink, schema) as rows_writer, \
+            pa.OSFile(str(paths[1]), "wb") as texts_sink, pa.ipc.new_stream(texts_sink, text_schema) as texts_writer:
         columns: dict[str, list] = {name: [] for name in schema.names}
         texts: list[str] = []
 
@@ -417,10 +447,6 @@ def write_task_table(task: TaskConfig, examples: Iterable[tuple[dict[str, Any], 
             if len(columns[schema.names[0]]) >= _TABLE_BATCH_ROWS:
                 flush()
         flush()
-    dataset = Dataset.from_file(str(rows_path))
-    if task.type == "sts":
-        return TaskTable(dataset)
-    return TaskTable(dataset, texts=Dataset.from_file(str(texts_path)), pool_sizes=np.frombuffer(sizes, np.int32))
 
 
 def build_negative_pool(tables: list[TaskTable], k: int, folder: Path) -> Any:
@@ -485,6 +511,20 @@ class SupervisedRunner(StageRunner):
     sizes, and the final export."""
 
     stage, number, config_class = "supervised", 4, SupervisedConfig
+    table_dir: Path | None = None
+
+    def run(self) -> dict[str, Any]:
+        """:meth:`StageRunner.run`; a run that fails removes this process's task tables (``stage4_tables``): they
+        are rewritten at each start, and a failed run leaves no partial output."""
+        try:
+            return super().run()
+        except BaseException:
+            if self.table_dir is not None:
+                shutil.rmtree(self.table_dir, ignore_errors=True)
+                for folder in (self.table_dir.parent, self.table_dir.parent.parent):  # when nothing else is left
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
+            raise
 
     def build_trainer(self):
         """Model first (its tokenizer checks the prompts), then the task tables, losses, pool and callbacks."""

@@ -53,11 +53,11 @@ class CheckpointCommitCallback(TrainerCallback):
     """Marks a Trainer checkpoint complete once every rank has saved its part (weights, optimizer shards, RNG and
     callback states). Add it last, so it runs after callbacks that save their own state in ``on_save``.
 
-    The marker records the config's `fingerprint`, so that a later run with different options does not silently
-    continue this one (see `resolve_resume`)."""
+    The marker records the config's `fingerprint` and values, so that a later run with different options does not
+    silently continue this one, and is told which options differ (see `resolve_resume`)."""
 
-    def __init__(self, fingerprint: str | None = None):
-        self.fingerprint = fingerprint
+    def __init__(self, fingerprint: str | None = None, config: dict[str, Any] | None = None):
+        self.fingerprint, self.config = fingerprint, config
 
     def on_save(self, args, state, control, **kwargs):
         wait_for_everyone()
@@ -65,7 +65,8 @@ class CheckpointCommitCallback(TrainerCallback):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
                 write_json_atomic(folder / COMMIT_MARKER, {"global_step": state.global_step, "time": time.time(),
-                                                           "config_fingerprint": self.fingerprint})
+                                                           "config_fingerprint": self.fingerprint,
+                                                           "config": self.config})
         wait_for_everyone()
         return control
 
@@ -142,22 +143,37 @@ def resolve_resume(config: StageConfig) -> str | None:
         found = latest_checkpoint(config.output_dir)
         if found is None:
             return None
-        saved = json.loads((found / COMMIT_MARKER).read_text(encoding="utf-8")).get("config_fingerprint")
+        marker = json.loads((found / COMMIT_MARKER).read_text(encoding="utf-8"))
+        saved = marker.get("config_fingerprint")
         current = config.fingerprint() if hasattr(config, "fingerprint") else None
         if saved and current and saved != current:
+            changed = changed_options(marker.get("config"), config)
+            what = changed or f"config fingerprint {saved} != {current}"
             raise DataError(
-                f"written by a run with different options (config fingerprint {saved} != {current}); "
-                f"resuming it would continue that run", where=str(found),
+                f"written by a run with different options ({what}); resuming it would continue that run",
+                where=str(found),
                 hint=f"start over with --resume no (main job too), use another output_dir, or resume "
                      f"it explicitly with resume={found}",
             )
-        logger.warning("Resuming from %s", found)
         return str(found)
     path = Path(config.resume)
     if not (path / COMMIT_MARKER).is_file():
         raise DataError(f"resume={config.resume!r} is not a complete checkpoint folder (no {COMMIT_MARKER})",
                         hint="resume from a committed checkpoint-N folder, or use resume=auto / resume=no")
     return str(path)
+
+
+def changed_options(saved: dict[str, Any] | None, config: StageConfig) -> str:
+    """The options that define the run (not `StageConfig.RUN_ONLY_OPTIONS`) whose value in ``config`` differs from
+    ``saved`` (a config recorded by a checkpoint or stage record), as ``"learning_rate 0.0005 -> 0.001, ..."``;
+    ``""`` when ``saved`` is not a recorded config."""
+    if not isinstance(saved, dict):
+        return ""
+    current = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    names = sorted((set(saved) | set(current)) - set(config.RUN_ONLY_OPTIONS))
+    return ", ".join(f"{name} {json.dumps(saved.get(name), ensure_ascii=False)} -> "
+                     f"{json.dumps(current.get(name), ensure_ascii=False)}"
+                     for name in names if saved.get(name) != current.get(name))
 
 
 def clean_output_dir(config: StageConfig) -> None:
@@ -213,8 +229,12 @@ def save_final(trainer, config: StageConfig, stage: str, summary: dict[str, Any]
 def train_with_resume(trainer, config: StageConfig):
     """`trainer.train`, resuming per ``config.resume``; the commit callback is added here so it runs last."""
     clean_output_dir(config)
-    trainer.add_callback(CheckpointCommitCallback(config.fingerprint()))
-    return trainer.train(resume_from_checkpoint=resolve_resume(config))
+    trainer.add_callback(CheckpointCommitCallback(config.fingerprint(), json.loads(json.dumps(
+        dataclasses.asdict(config), default=str))))
+    checkpoint = resolve_resume(config)
+    if checkpoint is not None:
+        logger.warning("Resuming from %s", checkpoint)
+    return trainer.train(resume_from_checkpoint=checkpoint)
 
 
 #: What each stage reads from an earlier one: (its option, the module that writes it, that module's default output).
@@ -301,7 +321,9 @@ def completed_stage(config: StageConfig, number: int, stage: str | None = None) 
     saved = record.get("config_fingerprint") or config_fingerprint(record.get("config") or {}, config.RUN_ONLY_OPTIONS,
                                                                    config.FINGERPRINT_IF_SET)
     if saved != config.fingerprint():
-        logger.warning("%s holds a result trained with other options; training again (it will be replaced)", final)
+        changed = changed_options(record.get("config"), config)
+        logger.warning("%s holds a result trained with other options%s; training again (it will be replaced)", final,
+                       f" ({changed})" if changed else "")
         return None
     option = STAGE_INPUTS.get(stage or "", (None,))[0]
     source = Path(str(getattr(config, option, ""))) / STAGE_RECORD if option else None
@@ -314,14 +336,18 @@ def completed_stage(config: StageConfig, number: int, stage: str | None = None) 
 
 def start_stage(config: Any, stage: str, number: int, check_input: bool = True) -> dict[str, Any] | None:
     """What every stage's ``run`` does first: return the recorded summary when the stage is already done (see
-    `completed_stage`), else check that its input exists (see `check_stage_input`; ``check_input=False`` for a stage
-    that reads its data first, so a bad data file is reported before a missing model) and return None."""
+    `completed_stage`), else check that its input exists (see `check_stage_input`) and that the checkpoint ``resume``
+    asks for can be resumed (see `resolve_resume`), and return None. ``check_input=False`` skips both checks here for
+    a stage that reads its data first, so that a bad data file is reported before a missing model or a refused
+    resume."""
     if isinstance(config, StageConfig):
         done = completed_stage(config, number, stage)
         if done is not None:
             return done
     if check_input:
         check_stage_input(config, stage)
+        if isinstance(config, StageConfig):
+            resolve_resume(config)  # a checkpoint that cannot be resumed is refused before anything is loaded
     return None
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib.util
 import json
 import logging
 import os
@@ -32,6 +33,13 @@ logger = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "stages" / "configs"
 
 C = TypeVar("C", bound="StageConfig")
+
+#: ``report_to`` trackers → the modules that provide them (any one is enough), checked by
+#: :meth:`StageConfig.check_report_to`; and the package extra that installs a tracker, where there is one.
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                   "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),
+                   "codecarbon": ("codecarbon",), "trackio": ("trackio",), "swanlab": ("swanlab",)}
+TRACKER_EXTRAS = {"tensorboard": "tensorboard"}
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str, factory: Callable[[], Any] | None = None) -> Any:
@@ -127,6 +135,18 @@ class StageConfig:
         if self.fp16 and self.bf16:
             raise DataError("--fp16 and --bf16 are both on", hint="choose one mixed precision: --fp16 true --bf16 "
                                                                   "false, or leave --fp16 off")
+
+    def check_report_to(self) -> None:
+        """Refuse, before anything is loaded, a ``report_to`` tracker whose package is not installed (the Trainer
+        would fail only after the data and model are loaded), naming the option and what to install."""
+        names = [n.strip() for n in str(self.report_to or "none").split(",") if n.strip()]
+        for name in names:
+            modules = TRACKER_MODULES.get(name)
+            if modules and not any(importlib.util.find_spec(module) for module in modules):
+                extra = TRACKER_EXTRAS.get(name)
+                install = f"pip install 'conan-hf[{extra}]'" if extra else f"pip install {modules[0]}"
+                raise DataError(f"{name} is not installed", where=f"--report_to {self.report_to}",
+                                hint=f"{install}, or pass --report_to none")
 
     def fingerprint(self) -> str:
         """Hash of the options that define the training run (all but `RUN_ONLY_OPTIONS`, and the
@@ -330,7 +350,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return value
     if str in options:
         return str(value)
-    raise DataError(f"cannot read {value!r} as {hint}", where=where, hint="fix the value")
+    expected = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise DataError(f"cannot read {value!r} as {expected}", where=where, hint="fix the value")
 
 
 def _field_default(field: dataclasses.Field) -> Any:
@@ -388,5 +409,8 @@ def parse_config(cls: type[C], stage: str, argv: list[str] | None = None, descri
         add_option(options, field.name, dest=f"field__{field.name}", default=argparse.SUPPRESS,
                    metavar=field.name.upper(), help=text.replace("%", "%%"))
     args = parser.parse_args(argv)
-    overrides = {k[len("field__"):]: v for k, v in vars(args).items() if k.startswith("field__")}
+    hints = typing.get_type_hints(cls)
+    # Read the flags as their fields' types here, so that a bad value is blamed on its flag, not on a YAML file.
+    overrides = {name: _coerce(hints[name], value, f"--{name}")
+                 for name, value in ((k[len("field__"):], v) for k, v in vars(args).items() if k.startswith("field__"))}
     return load_config(cls, args.config, args.preset, overrides, stage=stage)

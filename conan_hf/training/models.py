@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from conan_hf.errors import DataError, DataFileNotFoundError
+
 logger = logging.getLogger(__name__)
 # ---- embedding models -----------------------------------------------------------------------------------------------
 def load_sentence_model(
@@ -18,6 +20,7 @@ def load_sentence_model(
     *,
     device: str | None = None,
     trust_remote_code: bool = False,
+    option: str = "model",
 ):
     """The one loader of embedding models: the model a stage trains, and the model an evaluation encodes with.
 
@@ -41,10 +44,69 @@ def load_sentence_model(
         trust_remote_code: run a SentenceTransformer folder's own model code. ``False`` (the stages) loads Conan
             checkpoints with the installed conan_hf classes (registered with the Auto classes on import), so
             isinstance checks (soft-mask helpers) and fixes in the package apply.
+        option: the option that named ``path``, for messages: a path that is not a model (a file, a folder without
+            ``config.json`` / ``modules.json``, a missing path or unknown Hub id) or a backbone the attention mode
+            does not apply to raises a `~conan_hf.errors.DataError` saying ``--<option> <path>: ...``.
 
     Example:
         >>> model = load_sentence_model("runs/weak/final", attention_mode=None)   # a finished model, as saved
     """
+    where = f"--{option} {path}"
+    check_model_path(path, where)
+    if attention_mode in ("causal", "soft"):
+        _check_decoder(path, attention_mode, where)
+    try:
+        return _load_sentence_model(path, attention_mode, pooling, max_seq_length, prompts, device=device,
+                                    trust_remote_code=trust_remote_code, where=where)
+    except OSError as error:  # transformers' "not found / not a valid JSON file / no Hub access" for a bad path
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"cannot load a model from it ({first})", where=where,
+                        hint="pass a model folder or a Hub id (with network access or a cached copy)") from error
+
+
+def check_model_path(path: str, where: str) -> None:
+    """Raise a `~conan_hf.errors.DataError` (at ``where``) when a local ``path`` cannot be a model: a file, or a
+    folder with neither ``config.json`` nor ``modules.json``."""
+    from conan_hf.training.checkpoints import looks_local
+
+    local = Path(path)
+    if not local.exists() and looks_local(path):
+        raise DataFileNotFoundError("not found", where=where, hint="pass an existing model folder or a Hub id")
+    if local.is_file():
+        raise DataError("is a file, not a model folder", where=where,
+                        hint="pass a model folder (with config.json or modules.json) or a Hub id")
+    if local.is_dir() and not ((local / "config.json").is_file() or (local / "modules.json").is_file()):
+        what = "an empty folder" if not any(local.iterdir()) else "a folder with neither config.json nor modules.json"
+        raise DataError(f"{what}, not a model", where=where,
+                        hint="pass a model folder (a stage output, or a transformers / sentence-transformers model)")
+
+
+def _check_decoder(path: str, attention_mode: str, where: str) -> None:
+    """Before any weight is read: refuse causal / soft attention for a local model whose backbone is an encoder (the
+    backbone built from its ``config.json`` on the meta device, see `conan_hf.backbones.backbone_kind`). Anything
+    that cannot be decided this way (remote code, a Hub id) is left to the check after loading."""
+    if not (Path(path) / "config.json").is_file():
+        return
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModel
+
+        from conan_hf.backbones import backbone_kind
+
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            kind = backbone_kind(AutoModel.from_config(config))
+    except Exception:  # noqa: BLE001 -- undecidable here: set_attention_mode says it after loading
+        return
+    if kind == "encoder":
+        raise DataError(f"{type(config).__name__.removesuffix('Config')} (model_type={config.model_type!r}) is an "
+                        f"encoder: its attention is bidirectional only, so attention_mode={attention_mode!r} (and the "
+                        "soft mask of stage 3) does not apply", where=where,
+                        hint="fine-tune encoders with stage 4 and attention_mode: bidirectional")
+
+
+def _load_sentence_model(path, attention_mode, pooling, max_seq_length, prompts, *, device, trust_remote_code, where):
+    """`load_sentence_model` without the checks of its path."""
     from sentence_transformers import SentenceTransformer
 
     from conan_hf.backbones import padding_side_for
@@ -55,8 +117,8 @@ def load_sentence_model(
         model = SentenceTransformer(path, device=device, trust_remote_code=trust_remote_code)
         saved = pooling_mode(model)
         if pooling is not None and saved is not None and saved != pooling:
-            raise ValueError(f"{path} is a SentenceTransformer with {saved!r} pooling, but pooling={pooling!r} was "
-                             f"asked for; set pooling: {saved} (or null) to keep the saved one")
+            raise DataError(f"a SentenceTransformer with {saved!r} pooling, but pooling={pooling!r} was asked for",
+                            where=where, hint=f"set pooling: {saved} (or null) to keep the saved one")
         if max_seq_length is not None:
             model.max_seq_length = max_seq_length
         if prompts:
@@ -71,7 +133,10 @@ def load_sentence_model(
     if attention_mode is None and as_saved:
         return model
     if attention_mode is not None:
-        set_attention_mode(model, attention_mode)
+        try:
+            set_attention_mode(model, attention_mode)
+        except ValueError as error:  # e.g. the soft mask asked of an encoder
+            raise DataError(str(error), where=where) from error
     decoder = backbone(model)
     side = padding_side_for(decoder)
     if side is not None and model.tokenizer is not None and model.tokenizer.padding_side != side:

@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 
 from conan_hf.errors import cli_errors
 from conan_hf.training.checkpoints import NO_RESUME, finish_stage, stage_exits, start_stage, train_with_resume
-from conan_hf.training.config import parse_config
+from conan_hf.training.config import StageConfig, parse_config
 from conan_hf.training.distributed import configure_process_state, seed_everything
 from conan_hf.training.streaming import is_streamed, stream_training_kwargs
 
@@ -84,7 +84,9 @@ class StageRunner:
 
     def start(self) -> dict[str, Any] | None:
         """The recorded summary if the stage is already done, else None (its input checked unless
-        ``check_input_first`` is False)."""
+        ``check_input_first`` is False); a ``report_to`` tracker that is not installed is refused first."""
+        if isinstance(self.config, StageConfig):
+            self.config.check_report_to()
         return start_stage(self.config, self.stage, self.number, check_input=self.check_input_first)
 
     def setup_runtime(self) -> None:
