@@ -609,6 +609,8 @@ def _delta(a, b, identical_to: str | None = None) -> str:
 
 def _dhnm_cells(result: dict[str, Any], variant: str, definitions: dict) -> list[str]:
     """Two cells, DHNM replacements made and used (Σ over seeds, by eq. 6's clause), from the runs' records."""
+    if variant not in result["runs"]:
+        return ["—", "—"]
     if not definitions[variant][3]:
         return ["off", "off"]
     records = result.get("records", {}).get(variant, {})

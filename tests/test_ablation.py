@@ -205,7 +205,7 @@ def test_paper_numbers_equal_the_papers_text():
     number = r"(\d+\.\d\d)"
     # Table 4: six rows of three numbers right above its caption, in the order the paper's §4.5 names them.
     block = text.split("Table 4: Results of ablation study")[0].rsplit("SM CLR DHNM Multi Eng Zh", 1)[1]
-    rows = [tuple(map(float, r)) for r in re.findall(rf"^{number} {number} {number}$", block, flags=re.M)]
+    rows = [tuple(map(float, r)) for r in re.findall(rf"^{number} {number} {number}$", block, flags=re.MULTILINE)]
     assert len(rows) == 6
     assert "(Row 2)" in text and "(Row 3)" in text and "SM+CLR (Row 4)" in text and "SM+DHNM (Row 5)" in text
     assert [harness.PAPER_TABLE4[k] for k in ("SM", "CLR", "DHNM", "SM+CLR", "SM+DHNM", "SM+CLR+DHNM")] == rows
@@ -220,7 +220,7 @@ def test_paper_numbers_equal_the_papers_text():
     # Table 12 (App. C).
     block = text.split("Table 12: Results of different soft mask functions")[0].rsplit("Function Multi Eng Zh", 1)[1]
     table12 = {name.lower(): tuple(map(float, nums)) for name, *nums in
-               re.findall(rf"^(Linear|Accelerating|Decelerating) {number} {number} {number}$", block, flags=re.M)}
+               re.findall(rf"^(Linear|Accelerating|Decelerating) {number} {number} {number}$", block, flags=re.MULTILINE)}
     assert harness.PAPER_TABLE12 == table12
     assert table12 == {"linear": (61.73, 70.41, 70.99), "accelerating": (61.50, 70.51, 70.81),
                        "decelerating": (61.43, 70.01, 70.37)}
@@ -278,3 +278,32 @@ def test_identical_rows_are_marked_identical_and_at_chance_metrics_flagged():
     assert "OLD runs" not in md
     del result["meta"]["protocol"]  # a file of the older harness says so
     assert "These are the OLD runs" in harness.markdown(result)
+
+
+def test_stage3_lora_trains_adapters_under_the_soft_mask_and_saves_a_merged_model(tiny_model_dir, tmp_path):
+    """Table 6's LoRA rows train LoRA where the soft mask acts: stage 3 with ``lora`` runs the α schedule to 1 and
+    saves a plain checkpoint (same tensors as its input, no adapter keys) in which only linear projections moved."""
+    import torch
+    from safetensors.torch import load_file
+
+    from conan_hf.stages import weak
+    from conan_hf.training.config import config_from_dict
+
+    threads = torch.get_num_threads()
+    try:
+        config = config_from_dict(weak.WeakConfig, {
+            "model": str(tiny_model_dir), "output_dir": str(tmp_path / "weak"), "lora": {"r": 4, "lora_alpha": 8},
+            "max_steps": 3, "per_device_train_batch_size": 8, "max_seq_length": 48, "learning_rate": 1e-2,
+            "bf16": False, "num_threads": 1, "disable_tqdm": True, "logging_steps": 1})
+        summary = weak.run(config)
+    finally:
+        torch.set_num_threads(threads)
+    final = Path(summary["final_dir"])
+    assert summary["final_alpha"] == 1.0 and summary["attention_mode"] == "bidirectional"
+    assert summary["soft_mask_alphas"] == [(s, pytest.approx(s / 3)) for s in (1, 2, 3)]
+    record = json.loads((final / "conan_stage.json").read_text(encoding="utf-8"))
+    assert record["config"]["lora"] == {"r": 4, "lora_alpha": 8}
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(final / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith("_proj.weight") for k in changed), changed
