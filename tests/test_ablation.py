@@ -1,8 +1,10 @@
-"""The ablation harness (benchmarks/ablation.py, issue 13): its tables report exactly what it measured.
+"""The ablation harness (benchmarks/ablation.py): its tables report exactly what it measured.
 
 The smoke run trains the shared stages and two variants with two seeds on the real shared data (skipped without
-``CONAN_DATA_DIR``); the table cells are recomputed here from the JSON with naive formulas, and one model is
-re-evaluated to check the JSON holds what the evaluation gives.
+``CONAN_DATA_DIR``); the table cells are recomputed here from the JSON with naive formulas, the DHNM counts and
+stage-4 steps from the runs' stage records, and one model is re-evaluated to check the JSON holds what the evaluation
+gives. The paper's numbers are parsed from the paper's text (skipped without it); chance levels are checked against
+Monte Carlo; identical-row marking on a constructed result.
 """
 
 from __future__ import annotations
@@ -11,12 +13,17 @@ import importlib.util
 import json
 import math
 import os
+import random
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PAPER = ROOT.parent / "shared" / "paper" / "conan-embedding-v2-arxiv-2509.12892.txt"
+if not PAPER.is_file():
+    PAPER = Path("/work/shared/paper/conan-embedding-v2-arxiv-2509.12892.txt")
 
 
 def _harness():
@@ -125,11 +132,46 @@ def test_smoke_run_writes_tables_that_equal_its_measurements(tmp_path):
         delta, pooled = m1 - m0, math.sqrt((s1 ** 2 + s0 ** 2) / 2)
         verdict = "significant" if abs(delta) > 2 * pooled else "within seed noise"
         assert full[8 + index] == f"{delta:+.2f} ({verdict})"
-    # The paper's numbers stand beside ours.
+    # The paper's numbers stand beside ours (Table 12: SM only, linear = SM).
     assert full[5:8] == ["65.17", "73.52", "74.24"]
+    assert _table_row(md, "## Table 12", "linear")[1:4] == [
+        f"{expected['SM', c][0]:.2f} ± {expected['SM', c][1]:.2f}" for c in columns]
+    assert "†" not in md
     # Every-metric table: STS-B en of SM.
     sts_en = _mean_std([100 * s["sts_en"] for s in result["runs"]["SM"].values()])
     assert _table_row(md, "## Every metric per variant", "SM")[6] == f"{sts_en[0]:.2f} ± {sts_en[1]:.2f}"
+
+    # Chance levels printed beside the metrics, equal to the JSON's; SciFact's within its exact range (one relevant
+    # document in at most 60: at least 100 * 4.54 / 60 ... at most the 1-in-N value times the relevant count).
+    chance = result["chance"]
+    assert set(chance) == set(metrics)
+    assert chance["tatoeba_acc"]["chance"] == pytest.approx(100 / 30)
+    assert chance["sts_en"] == {"chance": 0.0, "bound": pytest.approx(300 / math.sqrt(39))}
+    for metric in metrics:
+        row = _table_row(md, "## Chance levels", metric)
+        assert row[1:3] == [f"{chance[metric]['chance']:.2f}", f"{chance[metric]['bound']:.2f}"]
+        sm = _mean_std([100 * s[metric] for s in result["runs"]["SM"].values()])
+        assert row[4] == ("**at chance**" if sm[0] < chance[metric]["bound"] else "above chance")
+    assert _table_row(md, "## Every metric per variant", "chance")[6:12] == [f"{chance[m]['chance']:.2f}"
+                                                                               for m in metrics]
+
+    # DHNM made / used by clause and the stage-4 steps, from each run's stage-4 record; one step budget for all.
+    records = {}
+    for variant, by_seed in result["models"].items():
+        for seed, final in by_seed.items():
+            record = json.loads((Path(final) / "conan_stage.json").read_text(encoding="utf-8"))["summary"]
+            records[variant, seed] = record
+            assert result["records"][variant][seed]["stage4_steps"] == record["global_step"]
+    assert len({r["global_step"] for r in records.values()}) == 1
+    full_row = _table_row(md, "## Table 4", "SM+CLR+DHNM")
+    for index, kind in ((11, "replaced"), (12, "used")):
+        totals = {k: sum(records["SM+CLR+DHNM", s]["dhnm"][k] for s in ("0", "1"))
+                  for k in (kind, kind + "_low_s0", kind + "_easy")}
+        assert full_row[index] == f"{totals[kind]} ({totals[kind + '_low_s0']} low S0, {totals[kind + '_easy']} easy)"
+        assert totals[kind] == totals[kind + "_low_s0"] + totals[kind + "_easy"]
+    assert full_row[13] == str(records["SM", "0"]["global_step"])
+    assert _table_row(md, "## Table 4", "SM")[11:13] == ["off", "off"]
+    assert records["SM", "0"]["dhnm"] is None
 
     # The JSON holds what the package's evaluation measures: re-evaluate one trained model.
     again = harness.evaluate_model(result["models"]["SM"]["0"], Path(os.environ["CONAN_DATA_DIR"]),
@@ -154,3 +196,114 @@ def test_minilm_summary_gives_mean_std_over_seeds_and_the_verdict_against_the_ba
     assert inbatch[3] == "76.00 ± 1.00 (Δ base +6.00: improves)"
     assert _table_row(table, "| model", "DHNM (`dhnm: true`)")[2].endswith("(Δ base -10.00: one seed: no noise estimate)")
     assert "static mined" not in table
+
+
+@pytest.mark.skipif(not PAPER.is_file(), reason="needs the paper's text (../shared/paper)")
+def test_paper_numbers_equal_the_papers_text():
+    harness = _harness()
+    text = PAPER.read_text(encoding="utf-8")
+    number = r"(\d+\.\d\d)"
+    # Table 4: six rows of three numbers right above its caption, in the order the paper's §4.5 names them.
+    block = text.split("Table 4: Results of ablation study")[0].rsplit("SM CLR DHNM Multi Eng Zh", 1)[1]
+    rows = [tuple(map(float, r)) for r in re.findall(rf"^{number} {number} {number}$", block, flags=re.MULTILINE)]
+    assert len(rows) == 6
+    assert "(Row 2)" in text and "(Row 3)" in text and "SM+CLR (Row 4)" in text and "SM+DHNM (Row 5)" in text
+    assert [harness.PAPER_TABLE4[k] for k in ("SM", "CLR", "DHNM", "SM+CLR", "SM+DHNM", "SM+CLR+DHNM")] == rows
+    # Table 6: "LoRA r=16r=16 72.18 72.12" ... "Full fine-tuning 71.50 73.52" (w/o, w/ SoftMask).
+    block = text.split("Table 6: Results on MTEB English")[0].rsplit("w/o SoftMask w/ SoftMask", 1)[1]
+    table6 = {}
+    for rank, hard, soft in re.findall(rf"LoRA r=(\d+)r=\d+ {number} {number}", block):
+        table6["hard", f"LoRA r={rank}"], table6["soft", f"LoRA r={rank}"] = float(hard), float(soft)
+    hard, soft = re.search(rf"Full fine-tuning {number} {number}", block).groups()
+    table6["hard", "full"], table6["soft", "full"] = float(hard), float(soft)
+    assert harness.PAPER_TABLE6_ENG == table6
+    # Table 12 (App. C).
+    block = text.split("Table 12: Results of different soft mask functions")[0].rsplit("Function Multi Eng Zh", 1)[1]
+    table12 = {name.lower(): tuple(map(float, nums)) for name, *nums in
+               re.findall(rf"^(Linear|Accelerating|Decelerating) {number} {number} {number}$", block, flags=re.MULTILINE)}
+    assert harness.PAPER_TABLE12 == table12
+    assert table12 == {"linear": (61.73, 70.41, 70.99), "accelerating": (61.50, 70.51, 70.81),
+                       "decelerating": (61.43, 70.01, 70.37)}
+
+
+def test_random_ndcg_at_10_equals_monte_carlo():
+    harness = _harness()
+    rng = random.Random(0)
+
+    def ndcg(ranking: list[int], gains: dict[int, float]) -> float:
+        dcg = sum(gains.get(d, 0.0) / math.log2(i + 2) for i, d in enumerate(ranking[:10]))
+        ideal = sum(g / math.log2(i + 2) for i, g in enumerate(sorted(gains.values(), reverse=True)[:10]))
+        return dcg / ideal
+
+    for gains, n in (([1.0], 60), ([1.0, 1.0, 1.0], 25), ([2.0, 1.0], 12)):
+        docs = list(range(n))
+        relevant = dict(zip(docs, gains))
+        values = []
+        for _ in range(20000):
+            rng.shuffle(docs)
+            values.append(ndcg(docs, relevant))
+        mean, std = _mean_std(values)
+        # Within 4 standard errors of the Monte Carlo mean (and 4 errors are < 10 % of the value: a real check).
+        assert abs(harness.random_ndcg_at_10(gains, n) - mean) < 4 * std / math.sqrt(len(values)) < 0.1 * mean
+    assert harness.random_ndcg_at_10([1.0], 100) == pytest.approx(0.0454, abs=1e-4)
+
+
+def test_identical_rows_are_marked_identical_and_at_chance_metrics_flagged():
+    harness = _harness()
+    sm = {"0": {m: 0.10 + 0.01 * i for i, m in enumerate(harness.METRICS)},
+          "1": {m: 0.12 + 0.01 * i for i, m in enumerate(harness.METRICS)}}
+    runs = {"SM": sm, "SM+DHNM": json.loads(json.dumps(sm)),  # bit-identical copy
+            "SM+CLR": {s: {m: v + 0.05 for m, v in sc.items()} for s, sc in sm.items()},
+            "decelerating": {"0": sm["0"]}}  # equal on seed 0 only: not identical
+    assert harness.identical_rows(runs) == {"SM+DHNM": "SM"}
+    chance = {m: {"chance": 0.0, "bound": 15.0} for m in harness.METRICS}
+    chance["tatoeba_acc"] = {"chance": 5.0, "bound": 15.0}
+    result = {"runs": runs, "seconds": {}, "meta": {"scale": "cpu", "protocol": dict(harness.PROTOCOL),
+              "model": "tiny", "parameters": 1, "vocab": 10, "sizes": {}, "seconds": 1.0}, "chance": chance,
+              "records": {"SM+DHNM": {s: {"stage3_steps": 3, "stage4_steps": 12, "dhnm": dict.fromkeys(
+                  harness.DHNM_KEYS, 0)} for s in sm}}}
+    md = harness.markdown(result)
+    row = _table_row(md, "## Table 4", "SM+DHNM")
+    assert row[8:11] == ["identical to SM"] * 3 and row[-1] == "identical to SM"
+    assert row[11:14] == ["0 (0 low S0, 0 easy)", "0 (0 low S0, 0 easy)", "12"]
+    assert "within seed noise" not in " ".join(row)
+    assert _table_row(md, "## Table 4", "SM+CLR")[-1] == ""
+    assert _table_row(md, "## Every metric per variant", "decelerating")[-1] == ""
+    # SM means ×100: sts_en 11, sts_zh 12, xsts 13, scifact 14 (< 15: at chance), xquad 15, tatoeba 16 (>= 15).
+    assert harness.at_chance(result) == {"sts_en": True, "sts_zh": True, "xsts": True, "scifact_ndcg10": True,
+                                         "xquad_r20": False, "tatoeba_acc": False}
+    assert _table_row(md, "## Chance levels", "tatoeba_acc")[1:] == ["5.00", "15.00", "16.00 ± 1.41", "above chance"]
+    assert _table_row(md, "## Chance levels", "scifact_ndcg10")[4] == "**at chance**"
+    assert "| scifact_ndcg10 (at chance) | xquad_r20 | tatoeba_acc |" in md
+    assert "OLD runs" not in md
+    del result["meta"]["protocol"]  # a file of the older harness says so
+    assert "These are the OLD runs" in harness.markdown(result)
+
+
+def test_stage3_lora_trains_adapters_under_the_soft_mask_and_saves_a_merged_model(tiny_model_dir, tmp_path):
+    """Table 6's LoRA rows train LoRA where the soft mask acts: stage 3 with ``lora`` runs the α schedule to 1 and
+    saves a plain checkpoint (same tensors as its input, no adapter keys) in which only linear projections moved."""
+    import torch
+    from safetensors.torch import load_file
+
+    from conan_hf.stages import weak
+    from conan_hf.training.config import config_from_dict
+
+    threads = torch.get_num_threads()
+    try:
+        config = config_from_dict(weak.WeakConfig, {
+            "model": str(tiny_model_dir), "output_dir": str(tmp_path / "weak"), "lora": {"r": 4, "lora_alpha": 8},
+            "max_steps": 3, "per_device_train_batch_size": 8, "max_seq_length": 48, "learning_rate": 1e-2,
+            "bf16": False, "num_threads": 1, "disable_tqdm": True, "logging_steps": 1})
+        summary = weak.run(config)
+    finally:
+        torch.set_num_threads(threads)
+    final = Path(summary["final_dir"])
+    assert summary["final_alpha"] == 1.0 and summary["attention_mode"] == "bidirectional"
+    assert summary["soft_mask_alphas"] == [(s, pytest.approx(s / 3)) for s in (1, 2, 3)]
+    record = json.loads((final / "conan_stage.json").read_text(encoding="utf-8"))
+    assert record["config"]["lora"] == {"r": 4, "lora_alpha": 8}
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(final / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith("_proj.weight") for k in changed), changed

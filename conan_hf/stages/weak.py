@@ -66,6 +66,7 @@ from conan_hf.data.sources import (
 from conan_hf.training.checkpoints import MainProcessSaveMixin, check_stage_input
 from conan_hf.training.config import StageConfig, option, override
 from conan_hf.training.distributed import print_main
+from conan_hf.training.lora import add_lora, merge_lora
 from conan_hf.training.models import backbone, describe_attention, load_sentence_model, set_attention_mode
 from conan_hf.training.runner import StageRunner
 
@@ -101,6 +102,9 @@ class WeakConfig(StageConfig):
                                             "if set, pairs it scores below ``teacher_threshold`` are dropped.")
     teacher_threshold: float = option(0.4, help="0.4 in the paper.")
     per_device_train_batch_size: int = override(StageConfig, "per_device_train_batch_size", 64)
+    lora: dict | None = option(None, help="``None`` (full fine-tuning) or LoRA settings, e.g. ``{r: 16, lora_alpha: "
+                                          "32}``: adapters train under the soft mask and are merged before saving "
+                                          "(Table 6).")
 
 
 class WeakTrainer(MainProcessSaveMixin, SentenceTransformerTrainer):
@@ -612,6 +616,8 @@ class WeakRunner(StageRunner):
         # "max_seq_length" becomes this stage's fixed max_seq_length, so l does not depend on how the collator pads.
         set_soft_mask_length(model, config.max_seq_length if config.soft_mask_length == "max_seq_length"
                              else config.soft_mask_length)
+        if config.lora:
+            add_lora(model, dict(config.lora))
         return model
 
     def training_datasets(self, model, pairs) -> tuple[Any, Any, str]:
@@ -677,6 +683,8 @@ class WeakRunner(StageRunner):
 
         for hook in self.hooks:
             hook.remove()
+        if self.config.lora:
+            merge_lora(self.model)
         self.alpha = get_soft_mask_alpha(self.model)
         if self.alpha >= 1.0:
             set_attention_mode(self.model, "bidirectional")
