@@ -314,14 +314,7 @@ class PretrainRunner(CausalLMRunner):
         return "", {"num_blocks": self.num_blocks, "num_tokens": self.num_tokens, "streamed": self.streamed}
 
 
-def run(config: PretrainConfig) -> dict[str, Any]:
-    """Train stage 1; returns a summary with the final directory and the logged losses."""
-    return PretrainRunner(config).run()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``conan-train pretrain [options]`` (see ``--help``)."""
-    PretrainRunner.main(argv, description=__doc__)
+run, main = PretrainRunner.entry_points(__doc__)
 
 
 if __name__ == "__main__":

@@ -224,14 +224,7 @@ class SFTRunner(CausalLMRunner):
         return "", {"num_examples": self.num_examples, "streamed": self.streamed}
 
 
-def run(config: SFTConfig) -> dict[str, Any]:
-    """Train stage 2; returns a summary with the final directory and the logged losses."""
-    return SFTRunner(config).run()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``conan-train sft [options]`` (see ``--help``)."""
-    SFTRunner.main(argv, description=__doc__)
+run, main = SFTRunner.entry_points(__doc__)
 
 
 if __name__ == "__main__":

@@ -109,14 +109,7 @@ class TokenizerRunner(StageRunner):
                             text=[column], keep=[column], what=self.what)
 
 
-def run(config: TokenizerConfig):
-    """Train and save the tokenizer (see :meth:`TokenizerRunner.run`); returns it."""
-    return TokenizerRunner(config).run()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``conan-train tokenizer [options]`` (see ``--help``)."""
-    TokenizerRunner.main(argv, description=__doc__)
+run, main = TokenizerRunner.entry_points(__doc__)
 
 
 if __name__ == "__main__":

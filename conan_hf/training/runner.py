@@ -169,6 +169,21 @@ class StageRunner:
 
     # ---- the command line -------------------------------------------------------------------------------------------
     @classmethod
+    def entry_points(cls, description: str | None = None) -> tuple[Callable[..., dict[str, Any]], Callable[..., None]]:
+        """The module-level ``run(config)`` and ``main(argv=None)`` of a stage module, e.g.
+        ``run, main = PretrainRunner.entry_points(__doc__)``."""
+
+        def run(config) -> dict[str, Any]:
+            return cls(config).run()
+
+        def main(argv: list[str] | None = None) -> None:
+            cls.main(argv, description=description)
+
+        run.__doc__ = f"Train the {cls.stage} stage with ``config`` (a ``{cls.config_class.__name__}``); returns its summary."
+        main.__doc__ = f"``conan-train {cls.stage} [options]`` (see ``--help``)."
+        return run, main
+
+    @classmethod
     def main(cls, argv: list[str] | None = None, description: str | None = None) -> None:
         """``conan-train <stage> [--config FILE] [--preset NAME] [--<option> VALUE ...]``: parse, then :meth:`run`.
         Bad options or data end with one line and exit status 2, Ctrl-C with where to resume and exit status 130."""
