@@ -377,6 +377,6 @@ def _column_index(path: Path, header: list[str], wanted: str | int | None, candi
     raise _fail(path, 1, f"header {header} has none of the columns {names}")
 
 
-__all__ = ["PAIR_COLUMNS", "STS_COLUMNS", "STS_FORMATS", "DataFormatError", "PairData", "RetrievalData",
-           "beir_retrieval_data", "bitext_sentences", "choose_beir_split", "infer_sts_format", "read_labelled",
-           "read_pairs", "read_sts", "squad_retrieval_data", "tatoeba_files"]
+__all__ = ["LABEL_COLUMNS", "PAIR_COLUMNS", "STS_COLUMNS", "STS_FORMATS", "TEXT_COLUMNS", "DataFormatError",
+           "PairData", "RetrievalData", "beir_retrieval_data", "bitext_sentences", "choose_beir_split",
+           "infer_sts_format", "read_labelled", "read_pairs", "read_sts", "squad_retrieval_data", "tatoeba_files"]

@@ -55,14 +55,16 @@ if TYPE_CHECKING:
 from conan_hf.data.readers import DataFormatError, OnError
 from conan_hf.errors import DEFAULT_SCORE_RANGE, DataError, score_range_of
 
-from .local_data import (
-    PAIR_COLUMNS,  # noqa: F401 (re-exported)
+from .local_data import (  # noqa: F401 (PAIR_COLUMNS, TEXT_COLUMNS, LABEL_COLUMNS, _fail, _row_error: re-exported)
+    LABEL_COLUMNS,
+    PAIR_COLUMNS,
     STS_COLUMNS,
     STS_FORMATS,
+    TEXT_COLUMNS,
     PairData,
     RetrievalData,
-    _fail,  # noqa: F401 (re-exported: conan_hf.eval.xling)
-    _row_error,  # noqa: F401 (re-exported: conan_hf.eval.xling)
+    _fail,
+    _row_error,
     beir_retrieval_data,
     bitext_sentences,
     choose_beir_split,
