@@ -1,6 +1,6 @@
 """Issue 11 (scale) pieces: batched SFT preprocessing and FastEncoder's memory-mapped output.
 
-The DHNM state format and its per-step update are tested in tests/test_dhnm.py; the figures at 100k-10M examples are
+The DHNM state format and its per-step update are tested in tests/test_dhnm_state.py and tests/test_dhnm_pool.py; the figures at 100k-10M examples are
 measured by benchmarks/scale.py, not here.
 """
 

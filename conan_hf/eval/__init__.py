@@ -1,10 +1,13 @@
 """Evaluation of Conan embedding models (paper §4) on mteb 2.x.
 
 * :mod:`~conan_hf.eval.tasks` — mteb tasks built from local files (STS, pair classification, BEIR and SQuAD
-  retrieval, Tatoeba bitext, classification, clustering), so nothing needs the Hub.
+  retrieval, Tatoeba bitext, classification, clustering), so nothing needs the Hub; the files are read by
+  :mod:`~conan_hf.eval.local_data`, named by :mod:`~conan_hf.eval.naming`.
 * :mod:`~conan_hf.eval.run` — :func:`evaluate` a SentenceTransformer on benchmarks / tasks with the prompts it was
   trained with (as plain ``mteb.evaluate`` does; task instructions on request), an MRL dimension and result files
-  ``<output>/<model>/<task>.json``.
+  ``<output>/<model>/<task>.json``; its prompts come from :mod:`~conan_hf.eval.prompting`, its warnings about
+  training data from :mod:`~conan_hf.eval.overlap`, its :class:`EvalReport` and ``summary.json`` from
+  :mod:`~conan_hf.eval.report`.
 * :mod:`~conan_hf.eval.xling` — MKQA-style cross-lingual retrieval (Tables 3 and 13).
 * :mod:`~conan_hf.eval.plot` — the language-distribution plot of Fig. 3.
 * ``python -m conan_hf.eval`` / ``conan-eval`` — the command line.
