@@ -134,7 +134,7 @@ def test_stage4_default_schedule_uses_replacements_and_masks_false_negatives(tin
 def test_stage4_tables_are_memory_mapped_and_the_pool_matches_the_rows(st_model, tmp_path, monkeypatch):
     from datasets.table import MemoryMappedTable
 
-    from conan_hf.stages import supervised
+    from conan_hf.stages import tasks
     from conan_hf.stages.supervised import (
         TaskConfig,
         TaskTable,
@@ -144,7 +144,7 @@ def test_stage4_tables_are_memory_mapped_and_the_pool_matches_the_rows(st_model,
         write_task_table,
     )
 
-    monkeypatch.setattr(supervised, "_TABLE_BATCH_ROWS", 3)  # several Arrow record batches per file
+    monkeypatch.setattr(tasks, "_TABLE_BATCH_ROWS", 3)  # several Arrow record batches per file
     qa_rows = [{"query": f"q{i}", "positive": f"p{i}", "negatives": [f"n{i}-{j}" for j in range(i % 4)]}
                for i in range(8)]
     qa_rows[5] = {"query": "q5", "positive": "p5", "negative_1": "x", "negative_2": "y"}
