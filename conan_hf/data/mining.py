@@ -446,7 +446,7 @@ def mine_negative_pools(
         model: the teacher SentenceTransformer (or a path/name, or a :class:`~conan_hf.encode.FastEncoder`).
         pool_size: candidates per pool (DHNM keeps k of them active, the rest are replacements).
         negatives_column / scores_column: added columns: the pool (list of texts) and its teacher scores.
-        use_faiss: kept for compatibility; mining always searches a FAISS index now (``index`` chooses which).
+        use_faiss: ignored: mining always searches a FAISS index (``index`` chooses which).
         index / chunk_size / search_params / train_size / work_dir: see :func:`mine_negative_ids`.
         return_ids: return :func:`mine_negative_ids`' :class:`MinedPools` (row ids into a text table, ``-1``
             padded, plus scores; every row kept) instead of a dataset with text pools.
