@@ -1,33 +1,17 @@
-"""Cross-lingual retrieval (CLR) dataset builder (paper §3.3, App. A, Table 7).
+"""Cross-lingual retrieval (CLR) set builder (paper §3.3, App. A, Table 7) and its command line, ``conan-clr``.
 
-The paper turns monolingual retrieval sets (MSMARCO, T2Retrieval) into a 26-language cross-lingual set by translating
-**only the queries** (with Qwen2.5-7B): positives and negatives stay in the source language, so the model learns to
-match a query in language X with passages in language Y. Each query gets one target language drawn from the mix of
-Table 7.
+Only the queries of a monolingual retrieval set are translated, each into one language drawn from a mix (default
+Table 7, normalised by its 106 % total); positives and negatives stay in the source language. The pieces:
 
-**Table 7 sums to 106 %, not 100 %.** :data:`TABLE7` keeps the percentages exactly as printed; every use normalises
-them by their sum, so English gets 25/106 = 23.58 % of the rows, Chinese 12/106 = 11.32 %, and so on. The relative
-proportions between languages — the only information the table can carry — are preserved.
+- :mod:`conan_hf.data.clr_languages`: :data:`TABLE7`, :func:`language_shares`, :func:`language_counts`,
+  :func:`assign_languages`;
+- :mod:`conan_hf.data.clr_source`: :class:`RowStream` (a data file or dataset read lazily);
+- :mod:`conan_hf.data.clr_build`: :func:`write_clr_dataset` (streaming, to JSONL), :func:`build_clr_dataset` (in
+  memory) and :class:`CLRReport`;
+- this module: :func:`main`, the ``conan-clr`` command, and every name above.
 
-:func:`assign_languages` turns the mix into exact per-language counts by largest-remainder rounding (so the
-proportions are exact up to one row per language at any size) and shuffles them with a seeded RNG.
-:func:`write_clr_dataset` (and the ``conan-clr`` command) assigns, translates (with a cache), validates and appends
-rows for the supervised stage to a JSONL file, batch by batch::
-
-    {"id", "query" (language X), "positive" (source language), "negatives" (source language), "language" (X),
-     "source_query", ...any other source columns}
-
-Rows whose query is assigned the source language keep their query untranslated. Rejected translations are dropped
-from the output, counted per reason in the :class:`CLRReport` and written to a file of rejected rows.
-:func:`build_clr_dataset` does the same into an in-memory ``datasets.Dataset`` (rejected rows in
-``report.rejected_examples``).
-
-**Streaming.** The source is read twice, both times as a stream: a first pass counts and checks the rows (so a bad
-row stops the build before anything is translated, and the number of rows fixes the language assignment), a second
-one translates them ``batch_size`` rows at a time. Memory is bounded by the batches in flight plus one byte per row
-for the assignment, whose shuffle equals that of :func:`assign_languages` for the same seed, whatever the batch size.
-With an :class:`~conan_hf.data.translate.OpenAITranslator`, the requests of the next ``prefetch_batches`` batches run
-while the oldest batch waits for its slowest one.
+Output rows: ``{"id", "query" (language X), "positive", "negatives", "language" (X), "source_query", ...any other
+source columns}``. The design (two streaming passes, cache, validation) is described in ``docs/data_layer.md``.
 
 Example (parallel-corpus mode on XQuAD: human translations, nothing is translated)::
 

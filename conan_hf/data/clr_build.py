@@ -445,8 +445,15 @@ def write_clr_dataset(
     the output: it can be deleted). The returned report counts every row; it does not hold the rejected rows
     (``report.rejected_file`` names their file).
 
-    Arguments are those of :func:`build_clr_dataset`; ``allow_empty=False`` raises a
-    :class:`~conan_hf.errors.DataError` for a source without rows before any file is created.
+    Args:
+        output: the JSONL file of output rows.
+        rejected_output: the JSONL file of rejected rows (default: ``output`` with suffix ``.rejected.jsonl``).
+        allow_empty: ``False`` raises a :class:`~conan_hf.errors.DataError` for a source without rows before any
+            file is created.
+        source, languages, translator, seed, ...: as in :func:`build_clr_dataset`.
+
+    Returns:
+        The :class:`CLRReport`, with ``rejected_file`` naming the rejected rows' file.
     """
     output = Path(output)
     rejected_path = Path(rejected_output) if rejected_output is not None else output.with_suffix(".rejected.jsonl")

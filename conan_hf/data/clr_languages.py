@@ -102,6 +102,14 @@ def assign_languages(n: int, seed: int = 0, languages: LanguageMix = TABLE7) -> 
     The counts are those of :func:`language_counts` (exact proportions at any scale); the order is a shuffle by
     ``random.Random(seed)``, so the same ``(n, seed, languages)`` always gives the same list.
 
+    Args:
+        n: number of rows.
+        seed: seeds the shuffle.
+        languages: ``{code: weight}`` (normalised by its sum), a list of codes (equal shares) or ``"table7"``.
+
+    Returns:
+        ``n`` language codes, row ``i``'s target language at position ``i``.
+
     Example::
 
         >>> from conan_hf.data.clr import assign_languages

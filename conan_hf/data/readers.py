@@ -88,8 +88,17 @@ def load_rows(
 ) -> Rows:
     """Rows from a BEIR folder, a SQuAD JSON file, a JSONL/JSON/CSV/TSV file, or a Hugging Face Hub dataset name.
 
-    ``columns`` renames columns (see :func:`read_table`; for Hub datasets only names are allowed); ``split`` picks the
-    BEIR qrels file or the Hub split.
+    Args:
+        source: a BEIR folder (with ``corpus.jsonl``), a SQuAD JSON file, a table file, or a Hub dataset name (a
+            path that looks local is never looked up on the Hub).
+        columns: ``{wanted: source column}`` renames and selects columns (see :func:`read_table`; for Hub datasets
+            only names are allowed).
+        split: the BEIR qrels file (``qrels/{split}.tsv``) or the Hub split.
+        on_error: ``"raise"`` (a bad row raises :class:`DataFormatError` at its ``file:line``) or ``"skip"``.
+        **kwargs: further :func:`read_table` options for table files.
+
+    Returns:
+        :class:`Rows` of :class:`Row` dicts, each with its ``location``.
     """
     path = Path(source)
     if path.is_dir():

@@ -1,23 +1,12 @@
-"""Teacher filtering and hard-negative pool mining: reusable data-cleaning steps of the recipe, at corpus scale.
+"""Teacher filtering: score (query, positive) pairs with a teacher embedder and drop those below a threshold.
 
-- :func:`filter_by_teacher` — the weakly-supervised stage drops (query, positive) pairs that a teacher embedder scores
-  below a threshold (paper: 0.4), removing noisy pairs before training. Pairs are scored in chunks (encode a chunk,
-  score it, drop its embeddings), so memory does not grow with the number of pairs; a ``Dataset``, an
-  ``IterableDataset`` or any iterable of rows is accepted.
-- :func:`mine_negative_pools` — Dynamic Hard Negative Mining (§3.4, eq.6) needs, per example, a **ranked pool** of
-  candidate hard negatives from which replacements are drawn. Candidates are ranked by the teacher's cosine similarity
-  with a FAISS index over embeddings written to a memory-mapped file, queries searched in chunks, with a false-negative
-  margin: candidates scoring within ``relative_margin`` of the positive are skipped, as likely unlabeled positives
-  (NV-Retriever's TopK-PercPos). The rules and the result are those of sentence-transformers'
-  :func:`~sentence_transformers.util.mine_hard_negatives` (``sampling_strategy="top"``), which this module used before
-  and which holds all embeddings and a ``16384 x corpus`` score matrix in memory. :func:`mine_negative_ids` returns the
-  pools as row ids into a text table instead of texts.
+The weakly-supervised stage drops pairs a teacher scores below 0.4 (the paper's threshold), removing noisy pairs
+before training. :func:`teacher_scores` scores pairs; :func:`filter_by_teacher` filters a ``Dataset``, an
+``IterableDataset`` or any iterable of rows. Pairs are scored in chunks (encode a chunk, score it, drop its
+embeddings), so memory does not grow with the number of pairs. Under ``torch.distributed`` every rank scores its
+share of each chunk and the scores are all-gathered: every rank gets the same result.
 
-When ``torch.distributed`` is initialised (e.g. under ``torchrun``), every rank encodes its share of each chunk and the
-embeddings / scores are all-gathered, so the encoding work is split across ranks and every rank gets the same result.
-
-Both accept any SentenceTransformer (or a path to one), show progress bars while encoding, print a summary and return
-it as a report object.
+Hard-negative mining lives in :mod:`conan_hf.data.mining`; its names are re-exported here.
 
 Example::
 
@@ -112,6 +101,18 @@ def teacher_scores(
     exactly as given, for queries that already carry their instruction), or one entry per query (e.g. each row's own
     instruction as ``"Instruct: ...\nQuery: "``; ``None`` entries get the teacher's own prompt). ``None``: the
     teacher's own query prompt (or ``query_prompt_name``) for all.
+
+    Args:
+        model: the teacher SentenceTransformer, or a path/name to load one from.
+        queries / positives: the pairs, aligned by position.
+        batch_size: encoding batch size.
+        query_prompt_name / document_prompt_name: prompt names of the teacher for queries / positives.
+        query_prompt: see above.
+        chunk_size: pairs encoded and scored at once.
+        show_progress_bar: show encoding progress.
+
+    Returns:
+        A ``float32`` array of one score per pair, in input order.
     """
     if len(queries) != len(positives):
         raise ValueError(f"{len(queries)} queries but {len(positives)} positives")

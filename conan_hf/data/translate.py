@@ -1,15 +1,17 @@
 """Query translators for the cross-lingual retrieval (CLR) set (paper §3.3, App. A).
 
 The paper translates only the queries of monolingual retrieval sets with Qwen2.5-7B. One small interface,
-:class:`Translator`, has three backends:
+:class:`Translator` (:mod:`conan_hf.data.translator`), has three backends:
 
-- :class:`TransformersTranslator` — a local transformers causal LM prompted through its chat template, with batched,
-  left-padded greedy generation (default ``Qwen/Qwen2.5-7B-Instruct``).
-- :class:`OpenAITranslator` — any OpenAI-compatible ``/v1/chat/completions`` server (vLLM, TGI, llama.cpp, ...): a
-  sliding window of at most ``max_workers`` requests in flight over kept-alive connections (one per worker thread),
-  per-request timeouts and retries with exponential backoff. Standard library only (``http.client``).
-- :class:`ParallelCorpusTranslator` — parallel-corpus mode: human translations aligned by id (XQuAD, MKQA,
-  STS-B multi-mt); nothing is translated.
+- :class:`TransformersTranslator` (:mod:`~conan_hf.data.translate_local`) — a local transformers causal LM
+  prompted through its chat template, with batched, left-padded greedy generation (default
+  ``Qwen/Qwen2.5-7B-Instruct``).
+- :class:`OpenAITranslator` (:mod:`~conan_hf.data.translate_openai`) — any OpenAI-compatible
+  ``/v1/chat/completions`` server (vLLM, TGI, llama.cpp, ...): a sliding window of at most ``max_workers`` requests
+  in flight over kept-alive connections (one per worker thread), per-request timeouts and retries with exponential
+  backoff. Standard library only (``http.client``).
+- :class:`ParallelCorpusTranslator` (:mod:`~conan_hf.data.translate_parallel`) — parallel-corpus mode: human
+  translations aligned by id (XQuAD, MKQA, STS-B multi-mt); nothing is translated.
 
 ``translate(texts, language, ids=None)`` returns one output per input, ``None`` where the backend failed (the CLR
 builder counts those as rejected). ``submit(texts, language, ids=None)`` returns one future per input instead: the

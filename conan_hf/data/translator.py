@@ -151,6 +151,8 @@ class Translator(ABC):
 
 
 def language_name(code: str) -> str:
+    """The English name of a language code in :data:`LANGUAGE_NAMES` (``"de"`` → ``"German"``); ``KeyError`` naming
+    the known codes otherwise."""
     try:
         return LANGUAGE_NAMES[code]
     except KeyError:
