@@ -1,6 +1,6 @@
 # The README's two commands for a fresh machine:
 #   make demo   set up .venv and run the main job (accelerate launch examples/finetune.py)
-#   make test   set up .venv and run the test suite (this is what CI runs)
+#   make test   set up .venv, run `ruff check .` and the test suite (this is what CI runs)
 # Installs come from requirements/lock.txt, the exact set the tests passed with; `make lock` regenerates it from
 # setup.cfg's ranges (what users get with `pip install conan-hf`).
 
@@ -35,6 +35,7 @@ demo: setup
 	$(BIN)/accelerate launch examples/finetune.py
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 # A fresh resolution of setup.cfg's ranges (with the dev extra) in a throw-away venv, frozen into the lock.

@@ -161,8 +161,15 @@ class ConanConfig(LlamaConfig):
         return output
 
     @classmethod
-    def tiny(cls, **kwargs) -> "ConanConfig":
-        """A ~0.8M-parameter backbone preset (1.35M with the LM head) with the released shape ratios (GQA 4:1, SwiGLU), for tests and the CPU demo."""
+    def tiny(cls, **kwargs) -> ConanConfig:
+        """A ~0.8M-parameter backbone preset (1.35M with the LM head) with the released shape ratios (GQA 4:1,
+        SwiGLU), for tests and the CPU demo; ``kwargs`` override its values.
+
+        Example::
+
+            >>> ConanConfig.tiny(attention_mode="soft").hidden_size
+            128
+        """
         defaults = dict(
             vocab_size=4096,
             hidden_size=128,

@@ -2,7 +2,7 @@
 
 A :class:`DataError` means the *input* is wrong (a data file, a config value, a command-line argument), not the code:
 its message is one line that says where (``file:line`` for data, 1-based), what is wrong and how to fix it. The command
-lines (``python -m trainers.<stage>``, ``examples/finetune.py``, ``conan-eval``, ``conan-clr``) wrap their ``main``
+lines (``conan-train <stage>``, ``examples/finetune.py``, ``conan-eval``, ``conan-clr``) wrap their ``main``
 in :func:`cli_errors`, which prints that line on stderr and exits with status 2 — no traceback. Any other exception is
 a bug and keeps its traceback.
 

@@ -191,7 +191,7 @@ class SoftMaskInputs:
         device: torch.device,
         mask_length: int | str = "sequence",
         position_ids: torch.Tensor | None = None,
-    ) -> "SoftMaskInputs":
+    ) -> SoftMaskInputs:
         """Build the inputs from the 2D padding mask; `position_ids` that restart inside a row mark packed documents."""
         check_soft_mask_length(mask_length)
         if padding_mask is None:
@@ -578,7 +578,7 @@ def _check_soft_inputs(config, attention_mask, length: int, kwargs: dict, past_k
         )
 
 
-def set_conan_soft_mask_alpha(model: "ConanModel", alpha: float) -> None:
+def set_conan_soft_mask_alpha(model: ConanModel, alpha: float) -> None:
     """Set α on a `ConanModel` (in its config, so it is saved with the model)."""
     alpha = float(alpha)
     if not alpha >= 0:

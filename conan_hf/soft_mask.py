@@ -9,18 +9,11 @@ queries and columns j as keys (1-based, counted from each sequence's first real 
 M multiplies the unnormalised attention weights (an additive bias log M on the logits), so α = 0 is exactly causal
 and α >= 1 exactly bidirectional; padding keys are always masked.
 
-l ("the training sequence length" in the paper) is chosen by `soft_mask_length`:
-
-- ``"sequence"`` (default): each sequence's real, unpadded length. A text's mask then depends on nothing else in its
-  batch (padding side, the longest neighbour), and every text moves from causal to bidirectional over the whole
-  schedule: row i opens fully at α = i / l, so the last rows of every text open only as α approaches 1.
-- ``"max_seq_length"``: the padded length of the batch — the training sequence length when inputs are padded to it.
-  The weak stage (`conan_hf.stages.weak`, ``soft_mask_length: max_seq_length``) passes its ``max_seq_length`` as a fixed int
-  instead, so that l does not depend on how the collator pads.
-- an int: that fixed l. With l = 512, a 50-token text is fully bidirectional from α = 50/512 ≈ 0.1 on.
-
-Packed rows (several documents in one row, position ids restarting at each, no ``cu_seq_lens``) get one mask per
-document, with its own i and l, and no attention across documents, at every α.
+l ("the training sequence length" in the paper) is chosen by `soft_mask_length`: ``"sequence"`` (default, each
+sequence's real length), ``"max_seq_length"`` (the padded length of the batch) or a fixed int. Packed rows (position
+ids restarting inside a row, no ``cu_seq_lens``) get one mask per document, with its own i and l, and no attention
+across documents. The schedules α(t) are those of App. C (`soft_mask_alpha`). Why these choices, the backends'
+costs and the measurements: ``docs/soft_mask.md``.
 
 This module is the user-facing API. The attention machinery itself lives in `conan_hf.modeling_conan` (one place),
 because checkpoints ship that file as remote code:
@@ -47,7 +40,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from transformers import PreTrainedModel
@@ -77,6 +70,16 @@ SOFT_MASK_SCHEDULES = ("linear", "accelerating", "decelerating")
 def soft_mask_alpha(step: float, total_steps: float, schedule: str = "linear") -> float:
     """α(t) of App. C at training step `step` of `total_steps` (τ), clipped to [0, 1].
 
+    With x = min(t / τ, 1): linear α = x (eq. 3), accelerating α = x², decelerating α = 1 − (1 − x)².
+
+    Args:
+        step: the training step t (>= 0; `SoftMaskCallback` passes the 1-based step being taken).
+        total_steps: τ (> 0), the number of steps over which α goes from 0 to 1.
+        schedule: one of `SOFT_MASK_SCHEDULES`.
+
+    Returns:
+        α in [0, 1].
+
     Example:
 
     ```python
@@ -101,7 +104,13 @@ def soft_mask_alpha(step: float, total_steps: float, schedule: str = "linear") -
 def soft_mask_matrix(length: int, alpha: float, mask_length: int | None = None) -> torch.Tensor:
     """The `length` × `length` soft mask M(α) of eq.4 for one unpadded sequence (float32; rows are queries).
 
-    `mask_length` is l of eq.4 (default: `length`, the sequence's own length).
+    Args:
+        length: the number of tokens L.
+        alpha: α (>= 0); α = 0 gives the causal (lower-triangular) mask, α >= 1 all ones.
+        mask_length: l of eq.4, a positive int (default: `length`, the sequence's own length).
+
+    Returns:
+        An L × L float32 tensor: 1 on and below the diagonal, min(α·l/i, 1) above it (i the 1-based row).
 
     Example:
 
@@ -133,7 +142,16 @@ def plot_soft_mask(
     path: str | os.PathLike = "soft_mask.png",
     dpi: int = 120,
 ) -> str:
-    """Write a PNG grid of heatmaps of M(α) (eq.4) for a sequence of `length` tokens at each α; returns the path.
+    """Write a PNG grid of heatmaps of M(α) (eq.4) for a sequence of `length` tokens at each α (needs matplotlib).
+
+    Args:
+        length: tokens per sequence (l = `length`).
+        alphas: one heatmap per α, at most three per row.
+        path: the PNG file to write (its folder is created).
+        dpi: resolution of the PNG.
+
+    Returns:
+        `path`, as a string.
 
     Example:
 
@@ -243,7 +261,7 @@ class SoftMaskHandle:
     def remove(self) -> None:
         remove_soft_mask(self.model)
 
-    def __enter__(self) -> "SoftMaskHandle":
+    def __enter__(self) -> SoftMaskHandle:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -364,7 +382,8 @@ def _soft_targets(model: torch.nn.Module) -> list[PreTrainedModel]:
 def set_soft_mask_alpha(model: torch.nn.Module, alpha: float) -> int:
     """Set α on every soft-masked decoder inside `model`; returns how many were updated.
 
-    Works on a `ConanModel` in `attention_mode="soft"` (α is stored in its config and saved with it), on a stock
+    Raises a `ValueError` for α < 0 or a model without a soft-masked decoder. Works on a `ConanModel` in
+    `attention_mode="soft"` (α is stored in its config and saved with it), on a stock
     decoder patched by `apply_soft_mask`, and on anything containing them (SentenceTransformer, *ForCausalLM).
     """
     alpha = float(alpha)

@@ -48,7 +48,9 @@ def train_tokenizer(
 
     specials = list(SPECIAL_TOKENS.values()) + INSTRUCTION_TOKENS
     if vocab_size < 256 + len(specials):
-        raise ValueError(f"vocab_size must be at least {256 + len(specials)} (bytes + special tokens), got {vocab_size}.")
+        raise ValueError(
+            f"vocab_size must be at least {256 + len(specials)} (bytes + special tokens), got {vocab_size}."
+        )
 
     tokenizer = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

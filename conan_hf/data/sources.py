@@ -168,7 +168,7 @@ class RowCheck:
 
 def _shards(source: Source, index: int, pieces: int) -> list[tuple[int, str | None, tuple[int, int] | None]]:
     """``(source index, file, byte range)`` units of reading; a limited source is one unit (it stops early)."""
-    from conan_hf.data.readers import _detect_format, splittable
+    from conan_hf.data.tables import _detect_format, splittable
 
     files = source.files()
     if files is None:
@@ -190,7 +190,8 @@ def _source_rows(source: Source, check: RowCheck, demo: Callable[[], list[dict]]
                  unit: tuple[str | None, tuple[int, int] | None] = (None, None),
                  skipped: list[int] | None = None) -> Iterator[dict[str, Any]]:
     """Checked rows of one source (or of one of its files / byte ranges), stopping at ``limit``."""
-    from conan_hf.data.readers import _ErrorPolicy, iter_table, load_rows
+    from conan_hf.data.readers import load_rows
+    from conan_hf.data.tables import _ErrorPolicy, iter_table
 
     file, byte_range = unit
     if source.is_demo:
