@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,3 +31,12 @@ def _write_sts_jsonl(path: Path, n: int = 40, names=("sentence1", "sentence2", "
     path.write_text("".join(json.dumps({names[0]: r["sentence1"], names[1]: r["sentence2"], names[2]: r["score"]},
                                        ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return rows
+
+
+def _assert_one_line_exit_2(result: subprocess.CompletedProcess, prog: str, where: str) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{prog}: error: {where}: "), lines[0]
+    return lines[0]

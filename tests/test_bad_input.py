@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_strict_input import REPO, _assert_one_line_exit_2
+from helpers import REPO, _assert_one_line_exit_2
 
 STS_OK = "sentence1,sentence2,score\na cat sits,a cat is sitting,4.5\na dog runs,a man cooks,0.5\n"
 BAD_JSON_RECORD = '{"query": "c", "positive": "d", "x": tru}'

@@ -13,7 +13,7 @@ import pytest
 
 from conan_hf.errors import DataError, cli_errors
 
-from helpers import REPO, _write
+from helpers import REPO, _assert_one_line_exit_2, _write
 
 
 def test_cli_errors_turns_only_data_errors_into_exit_2(capsys):
@@ -56,17 +56,8 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _assert_one_line_exit_2(result: subprocess.CompletedProcess, prog: str, where: str) -> str:
-    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, lines
-    assert lines[0].startswith(f"{prog}: error: {where}: "), lines[0]
-    return lines[0]
-
-
 def test_training_clis_report_bad_data_in_one_line(tmp_path):
-    bad = _write(tmp_path / "bad.jsonl", '{"query": "a", "positive": "b"}\n{"query": 12, "positive": "p"}\n')
+    _write(tmp_path / "bad.jsonl", '{"query": "a", "positive": "b"}\n{"query": 12, "positive": "p"}\n')
     result = _run(["-m", "conan_hf.stages.weak", "--model", "unused", "--data", "[bad.jsonl]",
                    "--output_dir", "out"], tmp_path)
     line = _assert_one_line_exit_2(result, "conan-train weak", "bad.jsonl:2")
