@@ -185,11 +185,12 @@ def test_stage4_evaluates_a_dev_set_during_training_and_ends_with_the_best_check
                   {"name": "sim", "type": "sts", "batch_size": 16, "prompt": "retrieve similar text"}],
         "max_steps": 6, "logging_steps": 2, "eval_strategy": "steps", "eval_steps": 2, "save_steps": 2,
         "load_best_model_at_end": True, "eval_data": {"sim": [str(dev)]}, "disable_tqdm": True,
-        "hub_model_id": "me/conan-mini",
+        "hub_model_id": "me/conan-mini", "dhnm_requeue": False, "seed": 2,
     })
     summary = run(config)
     out = capsys.readouterr().out
-    # 6 steps visit each example less than twice: the status line says DHNM cannot act, as the warning does.
+    # 6 steps visit each example less than twice and nothing is re-queued: the status line says DHNM cannot act, as
+    # the warning does.
     assert "DHNM on but idle" in out
 
     evaluation = summary["evaluation"]
@@ -199,7 +200,7 @@ def test_stage4_evaluates_a_dev_set_during_training_and_ends_with_the_best_check
     scores = [entry[key] for entry in evaluation["history"]]
     assert all(-1 <= s <= 1 for s in scores)
     best = max(range(3), key=lambda i: scores[i])
-    # With this seed the best evaluation is not the last one, so the score below tells the best checkpoint's weights
+    # With this seed (2; seeds 0, 1 and 4 happen to end on their best evaluation) the best evaluation is not the last one, so the score below tells the best checkpoint's weights
     # from the last step's.
     assert abs(scores[best] - scores[-1]) > 1e-3
     assert evaluation["best"] == {"value": pytest.approx(scores[best]), "step": 2 * (best + 1)}
