@@ -62,8 +62,8 @@ def run(model, args) -> dict:
     from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
     from transformers import TrainerCallback
 
-    from conan_hf.losses import InfoNCELoss
     from conan_hf.dhnm import DHNMCallback, DHNMDataCollator, NegativePool
+    from conan_hf.losses import InfoNCELoss
 
     num_steps = args.warmup + 2 * args.steps
     num_examples = args.batch_size * num_steps  # one epoch: every row is batched once

@@ -52,9 +52,9 @@ def main() -> None:
 
     from conan_hf.data.readers import read_stsb_multi_mt
     from conan_hf.stages import supervised
+    from conan_hf.stages.run_all import run_pipeline
     from conan_hf.training.config import config_from_dict, default_config_path, load_config
     from conan_hf.training.models import load_sentence_model
-    from conan_hf.stages.run_all import run_pipeline
 
     start = time.perf_counter()
     work = Path(args.work_dir)

@@ -408,8 +408,8 @@ def case_lm_data(size: int, folder: str) -> dict:
     if not (root / "lm" / "config.json").is_file():
         import torch
 
-        from conan_hf.tokenizer import train_tokenizer
         from conan_hf.stages.pretrain import new_causal_lm
+        from conan_hf.tokenizer import train_tokenizer
 
         tokenizer = train_tokenizer((_lm_text(rng, vocabulary, 10, 60) for _ in range(20_000)), vocab_size=4096,
                                     show_progress=False)
@@ -546,6 +546,7 @@ def write_pairs(path: str, size: int) -> None:
 
 def case_load(path: str, mode: str) -> dict:
     import datasets  # noqa: F401 - imported before the measured phase
+
     from conan_hf.data.sources import load_sources, read_sources
 
     source = [{"path": path, "columns": {"query": "title", "positive": "body"}}]

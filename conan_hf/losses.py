@@ -26,9 +26,8 @@ from sentence_transformers.base.losses.gradcache import (
     has_static_embedding_input,
 )
 from sentence_transformers.base.losses.merged_forward import embed_columns
-from sentence_transformers.sentence_transformer.losses import CoSENTLoss
+from sentence_transformers.sentence_transformer.losses import CoSENTLoss, MultipleNegativesRankingLoss
 from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss as _STMatryoshkaLoss
-from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 from sentence_transformers.util import (
     all_gather,
     all_gather_with_grad,

@@ -41,11 +41,10 @@ def test_teacher_sees_one_instruction_per_stage3_query(tiny_model_dir):
     """Stage 3's queries carry their row's instruction as a prompt; a teacher with its own query prompt must see that
     one instruction, not two."""
     import torch
+    from datasets import Dataset
     from sentence_transformers import SentenceTransformer
 
     from conan_hf.demo import demo_instructions
-    from datasets import Dataset
-
     from conan_hf.stages import weak
 
     torch.set_num_threads(1)

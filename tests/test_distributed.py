@@ -24,8 +24,8 @@ PARAM_ATOL = 1e-5
 def test_deepspeed_zero1_two_processes_match_one_process(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from conan_hf.training.config import parse_config
     from conan_hf.stages.supervised import SupervisedConfig, run
+    from conan_hf.training.config import parse_config
 
     threads = torch.get_num_threads()
     common = ["--preset", "tiny", "--model", str(tiny_model_dir), "--max_steps", str(STEPS), "--logging_steps", "1",

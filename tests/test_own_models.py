@@ -194,9 +194,9 @@ def test_stage4_fine_tunes_an_encoder(minilm_dir, tmp_path, capsys):
 
 
 def test_stage4_options_are_checked(tiny_model_dir, decoder_dirs, tmp_path):
+    from conan_hf.stages.supervised import SupervisedConfig
     from conan_hf.training.config import parse_config
     from conan_hf.training.models import load_sentence_model, pooling_mode
-    from conan_hf.stages.supervised import SupervisedConfig
 
     # The shipped YAML leaves pooling to the attention: --attention_mode causal alone gives last-token pooling.
     causal = parse_config(SupervisedConfig, "supervised", ["--attention_mode", "causal"])

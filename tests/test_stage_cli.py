@@ -95,8 +95,8 @@ def test_stage_help_from_the_command_line():
 
 
 def test_user_values_win_over_the_preset_and_the_preset_shrinks_shipped_values(tmp_path):
-    from conan_hf.training.config import load_config, parse_config
     from conan_hf.stages.pretrain import PretrainConfig
+    from conan_hf.training.config import load_config, parse_config
 
     shipped_path = REPO / "conan_hf" / "stages" / "configs" / "pretrain.yaml"
     shipped = yaml.safe_load(shipped_path.read_text(encoding="utf-8"))

@@ -58,8 +58,8 @@ def test_pack_documents_hand_computed():
 
 def test_packed_documents_do_not_see_each_other():
     """Packed forward (as the Trainer calls it: ids, position ids, labels, no mask) == each document on its own."""
-    from conan_hf.tokenizer import train_tokenizer
     from conan_hf.stages.pretrain import new_causal_lm, pack_documents, tokenize_documents
+    from conan_hf.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(["the cat sat on the mat", "a dog ran in the park"] * 20, vocab_size=300,
                                 show_progress=False)

@@ -112,8 +112,8 @@ def test_a_resumed_stream_continues_exactly_where_it_stopped(tokenizer, tmp_path
 
 
 def _pretrain_config(tmp_path: Path, tokenizer_dir: Path, data: list, output: str, **values):
-    from conan_hf.training.config import config_from_dict
     from conan_hf.stages.pretrain import PretrainConfig
+    from conan_hf.training.config import config_from_dict
 
     return config_from_dict(PretrainConfig, {
         "tokenizer": str(tokenizer_dir), "model": "tiny", "output_dir": str(tmp_path / output), "data": data,
@@ -135,8 +135,8 @@ def test_streamed_pretraining_resumed_mid_stream_equals_an_uninterrupted_run(tok
     blocks as an uninterrupted run: the same losses and bit-identical weights."""
     from safetensors.torch import load_file
 
-    from conan_hf.training.checkpoints import STAGE_RECORD
     from conan_hf.stages.pretrain import run
+    from conan_hf.training.checkpoints import STAGE_RECORD
     from conan_hf.training.streaming import STREAM_POSITION
 
     tokenizer_dir = tmp_path / "tok"
@@ -238,10 +238,10 @@ def test_sft_preprocessing_in_a_map_and_over_a_stream_equals_the_per_row_referen
 
 # ---- stage 0: the tokenizer from an iterator -------------------------------------------------------------------------
 def test_tokenizer_stage_trains_from_the_rows_streamed_or_memory_mapped(tmp_path):
+    from conan_hf.stages.tokenizer import TokenizerConfig, run
     from conan_hf.tokenizer import train_tokenizer
     from conan_hf.training.checkpoints import STAGE_RECORD
     from conan_hf.training.config import config_from_dict
-    from conan_hf.stages.tokenizer import TokenizerConfig, run
 
     texts = _texts(2500, seed=4)
     path = _write_texts(tmp_path / "texts.jsonl", texts)
@@ -258,9 +258,9 @@ def test_tokenizer_stage_trains_from_the_rows_streamed_or_memory_mapped(tmp_path
 def test_streamed_sft_resumed_mid_stream_equals_an_uninterrupted_run(tokenizer, tmp_path, restore_threads):
     from safetensors.torch import load_file
 
-    from conan_hf.training.config import config_from_dict
     from conan_hf.stages.pretrain import new_causal_lm
     from conan_hf.stages.sft import SFTConfig, run
+    from conan_hf.training.config import config_from_dict
 
     torch.manual_seed(0)
     model_dir = tmp_path / "lm"

@@ -200,8 +200,8 @@ def test_stage4_evaluates_a_dev_set_during_training_and_ends_with_the_best_check
     scores = [entry[key] for entry in evaluation["history"]]
     assert all(-1 <= s <= 1 for s in scores)
     best = max(range(3), key=lambda i: scores[i])
-    # With this seed (2; seeds 0, 1 and 4 happen to end on their best evaluation) the best evaluation is not the last one, so the score below tells the best checkpoint's weights
-    # from the last step's.
+    # With this seed (2; seeds 0, 1 and 4 happen to end on their best evaluation) the best evaluation is not the last
+    # one, so the score below tells the best checkpoint's weights from the last step's.
     assert abs(scores[best] - scores[-1]) > 1e-3
     assert evaluation["best"] == {"value": pytest.approx(scores[best]), "step": 2 * (best + 1)}
     assert f"dev {key}: {scores[-1]:.4f}" in out

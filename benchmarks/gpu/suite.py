@@ -43,8 +43,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "benchmarks"
@@ -54,7 +55,6 @@ for _path in (str(ROOT), str(BENCHMARKS)):
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from _device import accelerator_name, describe_device, peak_bf16_flops  # noqa: E402
 
 #: Token lengths (demo tokenizer) of a real text mix, written by `--record-lengths` (see `record_real_lengths`).
@@ -273,7 +273,7 @@ def compare_case(model, ids, mask, alpha: float, weights, dtype, side: str, flex
     return case
 
 
-def run_correctness(ctx: "Context", budget: Budget) -> dict:
+def run_correctness(ctx: Context, budget: Budget) -> dict:
     from conan_hf import ConanConfig, ConanModel
 
     device = ctx.device
@@ -389,7 +389,7 @@ def report_correctness(r: dict) -> list[str]:
 # 2. Soft-mask cost
 
 
-def build_layer_model(ctx: "Context", backend: str, length: int):
+def build_layer_model(ctx: Context, backend: str, length: int):
     """Full-width Conan layers (or the tiny smoke ones) for one backend: bidirectional | soft-flex | soft-dense."""
     from conan_hf import ConanConfig, ConanModel
 
@@ -439,7 +439,7 @@ def time_steps(model, ids, mask, backward: bool, warmup: int, repeats: int, devi
     return {"seconds": statistics.median(times), "times": times, "peak_bytes": peak}
 
 
-def run_softmask(ctx: "Context", budget: Budget) -> dict:
+def run_softmask(ctx: Context, budget: Budget) -> dict:
     from conan_hf.modeling_conan import soft_mask_state
 
     backward_flex = ctx.device.type == "cuda"
@@ -573,7 +573,7 @@ def encode_flops(model, lengths: np.ndarray) -> float:
     return model_flops(model, lengths)
 
 
-def run_encode(ctx: "Context", budget: Budget) -> dict:
+def run_encode(ctx: Context, budget: Budget) -> dict:
     from sentence_transformers import SentenceTransformer
 
     from conan_hf import ConanConfig, ConanModel, build_sentence_transformer
@@ -731,13 +731,13 @@ def deepspeed_available() -> bool:
     return True
 
 
-def run_train(ctx: "Context", budget: Budget) -> dict:
+def run_train(ctx: Context, budget: Budget) -> dict:
     from train_throughput import StepTimer, synthetic_rows  # benchmarks/train_throughput.py
     from transformers import AutoTokenizer
 
     from conan_hf import ConanConfig, ConanModel, build_sentence_transformer
-    from conan_hf.tokenizer import demo_tokenizer
     from conan_hf.stages import supervised
+    from conan_hf.tokenizer import demo_tokenizer
     from conan_hf.training.config import config_from_dict
     from conan_hf.training.distributed import deepspeed_zero1_config
 
@@ -843,7 +843,7 @@ def report_train(r: dict) -> list[str]:
 # 5. Ablation
 
 
-def run_ablation(ctx: "Context", budget: Budget) -> dict:
+def run_ablation(ctx: Context, budget: Budget) -> dict:
     script = BENCHMARKS / "ablation.py"
     if not script.exists():
         return {"skipped": "benchmarks/ablation.py does not exist yet"}

@@ -19,7 +19,17 @@ from typing import Any
 
 from conan_hf.errors import DataFileNotFoundError, finite_float
 
-from .tables import DataFormatError, OnError, Row, Rows, _ErrorPolicy, _iter_records, invalid_json, read_table, undecodable
+from .tables import (
+    DataFormatError,
+    OnError,
+    Row,
+    Rows,
+    _ErrorPolicy,
+    _iter_records,
+    invalid_json,
+    read_table,
+    undecodable,
+)
 
 __all__ = [
     "QRELS_HEADER",

@@ -252,7 +252,8 @@ def pack_dataset(dataset, tokenizer, text_column: str, seq_length: int):
     - ``datasets.IterableDataset`` (streamed): tokenised in a lazy batched ``map``, packed lazily by
       :class:`PackedBlocks` (a resumable, endless stream; see :mod:`conan_hf.training.streaming`).
     """
-    from datasets import Features, IterableDataset, Sequence as ArrowList, Value
+    from datasets import Features, IterableDataset, Value
+    from datasets import Sequence as ArrowList
 
     if isinstance(dataset, IterableDataset):
         documents = dataset.map(lambda batch: {"input_ids": tokenize_documents(tokenizer, batch[text_column])},

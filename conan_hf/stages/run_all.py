@@ -265,7 +265,6 @@ def run_pipeline(
 def write_model_card(summaries: dict[str, Any], evaluation: dict[str, dict[str, float]]) -> Path:
     """README.md of the final model, from the stage records the stages wrote and the held-out demo scores."""
     from conan_hf.model_card import generate_model_card
-
     from conan_hf.training.checkpoints import STAGE_RECORD
 
     records = [Path(s["final_dir"]) / STAGE_RECORD for s in summaries.values()

@@ -162,7 +162,8 @@ def preprocess(rows, tokenizer, max_length: int, what: str = "stage 2 (SFT) data
     Memory-mapped rows give a memory-mapped ``Dataset`` (computed by each node's main process first, into the
     ``datasets`` cache; token ids stored as int32); streamed rows give a lazy ``IterableDataset``.
     """
-    from datasets import Features, IterableDataset, Sequence as ArrowList, Value
+    from datasets import Features, IterableDataset, Value
+    from datasets import Sequence as ArrowList
 
     markers = sft_markers(tokenizer)
     function = functools.partial(_sft_batch, tokenizer=tokenizer, max_length=max_length, markers=markers)

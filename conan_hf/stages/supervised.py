@@ -54,28 +54,32 @@ from conan_hf.dhnm import FalseNegativeCountCallback, MultiTaskScores
 from conan_hf.errors import DataError
 from conan_hf.prompts import mteb_prompt_names
 from conan_hf.sentence import format_query_prompt
+from conan_hf.stages.tasks import (  # noqa: F401  (importable from this module too)
+    DEFAULT_BATCH_SIZES,
+    DEMO_PROMPTS,
+    TASK_TYPES,
+    TaskConfig,
+    TaskTable,
+    _demo_tasks,
+    _negatives,
+    _task_rows,
+    _write_table_files,
+    build_negative_pool,
+    iter_task_examples,
+    task_rows,
+    write_task_table,
+)
 from conan_hf.training.config import StageConfig, config_from_dict, option, override
 from conan_hf.training.distributed import print_main
 from conan_hf.training.lora import add_lora, merge_lora
 from conan_hf.training.models import describe_attention, load_sentence_model
-from conan_hf.training.multitask import MultiTaskCollator, MultiTaskTrainer, ProportionalTaskSampler, RoundRobinTaskSampler
-from conan_hf.training.runner import StageRunner
-
-from conan_hf.stages.tasks import (  # noqa: F401  (importable from this module too)
-    TASK_TYPES,
-    DEFAULT_BATCH_SIZES,
-    DEMO_PROMPTS,
-    TaskConfig,
-    _demo_tasks,
-    _negatives,
-    _task_rows,
-    iter_task_examples,
-    task_rows,
-    TaskTable,
-    write_task_table,
-    _write_table_files,
-    build_negative_pool,
+from conan_hf.training.multitask import (
+    MultiTaskCollator,
+    MultiTaskTrainer,
+    ProportionalTaskSampler,
+    RoundRobinTaskSampler,
 )
+from conan_hf.training.runner import StageRunner
 
 logger = logging.getLogger(__name__)
 

@@ -49,8 +49,6 @@ import numpy as np
 from sentence_transformers import SentenceTransformerTrainer
 from sentence_transformers.sentence_transformer.modules import Pooling
 
-from conan_hf.errors import DataError, location_of
-from conan_hf.sentence import QUERY_PROMPT_FORMAT, excludes_prompt
 from conan_hf.data.sources import (
     LOCATION,
     load_sources,
@@ -60,16 +58,18 @@ from conan_hf.data.sources import (
     row_text,
     unwrap_data_error,
 )
+from conan_hf.errors import DataError, location_of
+from conan_hf.sentence import QUERY_PROMPT_FORMAT, excludes_prompt
 from conan_hf.training.checkpoints import MainProcessSaveMixin, check_stage_input
 from conan_hf.training.config import StageConfig, option, override
 from conan_hf.training.distributed import print_main
 from conan_hf.training.instruction_batches import (  # noqa: F401  (importable from this module too)
-    instruction_batches,
     InstructionBatchSampler,
-    _instruction_batches,
-    stream_instruction_batches,
     InstructionPromptCollator,
+    _instruction_batches,
     exclude_row_prompts,
+    instruction_batches,
+    stream_instruction_batches,
 )
 from conan_hf.training.lora import add_lora, merge_lora
 from conan_hf.training.models import backbone, describe_attention, load_sentence_model, set_attention_mode

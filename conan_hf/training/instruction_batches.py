@@ -15,6 +15,7 @@ from sentence_transformers.sentence_transformer.data_collator import SentenceTra
 
 from conan_hf.sentence import QUERY_PROMPT_FORMAT
 
+
 def instruction_batches(items: Iterable[tuple[Hashable, tuple[str, ...], Any]], batch_size: int, *,
                         join_lone_row: bool = False) -> Iterator[list[Any]]:
     """Batches of ``batch_size`` items that share one instruction where the data allows, mixed batches for the rest:
