@@ -7,20 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from conan_hf.stages import weak
 from conan_hf.training.config import config_from_dict
 
 PROMPT_FORMAT = weak.WeakConfig.prompt_format
-
-
-@pytest.fixture
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _pairs_file(path: Path, n: int = 96, instructions: int = 48) -> Path:
