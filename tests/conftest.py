@@ -42,3 +42,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     model = build_sentence_transformer(ConanConfig.tiny(), max_seq_length=64)
     model.save(str(path))
     return path
+
+
+@pytest.fixture
+def restore_threads():
+    """Stages set torch's thread count from their config (``num_threads``); put it back after the test."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -32,15 +32,6 @@ def _config_class(stage: str):
     return getattr(importlib.import_module(module), name)
 
 
-@pytest.fixture
-def restore_threads():
-    import torch
-
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def _option_entries(help_text: str) -> list[str]:
     """One string per option of an argparse help text (its flag line and the indented help lines after it)."""
     entries: list[str] = []

@@ -35,13 +35,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- stage 1: packing ------------------------------------------------------------------------------------------------
 def test_pack_documents_hand_computed():
     from conan_hf.stages.pretrain import pack_documents

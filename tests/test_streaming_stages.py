@@ -122,13 +122,6 @@ def _pretrain_config(tmp_path: Path, tokenizer_dir: Path, data: list, output: st
         **values})
 
 
-@pytest.fixture
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_streamed_pretraining_resumed_mid_stream_equals_an_uninterrupted_run(tokenizer, tmp_path, restore_threads,
                                                                               caplog):
     """Stage 1 on a streamed source, stopped after its step-3 checkpoint and resumed, trains steps 4-6 on the same

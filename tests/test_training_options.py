@@ -25,13 +25,6 @@ from conan_hf.training.config import config_fingerprint, load_config
 STAGE_CONFIGS = {"pretrain": PretrainConfig, "sft": SFTConfig, "weak": WeakConfig, "supervised": SupervisedConfig}
 
 
-@pytest.fixture
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(cls=SupervisedConfig, stage="supervised", **overrides):
     return load_config(cls, preset="tiny", stage=stage, overrides={"output_dir": "/tmp/unused", **overrides})
 
