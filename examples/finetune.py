@@ -26,7 +26,7 @@ Options (see ``--help``):
 Flags are spelled with underscores, as the stages' (``--max-steps`` etc. are accepted too).
 
 Multi-GPU / NPU / multi-node: pass an accelerate config, e.g.
-``accelerate launch --config_file trainers/configs/accelerate/deepspeed_zero1_bf16.yaml examples/finetune.py
+``accelerate launch --config_file conan_hf/stages/configs/accelerate/deepspeed_zero1_bf16.yaml examples/finetune.py
 --preset none``.
 Interrupted runs resume from the latest complete checkpoint of the interrupted stage when started again.
 """

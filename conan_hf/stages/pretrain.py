@@ -1,6 +1,6 @@
 """Stage 1 (paper §3.1): pre-train the Conan decoder from scratch as a causal language model.
 
-    accelerate launch -m conan_hf.stages.pretrain --config trainers/configs/pretrain.yaml [--preset tiny]
+    accelerate launch -m conan_hf.stages pretrain --config conan_hf/stages/configs/pretrain.yaml [--preset tiny]
 
 Documents are tokenised as ``<bos> text <eos>``, concatenated and cut into blocks of ``seq_length`` tokens
 (:func:`pack_documents`; for a dataset :func:`pack_dataset`: a batched ``map`` over the memory-mapped rows, or lazily

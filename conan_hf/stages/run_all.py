@@ -1,6 +1,6 @@
 """All training stages in order, each handing its output to the next (the main job, ``examples/finetune.py``).
 
-    accelerate launch -m conan_hf.stages.run_all                      # = accelerate launch examples/finetune.py
+    accelerate launch -m conan_hf.stages all                      # = accelerate launch examples/finetune.py
 
 Hand-off: ``work_dir/tokenizer`` → ``work_dir/pretrain/final`` (ConanForCausalLM) → ``work_dir/sft/final`` →
 ``work_dir/weak/final`` (SentenceTransformer, soft mask ended bidirectional) → ``output_dir`` (final

@@ -1,6 +1,6 @@
 """Stage 2 (paper §3.1): supervised fine-tuning of the pre-trained decoder on (instruction, input, output) triples.
 
-    accelerate launch -m conan_hf.stages.sft --config trainers/configs/sft.yaml [--preset tiny]
+    accelerate launch -m conan_hf.stages sft --config conan_hf/stages/configs/sft.yaml [--preset tiny]
 
 Each example is ``<bos><|instruction|>{instruction}<|input|>{input}<|response|>{output}<eos>``; the loss is taken on
 the output tokens and the closing ``<eos>`` only (labels are -100 on the prompt, see :func:`build_sft_example`).
@@ -50,8 +50,8 @@ SFT_MARKERS = (("<|instruction|>", "Instruction: "), ("<|input|>", "\nInput: "),
 def sft_markers(tokenizer) -> tuple[str, str, str]:
     """The (instruction, input, response) markers for ``tokenizer`` (see :data:`SFT_MARKERS`).
 
-    Computed once per tokenizer: ``get_vocab()`` builds a dict of the whole vocabulary (~100 ms at 150k tokens),
-    which per row made preprocessing run at 59 rows/s (issue 11).
+    Compute it once per tokenizer, not per row: ``get_vocab()`` builds a dict of the whole vocabulary (~100 ms at
+    150k tokens).
     """
     vocab = tokenizer.get_vocab()
     instruction, input, response = (special if special in vocab else fallback for special, fallback in SFT_MARKERS)

@@ -1,6 +1,6 @@
 """Stage 4 (paper §3.1, §3.4, App. A): supervised multi-task fine-tuning.
 
-    accelerate launch -m conan_hf.stages.supervised --config trainers/configs/supervised.yaml [--preset tiny]
+    accelerate launch -m conan_hf.stages supervised --config conan_hf/stages/configs/supervised.yaml [--preset tiny]
 
 Tasks and their losses:
 

@@ -1,6 +1,6 @@
 """Stage 0 (paper §3.1): train the byte-level BPE tokenizer that every later stage uses.
 
-    conan-train tokenizer --config trainers/configs/tokenizer.yaml --preset tiny
+    conan-train tokenizer --config conan_hf/stages/configs/tokenizer.yaml --preset tiny
 
 The paper's vocabulary has 150,000 entries; the special tokens (bos/eos/pad and the SFT instruction separators) come
 from :mod:`conan_hf.tokenizer`. The result is a fast tokenizer folder that `AutoTokenizer.from_pretrained` loads and

@@ -1,6 +1,6 @@
 """Stage 3 (paper §3.1-3.2): weakly-supervised embedding training with the soft mask.
 
-    accelerate launch -m conan_hf.stages.weak --config trainers/configs/weak.yaml [--preset tiny]
+    accelerate launch -m conan_hf.stages weak --config conan_hf/stages/configs/weak.yaml [--preset tiny]
 
 The stage-2 decoder becomes an embedding model (Transformer → Pooling → Normalize). Training pairs are
 (query, passage): the input is the query, the output the positive, and the row's instruction becomes the query's
@@ -15,7 +15,7 @@ of training steps (App. C's linear schedule), set every step by :class:`conan_hf
 Optionally, pairs a teacher embedder scores below 0.4 are dropped first (the paper used gte-Qwen2-7B-instruct), see
 :func:`conan_hf.data.teacher.filter_by_teacher`.
 
-Data (issue 11: no rank holds the pairs as Python objects). The sources are read by
+Data (no rank holds the pairs as Python objects). The sources are read by
 :func:`conan_hf.data.sources.load_sources`:
 
 - by default memory-mapped: parsed once per node into the ``datasets`` cache, converted to pairs in a batched ``map``

@@ -4,7 +4,7 @@ help text (``metadata={"help": ...}``, see :func:`option`); shipped YAML files w
 Every field is also a command-line flag (``--max_steps 50``; ``--max-steps`` is accepted too), and ``--help`` lists
 them with their meaning and defaults::
 
-    accelerate launch -m conan_hf.stages.pretrain --preset tiny --max_steps 50
+    accelerate launch -m conan_hf.stages pretrain --preset tiny --max_steps 50
 
 Precedence (later wins): dataclass defaults <- the stage's shipped YAML <- ``--preset`` <- the keys your own YAML
 sets <- command-line flags (see :func:`load_config`).

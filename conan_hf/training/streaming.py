@@ -1,4 +1,4 @@
-"""Training on a streamed source (``streaming: true``, issue 11): examples produced lazily from a
+"""Training on a streamed source (``streaming: true``): examples produced lazily from a
 ``datasets.IterableDataset``, and the stream position saved in every checkpoint so that a resumed run neither repeats
 nor skips data.
 
