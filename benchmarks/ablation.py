@@ -254,9 +254,9 @@ def prepare_data(data: Path, out: Path, scale: Scale) -> dict[str, Any]:
     texts += sorted({r["positive"] for r in cmrc})[:n_text]
     texts += [abstract for _, abstract in csl[:n_text]] + thucnews[:n_text]
     texts += [r["query"] + " " + r["title"] for r in simclue[:n_text]]
-    for lang, rows in sts_train.items():
+    for rows in sts_train.values():
         texts += [r["sentence1"] + " " + r["sentence2"] for r in rows[:n_text]]
-    for code, pairs in tatoeba_train.items():
+    for pairs in tatoeba_train.values():
         texts += [f"{a} {b}" for a, b in pairs[:n_text]]
     texts += [f"{t}. {d}" for t, d in agnews[:n_text]]
     texts = [t for t in texts if t.strip()]

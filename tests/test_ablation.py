@@ -109,7 +109,7 @@ def test_smoke_run_writes_tables_that_equal_its_measurements(tmp_path):
     result = json.loads((results / "ablation_smoke.json").read_text(encoding="utf-8"))
     metrics = ("sts_en", "sts_zh", "xsts", "scifact_ndcg10", "xquad_r20", "tatoeba_acc")
     assert set(result["runs"]) == {"SM", "SM+CLR+DHNM"}
-    for variant, by_seed in result["runs"].items():
+    for by_seed in result["runs"].values():
         assert set(by_seed) == {"0", "1"}
         for scores in by_seed.values():
             assert set(scores) == set(metrics)
