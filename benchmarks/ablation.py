@@ -36,7 +36,8 @@ below its bound (3 × chance; for STS 3 null standard deviations of Spearman) is
 its stage-4 steps and DHNM replacements made and used by eq. 6's clause (from the runs' stage records). The paper's
 numbers (Tables 4, 6, 12) stand beside ours.
 
-Output: ``<results-dir>/ablation_<scale>.json`` (every run's scores and stage records, the chance levels; per invocation its wall time, CPU time and the
+Output: ``<results-dir>/ablation_<scale>.json`` (every run's scores and stage records, the chance levels; per invocation
+its wall time, CPU time and the
 machine's load average, since the cores may be shared), ``.md`` (tables) and ``.png`` (bars with standard-deviation
 error bars). Without ``CONAN_DATA_DIR`` the script prints why and exits 0.
 """

@@ -18,8 +18,8 @@ Cases:
   ``DHNMCallback.save`` + ``.load``, the per-step update ``apply_scores`` for 64 examples x 7 scored negatives
   (median of 300 steps, scores uniform in [0.3, 0.9] so that some negatives are replaced) and the collator's
   text lookup for those 64 x 7 negatives.
-- ``sft`` — stage-2 preprocessing (``conan_hf.stages.sft.build_sft_examples``) rows/s with a 150k-vocabulary byte-level BPE
-  tokenizer (trained here by ``conan_hf.tokenizer.train_tokenizer`` on synthetic words), one core
+- ``sft`` — stage-2 preprocessing (``conan_hf.stages.sft.build_sft_examples``) rows/s with a 150k-vocabulary byte-level
+  BPE tokenizer (trained here by ``conan_hf.tokenizer.train_tokenizer`` on synthetic words), one core
   (``TOKENIZERS_PARALLELISM=false``); ``sft_old`` runs the per-row ``build_sft_example`` of ``<old-ref>`` on a few
   rows.
 - ``encode`` — ``FastEncoder.encode`` of short synthetic texts (1-3 words) after a warm-up call, with a tiny
@@ -56,8 +56,8 @@ Cases:
   where 2 % of the queries are slow: wall time against the ideal (total server time over the workers), connections
   opened (counted by the server), and whether the outputs kept the source order; old vs new with and without
   prefetching the next batches.
-- ``weak`` — stage 3's data path: ``conan_hf.stages.weak.run`` with ``--max_steps 2`` (batch 64, ``max_seq_length`` 32) on
-  a JSONL file of N instruction/input/output rows (~650 B per row, 4 instructions) with a tiny random Conan model,
+- ``weak`` — stage 3's data path: ``conan_hf.stages.weak.run`` with ``--max_steps 2`` (batch 64, ``max_seq_length`` 32)
+  on a JSONL file of N instruction/input/output rows (~650 B per row, 4 instructions) with a tiny random Conan model,
   each run in a fresh process with an empty ``datasets`` cache: wall time and peak RSS growth of the whole
   ``run`` (reading, pair conversion, grouping, model, 2 steps). ``mmap``: the sources memory-mapped (cache built,
   pairs converted in a batched ``map``, groups as selections); ``stream``: the source with ``streaming: true``

@@ -16,8 +16,8 @@ report is rewritten after every section, so even a run killed at its limit leave
    layers (hidden 3584, 32 query / 8 KV heads), and peak memory at L = 32768. Goals <= 1.15x time, <= 1.1x memory.
 3. encode: the full ConanConfig() architecture (random weights, bf16) at sequence 512 and at a real-length mix:
    FastEncoder against SentenceTransformer.encode in bf16; tokens/s, MFU. Goals >= 1.5x ST bf16, >= 50% MFU.
-4. train: supervised-stage (stage 4, `conan_hf.stages.supervised.run`) steps of the full architecture, bf16 autocast, gradient
-   checkpointing, AdamW (DeepSpeed ZeRO-1 only when importable); tokens/s, MFU, peak memory. Goal >= 40% MFU.
+4. train: supervised-stage (stage 4, `conan_hf.stages.supervised.run`) steps of the full architecture, bf16 autocast,
+   gradient checkpointing, AdamW (DeepSpeed ZeRO-1 only when importable); tokens/s, MFU, peak memory. Goal >= 40% MFU.
 5. ablation: `benchmarks/ablation.py --scale gpu` with the time left, when that script exists.
 
 `--smoke` runs the same code on CPU with tiny configs (< 2 minutes). On CPU torch's flex attention has no backward,
