@@ -482,7 +482,8 @@ def lm_section(args, emit, flush=lambda: None) -> None:
     emit("new = memory-mapped data layer + batched map (datasets cache), stream = `streaming: true`, "
          f"old = git {args.old_ref} (read_sources list + one tokenizer call + Python-list packing)")
     emit("stage      impl       rows   wall s    CPU s   RSS before   peak RSS  peak growth  anon before  peak anon")
-    emit("(peak RSS = VmHWM, including the pages of memory-mapped Arrow files read; anon = RssAnon, sampled every 20 ms)")
+    emit("(peak RSS = VmHWM, including the pages of memory-mapped Arrow files read; anon = RssAnon, "
+         "sampled every 20 ms)")
     reports: dict = {}
     for size in args.lm_sizes:
         made = run_case("lm_data", str(size), folder, timeout=1800)
@@ -570,7 +571,8 @@ def case_load(path: str, mode: str) -> dict:
         for batch in batches:
             rows += len(batch["query"])
     return {"seconds": phase.seconds, "cpu_s": phase.cpu_seconds, "peak_bytes": phase.peak_growth,
-            "anon_peak_bytes": phase.anon_peak_growth, "rows": rows, "file_bytes": os.path.getsize(path), "shards": shards}
+            "anon_peak_bytes": phase.anon_peak_growth, "rows": rows, "file_bytes": os.path.getsize(path),
+            "shards": shards}
 
 
 # ---- CLR builder and HTTP translator (issue 11) ---------------------------------------------------------------------
@@ -1247,7 +1249,8 @@ def main(argv: list[str] | None = None) -> None:
         folder = tempfile.mkdtemp(prefix="conan-weak-", dir=os.environ.get("SCALE_TMP"))
         model_dir = os.path.join(folder, "tiny-model")
         tiny = run_case("tinymodel", model_dir)
-        emit(f"## (weak) stage 3 data path: conan_hf.stages.weak.run --max_steps 2 (batch 64, max_seq_length 32, tiny random "
+        emit(f"## (weak) stage 3 data path: conan_hf.stages.weak.run --max_steps 2 (batch 64, "
+             f"max_seq_length 32, tiny random "
              f"Conan model, {tiny.get('params', 0):,} parameters), JSONL instruction/input/output rows, 4 "
              "instructions; fresh process and empty datasets cache per run; peak RSS growth over the run")
         emit(f"{stamp}; old: git {args.weak_old_ref}")

@@ -184,7 +184,8 @@ def test_packed_documents_each_equal_the_document_alone(kind):
                 for row, start, n in document_spans():
                     alone = run(model, ids[row: row + 1, start: start + n], torch.ones(1, n, dtype=torch.long))
                     torch.testing.assert_close(packed[row, start: start + n], alone[0], atol=1e-5, rtol=1e-5,
-                                               msg=lambda m, where=f"{impl} {option} alpha={alpha} row {row}": f"{where}: {m}")
+                                               msg=lambda m, where=f"{impl} {option} alpha={alpha} row {row}":
+                                               f"{where}: {m}")
             assert torch.isfinite(packed).all()
 
 

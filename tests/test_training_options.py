@@ -86,7 +86,8 @@ def test_training_arguments_raise_no_future_warning(stage, checkpointing):
     from transformers import TrainingArguments
 
     config = load_config(STAGE_CONFIGS[stage], stage=stage,
-                         overrides={"output_dir": "/tmp/unused", "bf16": False, "gradient_checkpointing": checkpointing})
+                         overrides={"output_dir": "/tmp/unused", "bf16": False,
+                                    "gradient_checkpointing": checkpointing})
     cls = SentenceTransformerTrainingArguments if stage in ("weak", "supervised") else TrainingArguments
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
