@@ -37,9 +37,8 @@ its stage-4 steps and DHNM replacements made and used by eq. 6's clause (from th
 numbers (Tables 4, 6, 12) stand beside ours.
 
 Output: ``<results-dir>/ablation_<scale>.json`` (every run's scores and stage records, the chance levels; per invocation
-its wall time, CPU time and the
-machine's load average, since the cores may be shared), ``.md`` (tables) and ``.png`` (bars with standard-deviation
-error bars). Without ``CONAN_DATA_DIR`` the script prints why and exits 0.
+its wall time, CPU time and the machine's load average, since the cores may be shared), ``.md`` (tables) and ``.png``
+(bars with standard-deviation error bars). Without ``CONAN_DATA_DIR`` the script prints why and exits 0.
 """
 
 from __future__ import annotations
@@ -759,8 +758,7 @@ def markdown(result: dict[str, Any]) -> str:
                   + ", ".join(f"{m} {100 * v:.2f}" for m, v in result["baseline"].items())]
     if meta["scale"] != "gpu":
         lines += ["", "`--scale gpu` (a larger model and more data, sized for <= 6 min on one H100/H200) is reported "
-                  "in "
-                  "`ablation_gpu.md`; when this file was written it had not been run (no GPU was available)."]
+                  "in `ablation_gpu.md`; when this file was written it had not been run (no GPU was available)."]
     missing = [v for v in VARIANTS if v not in stats]
     if missing:
         lines += ["", f"Not in this results file (not run, or the run was stopped before them): {', '.join(missing)}; "

@@ -107,8 +107,7 @@ def summarize(results: dict[str, dict[str, float]]) -> str:
     base = results["base"]
     lines = ["# Stage 4 on all-MiniLM-L6-v2: dev scores ×100, mean ± sample std over seeds", "",
              "Δ base: difference of the mean to the base model (one deterministic evaluation); "
-             "\"improves\" only when it "
-             "exceeds 2 × the std over seeds. Commands: README, section Results.", "",
+             "\"improves\" only when it exceeds 2 × the std over seeds. Commands: README, section Results.", "",
              "| model | n | " + " | ".join(METRIC_LABELS.values()) + " |", "|---|---|" + "---|" * len(METRIC_LABELS),
              "| all-MiniLM-L6-v2, base | — | " + " | ".join(f"{100 * base[m]:.2f}" for m in METRIC_LABELS) + " |"]
     for variant, label in VARIANT_LABELS.items():

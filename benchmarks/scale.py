@@ -1250,9 +1250,9 @@ def main(argv: list[str] | None = None) -> None:
         model_dir = os.path.join(folder, "tiny-model")
         tiny = run_case("tinymodel", model_dir)
         emit(f"## (weak) stage 3 data path: conan_hf.stages.weak.run --max_steps 2 (batch 64, "
-             f"max_seq_length 32, tiny random "
-             f"Conan model, {tiny.get('params', 0):,} parameters), JSONL instruction/input/output rows, 4 "
-             "instructions; fresh process and empty datasets cache per run; peak RSS growth over the run")
+             f"max_seq_length 32, tiny random Conan model, {tiny.get('params', 0):,} parameters), "
+             "JSONL instruction/input/output rows, 4 instructions; fresh process and empty datasets cache per run; "
+             "peak RSS growth over the run")
         emit(f"{stamp}; old: git {args.weak_old_ref}")
         emit("rows       file MB  mode    pairs trained on  wall s  CPU s  peak RSS growth  peak B/row  "
              "peak anon growth")

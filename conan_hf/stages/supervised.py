@@ -144,9 +144,8 @@ class SupervisedConfig(StageConfig):
                                             "SentenceTransformer; ``None``: ``lasttoken`` with causal attention, else "
                                             "``mean`` (a SentenceTransformer keeps its saved pooling).")
     attention_mode: str = option("bidirectional", help="``bidirectional`` (a stock decoder gets transformers' "
-                                 "``is_causal=False``) or ``causal`` (the e5-mistral / gte-Qwen2 style, "
-                                 "with last-token "
-                                 "pooling and right padding). Encoders (BERT-like) are bidirectional only.")
+                                 "``is_causal=False``) or ``causal`` (the e5-mistral / gte-Qwen2 style, with "
+                                 "last-token pooling and right padding). Encoders (BERT-like) are bidirectional only.")
     max_seq_length: int = option(512, help="texts are truncated to this many tokens.")
     multi_dataset_sampler: str = option("proportional", help="``proportional`` (tasks sampled in proportion to their "
                                                              "size) or ``round_robin``.")
