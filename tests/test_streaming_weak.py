@@ -281,8 +281,7 @@ pairs = weak.load_pairs([{"path": pattern, "streaming": True}])  # this rank's f
 model = SentenceTransformer(model_dir)
 args = SentenceTransformerTrainingArguments(output_dir=out + "/run", per_device_train_batch_size=4, max_steps=2,
                                             dataloader_drop_last=False, report_to="none", save_strategy="no",
-                                            use_cpu=True,
-                                            accelerator_config={"dispatch_batches": False})
+                                            use_cpu=True, accelerator_config={"dispatch_batches": False})
 trainer = weak.WeakTrainer(model=model, args=args, train_dataset=weak.stream_instruction_batches(pairs, 4),
                            loss=InfoNCELoss(model), data_collator=weak.InstructionPromptCollator(model.preprocess))
 loader = trainer.get_train_dataloader()
