@@ -36,9 +36,9 @@ below its bound (3 × chance; for STS 3 null standard deviations of Spearman) is
 its stage-4 steps and DHNM replacements made and used by eq. 6's clause (from the runs' stage records). The paper's
 numbers (Tables 4, 6, 12) stand beside ours.
 
-Output: ``<results-dir>/ablation_<scale>.json`` (every run's scores and stage records, the chance levels; per invocation its wall time, CPU time and the
-machine's load average, since the cores may be shared), ``.md`` (tables) and ``.png`` (bars with standard-deviation
-error bars). Without ``CONAN_DATA_DIR`` the script prints why and exits 0.
+Output: ``<results-dir>/ablation_<scale>.json`` (every run's scores and stage records, the chance levels; per invocation
+its wall time, CPU time and the machine's load average, since the cores may be shared), ``.md`` (tables) and ``.png``
+(bars with standard-deviation error bars). Without ``CONAN_DATA_DIR`` the script prints why and exits 0.
 """
 
 from __future__ import annotations
@@ -113,10 +113,12 @@ PROTOCOL = {"stage3_lora": True, "equal_stage4_steps": True, "table12_sm_only": 
 
 SCALES: dict[str, Scale] = {
     "smoke": Scale(model={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1},
-                   vocab_size=1500, texts_per_source=40, pretrain_epochs=1, pretrain_max_steps=40, seq_length=64, sft_rows_per_source=20,
+                   vocab_size=1500, texts_per_source=40, pretrain_epochs=1, pretrain_max_steps=40, seq_length=64,
+                   sft_rows_per_source=20,
                    sft_epochs=1, weak_rows_per_source=32, weak_epochs=1, weak_batch=16, retrieval_rows=32,
                    sts_rows=32, clr_rows=32, supervised_epochs=2, max_seq_length=64, eval_sts=40,
-                   eval_scifact_corpus=60, eval_tatoeba=30, eval_queries=40, seeds=(0, 1), variants=("SM", "SM+CLR+DHNM")),
+                   eval_scifact_corpus=60, eval_tatoeba=30, eval_queries=40, seeds=(0, 1),
+                   variants=("SM", "SM+CLR+DHNM")),
     # ---- CPU_SCALE: the `--scale cpu` sizes ------------------------------------------------------------------------
     # Sized for time only, never on the scores. The first sizing (2.5-4x these rows and steps) measured ~110 s of CPU
     # for stages 0-2 and ~50 s per stage 3-4 run at 1 thread (~29 min for all 33 alone), but on the shared cores, at
@@ -124,7 +126,8 @@ SCALES: dict[str, Scale] = {
     # PENDING: at these sizes the SM baseline of the old runs sat below 3x chance on SciFact nDCG@10, XQuAD R@20,
     # Tatoeba and cross-lingual STS (see benchmarks/results/ablation_cpu.md). Resizing so that it reaches >= 3x chance
     # within <= 90 min waits for a measured run; the sizes below are the old ones, not a new guess.
-    "cpu": Scale(model={}, vocab_size=4096, texts_per_source=150, pretrain_epochs=2, pretrain_max_steps=150, seq_length=128,
+    "cpu": Scale(model={}, vocab_size=4096, texts_per_source=150, pretrain_epochs=2, pretrain_max_steps=150,
+                 seq_length=128,
                  sft_rows_per_source=50, sft_epochs=1, weak_rows_per_source=64, weak_epochs=1, weak_batch=32,
                  retrieval_rows=64, sts_rows=64, clr_rows=48, supervised_epochs=2, max_seq_length=96,
                  eval_sts=200, eval_scifact_corpus=200, eval_tatoeba=150, eval_queries=80, seeds=(0, 1, 2),
@@ -254,9 +257,9 @@ def prepare_data(data: Path, out: Path, scale: Scale) -> dict[str, Any]:
     texts += sorted({r["positive"] for r in cmrc})[:n_text]
     texts += [abstract for _, abstract in csl[:n_text]] + thucnews[:n_text]
     texts += [r["query"] + " " + r["title"] for r in simclue[:n_text]]
-    for lang, rows in sts_train.items():
+    for rows in sts_train.values():
         texts += [r["sentence1"] + " " + r["sentence2"] for r in rows[:n_text]]
-    for code, pairs in tatoeba_train.items():
+    for pairs in tatoeba_train.values():
         texts += [f"{a} {b}" for a, b in pairs[:n_text]]
     texts += [f"{t}. {d}" for t, d in agnews[:n_text]]
     texts = [t for t in texts if t.strip()]
@@ -267,8 +270,10 @@ def prepare_data(data: Path, out: Path, scale: Scale) -> dict[str, Any]:
     sft += [{"instruction": "为这个论文标题写摘要。", "input": t, "output": a} for t, a in csl[:n_sft]]
     sft += [{"instruction": "Answer the question.", "input": r["query"], "output": r["answers"][0]}
             for r in xquad_train["en"][:n_sft] if r["answers"]]
-    sft += [{"instruction": "回答问题。", "input": r["query"], "output": r["answers"][0]} for r in cmrc[:n_sft] if r["answers"]]
-    sft += [{"instruction": "Answer the question.", "input": q, "output": p} for q, p in beir_pairs["msmarco-mini"][:n_sft]]
+    sft += [{"instruction": "回答问题。", "input": r["query"], "output": r["answers"][0]}
+            for r in cmrc[:n_sft] if r["answers"]]
+    sft += [{"instruction": "Answer the question.", "input": q, "output": p}
+            for q, p in beir_pairs["msmarco-mini"][:n_sft]]
 
     # Stage 3: weakly-supervised (query, positive) pairs with an instruction per source.
     weak = []
@@ -673,7 +678,8 @@ def markdown(result: dict[str, Any]) -> str:
               f"below its bound: {CHANCE_FACTOR:g} × chance for SciFact nDCG@10 (exact expectation of a random "
               f"ranking over the evaluated queries and corpus), XQuAD R@20 (20 / corpus paragraphs) and Tatoeba "
               f"accuracy (1 / pairs); for STS Spearman (chance 0) {STS_NULL_SDS:g} standard deviations of a Spearman "
-              "of unrelated scores, 1/sqrt(pairs − 1). Differences between rows on an at-chance metric say nothing.", "",
+              "of unrelated scores, 1/sqrt(pairs − 1). Differences between rows on an at-chance metric say "
+              "nothing.", "",
               "| Metric | chance | at-chance bound | SM baseline | verdict |", "|---|---|---|---|---|"]
     for m in METRICS:
         if not chance:
@@ -717,7 +723,8 @@ def markdown(result: dict[str, Any]) -> str:
                      + f" | {'; '.join(notes)} |")
     linear = "SM+CLR+DHNM" if legacy else TABLE12_ROWS["linear"]
     lines += ["", "## Table 12: α schedule of the soft mask", "",
-              (f"These old runs trained the schedules on the full recipe (linear = {linear}); the paper ran them SM only."
+              (f"These old runs trained the schedules on the full recipe (linear = {linear}); "
+               "the paper ran them SM only."
                if legacy else "SM only (no CLR, no DHNM), as the paper ran them (App. C); linear = SM."), "",
               "| Schedule | Multi | Eng | Zh | Δ Eng vs linear | paper Multi | paper Eng | paper Zh | note |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -750,8 +757,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "Stage-2 decoder as an embedder (mean-pooled, bidirectional), before stages 3-4: "
                   + ", ".join(f"{m} {100 * v:.2f}" for m, v in result["baseline"].items())]
     if meta["scale"] != "gpu":
-        lines += ["", "`--scale gpu` (a larger model and more data, sized for <= 6 min on one H100/H200) is reported in "
-                  "`ablation_gpu.md`; when this file was written it had not been run (no GPU was available)."]
+        lines += ["", "`--scale gpu` (a larger model and more data, sized for <= 6 min on one H100/H200) is reported "
+                  "in `ablation_gpu.md`; when this file was written it had not been run (no GPU was available)."]
     missing = [v for v in VARIANTS if v not in stats]
     if missing:
         lines += ["", f"Not in this results file (not run, or the run was stopped before them): {', '.join(missing)}; "
@@ -773,7 +780,8 @@ def wall_time_sentence(result: dict[str, Any]) -> str:
                 f"(stages 0-2: {shared:.0f} s of it), for {runs} stage 3-4 runs with their evaluation.")
     if len(invocations) > 1 and all("started" in i for i in invocations):
         span = max(i["started"] + i.get("seconds", 0.0) for i in invocations) - min(i["started"] for i in invocations)
-        sentence += f" The invocations ran side by side: {span:.0f} s ({span / 60:.1f} min) from first start to last end."
+        sentence += (f" The invocations ran side by side: {span:.0f} s ({span / 60:.1f} min) "
+                     "from first start to last end.")
     if all("cpu_seconds" in i for i in invocations):
         cpu = sum(i["cpu_seconds"] for i in invocations)
         sentence += f" CPU time {cpu:.0f} s ({cpu / 60:.1f} min; every stage uses 1 thread)."

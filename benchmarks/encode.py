@@ -53,7 +53,8 @@ def build_model(name: str, max_seq_length: int, device: str):
         config = presets[name]
         model = build_sentence_transformer(config, max_seq_length=max_seq_length, device=device)
         return model, (f"Conan {name} (random weights; hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
-                       f"{config.num_attention_heads}/{config.num_key_value_heads} heads, FFN {config.intermediate_size})")
+                       f"{config.num_attention_heads}/{config.num_key_value_heads} heads, "
+                       f"FFN {config.intermediate_size})")
     return SentenceTransformer(name, device=device, trust_remote_code=True), name
 
 
@@ -156,9 +157,11 @@ def main() -> None:
         f"{len(texts) / fast:.0f} texts/s"),
         (f"  (SentenceTransformer.encode(), fp32:       median {base32:.3f} s (min {min(fp32_times):.3f}) "
         f"{len(texts) / base32:.0f} texts/s; FastEncoder vs fp32: {base32 / fast:.2f}x)"),
-        (f"speed-up over the bf16 baseline: {base / fast:.2f}x  (target >= {'1.5' if device.type == 'cuda' else '1.3'}x); "
+        (f"speed-up over the bf16 baseline: {base / fast:.2f}x  "
+         f"(target >= {'1.5' if device.type == 'cuda' else '1.3'}x); "
         f"vs fp32 embeddings: max |diff| {diff:.1e}, cosine mean {cosine.mean():.6f} min {cosine.min():.6f}"),
-        (f"per-round times (s): baseline bf16 {[round(t, 2) for t in base_times]}, ours {[round(t, 2) for t in our_times]}, "
+        (f"per-round times (s): baseline bf16 {[round(t, 2) for t in base_times]}, "
+         f"ours {[round(t, 2) for t in our_times]}, "
         f"baseline fp32 {[round(t, 2) for t in fp32_times]}"),
     ]
     if device.type == "cuda":

@@ -1,8 +1,9 @@
 """Stage 4 on a real pretrained encoder (issue 13): all-MiniLM-L6-v2 fine-tuned from the CLI on SciFact train + STS-B en
 train, with in-batch negatives only, static mined hard negatives, or DHNM; dev scores before and after.
 
-    python benchmarks/minilm_stage4.py prepare [--out runs/minilm/data]     # training/held-out files from CONAN_DATA_DIR
-    python -m conan_hf.stages.supervised --config benchmarks/configs/minilm_supervised.yaml --model $MINILM ...  # see README
+    python benchmarks/minilm_stage4.py prepare [--out runs/minilm/data]  # training/held-out files from CONAN_DATA_DIR
+    python -m conan_hf.stages.supervised --config benchmarks/configs/minilm_supervised.yaml --model $MINILM ...
+        # (the stage-4 run: see README)
     python benchmarks/minilm_stage4.py evaluate NAME=MODEL_DIR ... [--results benchmarks/results/minilm_stage4.json]
     python benchmarks/minilm_stage4.py summarize     # mean ± std over seeds (NAME = <variant>-s<seed>) -> .md
 
@@ -105,8 +106,8 @@ def summarize(results: dict[str, dict[str, float]]) -> str:
 
     base = results["base"]
     lines = ["# Stage 4 on all-MiniLM-L6-v2: dev scores ×100, mean ± sample std over seeds", "",
-             "Δ base: difference of the mean to the base model (one deterministic evaluation); \"improves\" only when it "
-             "exceeds 2 × the std over seeds. Commands: README, section Results.", "",
+             "Δ base: difference of the mean to the base model (one deterministic evaluation); "
+             "\"improves\" only when it exceeds 2 × the std over seeds. Commands: README, section Results.", "",
              "| model | n | " + " | ".join(METRIC_LABELS.values()) + " |", "|---|---|" + "---|" * len(METRIC_LABELS),
              "| all-MiniLM-L6-v2, base | — | " + " | ".join(f"{100 * base[m]:.2f}" for m in METRIC_LABELS) + " |"]
     for variant, label in VARIANT_LABELS.items():

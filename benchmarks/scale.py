@@ -18,8 +18,8 @@ Cases:
   ``DHNMCallback.save`` + ``.load``, the per-step update ``apply_scores`` for 64 examples x 7 scored negatives
   (median of 300 steps, scores uniform in [0.3, 0.9] so that some negatives are replaced) and the collator's
   text lookup for those 64 x 7 negatives.
-- ``sft`` — stage-2 preprocessing (``conan_hf.stages.sft.build_sft_examples``) rows/s with a 150k-vocabulary byte-level BPE
-  tokenizer (trained here by ``conan_hf.tokenizer.train_tokenizer`` on synthetic words), one core
+- ``sft`` — stage-2 preprocessing (``conan_hf.stages.sft.build_sft_examples``) rows/s with a 150k-vocabulary byte-level
+  BPE tokenizer (trained here by ``conan_hf.tokenizer.train_tokenizer`` on synthetic words), one core
   (``TOKENIZERS_PARALLELISM=false``); ``sft_old`` runs the per-row ``build_sft_example`` of ``<old-ref>`` on a few
   rows.
 - ``encode`` — ``FastEncoder.encode`` of short synthetic texts (1-3 words) after a warm-up call, with a tiny
@@ -56,8 +56,8 @@ Cases:
   where 2 % of the queries are slow: wall time against the ideal (total server time over the workers), connections
   opened (counted by the server), and whether the outputs kept the source order; old vs new with and without
   prefetching the next batches.
-- ``weak`` — stage 3's data path: ``conan_hf.stages.weak.run`` with ``--max_steps 2`` (batch 64, ``max_seq_length`` 32) on
-  a JSONL file of N instruction/input/output rows (~650 B per row, 4 instructions) with a tiny random Conan model,
+- ``weak`` — stage 3's data path: ``conan_hf.stages.weak.run`` with ``--max_steps 2`` (batch 64, ``max_seq_length`` 32)
+  on a JSONL file of N instruction/input/output rows (~650 B per row, 4 instructions) with a tiny random Conan model,
   each run in a fresh process with an empty ``datasets`` cache: wall time and peak RSS growth of the whole
   ``run`` (reading, pair conversion, grouping, model, 2 steps). ``mmap``: the sources memory-mapped (cache built,
   pairs converted in a batched ``map``, groups as selections); ``stream``: the source with ``streaming: true``
@@ -482,7 +482,8 @@ def lm_section(args, emit, flush=lambda: None) -> None:
     emit("new = memory-mapped data layer + batched map (datasets cache), stream = `streaming: true`, "
          f"old = git {args.old_ref} (read_sources list + one tokenizer call + Python-list packing)")
     emit("stage      impl       rows   wall s    CPU s   RSS before   peak RSS  peak growth  anon before  peak anon")
-    emit("(peak RSS = VmHWM, including the pages of memory-mapped Arrow files read; anon = RssAnon, sampled every 20 ms)")
+    emit("(peak RSS = VmHWM, including the pages of memory-mapped Arrow files read; anon = RssAnon, "
+         "sampled every 20 ms)")
     reports: dict = {}
     for size in args.lm_sizes:
         made = run_case("lm_data", str(size), folder, timeout=1800)
@@ -570,7 +571,8 @@ def case_load(path: str, mode: str) -> dict:
         for batch in batches:
             rows += len(batch["query"])
     return {"seconds": phase.seconds, "cpu_s": phase.cpu_seconds, "peak_bytes": phase.peak_growth,
-            "anon_peak_bytes": phase.anon_peak_growth, "rows": rows, "file_bytes": os.path.getsize(path), "shards": shards}
+            "anon_peak_bytes": phase.anon_peak_growth, "rows": rows, "file_bytes": os.path.getsize(path),
+            "shards": shards}
 
 
 # ---- CLR builder and HTTP translator (issue 11) ---------------------------------------------------------------------
@@ -1247,9 +1249,10 @@ def main(argv: list[str] | None = None) -> None:
         folder = tempfile.mkdtemp(prefix="conan-weak-", dir=os.environ.get("SCALE_TMP"))
         model_dir = os.path.join(folder, "tiny-model")
         tiny = run_case("tinymodel", model_dir)
-        emit(f"## (weak) stage 3 data path: conan_hf.stages.weak.run --max_steps 2 (batch 64, max_seq_length 32, tiny random "
-             f"Conan model, {tiny.get('params', 0):,} parameters), JSONL instruction/input/output rows, 4 "
-             "instructions; fresh process and empty datasets cache per run; peak RSS growth over the run")
+        emit(f"## (weak) stage 3 data path: conan_hf.stages.weak.run --max_steps 2 (batch 64, "
+             f"max_seq_length 32, tiny random Conan model, {tiny.get('params', 0):,} parameters), "
+             "JSONL instruction/input/output rows, 4 instructions; fresh process and empty datasets cache per run; "
+             "peak RSS growth over the run")
         emit(f"{stamp}; old: git {args.weak_old_ref}")
         emit("rows       file MB  mode    pairs trained on  wall s  CPU s  peak RSS growth  peak B/row  "
              "peak anon growth")

@@ -6,8 +6,8 @@
     # CPU smoke run (tiny preset):
     python benchmarks/train_throughput.py --model tiny
 
-Each run trains the real stage-4 code (`conan_hf.stages.supervised.run`) on synthetic retrieval rows (query, positive and 7
-hard negatives, every text exactly ``--seq-length`` tokens) twice:
+Each run trains the real stage-4 code (`conan_hf.stages.supervised.run`) on synthetic retrieval rows (query, positive
+and 7 hard negatives, every text exactly ``--seq-length`` tokens) twice:
 
 - ``recipe``: InfoNCE + 7 hard negatives + DHNM + Matryoshka (what stage 4 does);
 - ``baseline``: the same model, batches and optimizer with plain InfoNCE (no DHNM, no Matryoshka),

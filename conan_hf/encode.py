@@ -475,7 +475,8 @@ class _NpyRowWriter:
         os.close(self.fd)
 
 
-def encode(model: str | SentenceTransformer, sentences: str | Sequence[str], **kwargs: Any) -> np.ndarray | torch.Tensor:
+def encode(model: str | SentenceTransformer, sentences: str | Sequence[str],
+           **kwargs: Any) -> np.ndarray | torch.Tensor:
     """One-shot :meth:`FastEncoder.encode`; constructor options (``dtype``, ``token_budget``, ``truncation``, ...)
     may be mixed into ``kwargs``. Prefer a :class:`FastEncoder` to embed several lists with one model."""
     constructor = {k: kwargs.pop(k) for k in ("device", "dtype", "attn_implementation", "token_budget",

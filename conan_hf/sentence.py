@@ -262,7 +262,8 @@ def build_sentence_transformer(
 
     ```python
     >>> from conan_hf import ConanConfig, build_sentence_transformer
-    >>> model = build_sentence_transformer(ConanConfig.tiny(), prompts={"query": format_query_prompt("find the answer")})
+    >>> model = build_sentence_transformer(ConanConfig.tiny(),
+    ...                                    prompts={"query": format_query_prompt("find the answer")})
     >>> model.save("conan-tiny")
     >>> from sentence_transformers import SentenceTransformer
     >>> SentenceTransformer("conan-tiny", trust_remote_code=True).encode(["hello", "你好"]).shape
@@ -342,7 +343,8 @@ def _resolve_tokenizer(tokenizer, path, vocab_size: int) -> PreTrainedTokenizerB
         tok = demo_tokenizer(vocab_size=min(vocab_size, 4096))
     if len(tok) > vocab_size:
         raise ValueError(
-            f"The tokenizer has {len(tok)} tokens but the model's vocab_size is {vocab_size}; pass a matching tokenizer."
+            f"The tokenizer has {len(tok)} tokens but the model's vocab_size is {vocab_size}; "
+            "pass a matching tokenizer."
         )
     return tok
 

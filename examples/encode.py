@@ -30,7 +30,8 @@ def main() -> None:
 
         encoder = FastEncoder(build_sentence_transformer(
             ConanConfig.tiny(), max_seq_length=128,
-            prompts={"query": "Instruct: Given a question, retrieve passages that answer it\nQuery:\n", "document": ""}))
+            prompts={"query": "Instruct: Given a question, retrieve passages that answer it\nQuery:\n",
+                     "document": ""}))
 
     documents = [
         "Paris is the capital and most populous city of France.",

@@ -30,10 +30,11 @@ LOGGER = "conan_hf.modeling_conan"
 # ----------------------------------------------------------------------------------------------------------- helpers
 
 
-def naive_m(length: int, alpha: float, l: int | None = None) -> list[list[float]]:
-    """Eq.4 straight from the definition: rows i (queries), columns j (keys), 1-based; l defaults to `length`."""
-    l = length if l is None else l
-    return [[1.0 if i >= j else min(alpha * l / i, 1.0) for j in range(1, length + 1)]
+def naive_m(length: int, alpha: float, span: int | None = None) -> list[list[float]]:
+    """Eq.4 straight from the definition: rows i (queries), columns j (keys), 1-based; Eq.4's l is `span`, which
+    defaults to `length`."""
+    span = length if span is None else span
+    return [[1.0 if i >= j else min(alpha * span / i, 1.0) for j in range(1, length + 1)]
             for i in range(1, length + 1)]
 
 

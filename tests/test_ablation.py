@@ -109,7 +109,7 @@ def test_smoke_run_writes_tables_that_equal_its_measurements(tmp_path):
     result = json.loads((results / "ablation_smoke.json").read_text(encoding="utf-8"))
     metrics = ("sts_en", "sts_zh", "xsts", "scifact_ndcg10", "xquad_r20", "tatoeba_acc")
     assert set(result["runs"]) == {"SM", "SM+CLR+DHNM"}
-    for variant, by_seed in result["runs"].items():
+    for by_seed in result["runs"].values():
         assert set(by_seed) == {"0", "1"}
         for scores in by_seed.values():
             assert set(scores) == set(metrics)
@@ -194,7 +194,8 @@ def test_minilm_summary_gives_mean_std_over_seeds_and_the_verdict_against_the_ba
     assert inbatch[1] == "3"
     assert inbatch[2] == "80.00 ± 1.00 (Δ base +0.00: no change beyond seed noise)"
     assert inbatch[3] == "76.00 ± 1.00 (Δ base +6.00: improves)"
-    assert _table_row(table, "| model", "DHNM (`dhnm: true`)")[2].endswith("(Δ base -10.00: one seed: no noise estimate)")
+    assert _table_row(table, "| model", "DHNM (`dhnm: true`)")[2].endswith(
+        "(Δ base -10.00: one seed: no noise estimate)")
     assert "static mined" not in table
 
 
@@ -220,7 +221,8 @@ def test_paper_numbers_equal_the_papers_text():
     # Table 12 (App. C).
     block = text.split("Table 12: Results of different soft mask functions")[0].rsplit("Function Multi Eng Zh", 1)[1]
     table12 = {name.lower(): tuple(map(float, nums)) for name, *nums in
-               re.findall(rf"^(Linear|Accelerating|Decelerating) {number} {number} {number}$", block, flags=re.MULTILINE)}
+               re.findall(rf"^(Linear|Accelerating|Decelerating) {number} {number} {number}$", block,
+                          flags=re.MULTILINE)}
     assert harness.PAPER_TABLE12 == table12
     assert table12 == {"linear": (61.73, 70.41, 70.99), "accelerating": (61.50, 70.51, 70.81),
                        "decelerating": (61.43, 70.01, 70.37)}

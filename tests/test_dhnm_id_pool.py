@@ -61,7 +61,7 @@ def test_id_pool_makes_the_same_decisions_as_the_text_pool(tmp_path, table_kind)
     np.testing.assert_array_equal(by_id.pool_sizes, [len(t) for t in texts])
 
     rng = np.random.default_rng(1)
-    for step in range(12):
+    for _step in range(12):
         rows = rng.choice(len(texts), size=10, replace=True)
         negs = by_text.active[rows].astype(np.int64)
         negs[rng.random(negs.shape) < 0.1] = 8  # sometimes not active (stale)

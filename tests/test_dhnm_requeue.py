@@ -105,7 +105,7 @@ def carried_replacements(batches, pool):
             if rank >= initial[label[0]]}
 
 
-# ---- the schedule -----------------------------------------------------------------------------------------------------
+# ---- the schedule ----------------------------------------------------------------------------------------------------
 def test_schedule_enters_rows_for_later_batches_of_their_task_with_a_cap():
     schedule = RequeueSchedule(max_rows=2)
     # Two tasks: dataset indices 0-5 (pool rows 0-5) and 6-9 (pool rows 6-9); pool row 10 is not trained.
@@ -141,7 +141,7 @@ def test_schedule_enters_rows_for_later_batches_of_their_task_with_a_cap():
         RequeueSchedule(max_rows=0)
 
 
-# ---- real Trainer runs ------------------------------------------------------------------------------------------------
+# ---- real Trainer runs -----------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_replacement_made_in_the_first_epoch_trains_in_that_epoch(tiny_model_dir, tmp_path):
     # S0 < 2 holds for every cosine: each negative is replaced at its first scoring (the S0 clause).

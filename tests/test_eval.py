@@ -433,7 +433,8 @@ def test_mkqa_jsonl_relevance_by_answer_containment(tmp_path):
     ]), encoding="utf-8")
     mkqa = tmp_path / "mkqa.jsonl"
     mkqa.write_text("\n".join(json.dumps(d) for d in [
-        {"example_id": 1, "query": "capital of france", "queries": {"en": "capital of france", "de": "Hauptstadt von Frankreich"},
+        {"example_id": 1, "query": "capital of france", "queries": {"en": "capital of france",
+                                                                      "de": "Hauptstadt von Frankreich"},
          "answers": {"en": [{"type": "entity", "text": "Paris", "aliases": []}]}},
         {"example_id": 2, "query": "longest river", "queries": {"en": "longest river", "de": "längster Fluss"},
          "answers": {"en": [{"type": "entity", "text": "Amazon", "aliases": ["the nile"]}]}},

@@ -46,7 +46,7 @@ def _prompt_warnings(caught, records) -> list[str]:
     return [m for m in messages if "is not valid" in m or "not in the expected format" in m]
 
 
-# ---- the saved names ---------------------------------------------------------------------------------------------------
+# ---- the saved names -------------------------------------------------------------------------------------------------
 def test_saved_prompt_names_are_keys_mteb_accepts(caplog):
     from mteb.models.abs_encoder import AbsEncoder
 
@@ -74,7 +74,7 @@ def test_split_is_read_from_the_file_name():
     assert split_from_name("pairs.jsonl") == "test"
 
 
-# ---- a folder saved as stage 4 saves it: conan-eval = plain mteb = hand --------------------------------------------------
+# ---- a folder saved as stage 4 saves it: conan-eval = plain mteb = hand ----------------------------------------------
 def test_conan_eval_uses_the_saved_sts_prompt_like_mteb_and_by_hand(tiny_model_dir, shared_data_dir, tmp_path,
                                                                     capsys, caplog):
     from sentence_transformers import SentenceTransformer
@@ -129,7 +129,7 @@ def test_conan_eval_uses_the_saved_sts_prompt_like_mteb_and_by_hand(tiny_model_d
         assert json.loads((tmp_path / "out" / name / "summary.json").read_text())["tasks"][0]["splits"] == ["dev"]
 
 
-# ---- the acceptance: a MiniLM stage-4 model whose STS task had no prompt ----------------------------------------------
+# ---- the acceptance: a MiniLM stage-4 model whose STS task had no prompt ---------------------------------------------
 @pytest.fixture(scope="module")
 def minilm_stage4(shared_data_dir, tmp_path_factory):
     """A few steps of stage 4 on all-MiniLM-L6-v2: SciFact train queries (with a prompt, from the BEIR folder's

@@ -290,7 +290,8 @@ def test_languages_are_read_from_the_training_data(model_dir, tmp_path):
     english = _jsonl(tmp_path / "en.jsonl", [{"query": f"What is the name of item {i}?",
                                               "positive": f"The item number {i} is called a widget, and it is blue."}
                                              for i in range(30)])
-    chinese = _jsonl(tmp_path / "zh.jsonl", [{"query": f"第{i}个物品叫什么名字？", "positive": f"第{i}个物品叫小部件，它是蓝色的。"}
+    chinese = _jsonl(tmp_path / "zh.jsonl", [{"query": f"第{i}个物品叫什么名字？",
+                                              "positive": f"第{i}个物品叫小部件，它是蓝色的。"}
                                              for i in range(30)])
     german = _jsonl(tmp_path / "de.jsonl", [{"query": f"Wie heißt der Gegenstand Nummer {i}?",
                                              "positive": f"Der Gegenstand Nummer {i} heißt Widget und ist blau."}

@@ -46,7 +46,8 @@ def _run_card_snippets(card: str, cwd: Path, model_name: str, remote_code: bool)
         code = block
         if "AutoModel" in block:  # the transformers recipe must give sentence-transformers' embeddings
             code += ("\nfrom sentence_transformers import SentenceTransformer as _ST\n"
-                     f"_ref = _ST({model_name!r}, trust_remote_code={remote_code}).encode(texts, convert_to_tensor=True)\n"
+                     f"_ref = _ST({model_name!r}, trust_remote_code={remote_code})"
+                     ".encode(texts, convert_to_tensor=True)\n"
                      "assert torch.allclose(embeddings, _ref, atol=1e-5), (embeddings - _ref).abs().max()\n")
         result = subprocess.run([sys.executable, "-c", code], env=_env(), cwd=cwd,
                                 stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)

@@ -1,7 +1,7 @@
 """Issue 11 (scale) pieces: batched SFT preprocessing and FastEncoder's memory-mapped output.
 
-The DHNM state format and its per-step update are tested in tests/test_dhnm_state.py and tests/test_dhnm_pool.py; the figures at 100k-10M examples are
-measured by benchmarks/scale.py, not here.
+The DHNM state format and its per-step update are tested in tests/test_dhnm_state.py and tests/test_dhnm_pool.py; the
+figures at 100k-10M examples are measured by benchmarks/scale.py, not here.
 """
 
 from __future__ import annotations

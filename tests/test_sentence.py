@@ -39,7 +39,8 @@ def test_saved_directory_loads_and_encodes_unit_vectors(saved_dir):
 
 
 def test_truncate_dim_returns_prefix_of_the_full_embedding(saved_dir):
-    full = SentenceTransformer(str(saved_dir), trust_remote_code=True).encode(["a cat sleeps"], normalize_embeddings=False)
+    full = SentenceTransformer(str(saved_dir), trust_remote_code=True).encode(["a cat sleeps"],
+                                                                              normalize_embeddings=False)
     short = SentenceTransformer(str(saved_dir), trust_remote_code=True, truncate_dim=32).encode(
         ["a cat sleeps"], normalize_embeddings=False)
     assert short.shape == (1, 32)

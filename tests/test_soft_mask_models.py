@@ -66,7 +66,7 @@ def test_eager_sdpa_and_flex_agree_with_the_naive_reference(kind, caplog):
         for alpha in (0.1, 0.5, 0.9):
             reference = naive_reference(kind, ids, mask, alpha)
             assert (reference - causal)[mask.bool()].abs().max() > 1e-3
-            for impl, model in models.items():
+            for model in models.values():
                 set_soft_mask_alpha(model, alpha)
                 with torch.no_grad(), caplog.at_level(logging.INFO, logger=LOGGER):
                     out = run(model, ids, mask)
@@ -184,7 +184,8 @@ def test_packed_documents_each_equal_the_document_alone(kind):
                 for row, start, n in document_spans():
                     alone = run(model, ids[row: row + 1, start: start + n], torch.ones(1, n, dtype=torch.long))
                     torch.testing.assert_close(packed[row, start: start + n], alone[0], atol=1e-5, rtol=1e-5,
-                                               msg=lambda m: f"{impl} {option} alpha={alpha} row {row}: {m}")
+                                               msg=lambda m, where=f"{impl} {option} alpha={alpha} row {row}":
+                                               f"{where}: {m}")
             assert torch.isfinite(packed).all()
 
 

@@ -1,5 +1,6 @@
 """The data layer (conan_hf/data/sources.py): memory-mapped and streamed reading give the same rows, ranks split a
-stream exactly, ``limit`` stops reading early, formats (glob, .gz, Parquet, JSON lines in .json) and file:line errors."""
+stream exactly, ``limit`` stops reading early, formats (glob, .gz, Parquet, JSON lines in .json) and file:line
+errors."""
 
 from __future__ import annotations
 

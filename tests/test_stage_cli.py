@@ -20,7 +20,8 @@ import yaml
 
 from helpers import REPO, _env
 
-STAGES = {"tokenizer": ("conan_hf.stages.tokenizer", "TokenizerConfig"), "pretrain": ("conan_hf.stages.pretrain", "PretrainConfig"),
+STAGES = {"tokenizer": ("conan_hf.stages.tokenizer", "TokenizerConfig"),
+          "pretrain": ("conan_hf.stages.pretrain", "PretrainConfig"),
           "sft": ("conan_hf.stages.sft", "SFTConfig"), "weak": ("conan_hf.stages.weak", "WeakConfig"),
           "supervised": ("conan_hf.stages.supervised", "SupervisedConfig")}
 
@@ -53,7 +54,8 @@ def test_stage_help_lists_every_option_with_meaning_and_defaults(capsys, monkeyp
             parse_config(cls, stage, ["--help"])
         assert exit_info.value.code == 0
         lines = _option_entries(capsys.readouterr().out)
-        shipped = yaml.safe_load((REPO / "conan_hf" / "stages" / "configs" / f"{stage}.yaml").read_text(encoding="utf-8"))
+        shipped = yaml.safe_load((REPO / "conan_hf" / "stages" / "configs" / f"{stage}.yaml")
+                                 .read_text(encoding="utf-8"))
         tiny = shipped.pop("presets")["tiny"]
         for field in dataclasses.fields(cls):
             line = next((x for x in lines if x.startswith(f"--{field.name} ")), None)
@@ -128,7 +130,8 @@ def test_missing_stage_inputs_say_how_to_make_them(tmp_path, monkeypatch):
     cwd = tmp_path / "fresh"
     cwd.mkdir()
     # the README's one-stage commands in a fresh folder: one line each, exit code 2, no Hub lookup
-    pretrain = subprocess.run([sys.executable, "-m", "conan_hf.stages.pretrain", "--preset", "tiny", "--max_steps", "20"],
+    pretrain = subprocess.run([sys.executable, "-m", "conan_hf.stages.pretrain", "--preset", "tiny",
+                               "--max_steps", "20"],
                               env=_env(), cwd=cwd, capture_output=True, text=True, timeout=120)
     assert pretrain.returncode == 2, pretrain.stderr[-2000:]
     assert pretrain.stderr.strip().splitlines()[-1] == (

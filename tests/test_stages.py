@@ -119,7 +119,7 @@ def test_sft_loss_counts_only_response_tokens(word_tokenizer):
     model = ConanForCausalLM(ConanConfig.tiny(vocab_size=64, pad_token_id=2, use_cache=False))
     out = model(**batch)
     terms = []
-    for b, ex in enumerate(examples):
+    for ex in examples:
         ids, n_prompt = ex["input_ids"], ex["labels"].count(-100)
         logits = model(input_ids=torch.tensor([ids])).logits[0]
         # token t is predicted from position t-1; only response tokens (t >= n_prompt) count

@@ -280,8 +280,8 @@ model_dir, pattern, out = sys.argv[1:4]
 pairs = weak.load_pairs([{"path": pattern, "streaming": True}])  # this rank's files (split_dataset_by_node)
 model = SentenceTransformer(model_dir)
 args = SentenceTransformerTrainingArguments(output_dir=out + "/run", per_device_train_batch_size=4, max_steps=2,
-                                            dataloader_drop_last=False, report_to="none", save_strategy="no", use_cpu=True,
-                                            accelerator_config={"dispatch_batches": False})
+                                            dataloader_drop_last=False, report_to="none", save_strategy="no",
+                                            use_cpu=True, accelerator_config={"dispatch_batches": False})
 trainer = weak.WeakTrainer(model=model, args=args, train_dataset=weak.stream_instruction_batches(pairs, 4),
                            loss=InfoNCELoss(model), data_collator=weak.InstructionPromptCollator(model.preprocess))
 loader = trainer.get_train_dataloader()

@@ -29,7 +29,7 @@ def _config(cls=SupervisedConfig, stage="supervised", **overrides):
     return load_config(cls, preset="tiny", stage=stage, overrides={"output_dir": "/tmp/unused", **overrides})
 
 
-# ---- fp16 -------------------------------------------------------------------------------------------------------------
+# ---- fp16 ------------------------------------------------------------------------------------------------------------
 def test_fp16_reaches_training_arguments():
     from transformers import TrainingArguments
 
@@ -62,7 +62,7 @@ def test_options_a_run_does_not_use_leave_its_fingerprint_alone():
     assert _config(push_to_hub=True, hub_model_id="me/m", hub_private_repo=True).fingerprint() == config.fingerprint()
 
 
-# ---- Hub options --------------------------------------------------------------------------------------------------------
+# ---- Hub options -----------------------------------------------------------------------------------------------------
 def test_hub_options_reach_training_arguments():
     from sentence_transformers import SentenceTransformerTrainingArguments
 
@@ -76,7 +76,7 @@ def test_hub_options_reach_training_arguments():
     assert (defaults["push_to_hub"], defaults["hub_model_id"], defaults["hub_private_repo"]) == (False, None, None)
 
 
-# ---- no FutureWarning from the project's arguments -----------------------------------------------------------------------
+# ---- no FutureWarning from the project's arguments -------------------------------------------------------------------
 @pytest.mark.parametrize("stage", sorted(STAGE_CONFIGS))
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_training_arguments_raise_no_future_warning(stage, checkpointing):
@@ -86,7 +86,8 @@ def test_training_arguments_raise_no_future_warning(stage, checkpointing):
     from transformers import TrainingArguments
 
     config = load_config(STAGE_CONFIGS[stage], stage=stage,
-                         overrides={"output_dir": "/tmp/unused", "bf16": False, "gradient_checkpointing": checkpointing})
+                         overrides={"output_dir": "/tmp/unused", "bf16": False,
+                                    "gradient_checkpointing": checkpointing})
     cls = SentenceTransformerTrainingArguments if stage in ("weak", "supervised") else TrainingArguments
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
@@ -96,7 +97,7 @@ def test_training_arguments_raise_no_future_warning(stage, checkpointing):
         assert args.activation_checkpointing is checkpointing
 
 
-# ---- evaluation during training ----------------------------------------------------------------------------------------
+# ---- evaluation during training --------------------------------------------------------------------------------------
 def test_evaluation_options_that_do_not_fit_are_one_line_naming_the_option():
     cases = [({"eval_strategy": "steps"}, "--eval_strategy steps needs dev data"),
              ({"eval_strategy": "sometimes", "eval_data": {"sts": ["demo"]}}, "--eval_strategy must be"),

@@ -357,7 +357,7 @@ def test_openai_window_does_not_wait_for_slow_requests_and_reuses_connections(tm
     assert server.connections == connections <= workers
     # The mechanism, independent of the machine's load: later batches are served during each slow request.
     row_of = {query: int(query.rsplit(" ", 1)[1]) for query, _, _ in server.served}
-    for query, slow_start, slow_end in (entry for entry in server.served if entry[0].startswith("slow")):
+    for query, _slow_start, slow_end in (entry for entry in server.served if entry[0].startswith("slow")):
         later = [q for q, start, _ in server.served if row_of[q] // batch > row_of[query] // batch and start < slow_end]
         assert len(later) >= workers, (query, len(later))
     # And the time: about the ideal (1.7 s), well under one slow request per batch after the other (3.2 s).

@@ -16,8 +16,8 @@ report is rewritten after every section, so even a run killed at its limit leave
    layers (hidden 3584, 32 query / 8 KV heads), and peak memory at L = 32768. Goals <= 1.15x time, <= 1.1x memory.
 3. encode: the full ConanConfig() architecture (random weights, bf16) at sequence 512 and at a real-length mix:
    FastEncoder against SentenceTransformer.encode in bf16; tokens/s, MFU. Goals >= 1.5x ST bf16, >= 50% MFU.
-4. train: supervised-stage (stage 4, `conan_hf.stages.supervised.run`) steps of the full architecture, bf16 autocast, gradient
-   checkpointing, AdamW (DeepSpeed ZeRO-1 only when importable); tokens/s, MFU, peak memory. Goal >= 40% MFU.
+4. train: supervised-stage (stage 4, `conan_hf.stages.supervised.run`) steps of the full architecture, bf16 autocast,
+   gradient checkpointing, AdamW (DeepSpeed ZeRO-1 only when importable); tokens/s, MFU, peak memory. Goal >= 40% MFU.
 5. ablation: `benchmarks/ablation.py --scale gpu` with the time left, when that script exists.
 
 `--smoke` runs the same code on CPU with tiny configs (< 2 minutes). On CPU torch's flex attention has no backward,
@@ -636,18 +636,19 @@ def run_encode(ctx: Context, budget: Budget) -> dict:
         encoder.model.max_seq_length = max_len
         lengths = np.minimum(encoder.token_lengths(texts), max_len)
         tokens = int(lengths.sum())
-        baseline = lambda: st_model.encode(texts, convert_to_tensor=True, show_progress_bar=False)  # noqa: E731
-        ours = lambda: encoder.encode(texts, convert_to_tensor=True)  # noqa: E731
         st_model.encode(texts[:64], show_progress_bar=False)  # warm-up: kernels, allocator
         encoder.encode(texts[:64])
         base_times, our_times = [], []
         for i in range(rounds):
             if i and budget.left() < 0:
                 break
-            for fn, times in ((baseline, base_times), (ours, our_times)):
+            for times in (base_times, our_times):  # called inline: no closure keeps the models after the `del`
                 sync(device)
                 start = time.perf_counter()
-                fn()
+                if times is base_times:
+                    st_model.encode(texts, convert_to_tensor=True, show_progress_bar=False)
+                else:
+                    encoder.encode(texts, convert_to_tensor=True)
                 sync(device)
                 times.append(time.perf_counter() - start)
         base_s, ours_s = min(base_times), min(our_times)

@@ -27,8 +27,8 @@ just received a replacement are assigned to upcoming batches of their task in th
 :class:`~conan_hf.dhnm.requeue.RequeueBatchSampler` appending the rows when it draws a batch; one re-visit per
 replacement, at most ``requeue_rows`` re-queued rows per batch, the number of batches unchanged). Rows only join
 batches that no rank has drawn yet, in any process layout, and the entries are saved in every checkpoint, so resume
-stays exact and every rank appends the same rows (see the module; ``docs/dhnm_requeue.md`` gives the reasons). A trainer must draw its training
-batches through the sampler: :class:`conan_hf.training.multitask.MultiTaskTrainer` (or
+stays exact and every rank appends the same rows (see the module; ``docs/dhnm_requeue.md`` gives the reasons). A trainer
+must draw its training batches through the sampler: :class:`conan_hf.training.multitask.MultiTaskTrainer` (or
 :class:`~conan_hf.training.multitask.DHNMRequeueMixin`) does; with a plain ``SentenceTransformerTrainer`` nothing is
 re-queued (a warning says so). Counted per step and in ``DHNMCallback.replacement_summary()``: ``replaced`` (made),
 ``used`` (a later batch carried the replacement; the loss scored it), both also by the clause that made the

@@ -28,7 +28,8 @@ class DHNMDataCollator(SentenceTransformerDataCollator):
     :class:`conan_hf.losses.InfoNCELoss` uses to mask empty slots and to key its score record.
 
     The pool is read at batching time, so replacements made by :class:`~conan_hf.dhnm.callback.DHNMCallback` show up the
-    next time the example is batched (a re-queued visit later in the epoch, or its next epoch; see :mod:`conan_hf.dhnm`).
+    next time the example is batched (a re-queued visit later in the epoch, or its next epoch; see
+    :mod:`conan_hf.dhnm`).
     This needs the collator to run in the training process: keep ``dataloader_num_workers=0`` (the callback checks).
 
     Args:

@@ -77,7 +77,8 @@ class RequeueSchedule:
 
     def __init__(self, max_rows: int | None = None) -> None:
         if max_rows is not None and (not isinstance(max_rows, int) or max_rows < 1):
-            raise ValueError(f"max_rows (re-queued rows per batch) must be a positive integer or None, got {max_rows!r}")
+            raise ValueError("max_rows (re-queued rows per batch) must be a positive integer or None, "
+                             f"got {max_rows!r}")
         self.max_rows = max_rows
         self.attached = False
         self.epoch = -1

@@ -34,7 +34,8 @@ _SCRIPT_LANGUAGES = {"HIRAGANA": "ja", "KATAKANA": "ja", "HANGUL": "ko", "CJK": 
                      "THAI": "th"}
 #: English function words; in English running text they are a quarter or more of the words, in German, French,
 #: Spanish and other Latin-script languages a few percent.
-_ENGLISH_WORDS = frozenset(["the", "of", "and", "to", "is", "that", "for", "with", "are", "this", "from", "which", "have", "it", "by", "on", "as", "be", "not", "or"])
+_ENGLISH_WORDS = frozenset(["the", "of", "and", "to", "is", "that", "for", "with", "are", "this", "from", "which",
+                            "have", "it", "by", "on", "as", "be", "not", "or"])
 _ENGLISH_SHARE = 0.10
 #: A language is listed when at least this share of a source's sampled texts is in it.
 _LANGUAGE_SHARE = 0.05

@@ -4,8 +4,8 @@
 
 Documents are tokenised as ``<bos> text <eos>``, concatenated and cut into blocks of ``seq_length`` tokens
 (:func:`pack_documents`; for a dataset :func:`pack_dataset`: a batched ``map`` over the memory-mapped rows, or lazily
-over a ``streaming: true`` source, whose position each checkpoint saves, see :mod:`conan_hf.training.streaming`). Position ids
-restart at every document start, and the batch carries no attention mask, so
+over a ``streaming: true`` source, whose position each checkpoint saves, see :mod:`conan_hf.training.streaming`).
+Position ids restart at every document start, and the batch carries no attention mask, so
 transformers' packed-sequence masking (``find_packed_sequence_indices``) makes attention block-diagonal: no token sees
 another document. Paper defaults: AdamW, learning rate 1e-4, warm-up 5%, weight decay 0.001.
 

@@ -144,8 +144,8 @@ class SupervisedConfig(StageConfig):
                                             "SentenceTransformer; ``None``: ``lasttoken`` with causal attention, else "
                                             "``mean`` (a SentenceTransformer keeps its saved pooling).")
     attention_mode: str = option("bidirectional", help="``bidirectional`` (a stock decoder gets transformers' "
-                                 "``is_causal=False``) or ``causal`` (the e5-mistral / gte-Qwen2 style, with last-token "
-                                 "pooling and right padding). Encoders (BERT-like) are bidirectional only.")
+                                 "``is_causal=False``) or ``causal`` (the e5-mistral / gte-Qwen2 style, with "
+                                 "last-token pooling and right padding). Encoders (BERT-like) are bidirectional only.")
     max_seq_length: int = option(512, help="texts are truncated to this many tokens.")
     multi_dataset_sampler: str = option("proportional", help="``proportional`` (tasks sampled in proportion to their "
                                                              "size) or ``round_robin``.")
@@ -316,7 +316,8 @@ class SupervisedRunner(StageRunner):
         config, prompts = self.config, self.prompts
         model = load_sentence_model(config.model, attention_mode=config.attention_mode, pooling=config.pooling,
                                     max_seq_length=config.max_seq_length,
-                                    prompts=mteb_prompt_names((t.name, t.type, prompts.get(t.name)) for t in self.tasks))
+                                    prompts=mteb_prompt_names((t.name, t.type, prompts.get(t.name))
+                                                              for t in self.tasks))
         self.attention = describe_attention(model)
         if config.attention_mode == "causal" and self.attention["pooling"] != "lasttoken":
             logger.warning("stage 4: causal attention with %s pooling: only the last token sees the whole text; "
@@ -405,8 +406,8 @@ class SupervisedRunner(StageRunner):
                      if t.name in prompts else {} for t in self.tasks},
             multi_dataset_batch_sampler={"proportional": ProportionalTaskSampler,
                                          "round_robin": RoundRobinTaskSampler}[self.config.multi_dataset_sampler],
-            # Each task's sampler keeps its last, smaller batch (MultiTaskTrainer); dropping only applies to accelerate's
-            # sharding of whole batches over processes, as for any Trainer.
+            # Each task's sampler keeps its last, smaller batch (MultiTaskTrainer); dropping only applies to
+            # accelerate's sharding of whole batches over processes, as for any Trainer.
             dataloader_drop_last=True,
         )
 

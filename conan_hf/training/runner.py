@@ -179,7 +179,8 @@ class StageRunner:
         def main(argv: list[str] | None = None) -> None:
             cls.main(argv, description=description)
 
-        run.__doc__ = f"Train the {cls.stage} stage with ``config`` (a ``{cls.config_class.__name__}``); returns its summary."
+        run.__doc__ = (f"Train the {cls.stage} stage with ``config`` (a ``{cls.config_class.__name__}``); "
+                       "returns its summary.")
         main.__doc__ = f"``conan-train {cls.stage} [options]`` (see ``--help``)."
         return run, main
 
