@@ -7,6 +7,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# Where PyTorch comes from: empty = PyPI (the CUDA build on Linux x86_64); e.g. https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 PIP_SPEC ?= pip==26.3
 LOCK := requirements/lock.txt
 BIN := $(VENV)/bin
@@ -23,7 +25,7 @@ $(BIN)/.installed: setup.cfg pyproject.toml $(LOCK)
 	$(BIN)/pip install --quiet "$(PIP_SPEC)"
 	# PyTorch first, so no CUDA wheels are pulled on CPU machines; the lock pins it without a local label, so a
 	# TORCH_SPEC of the same version with +cu128 etc. satisfies it too.
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -r $(LOCK)
 	$(BIN)/pip install --quiet --no-deps -e .
 	$(BIN)/python -m pip check
@@ -43,7 +45,7 @@ lock:
 	rm -rf .lock-venv
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet "$(PIP_SPEC)"
-	.lock-venv/bin/pip install --quiet "$(TORCH_SPEC)"
+	.lock-venv/bin/pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	.lock-venv/bin/pip install --quiet -e ".[dev]"
 	.lock-venv/bin/python requirements/freeze_lock.py $(LOCK)
 	rm -rf .lock-venv
