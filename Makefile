@@ -23,8 +23,8 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/conan-hf/torch_extensions
 $(BIN)/.installed: setup.cfg pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(PIP_SPEC)"
-	# PyTorch first, so no CUDA wheels are pulled on CPU machines; the lock pins it without a local label, so a
-	# TORCH_SPEC of the same version with +cu128 etc. satisfies it too.
+	# PyTorch first, from TORCH_INDEX when set; the lock pins it without a local label, so a +cpu or +cu128 build
+	# of the same version satisfies it.
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -r $(LOCK)
 	$(BIN)/pip install --quiet --no-deps -e .
