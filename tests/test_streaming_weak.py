@@ -290,6 +290,8 @@ batches = sum(1 for _ in loader)
 trainer.train()
 with open(f"{out}/rank{state.process_index}.json", "w") as handle:
     json.dump({"world": args.world_size, "rows": rows, "batches": batches, "step": trainer.state.global_step}, handle)
+state.wait_for_everyone()
+torch.distributed.destroy_process_group()  # before interpreter exit, so no gloo thread is left running at teardown
 """
 
 
