@@ -241,6 +241,8 @@ DDP_SCRIPT = textwrap.dedent(
     }
     with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(state, f)
+    dist.barrier()
+    dist.destroy_process_group()  # before interpreter exit, so no gloo thread is left running at teardown
     """
 )
 
