@@ -21,7 +21,7 @@ COUNTS = ("checked", "replaced", "used", "pool_exhausted", "nan_scores", "stale"
 
 
 def naive_apply(active, s0, cursor, pool_sizes, rows, negs, scores, s0_min=0.4, drop_ratio=1.2, s_max=0.7,
-                fresh=None, reason=None):
+                fresh=None, reason=None, score_baseline=0.0):
     """Loop reference for NegativePool.apply_scores (mutates its arguments, returns counts). ``fresh`` (same shape
     as ``active``) marks replacements not carried yet; None keeps its own all-False array. ``reason`` (same shape,
     str) records which clause of eq. 6 made each slot's replacement; None keeps its own."""
@@ -50,7 +50,8 @@ def naive_apply(active, s0, cursor, pool_sizes, rows, negs, scores, s0_min=0.4, 
             counts["checked"] += 1
             if math.isnan(s0[row, slot]):
                 s0[row, slot] = score
-            first = s0[row, slot]
+            b = score_baseline  # eq. 6 on (S - b) / (1 - b); b = 0 is the paper's rule on S itself
+            first, score = (s0[row, slot] - b) / (1 - b), (score - b) / (1 - b)
             if first < s0_min or (drop_ratio * score < first and score < s_max):
                 if cursor[row] < pool_sizes[row]:
                     active[row, slot] = cursor[row]

@@ -199,3 +199,25 @@ def test_dhnm_passes_counts_visits_per_example():
     assert SupervisedConfig().num_train_epochs == 2  # the stage-4 default lets DHNM act
     # (40 // 4 + 64 // 32) = 12 batches per epoch, shared by 2 ranks: 6 steps; 9 steps = 1.5 passes.
     assert dhnm_passes(SupervisedConfig(max_steps=9), args, rows, sizes) == 1.5
+
+
+@pytest.mark.slow
+def test_stage4_dhnm_score_baseline_reaches_eq6(tiny_model_dir, tmp_path):
+    """``dhnm_score_baseline`` b is applied by the stage's DHNM: with the paper's thresholds and b = 0.999, a negative
+    whose first cosine is below 0.9994 rescales below 0.4 and is replaced at once, exactly as with ``s0_min`` 2 and
+    no rescaling; the two runs make the same replacements and end with the same weights."""
+    from conan_hf.stages import supervised
+
+    data_file = tmp_path / "qa.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in _stage4_rows()))
+    threads = torch.get_num_threads()
+    try:
+        rescaled = supervised.run(_stage4_config(tiny_model_dir, data_file, tmp_path / "b", dhnm_s0_min=0.4,
+                                                 dhnm_score_baseline=0.999))
+        every = supervised.run(_stage4_config(tiny_model_dir, data_file, tmp_path / "all"))  # s0_min = 2
+    finally:
+        torch.set_num_threads(threads)
+    assert rescaled["dhnm"]["replaced"] == every["dhnm"]["replaced"] == 32  # 8 examples x 2 slots x 2 epochs
+    assert rescaled["dhnm"]["replaced_low_s0"] == 32
+    a, b = _weights(rescaled["final_dir"]), _weights(every["final_dir"])
+    assert all(torch.equal(a[k], b[k]) for k in a)

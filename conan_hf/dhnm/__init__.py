@@ -83,10 +83,13 @@ from .contract import (
 )
 from .pool import NegativePool, dhnm_should_replace
 from .requeue import RequeueBatchSampler, RequeueSchedule
+from .score_scale import rescale_scores, unrelated_score_baseline
 from .state import DHNM_STATE_NAME, FALSE_NEGATIVES_STATE_NAME, LEGACY_DHNM_STATE_NAME
 from .table import CandidateTexts, ExampleIndex, TextTable
 
 __all__ = [
+    "rescale_scores",
+    "unrelated_score_baseline",
     "DHNM_STATE_NAME",
     "EMPTY_SLOT",
     "FALSE_NEGATIVES_STATE_NAME",

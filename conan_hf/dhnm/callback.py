@@ -24,6 +24,7 @@ from .contract import (
 )
 from .pool import COUNT_KEYS, NegativePool
 from .requeue import REQUEUE_COUNT_KEYS, RequeueSchedule
+from .score_scale import rescale_scores
 from .state import (
     _OPTIONAL_STATE_ARRAYS,
     _STATE_ARRAYS,
@@ -88,6 +89,8 @@ class DHNMCallback(TrainerCallback):
             :class:`~conan_hf.dhnm.contract.MultiTaskScores`; or any
             :class:`~conan_hf.dhnm.contract.HardNegativeScoreSource`.
         s0_min / drop_ratio / s_max: eq. 6 thresholds (0.4, 1.2, 0.7 in the paper).
+        score_baseline: opt-in: eq. 6 judges ``(S - b) / (1 - b)`` (b the cosine of unrelated texts) for models whose
+            cosines bunch near 1; 0 (default) is the paper's rule (:func:`~conan_hf.dhnm.pool.dhnm_should_replace`).
         resume_from_checkpoint: checkpoint folder to restore the pools from (optional, see above).
         requeue: re-queue examples holding fresh replacements into later batches of the epoch (``True``), or not
             (``False``), or the :class:`~conan_hf.dhnm.requeue.RequeueSchedule` to use.
@@ -111,10 +114,12 @@ class DHNMCallback(TrainerCallback):
         s0_min: float = 0.4,
         drop_ratio: float = 1.2,
         s_max: float = 0.7,
+        score_baseline: float = 0.0,
         resume_from_checkpoint: str | os.PathLike | None = None,
         requeue: bool | RequeueSchedule = True,
         requeue_rows: int | None = None,
     ) -> None:
+        rescale_scores(0.0, score_baseline)  # checks its range now, not at the first step
         self.pool = pool
         self.requeue: RequeueSchedule | None = (
             RequeueSchedule(requeue_rows) if requeue is True else requeue if isinstance(requeue, RequeueSchedule)
@@ -124,6 +129,8 @@ class DHNMCallback(TrainerCallback):
         else:
             self.score_source = find_score_source(loss)
         self.thresholds = {"s0_min": float(s0_min), "drop_ratio": float(drop_ratio), "s_max": float(s_max)}
+        if score_baseline:  # only when set: checkpoints of runs without it keep equal thresholds
+            self.thresholds["score_baseline"] = float(score_baseline)
         self.resume_from_checkpoint = None if resume_from_checkpoint is None else os.fspath(resume_from_checkpoint)
         self.totals: dict[str, int] = dict.fromkeys(_TOTAL_KEYS, 0)
         self.last_step_counts: dict[str, int] = dict.fromkeys(COUNT_KEYS, 0)

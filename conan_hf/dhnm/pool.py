@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .score_scale import rescale_scores
 from .state import NegativePoolStateMixin
 from .table import CandidateTexts, ExampleIndex, TextTable
 
@@ -27,7 +28,8 @@ COUNT_KEYS = ("checked", "replaced", "used", "pool_exhausted", "nan_scores", "st
               "replaced_low_s0", "replaced_easy", "used_low_s0", "used_easy")
 
 
-def dhnm_should_replace(s0: Any, s: Any, s0_min: float = 0.4, drop_ratio: float = 1.2, s_max: float = 0.7) -> Any:
+def dhnm_should_replace(s0: Any, s: Any, s0_min: float = 0.4, drop_ratio: float = 1.2, s_max: float = 0.7,
+                        score_baseline: float = 0.0) -> Any:
     r"""Eq. 6 of the paper: whether an active hard negative is replaced.
 
     .. math:: \text{replace} \iff S_0 < 0.4 \;\lor\; (1.2\,S_i < S_0 \land S_i < 0.7)
@@ -37,6 +39,11 @@ def dhnm_should_replace(s0: Any, s: Any, s0_min: float = 0.4, drop_ratio: float 
     fallen by more than the factor ``drop_ratio`` *and* is below ``s_max`` (it has become easy). This implements
     the equation on the signed cosine scores; the paper's prose mentions absolute values, which the equation does
     not use (a negative score satisfies ``S < 0.7``, and ``S_0 < 0`` already triggers the first clause).
+
+    ``score_baseline`` b (opt-in, default 0 = the paper's rule) applies the rule to the rescaled scores
+    ``(S - b) / (1 - b)`` instead, for models whose cosines bunch near 1: with b the typical cosine of *unrelated*
+    texts, an unrelated pair scores about 0 and an identical one 1 after rescaling, the scale eq. 6's thresholds
+    assume (see ``docs/dhnm.md``).
 
     Vectorised and pure: ``s0`` and ``s`` are scalars, numpy arrays or torch tensors (broadcast together); the
     result is a boolean array/tensor of the same kind. **NaN**: every comparison with NaN is false, so a NaN in
@@ -48,6 +55,7 @@ def dhnm_should_replace(s0: Any, s: Any, s0_min: float = 0.4, drop_ratio: float 
         s0_min: first threshold (0.4 in the paper).
         drop_ratio: relative drop factor (1.2 in the paper).
         s_max: upper bound on the current score for the drop clause (0.7 in the paper).
+        score_baseline: b in [0, 1): the cosine taken as "unrelated" (0: the paper's rule, unchanged).
 
     Example:
         >>> dhnm_should_replace([0.3, 0.8, 0.8], [0.3, 0.6, 0.7]).tolist()
@@ -60,7 +68,10 @@ def dhnm_should_replace(s0: Any, s: Any, s0_min: float = 0.4, drop_ratio: float 
     else:
         s0 = np.asarray(s0, dtype=np.float64)
         s = np.asarray(s, dtype=np.float64)
+    if score_baseline:
+        s0, s = rescale_scores(s0, score_baseline), rescale_scores(s, score_baseline)
     return (s0 < s0_min) | ((drop_ratio * s < s0) & (s < s_max))
+
 
 
 class NegativePool(NegativePoolStateMixin):
@@ -476,6 +487,7 @@ class NegativePool(NegativePoolStateMixin):
         s0_min: float = 0.4,
         drop_ratio: float = 1.2,
         s_max: float = 0.7,
+        score_baseline: float = 0.0,
     ) -> dict[str, int]:
         """Judge scored active negatives with :func:`dhnm_should_replace` and advance the pools.
 
@@ -484,6 +496,7 @@ class NegativePool(NegativePoolStateMixin):
             negative_ids: ``(n, m)`` candidate ranks that were scored; ``-1`` entries are ignored.
             scores: ``(n, m)`` their query–negative cosine scores.
             s0_min / drop_ratio / s_max: the thresholds of eq. 6.
+            score_baseline: opt-in rescaling of the scores before eq. 6 (see :func:`dhnm_should_replace`).
 
         A negative scored for the first time takes that score as its ``S_0`` and is judged right away (so a
         candidate with ``S_0 < s0_min`` leaves at its first scoring). Replacements take the next unused candidates of
@@ -554,8 +567,10 @@ class NegativePool(NegativePoolStateMixin):
         first_time = np.isnan(s0)
         self.s0[rows[first_time], slots[first_time]] = vals[first_time]
         s0 = np.where(first_time, vals, s0)
-        replace = dhnm_should_replace(s0, vals, s0_min=s0_min, drop_ratio=drop_ratio, s_max=s_max)
-        easy = ~(s0 < s0_min)  # of the replaced: made by the "became easy" clause (eq. 6 checks S0 < s0_min first)
+        replace = dhnm_should_replace(s0, vals, s0_min=s0_min, drop_ratio=drop_ratio, s_max=s_max,
+                                      score_baseline=score_baseline)
+        # Of the replaced: made by the "became easy" clause (eq. 6 checks S0 < s0_min first).
+        easy = ~(rescale_scores(s0, score_baseline) < s0_min)
 
         r_rows, r_slots, r_easy = rows[replace], slots[replace], easy[replace]
         order = np.argsort(r_rows, kind="stable")

@@ -33,8 +33,9 @@ KEY_HYPERPARAMETERS = (
     "learning_rate", "per_device_train_batch_size", "batch_size", "gradient_accumulation_steps", "num_train_epochs",
     "max_steps", "warmup_ratio", "warmup_steps", "weight_decay", "lr_scheduler_type", "optim", "max_seq_length",
     "temperature", "num_negatives", "cosent_scale", "matryoshka", "matryoshka_dims", "dhnm", "dhnm_s0_min",
-    "dhnm_drop_ratio", "dhnm_s_max", "soft_mask_schedule", "soft_mask_steps", "pooling", "lora", "bf16", "fp16",
-    "gradient_checkpointing", "seed", "vocab_size", "min_frequency", "multi_dataset_sampler", "pool_size",
+    "dhnm_drop_ratio", "dhnm_s_max", "dhnm_score_baseline", "soft_mask_schedule", "soft_mask_steps", "pooling", "lora",
+    "bf16", "fp16", "gradient_checkpointing", "seed", "vocab_size", "min_frequency", "multi_dataset_sampler",
+    "pool_size",
 )
 _SKIP_KEYS = {"output_dir", "logging_dir", "resume", "resume_from_checkpoint", "presets", "run_name", "push_to_hub",
               "hub_model_id", "report_to", "num_threads", "save_steps", "save_total_limit", "logging_steps"}

@@ -127,6 +127,10 @@ class SupervisedConfig(StageConfig):
     dhnm_drop_ratio: float = option(_eq6_default("drop_ratio"), help="a negative is also replaced when "
                                     "``dhnm_drop_ratio`` · S < S0 and S < ``dhnm_s_max`` (S its current score; eq. 6).")
     dhnm_s_max: float = option(_eq6_default("s_max"), help="the upper bound on S of that second rule (eq. 6).")
+    dhnm_score_baseline: float = option(_eq6_default("score_baseline"), help="opt-in, for models whose cosines bunch "
+                                        "near 1: eq. 6 judges (S - b) / (1 - b) with b this value, the cosine of "
+                                        "unrelated texts (measure it with conan_hf.dhnm.unrelated_score_baseline); "
+                                        "0 is the paper's rule.")
     num_train_epochs: float = option(2.0, help="passes over the training data (when ``max_steps`` is ``-1``); 2 by "
                                                "default (the paper states none): the second pass trains the first "
                                                "pass's DHNM replacements.")
@@ -421,6 +425,7 @@ class SupervisedRunner(StageRunner):
         if pool is not None and config.dhnm:
             callbacks.append(DHNMCallback(pool, MultiTaskScores(losses.values()), s0_min=config.dhnm_s0_min,
                                           drop_ratio=config.dhnm_drop_ratio, s_max=config.dhnm_s_max,
+                                          score_baseline=config.dhnm_score_baseline,
                                           requeue=config.dhnm_requeue, requeue_rows=config.dhnm_requeue_rows))
             passes = dhnm_passes(config, args, {t.name: len(datasets[t.name]) for t in tasks},
                                  {t.name: t.batch_size for t in tasks})
