@@ -126,13 +126,12 @@ SCALES: dict[str, Scale] = {
     # PENDING: at these sizes the SM baseline of the old runs sat below 3x chance on SciFact nDCG@10, XQuAD R@20,
     # Tatoeba and cross-lingual STS (see benchmarks/results/ablation_cpu.md). Resizing so that it reaches >= 3x chance
     # within <= 90 min waits for a measured run; the sizes below are the old ones, not a new guess.
-    "cpu": Scale(model={}, vocab_size=4096, texts_per_source=150, pretrain_epochs=2, pretrain_max_steps=150,
+    "cpu": Scale(model={}, vocab_size=8192, texts_per_source=600, pretrain_epochs=2, pretrain_max_steps=600,
                  seq_length=128,
-                 sft_rows_per_source=50, sft_epochs=1, weak_rows_per_source=64, weak_epochs=1, weak_batch=32,
-                 retrieval_rows=64, sts_rows=64, clr_rows=48, supervised_epochs=2, max_seq_length=96,
-                 eval_sts=200, eval_scifact_corpus=200, eval_tatoeba=150, eval_queries=80, seeds=(0, 1, 2),
-                 variants=tuple(VARIANTS)),  # 1 thread: at load 12-18, 2 threads spent ~70 s of CPU per 50
-                 # pre-training steps (they wait on each other), 1 thread ~20 s
+                 sft_rows_per_source=200, sft_epochs=1, weak_rows_per_source=600, weak_epochs=1, weak_batch=32,
+                 retrieval_rows=647, sts_rows=400, clr_rows=200, supervised_epochs=2, max_seq_length=96,
+                 eval_sts=None, eval_scifact_corpus=1000, eval_tatoeba=500, eval_queries=None, seeds=(0, 1, 2),
+                 variants=tuple(v for v in VARIANTS if not v.endswith("lora64"))),
     # ---- end of CPU_SCALE ------------------------------------------------------------------------------------------
     # Not run yet (no GPU in the sessions so far): "<= 6 min on one H100/H200" is the target, not a measurement.
     "gpu": Scale(model={"hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 4,
@@ -556,6 +555,25 @@ def at_chance(result: dict[str, Any]) -> dict[str, bool | None]:
     return {m: stats["SM"][m][0] < chance[m]["bound"] for m in METRICS}
 
 
+def dropped_metrics(result: dict[str, Any]) -> list[str]:
+    """The metrics left out of every table and aggregate: those on which the SM baseline stays below its chance
+    bound (:func:`at_chance`), so that no difference between rows on them would mean anything."""
+    return [m for m, low in at_chance(result).items() if low]
+
+
+#: Why a metric can sit at chance for the SM baseline at a small scale (printed for each dropped metric).
+WHY_AT_CHANCE = {
+    "xsts": "cross-lingual: the SM baseline trains on no cross-lingual pair (its only parallel text is Tatoeba lines "
+            "inside the pre-training text), and a model this small aligns no languages from that",
+    "xquad_r20": "cross-lingual retrieval (de/es/zh questions → English paragraphs): the SM baseline trains on no "
+                 "cross-lingual pair, and a model this small aligns no languages from its pre-training text",
+    "tatoeba_acc": "bitext mining (de/es/zh ↔ en sentences): the SM baseline trains on no cross-lingual pair, and a "
+                   "model this small aligns no languages from its pre-training text",
+    "scifact_ndcg10": "scientific-claim retrieval needs more training than this scale gives",
+    "sts_en": "too little training at this scale", "sts_zh": "too little training at this scale",
+}
+
+
 def identical_rows(runs: dict[str, dict[str, dict[str, float]]]) -> dict[str, str]:
     """``{variant: earlier variant}`` for each variant whose runs equal an earlier one's bit for bit: the same seeds,
     every score equal (order: ``VARIANTS``, then the rest as given)."""
@@ -569,20 +587,26 @@ def identical_rows(runs: dict[str, dict[str, dict[str, float]]]) -> dict[str, st
 
 
 # ---- aggregation and output ------------------------------------------------------------------------------------------
-def aggregate(scores: dict[str, float]) -> dict[str, float]:
-    """The paper's three columns from one run's metrics (×100)."""
-    return {name: 100 * statistics.mean(scores[m] for m in metrics) for name, metrics in AGGREGATES.items()}
+def aggregate(scores: dict[str, float], columns: dict[str, tuple[str, ...]] = AGGREGATES) -> dict[str, float]:
+    """The paper's columns from one run's metrics (×100): each the mean of its metrics in ``columns``."""
+    return {name: 100 * statistics.mean(scores[m] for m in metrics) for name, metrics in columns.items() if metrics}
 
 
-def summarize(runs: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, tuple[float, float, int]]]:
-    """``{variant: {column: (mean, std, n)}}`` over seeds for the metrics (×100) and the aggregates; std is the
-    sample standard deviation (0 with one seed)."""
+def reported_columns(dropped: list[str]) -> dict[str, tuple[str, ...]]:
+    """:data:`AGGREGATES` without the ``dropped`` metrics (a column left with none has an empty tuple)."""
+    return {name: tuple(m for m in metrics if m not in dropped) for name, metrics in AGGREGATES.items()}
+
+
+def summarize(runs: dict[str, dict[str, dict[str, float]]], columns: dict[str, tuple[str, ...]] = AGGREGATES
+              ) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """``{variant: {column: (mean, std, n)}}`` over seeds for the metrics (×100) and the aggregates of ``columns``
+    (a column without metrics is left out); std is the sample standard deviation (0 with one seed)."""
     out = {}
     for variant, by_seed in runs.items():
-        rows = [{**{m: 100 * s[m] for m in METRICS}, **aggregate(s)} for s in by_seed.values()]
+        rows = [{**{m: 100 * s[m] for m in METRICS}, **aggregate(s, columns)} for s in by_seed.values()]
         out[variant] = {c: (statistics.mean(r[c] for r in rows),
                             statistics.stdev(r[c] for r in rows) if len(rows) > 1 else 0.0, len(rows))
-                        for c in (*METRICS, *AGGREGATES)}
+                        for c in rows[0]}
     return out
 
 
@@ -654,8 +678,12 @@ def legacy_note() -> list[str]:
 def markdown(result: dict[str, Any]) -> str:
     """The tables, laid out like the paper's (ours: mean ± std over seeds, ×100; the paper's beside), with the chance
     level of each metric, the DHNM counts and stage-4 steps of each row, and rows identical to another marked."""
-    stats = summarize(result["runs"])
+    dropped = dropped_metrics(result)
+    columns = reported_columns(dropped)
+    kept = [m for m in METRICS if m not in dropped]
+    stats = summarize(result["runs"], columns)
     get = lambda v, c: stats.get(v, {}).get(c)
+    cell = lambda v, c: "dropped" if not columns.get(c, (c,)) else _cell(get(v, c))
     meta = result["meta"]
     legacy = "protocol" not in meta
     definitions = LEGACY_VARIANTS if legacy else VARIANTS
@@ -670,43 +698,47 @@ def markdown(result: dict[str, Any]) -> str:
               f"{wall_time_sentence(result)} Scores ×100 on dev data (mean ± sample std over seeds); paper numbers "
               "(arXiv 2509.12892, Tables 4, 6, 12) are MTEB averages of the 1.4B model, a different benchmark and "
               "scale: compare directions, not values. "
-              "Eng = mean(STS-B en, SciFact nDCG@10), Zh = STS-B zh, Multi = mean(cross-lingual STS-B, XQuAD R@20, "
-              "Tatoeba acc). A Δ is *significant* only when |Δ| > 2 × pooled std; otherwise it is within seed noise. "
-              "A row whose runs equal another row's bit for bit on every seed is marked *identical to* it.", ""]
+              + "; ".join(f"{c} = mean({', '.join(ms)})" if ms else f"{c}: dropped (all its metrics at chance)"
+                          for c, ms in columns.items())
+              + " (metrics at chance for the SM baseline are dropped: see Chance levels). A Δ is *significant* only "
+              "when |Δ| > 2 × pooled std; otherwise it is within seed noise. A row whose runs equal another row's bit "
+              "for bit on every seed is marked *identical to* it.", ""]
     lines += ["## Chance levels", "",
               f"Random embeddings on the evaluated sets. Rule: a metric is *at chance* when the SM baseline's mean is "
               f"below its bound: {CHANCE_FACTOR:g} × chance for SciFact nDCG@10 (exact expectation of a random "
               f"ranking over the evaluated queries and corpus), XQuAD R@20 (20 / corpus paragraphs) and Tatoeba "
               f"accuracy (1 / pairs); for STS Spearman (chance 0) {STS_NULL_SDS:g} standard deviations of a Spearman "
-              "of unrelated scores, 1/sqrt(pairs − 1). Differences between rows on an at-chance metric say "
-              "nothing.", "",
-              "| Metric | chance | at-chance bound | SM baseline | verdict |", "|---|---|---|---|---|"]
+              "of unrelated scores, 1/sqrt(pairs − 1). A metric at chance is dropped: differences between rows on "
+              "it would say nothing, so it is left out of every table and column below (its scores stay in the "
+              "JSON).", "",
+              "| Metric | chance | at-chance bound | SM baseline | SM baseline / chance | verdict |",
+              "|---|---|---|---|---|---|"]
     for m in METRICS:
         if not chance:
-            lines.append(f"| {m} | not computed | — | {_cell(get('SM', m))} | — |")
+            lines.append(f"| {m} | not computed | — | {_cell(get('SM', m))} | — | — |")
             continue
-        verdict = "no SM runs" if marks[m] is None else "**at chance**" if marks[m] else "above chance"
+        verdict = ("no SM runs" if marks[m] is None else f"**at chance: dropped** ({WHY_AT_CHANCE[m]})" if marks[m]
+                   else "above chance: reported")
+        ratio = ("—" if get("SM", m) is None else f"{get('SM', m)[0] / chance[m]['chance']:.1f}×"
+                 if chance[m]["chance"] > 0 else f"{get('SM', m)[0] / (chance[m]['bound'] / STS_NULL_SDS):.1f} null sd")
         lines.append(f"| {m} | {chance[m]['chance']:.2f} | {chance[m]['bound']:.2f} | {_cell(get('SM', m))} | "
-                     f"{verdict} |")
-    flagged = [m for m in METRICS if marks[m]]
-    if flagged:
-        lines += ["", "Columns holding an at-chance metric: " + "; ".join(
-            f"{c} ({', '.join(m for m in ms if m in flagged)})" for c, ms in AGGREGATES.items()
-            if any(m in flagged for m in ms)) + "."]
-    agg_chance = {c: statistics.mean(chance[m]["chance"] for m in ms) for c, ms in AGGREGATES.items()} if chance else {}
+                     f"{ratio} | {verdict} |")
+    agg_chance = ({c: statistics.mean(chance[m]["chance"] for m in ms) for c, ms in columns.items() if ms}
+                  if chance else {})
     lines += ["", "## Table 4: soft mask (SM), cross-lingual retrieval data (CLR), dynamic hard negatives (DHNM)", "",
               "| Method | n | Multi | Eng | Zh | paper Multi | paper Eng | paper Zh | Δ Multi vs SM | Δ Eng vs SM | "
               "Δ Zh vs SM | DHNM made | DHNM used | stage-4 steps | note |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in TABLE4_ROWS:
-        n = get(row, "Eng")[2] if get(row, "Eng") else 0
+        n = get(row, METRICS[0])[2] if get(row, METRICS[0]) else 0
         deltas = [_delta(get(row, c), get("SM", c), same(row, "SM")) if row != "SM" else "" for c in AGGREGATES]
-        lines.append(f"| {row} | {n} | " + " | ".join(_cell(get(row, c)) for c in AGGREGATES) + " | "
+        lines.append(f"| {row} | {n} | " + " | ".join(cell(row, c) for c in AGGREGATES) + " | "
                      + " | ".join(_paper(p) for p in PAPER_TABLE4[row]) + " | " + " | ".join(deltas) + " | "
                      + " | ".join(_dhnm_cells(result, row, definitions)) + f" | {_steps_cell(result, row)} | "
                      + (f"identical to {identical[row]}" if row in identical else "") + " |")
     if agg_chance:
-        lines.append("| chance | — | " + " | ".join(f"{agg_chance[c]:.2f}" for c in AGGREGATES)
+        lines.append("| chance | — | " + " | ".join(f"{agg_chance[c]:.2f}" if c in agg_chance else "—"
+                                                    for c in AGGREGATES)
                      + " | | | | | | | | | | |")
     lines += ["", "Paper rows not run here (no SM): CLR only " + " / ".join(map(_paper, PAPER_TABLE4["CLR"]))
               + ", DHNM only " + " / ".join(map(_paper, PAPER_TABLE4["DHNM"])) + " (Multi / Eng / Zh)."]
@@ -717,7 +749,7 @@ def markdown(result: dict[str, Any]) -> str:
               "|---|---|---|---|---|---|---|"]
     for label, (hard, soft) in TABLE6_ROWS.items():
         notes = [f"{v} identical to {identical[v]}" for v in (hard, soft) if v in identical]
-        lines.append(f"| {label} | {_cell(get(hard, 'Eng'))} | {_cell(get(soft, 'Eng'))} | "
+        lines.append(f"| {label} | {cell(hard, 'Eng')} | {cell(soft, 'Eng')} | "
                      f"{_delta(get(soft, 'Eng'), get(hard, 'Eng'), same(soft, hard))} | "
                      + " | ".join(_paper(PAPER_TABLE6_ENG.get((side, label))) for side in ("hard", "soft"))
                      + f" | {'; '.join(notes)} |")
@@ -730,36 +762,40 @@ def markdown(result: dict[str, Any]) -> str:
               "|---|---|---|---|---|---|---|---|---|"]
     for label, variant in TABLE12_ROWS.items():
         variant = linear if label == "linear" else variant
-        lines.append(f"| {label} | " + " | ".join(_cell(get(variant, c)) for c in AGGREGATES) + " | "
+        lines.append(f"| {label} | " + " | ".join(cell(variant, c) for c in AGGREGATES) + " | "
                      + (_delta(get(variant, "Eng"), get(linear, "Eng"), same(variant, linear))
                         if label != "linear" else "") + " | "
                      + " | ".join(_paper(p) for p in PAPER_TABLE12[label]) + " | "
                      + (f"identical to {identical[variant]}" if variant in identical else "") + " |")
     lines += ["", "## Every metric per variant", "",
               "| Variant | stage 3 α | LoRA | CLR | DHNM | n | "
-              + " | ".join(f"{m} (at chance)" if marks[m] else m for m in METRICS)
-              + " | DHNM made | DHNM used | stage-4 steps | note |",
-              "|---|---|---|---|---|---|" + "---|" * (len(METRICS) + 4)]
+              + " | ".join(kept) + " | DHNM made | DHNM used | stage-4 steps | note |",
+              "|---|---|---|---|---|---|" + "---|" * (len(kept) + 4)]
     for variant in VARIANTS:
         if variant not in stats:
             continue
         schedule, rank, clr, dhnm = definitions[variant]
         lora = "—" if not rank else f"{rank} (stage 4)" if legacy else f"{rank} (stages 3, 4)"
         lines.append(f"| {variant} | {schedule} | {lora} | {'yes' if clr else 'no'} | "
-                     f"{'yes' if dhnm else 'no'} | {stats[variant]['Eng'][2]} | "
-                     + " | ".join(_cell(stats[variant][m]) for m in METRICS) + " | "
+                     f"{'yes' if dhnm else 'no'} | {stats[variant][METRICS[0]][2]} | "
+                     + " | ".join(_cell(stats[variant][m]) for m in kept) + " | "
                      + " | ".join(_dhnm_cells(result, variant, definitions)) + f" | {_steps_cell(result, variant)} | "
                      + (f"identical to {identical[variant]}" if variant in identical else "") + " |")
     if chance:
-        lines.append("| chance | | | | | | " + " | ".join(f"{chance[m]['chance']:.2f}" for m in METRICS)
+        lines.append("| chance | | | | | | " + " | ".join(f"{chance[m]['chance']:.2f}" for m in kept)
                      + " | | | | |")
     if result.get("baseline"):
         lines += ["", "Stage-2 decoder as an embedder (mean-pooled, bidirectional), before stages 3-4: "
-                  + ", ".join(f"{m} {100 * v:.2f}" for m, v in result["baseline"].items())]
+                  + ", ".join(f"{m} {100 * v:.2f}" + (" (dropped)" if m in dropped else "")
+                              for m, v in result["baseline"].items())]
     if meta["scale"] != "gpu":
         lines += ["", "`--scale gpu` (a larger model and more data, sized for <= 6 min on one H100/H200) is reported "
                   "in `ablation_gpu.md`; when this file was written it had not been run (no GPU was available)."]
-    missing = [v for v in VARIANTS if v not in stats]
+    scale_variants = SCALES[meta["scale"]].variants if meta["scale"] in SCALES else tuple(VARIANTS)
+    outside = [v for v in VARIANTS if v not in stats and v not in scale_variants]
+    if outside:
+        lines += ["", f"Not among the `{meta['scale']}` scale's variants (its time budget): {', '.join(outside)}."]
+    missing = [v for v in scale_variants if v not in stats]
     if missing:
         lines += ["", f"Not in this results file (not run, or the run was stopped before them): {', '.join(missing)}; "
                   "run them with `--variants` (results merge into the JSON)."]
@@ -797,10 +833,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stats = summarize(result["runs"])
+    columns = {c: ms for c, ms in reported_columns(dropped_metrics(result)).items() if ms}
+    stats = summarize(result["runs"], columns)
     variants = [v for v in VARIANTS if v in stats]
-    fig, axes = plt.subplots(1, len(AGGREGATES), figsize=(4 + 1.2 * len(variants), 4), sharey=False)
-    for ax, column in zip(axes, AGGREGATES):
+    fig, axes = plt.subplots(1, len(columns), figsize=(4 + 1.2 * len(variants), 4), sharey=False, squeeze=False)
+    for ax, column in zip(axes[0], columns):
         means = [stats[v][column][0] for v in variants]
         stds = [stats[v][column][1] for v in variants]
         ax.bar(range(len(variants)), means, yerr=stds, capsize=3, color="tab:blue", alpha=0.8)

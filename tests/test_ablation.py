@@ -115,19 +115,29 @@ def test_smoke_run_writes_tables_that_equal_its_measurements(tmp_path):
             assert set(scores) == set(metrics)
             assert all(math.isfinite(v) and -1.0 <= v <= 1.0 for v in scores.values()), scores
 
+    # Metrics on which SM's mean (×100) stays below the chance bound are dropped; the others make the columns.
+    chance = result["chance"]
+    dropped = [m for m in metrics if 100 * sum(s[m] for s in result["runs"]["SM"].values()) / 2
+               < chance[m]["bound"]]
     # Table 4 cells, recomputed from the JSON: Eng = mean(STS-B en, SciFact), Zh = STS-B zh, Multi = mean(xSTS,
-    # XQuAD, Tatoeba), ×100, mean ± sample std over the seeds.
+    # XQuAD, Tatoeba) over the metrics not dropped, ×100, mean ± sample std over the seeds.
     columns = {"Multi": ("xsts", "xquad_r20", "tatoeba_acc"), "Eng": ("sts_en", "scifact_ndcg10"), "Zh": ("sts_zh",)}
+    columns = {c: [n for n in names if n not in dropped] for c, names in columns.items()}
     expected = {}
     for variant in ("SM", "SM+CLR+DHNM"):
         row = _table_row(md, "## Table 4", variant)
         assert row[1] == "2"
         for index, (column, names) in enumerate(columns.items()):
+            if not names:
+                assert row[2 + index] == "dropped"
+                continue
             values = [100 * sum(s[n] for n in names) / len(names) for s in result["runs"][variant].values()]
             expected[variant, column] = _mean_std(values)
             assert row[2 + index] == f"{expected[variant, column][0]:.2f} ± {expected[variant, column][1]:.2f}"
     full = _table_row(md, "## Table 4", "SM+CLR+DHNM")
     for index, column in enumerate(columns):
+        if not columns[column]:
+            continue
         (m1, s1), (m0, s0) = expected["SM+CLR+DHNM", column], expected["SM", column]
         delta, pooled = m1 - m0, math.sqrt((s1 ** 2 + s0 ** 2) / 2)
         verdict = "significant" if abs(delta) > 2 * pooled else "within seed noise"
@@ -135,15 +145,15 @@ def test_smoke_run_writes_tables_that_equal_its_measurements(tmp_path):
     # The paper's numbers stand beside ours (Table 12: SM only, linear = SM).
     assert full[5:8] == ["65.17", "73.52", "74.24"]
     assert _table_row(md, "## Table 12", "linear")[1:4] == [
-        f"{expected['SM', c][0]:.2f} ± {expected['SM', c][1]:.2f}" for c in columns]
+        f"{expected['SM', c][0]:.2f} ± {expected['SM', c][1]:.2f}" if columns[c] else "dropped" for c in columns]
     assert "†" not in md
-    # Every-metric table: STS-B en of SM.
-    sts_en = _mean_std([100 * s["sts_en"] for s in result["runs"]["SM"].values()])
-    assert _table_row(md, "## Every metric per variant", "SM")[6] == f"{sts_en[0]:.2f} ± {sts_en[1]:.2f}"
+    # Every-metric table: the kept metrics of SM.
+    kept = [m for m in metrics if m not in dropped]
+    assert _table_row(md, "## Every metric per variant", "SM")[6:6 + len(kept)] == [
+        "{:.2f} ± {:.2f}".format(*_mean_std([100 * s[m] for s in result["runs"]["SM"].values()])) for m in kept]
 
     # Chance levels printed beside the metrics, equal to the JSON's; SciFact's within its exact range (one relevant
     # document in at most 60: at least 100 * 4.54 / 60 ... at most the 1-in-N value times the relevant count).
-    chance = result["chance"]
     assert set(chance) == set(metrics)
     assert chance["tatoeba_acc"]["chance"] == pytest.approx(100 / 30)
     assert chance["sts_en"] == {"chance": 0.0, "bound": pytest.approx(300 / math.sqrt(39))}
@@ -151,9 +161,10 @@ def test_smoke_run_writes_tables_that_equal_its_measurements(tmp_path):
         row = _table_row(md, "## Chance levels", metric)
         assert row[1:3] == [f"{chance[metric]['chance']:.2f}", f"{chance[metric]['bound']:.2f}"]
         sm = _mean_std([100 * s[metric] for s in result["runs"]["SM"].values()])
-        assert row[4] == ("**at chance**" if sm[0] < chance[metric]["bound"] else "above chance")
-    assert _table_row(md, "## Every metric per variant", "chance")[6:12] == [f"{chance[m]['chance']:.2f}"
-                                                                               for m in metrics]
+        assert row[5].startswith("**at chance: dropped**" if sm[0] < chance[metric]["bound"] else "above chance")
+        assert (metric in dropped) == (sm[0] < chance[metric]["bound"])
+    assert _table_row(md, "## Every metric per variant", "chance")[6:6 + len(kept)] == [
+        f"{chance[m]['chance']:.2f}" for m in kept]
 
     # DHNM made / used by clause and the stage-4 steps, from each run's stage-4 record; one step budget for all.
     records = {}
@@ -274,9 +285,14 @@ def test_identical_rows_are_marked_identical_and_at_chance_metrics_flagged():
     # SM means ×100: sts_en 11, sts_zh 12, xsts 13, scifact 14 (< 15: at chance), xquad 15, tatoeba 16 (>= 15).
     assert harness.at_chance(result) == {"sts_en": True, "sts_zh": True, "xsts": True, "scifact_ndcg10": True,
                                          "xquad_r20": False, "tatoeba_acc": False}
-    assert _table_row(md, "## Chance levels", "tatoeba_acc")[1:] == ["5.00", "15.00", "16.00 ± 1.41", "above chance"]
-    assert _table_row(md, "## Chance levels", "scifact_ndcg10")[4] == "**at chance**"
-    assert "| scifact_ndcg10 (at chance) | xquad_r20 | tatoeba_acc |" in md
+    assert _table_row(md, "## Chance levels", "tatoeba_acc")[1:] == ["5.00", "15.00", "16.00 ± 1.41", "3.2×",
+                                                                     "above chance: reported"]
+    assert _table_row(md, "## Chance levels", "scifact_ndcg10")[5].startswith("**at chance: dropped**")
+    # Metrics at chance are dropped from the tables and columns: Multi = mean(xquad, tatoeba), Eng and Zh dropped.
+    assert harness.dropped_metrics(result) == ["sts_en", "sts_zh", "xsts", "scifact_ndcg10"]
+    assert "| n | xquad_r20 | tatoeba_acc | DHNM made |" in md
+    sm_row = _table_row(md, "## Table 4", "SM")
+    assert sm_row[2:5] == ["15.50 ± 1.41", "dropped", "dropped"]  # mean of (14 + 15)/2 and (16 + 17)/2, ×100
     assert "OLD runs" not in md
     del result["meta"]["protocol"]  # a file of the older harness says so
     assert "These are the OLD runs" in harness.markdown(result)
