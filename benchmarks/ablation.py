@@ -680,6 +680,7 @@ def markdown(result: dict[str, Any]) -> str:
     level of each metric, the DHNM counts and stage-4 steps of each row, and rows identical to another marked."""
     dropped = dropped_metrics(result)
     columns = reported_columns(dropped)
+    scale_variants = SCALES[result["meta"]["scale"]].variants if result["meta"]["scale"] in SCALES else tuple(VARIANTS)
     kept = [m for m in METRICS if m not in dropped]
     stats = summarize(result["runs"], columns)
     get = lambda v, c: stats.get(v, {}).get(c)
@@ -748,6 +749,8 @@ def markdown(result: dict[str, Any]) -> str:
               "| Fine-tuning | hard switch | soft mask | Δ soft − hard | paper hard | paper soft | note |",
               "|---|---|---|---|---|---|---|"]
     for label, (hard, soft) in TABLE6_ROWS.items():
+        if not {hard, soft} & (set(stats) | set(scale_variants)):
+            continue  # neither side belongs to this scale (listed below the tables)
         notes = [f"{v} identical to {identical[v]}" for v in (hard, soft) if v in identical]
         lines.append(f"| {label} | {cell(hard, 'Eng')} | {cell(soft, 'Eng')} | "
                      f"{_delta(get(soft, 'Eng'), get(hard, 'Eng'), same(soft, hard))} | "
@@ -791,7 +794,6 @@ def markdown(result: dict[str, Any]) -> str:
     if meta["scale"] != "gpu":
         lines += ["", "`--scale gpu` (a larger model and more data, sized for <= 6 min on one H100/H200) is reported "
                   "in `ablation_gpu.md`; when this file was written it had not been run (no GPU was available)."]
-    scale_variants = SCALES[meta["scale"]].variants if meta["scale"] in SCALES else tuple(VARIANTS)
     outside = [v for v in VARIANTS if v not in stats and v not in scale_variants]
     if outside:
         lines += ["", f"Not among the `{meta['scale']}` scale's variants (its time budget): {', '.join(outside)}."]
