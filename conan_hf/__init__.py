@@ -50,6 +50,7 @@ _LAZY = {
     "HardNegativeScoreSource": ("dhnm", "HardNegativeScoreSource"),
     "MultiTaskScores": ("dhnm", "MultiTaskScores"),
     "dhnm_should_replace": ("dhnm", "dhnm_should_replace"),
+    "unrelated_score_baseline": ("dhnm", "unrelated_score_baseline"),
     "mine_negative_ids": ("data.teacher", "mine_negative_ids"),
     # multi-task training (a DatasetDict with a loss per task), as stage 4 trains
     "MultiTaskCollator": ("training.multitask", "MultiTaskCollator"),
@@ -113,6 +114,7 @@ __all__ = [
     "HardNegativeScoreSource",
     "MultiTaskScores",
     "dhnm_should_replace",
+    "unrelated_score_baseline",
     "mine_negative_ids",
     "MultiTaskCollator",
     "MultiTaskTrainer",
