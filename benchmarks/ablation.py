@@ -59,6 +59,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # _device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -696,6 +698,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# Ablations of arXiv 2509.12892 at scale `{meta['scale']}`", ""]
     if legacy:
         lines += legacy_note()
+    lines += [f"Device: {meta.get('device', 'not recorded')}.", ""]
     lines += [f"Model: Conan {meta['model']} ({meta['parameters']:,} backbone parameters), own BPE tokenizer "
               f"({meta['vocab']} tokens). Data sizes: {meta['sizes']}. Seeds per variant: see n. "
               f"{wall_time_sentence(result)} Scores ×100 on dev data (mean ± sample std over seeds); paper numbers "
@@ -1007,7 +1010,10 @@ def _meta(scale_name: str, scale: Scale, sft_dir: str, sizes: dict[str, int], se
 
     config = AutoConfig.from_pretrained(sft_dir)
     parameters = sum(p.numel() for p in ConanModel(config).parameters())
+    from _device import describe_device
+
     return {"scale": scale_name, "protocol": dict(PROTOCOL), "parameters": parameters, "vocab": config.vocab_size,
+            "device": describe_device(),
             "sizes": dict(sizes),
             "model": f"hidden {config.hidden_size}, {config.num_hidden_layers} layer(s), FFN "
                      f"{config.intermediate_size}, {config.num_attention_heads} heads", "seconds": seconds}

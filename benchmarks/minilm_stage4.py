@@ -25,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # _device
 
 
 def scifact_split(data: Path) -> tuple[list[str], list[str]]:
@@ -121,8 +123,10 @@ def summarize(results: dict[str, dict[str, float]]) -> str:
     2 × its std is called "no improvement beyond seed noise"."""
     import statistics
 
-    base = results["base"]
+    base, device = results["base"], results.get("device", "not recorded")
+    results = {k: v for k, v in results.items() if k != "device"}
     lines = ["# Stage 4 on all-MiniLM-L6-v2: dev scores ×100, mean ± sample std over seeds", "",
+             f"Device: {device}. "
              f"Every model, the base included, evaluated at max_seq_length {EVAL_MAX_SEQ_LENGTH}. Δ base: difference "
              "of the mean to the base model (one deterministic evaluation); \"improves\" only when it exceeds 2 × the "
              "std over seeds. Settings: `benchmarks/configs/minilm_supervised.yaml`; commands: README, section "
@@ -182,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prepare":
         print(json.dumps(prepare(data, Path(args.out))))
         return 0
+    from _device import describe_device
+
     results_path = Path(args.results)
     results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else {}
     for item in args.models:
@@ -193,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = evaluate(path, data)
         print(f"{name}: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in results[name].items()), flush=True)
         results[name].update(training_record(path))
+        results["device"] = describe_device()
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1), encoding="utf-8")
     return 0
