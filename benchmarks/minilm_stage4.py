@@ -112,8 +112,8 @@ def training_record(model_dir: str) -> dict[str, object]:
 
 
 VARIANT_LABELS = {"inbatch": "in-batch negatives only", "static": "static mined hard negatives (`dhnm: false`)",
-                  "dhnm": "3 mined negatives + DHNM, lr 2e-5 (the config as shipped)",
-                  "lr1e-5": "3 mined negatives + DHNM, lr 1e-5 (`--learning_rate 1e-5`)"}
+                  "dhnm": "3 mined negatives + DHNM, lr 2e-5 (`--learning_rate 2e-5`)",
+                  "lr1e-5": "3 mined negatives + DHNM, lr 1e-5 (the config as shipped)"}
 METRIC_LABELS = {"stsb_en_dev_spearman": "STS-B en dev Spearman", "scifact_heldout_ndcg@10": "SciFact held-out nDCG@10"}
 
 

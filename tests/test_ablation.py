@@ -205,7 +205,7 @@ def test_minilm_summary_gives_mean_std_over_seeds_and_the_verdict_against_the_ba
     assert inbatch[1] == "3"
     assert inbatch[2] == "80.00 ± 1.00 (Δ base +0.00: no change beyond seed noise)"
     assert inbatch[3] == "76.00 ± 1.00 (Δ base +6.00: improves)"
-    assert _table_row(table, "| model", "3 mined negatives + DHNM, lr 2e-5 (the config as shipped)")[2].endswith(
+    assert _table_row(table, "| model", "3 mined negatives + DHNM, lr 2e-5 (`--learning_rate 2e-5`)")[2].endswith(
         "(Δ base -10.00: one seed: no noise estimate)")
     assert "static mined" not in table
 
